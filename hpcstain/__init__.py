@@ -1,0 +1,3 @@
+"""hpcstain: virtual staining of synchrotron micro-CT volumes on HPC clusters."""
+
+__version__ = "0.1.0"

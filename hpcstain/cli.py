@@ -1,0 +1,114 @@
+"""The `hpcstain` command: each verb parses its arguments and calls one module function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hpcstain import __version__
+from hpcstain.errors import HpcstainError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hpcstain.info import collect, format_report
+
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_phantom_volume(args: argparse.Namespace) -> int:
+    from hpcstain.phantom import write_volume_file
+
+    out = write_volume_file(args.out, tuple(args.shape), args.material, args.seed,
+                            overwrite=args.overwrite, chunk=args.chunk)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_phantom_pairs(args: argparse.Namespace) -> int:
+    from hpcstain.phantom import write_pairs
+
+    manifest = write_pairs(args.outdir, args.n, args.seed, size=tuple(args.size),
+                           overwrite=args.overwrite)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hpcstain.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="generate synthetic bone-implant data with exact truth",
+                       description="Generate the embedded phantom: a CT volume with its "
+                       "ground-truth stain and labels, or paired 2D whole slides.")
+    psub = p.add_subparsers(dest="what", required=True, metavar="{volume,pairs}")
+    v = psub.add_parser("volume", help="3D CT volume + ground-truth stain + labels")
+    v.add_argument("out", help="output path ending in .zarr, .h5 or .tif")
+    v.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   default=[128, 256, 256])
+    v.add_argument("--material", default="mg", help="screw material: mg, ti or peek")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--chunk", type=int, default=64, help="storage chunk edge (voxels)")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    v.set_defaults(func=cmd_phantom_volume)
+    pr = psub.add_parser("pairs", help="paired CT / histology whole slides + manifest.csv")
+    pr.add_argument("outdir")
+    pr.add_argument("--n", type=int, default=10, help="number of pairs (Mg:Ti:PEEK ~ 7:1:2)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[512, 512])
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_phantom_pairs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcstain",
+        description="Virtual staining of synchrotron micro-CT volumes on HPC clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpcstain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, devices, SLURM/MPI context")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    _add_phantom(sub)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on phantom data")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
+    p.add_argument("--quick", action="store_true", help="smallest sizes (for tests)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HpcstainError as exc:
+        print(f"hpcstain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hpcstain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

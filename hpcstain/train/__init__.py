@@ -1,0 +1,1 @@
+"""Training: distributed set-up, checkpoints, logs and the trainer loop."""

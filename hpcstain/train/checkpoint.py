@@ -1,0 +1,88 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` (never unpickled).
+
+A checkpoint is a plain dict of tensors, numbers and strings:
+``format``, ``architecture`` (rebuilds the networks alone), ``config`` (the resolved run
+config), ``model`` (nets + image pools), ``opt_g``/``opt_d``/``sched_g``/``sched_d``/
+``scaler``, ``rng`` (torch, CUDA, numpy and Python states), ``epoch``, ``step``,
+``batch_in_epoch``, ``minima`` (per-loss best values) and ``reason`` (why it was written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcstain.atomic import write_bytes_atomic
+from hpcstain.errors import InputError
+
+FORMAT = "hpcstain-checkpoint/1"
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Serialise to memory, then write via temp file + fsync + rename."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+                    ) -> dict[str, Any]:
+    """Load a checkpoint safely; anything but tensors and plain containers is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused to load: it holds pickled Python objects, not only "
+                         "tensors (hpcstain never unpickles code from checkpoints)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise InputError(f"{path}: not an hpcstain checkpoint (expected format {FORMAT})")
+    return ckpt
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as tensors/ints, so they survive ``weights_only`` loading."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    npst = state["numpy"]
+    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    random.setstate((3, tuple(int(v) for v in state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
