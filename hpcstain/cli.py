@@ -43,6 +43,20 @@ def cmd_phantom_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpcstain.train.runs import resolve_run_config
+    from hpcstain.train.trainer import EXIT_PREEMPTED, train
+
+    cfg = resolve_run_config(Path(args.out), args.config, args.overrides)
+    result = train(cfg, args.out, progress=not args.no_progress)
+    if result.status == "preempted":
+        print(f"stopped by signal at epoch {result.epoch}, step {result.step}; checkpoint "
+              f"{result.checkpoint}; run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"{result.status} at epoch {result.epoch}, step {result.step}: {result.checkpoint}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hpcstain.demo import run_demo
 
@@ -89,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_phantom(sub)
+
+    p = sub.add_parser("train", help="train a model (single process, torchrun or SLURM DDP)",
+                       description="Train or resume the run in --out. Profiles: configs/*.yaml;"
+                       " override any key as section.key=value.")
+    p.add_argument("--config", "-c", default=None,
+                   help="profile name (e.g. modcyclegan, pix2pix-tiny) or YAML path; "
+                   "omit to resume the run in --out with its saved config")
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on phantom data")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")

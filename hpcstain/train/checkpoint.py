@@ -42,7 +42,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise InputError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a refused global: the file is simply corrupt
+            raise InputError(f"{path}: not a readable checkpoint (corrupt or not a torch file)"
+                             ) from None
         raise InputError(f"{path}: refused to load: it holds pickled Python objects, not only "
                          "tensors (hpcstain never unpickles code from checkpoints)") from None
     except (RuntimeError, EOFError, OSError) as exc:

@@ -1,0 +1,399 @@
+"""The training loop, readable top to bottom: data → model → DDP → epochs → checkpoints.
+
+One process per GPU (or one CPU process); ranks come from the environment (torchrun,
+srun/submitit). Every rank draws different patches (DistributedSampler + per-index RNG),
+gradients are averaged by DDP, rank 0 writes logs and checkpoints. SIGUSR1/SIGTERM (what
+SLURM sends before a time limit or preemption) make every rank stop after the current step
+and rank 0 write ``latest.pt``; re-running the same command resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from hpcstain.atomic import write_text_atomic
+from hpcstain.config import Config, dump_config, save_config, to_dict
+from hpcstain.errors import InputError
+from hpcstain.train import distributed
+from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from hpcstain.train.logs import LossLog
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again to resume
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop checks it after every step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        self.signum = signum
+
+    def install(self) -> StopFlag:
+        for sig in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: caller must poll
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class EpochSampler(Sampler[int]):
+    """DistributedSampler whose epoch can be resumed part-way (skips consumed indices)."""
+
+    def __init__(self, dataset: Any, world: int, rank: int, seed: int) -> None:
+        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+def lr_lambda(epochs: int, decay_epochs: int) -> Callable[[int], float]:
+    """Constant learning rate, then linear decay to zero over the last ``decay_epochs``."""
+    flat = max(epochs - decay_epochs, 0)
+
+    def factor(epoch: int) -> float:
+        if decay_epochs <= 0 or epoch < flat:
+            return 1.0
+        return max(0.0, 1.0 - (epoch - flat + 1) / (decay_epochs + 1))
+
+    return factor
+
+
+AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def autocast_factory(device: torch.device, amp: str) -> AutocastFactory:
+    """Mixed precision on GPU (bf16 or fp16); plain fp32 elsewhere."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class TrainResult:
+    status: Literal["finished", "preempted", "max_steps"]
+    epoch: int
+    step: int
+    run_dir: Path
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "latest.pt"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
+               ) -> tuple[Any, Any | None, EpochSampler, dict[str, Any]]:
+    """Manifest → folds → normalised in-memory slides → patch dataset and sampler."""
+    from hpcstain.data.folds import make_folds, split_for_fold, write_folds
+    from hpcstain.data.manifest import read_manifest
+    from hpcstain.data.sampler import PairedPatchDataset, load_slides
+
+    if not cfg.data.manifest:
+        raise InputError("data.manifest: no pair manifest given (data.manifest=PATH)")
+    pairs = read_manifest(cfg.data.manifest)
+    folds = make_folds(pairs, n_folds=cfg.data.n_folds, n_test=cfg.data.n_test,
+                       seed=cfg.data.seed)
+    if env.is_main:
+        write_folds(run_dir / "folds.json", folds)
+    train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
+    by_id = {p.id: p for p in pairs}
+    cache = run_dir / "cache"
+    train_slides = load_slides([by_id[i] for i in train_ids], cfg.data, cache)
+    dataset = PairedPatchDataset(train_slides, cfg.data, ct_channels=cfg.model.ct_channels,
+                                 seed=cfg.data.seed)
+    val_set = None
+    if val_ids and cfg.train.val_every > 0:
+        val_slides = load_slides([by_id[i] for i in val_ids], cfg.data, cache)
+        val_set = PairedPatchDataset(val_slides, cfg.data, ct_channels=cfg.model.ct_channels,
+                                     seed=cfg.data.seed + 1, augment=False)
+    sampler = EpochSampler(dataset, env.world_size, env.rank, cfg.train.seed)
+    info = {"train_ids": list(train_ids), "val_ids": list(val_ids),
+            "test_ids": list(folds.test_ids)}
+    return dataset, val_set, sampler, info
+
+
+def make_loader(dataset: Any, sampler: EpochSampler, cfg: Config, device: torch.device
+                ) -> DataLoader:
+    # Workers are re-forked every epoch (not persistent) so they see dataset.set_epoch().
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                      drop_last=True, persistent_workers=False)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool
+              ) -> dict[str, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: v.to(device, non_blocking=True, memory_format=fmt)
+            for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim == 4}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(model: Any, val_set: Any, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Masked L1 of the CT→histology generator on fixed, un-augmented validation patches."""
+    n = min(len(val_set), 64)
+    total, weight = 0.0, 0.0
+    for start in range(0, n, cfg.data.batch_size):
+        items = [val_set[i] for i in range(start, min(start + cfg.data.batch_size, n))]
+        batch = {k: torch.stack([it[k] for it in items]).to(device)
+                 for k in ("ct", "histology", "mask")}
+        fake = model.stain(batch["ct"]).float()
+        m = batch["mask"]
+        total += float(((fake - batch["histology"]).abs() * m).sum())
+        weight += float(m.sum()) * fake.shape[1]
+    return {"val_l1": total / max(weight, 1.0)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; returns why the loop ended."""
+    from hpcstain.models.gans import build_model, check_architecture
+
+    run_dir = Path(run_dir)
+    env = distributed.setup(cfg.train.device)
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ckpt_dir / "latest.pt"
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier(env)
+
+    seed_everything(cfg.train.seed + 1000 * env.rank)
+    dataset, val_set, sampler, split = build_data(cfg, run_dir, env)
+    if len(sampler.inner) < cfg.data.batch_size:
+        raise InputError(f"{cfg.data.manifest}: too few patches per rank ({len(sampler.inner)}) "
+                         f"for batch size {cfg.data.batch_size}")
+    loader = make_loader(dataset, sampler, cfg, env.device)
+    batches_per_epoch = len(sampler.inner) // cfg.data.batch_size
+
+    model = build_model(cfg.model, cfg.loss, env.device, seed=cfg.train.seed, rank=env.rank)
+    if cfg.train.channels_last and env.device.type == "cuda":
+        for net in [*model.generators.values(), *model.discriminators.values()]:
+            net.to(memory_format=torch.channels_last)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = torch.optim.Adam(model.parameters_g(), lr=cfg.train.lr, betas=betas)
+    opt_d = torch.optim.Adam(model.parameters_d(), lr=cfg.train.lr, betas=betas)
+    factor = lr_lambda(cfg.train.epochs, cfg.train.decay_epochs)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, factor)
+    scaler = (torch.amp.GradScaler("cuda")
+              if cfg.train.amp == "fp16" and env.device.type == "cuda" else None)
+
+    epoch, step, batch_in_epoch = 0, 0, 0
+    minima: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}  # running per-component sums of the current epoch
+    if latest.exists():
+        ckpt = load_checkpoint(latest, map_location=env.device)
+        check_architecture(ckpt["architecture"], cfg.model, source=str(latest))
+        model.load_state_dict(ckpt["model"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        sched_g.load_state_dict(ckpt["sched_g"])
+        sched_d.load_state_dict(ckpt["sched_d"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+        minima = ckpt.get("minima", {})
+        sums = dict(ckpt.get("epoch_sums", {}))
+        set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
+        if env.is_main:
+            print(f"resuming {run_dir} at epoch {epoch}, step {step}", flush=True)
+
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model.wrap(lambda net: DDP(net, device_ids=ids))
+    if cfg.train.compile:
+        model.wrap(torch.compile)
+    autocast = autocast_factory(env.device, cfg.train.amp)
+
+    def snapshot(reason: str) -> dict[str, Any]:
+        rngs = gather_rng(env)
+        return {
+            "architecture": model.architecture(), "config": to_dict(cfg),
+            "model": model.state_dict(), "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
+            "sched_d": sched_d.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": rngs, "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+            "minima": minima, "epoch_sums": dict(sums), "reason": reason,
+        }
+
+    def write_latest(reason: str) -> None:
+        payload = snapshot(reason)  # every rank joins the RNG gather
+        if env.is_main:
+            save_checkpoint(latest, payload)
+        distributed.barrier(env)
+
+    own_stop = stop is None
+    stop = (stop or StopFlag()).install() if own_stop else stop
+    log = LossLog(run_dir, resume_step=step) if env.is_main else None
+    if env.is_main:
+        write_text_atomic(run_dir / "split.json", json.dumps(split, indent=2))
+    status: Literal["finished", "preempted", "max_steps"] = "finished"
+    last: dict[str, float] = {}
+    try:
+        while epoch < cfg.train.epochs:
+            sampler.set_epoch(epoch, skip=batch_in_epoch * cfg.data.batch_size)
+            dataset.set_epoch(epoch)
+            bar = _progress(batches_per_epoch, batch_in_epoch, epoch, cfg, env, progress)
+            t_wait = time.perf_counter()
+            for batch in loader:
+                t_step = time.perf_counter()
+                data_wait = t_step - t_wait
+                batch_t = to_device(batch, env.device, cfg.train.channels_last)
+                losses = model.train_step(batch_t, opt_g, opt_d, autocast, scaler)
+                names = sorted(losses)
+                mean = distributed.all_mean(
+                    torch.tensor([losses[k] for k in names], dtype=torch.float64,
+                                 device=env.device), env).tolist()
+                last = dict(zip(names, mean, strict=True))
+                step += 1
+                batch_in_epoch += 1
+                for k, v in last.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                step_s = time.perf_counter() - t_step
+                if log is not None:
+                    log.write({"step": step, "epoch": epoch, "lr": sched_g.get_last_lr()[0],
+                               **last, "data_wait_s": round(data_wait, 6),
+                               "step_s": round(step_s, 6)})
+                if bar is not None:
+                    bar.update(1)
+                    if step % max(cfg.train.log_every, 1) == 0:
+                        bar.set_postfix({k: f"{last[k]:.3f}" for k in _shown(last)})
+                stopping = distributed.any_rank(stop.requested, env)
+                if stopping:
+                    write_latest(f"signal {stop.signum}")
+                    status = "preempted"
+                    return TrainResult(status, epoch, step, run_dir, last)
+                if cfg.train.max_steps and step >= cfg.train.max_steps:
+                    write_latest("max_steps")
+                    status = "max_steps"
+                    return TrainResult(status, epoch, step, run_dir, last)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    write_latest("periodic")
+                t_wait = time.perf_counter()
+            if bar is not None:
+                bar.close()
+            # Epoch end: per-component epoch means decide the paper's per-loss minima.
+            done = batch_in_epoch
+            epoch_means = {k: v / max(done, 1) for k, v in sums.items()}
+            if val_set is not None and (epoch + 1) % cfg.train.val_every == 0:
+                epoch_means.update(validate(model, val_set, cfg, env.device))
+            epoch += 1
+            batch_in_epoch = 0
+            sums = {}
+            sched_g.step()
+            sched_d.step()
+            improved = _update_minima(minima, epoch_means, epoch)
+            if env.is_main:
+                with open(run_dir / "epochs.jsonl", "a") as fh:
+                    fh.write(json.dumps({"epoch": epoch, **epoch_means}) + "\n")
+                for name in improved:
+                    save_checkpoint(ckpt_dir / f"min-{name}.pt", {
+                        "architecture": model.architecture(), "config": to_dict(cfg),
+                        "model": model.state_dict(), "epoch": epoch, "step": step,
+                        "minima": {name: minima[name]}, "reason": f"minimum of {name}"})
+            write_latest("epoch")
+        if env.is_main:
+            write_text_atomic(run_dir / "DONE", dump_config(cfg))
+        return TrainResult(status, epoch, step, run_dir, last)
+    finally:
+        if log is not None:
+            log.close()
+        if own_stop:
+            stop.restore()
+
+
+def _update_minima(minima: dict[str, dict[str, float]], means: dict[str, float], epoch: int
+                   ) -> list[str]:
+    """Record new per-component minima (generator terms and validation), return which."""
+    improved = []
+    for name, value in means.items():
+        if name.startswith("D_") or not math.isfinite(value):
+            continue
+        best = minima.get(name)
+        if best is None or value < best["value"]:
+            minima[name] = {"value": float(value), "epoch": float(epoch)}
+            improved.append(name)
+    return improved
+
+
+def gather_rng(env: distributed.DistEnv) -> list[dict[str, Any]]:
+    """RNG states of every rank (so a resumed DDP run restores each rank's own stream)."""
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    out: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def _shown(losses: dict[str, float]) -> list[str]:
+    keys = ["G_total", "D_hist", "pixel_ct2hist", "cycle_ct"]
+    return [k for k in keys if k in losses]
+
+
+def _progress(total: int, start: int, epoch: int, cfg: Config, env: distributed.DistEnv,
+              enabled: bool) -> Any:
+    if not (enabled and env.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                unit="it", dynamic_ncols=True, leave=False)
