@@ -57,6 +57,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``cluster.*`` overrides go to the cluster profile, the rest to the run config."""
+    cluster = [o for o in items if o.startswith("cluster.")]
+    return [o for o in items if not o.startswith("cluster.")], cluster
+
+
+def cmd_submit_train(args: argparse.Namespace) -> int:
+    from hpcstain.launch.profiles import load_cluster
+    from hpcstain.launch.submit import describe, submit_train
+    from hpcstain.train.runs import resolve_run_config
+
+    run_over, cluster_over = _split_overrides(args.overrides)
+    cluster = load_cluster(args.profile, cluster_over)
+    cfg = resolve_run_config(Path(args.out), args.config, run_over)
+    job = submit_train(cfg, Path(args.out), cluster)
+    print(describe(job))
+    if args.wait:
+        result = job.result()
+        print(f"job {job.job_id} finished: {result}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hpcstain.demo import run_demo
 
@@ -114,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
+    ssub = p.add_subparsers(dest="what", required=True, metavar="{train}")
+    t = ssub.add_parser("train", help="one DDP training job (nodes x tasks_per_node ranks)",
+                        description="Submit `hpcstain train` as a submitit job. Cluster keys "
+                        "are overridden as cluster.key=value (e.g. cluster.nodes=2).")
+    t.add_argument("--profile", default="slurm",
+                   help="cluster profile in configs/clusters/ (local, slurm, maxwell) or YAML")
+    t.add_argument("--config", "-c", default=None, help="training profile (see `train`)")
+    t.add_argument("--out", "-o", required=True, help="run directory (shared filesystem)")
+    t.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    t.set_defaults(func=cmd_submit_train)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on phantom data")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")

@@ -42,7 +42,8 @@ class StopFlag:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
+        self.signals = tuple(signals or self.SIGNALS)
         self.requested = False
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -52,7 +53,7 @@ class StopFlag:
         self.signum = signum
 
     def install(self) -> StopFlag:
-        for sig in self.SIGNALS:
+        for sig in self.signals:
             with contextlib.suppress(ValueError):  # not the main thread: caller must poll
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
@@ -280,8 +281,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
             save_checkpoint(latest, payload)
         distributed.barrier(env)
 
-    own_stop = stop is None
-    stop = (stop or StopFlag()).install() if own_stop else stop
+    stop = (stop or StopFlag()).install()
     log = LossLog(run_dir, resume_step=step) if env.is_main else None
     if env.is_main:
         write_text_atomic(run_dir / "split.json", json.dumps(split, indent=2))
@@ -356,8 +356,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     finally:
         if log is not None:
             log.close()
-        if own_stop:
-            stop.restore()
+        stop.restore()
 
 
 def _update_minima(minima: dict[str, dict[str, float]], means: dict[str, float], epoch: int

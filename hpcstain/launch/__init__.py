@@ -1,0 +1,1 @@
+"""Launchers: submitit executors built from cluster profiles (configs/clusters/*.yaml)."""

@@ -1,0 +1,111 @@
+"""`hpcstain submit`: submitit jobs from cluster profiles; the jobs call plain functions.
+
+Training is one job of ``nodes × tasks_per_node`` DDP ranks. When SLURM warns of a time
+limit or preemption (submitit's USR2, or SIGTERM/SIGUSR1), every rank finishes its step,
+rank 0 writes ``latest.pt``, and the job hands the signal back to submitit, which
+requeues it through :meth:`TrainJob.checkpoint`; the requeued job resumes from
+``latest.pt`` (the same run directory), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcstain.config import Config, from_dict, to_dict
+from hpcstain.launch.profiles import ClusterConfig, slurm_parameters
+
+
+def make_executor(cluster: ClusterConfig, folder: Path, job_name: str) -> Any:
+    """A submitit executor for this cluster profile (SLURM or local processes)."""
+    import submitit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if cluster.executor == "local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=cluster.time_min,
+                             tasks_per_node=cluster.tasks_per_node,
+                             nodes=1, gpus_per_node=cluster.gpus_per_node)
+        return ex
+    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=cluster.max_requeues,
+                                python=sys.executable)
+    params = slurm_parameters(cluster)
+    ex.update_parameters(**_slurm_executor_keys(params), job_name=job_name)
+    return ex
+
+
+def _slurm_executor_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """Translate AutoExecutor-style keys into SlurmExecutor keyword names."""
+    names = {"tasks_per_node": "ntasks_per_node", "timeout_min": "time",
+             "slurm_signal_delay_s": "signal_delay_s", "mem_gb": "mem",
+             "slurm_array_parallelism": "array_parallelism"}
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        key = names.get(key, key)
+        if key == "mem":
+            value = f"{value}GB"
+        out[key.removeprefix("slurm_")] = value
+    return out
+
+
+@dataclass
+class TrainJob:
+    """The callable a training job runs on every task (pickled by submitit)."""
+
+    config: dict[str, Any]
+    run_dir: str
+
+    def __call__(self) -> dict[str, Any]:
+        from hpcstain.train.trainer import StopFlag, train
+
+        _export_torch_env()
+        cfg: Config = from_dict(self.config)
+        usr = signal.SIGUSR2
+        stop = StopFlag((signal.SIGUSR1, usr, signal.SIGTERM))
+        result = train(cfg, self.run_dir, stop=stop, progress=False)
+        if result.status == "preempted":
+            # latest.pt is durable; let submitit's handler requeue us via checkpoint().
+            if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+                os.kill(os.getpid(), usr)
+            return {"status": "preempted", "step": result.step}
+        return {"status": result.status, "epoch": result.epoch, "step": result.step,
+                "checkpoint": str(result.checkpoint)}
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
+
+
+def _export_torch_env() -> None:
+    """Under SLURM with several tasks: RANK/WORLD_SIZE/MASTER_* from submitit's helper."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or "RANK" in os.environ:
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def submit_train(cfg: Config, run_dir: Path, cluster: ClusterConfig) -> Any:
+    """Submit one (multi-task) training job; returns the submitit Job."""
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = run_dir / cluster.log_folder
+    ex = make_executor(cluster, folder, job_name=f"hpcstain-train-{run_dir.name}")
+    return ex.submit(TrainJob(to_dict(cfg), str(run_dir)))
+
+
+def describe(job: Any) -> str:
+    """How to follow a submitted job: id, logs, commands."""
+    paths = job.paths
+    lines = [f"submitted job {job.job_id}",
+             f"  stdout: {paths.stdout}", f"  stderr: {paths.stderr}"]
+    if not str(job.job_id).isdigit() and "_" not in str(job.job_id):
+        lines.append("  (local process; follow the log files above)")
+    else:
+        lines.append(f"  follow: squeue -j {job.job_id}; tail -f {paths.stdout}")
+    return "\n".join(lines)
