@@ -55,3 +55,29 @@ def test_config_error_is_one_line_and_exit_2(tmp_path) -> None:
 
 def test_unknown_verb_exits_2() -> None:
     assert run_cli("frobnicate").returncode == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "0", "16", "16"], "shape"),
+    (["--shape", "-4", "16", "16"], "shape"),
+    (["--material", "steel"], "steel"),
+])
+def test_phantom_bad_arguments_exit_2_without_writing(tmp_path, args, message) -> None:
+    out = tmp_path / "vol.zarr"
+    res = run_cli("phantom", "volume", str(out), *(["--shape", "8", "16", "16"]
+                                                  if "--shape" not in args else []), *args)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_phantom_existing_output_needs_overwrite(tmp_path) -> None:
+    out = tmp_path / "vol.h5"
+    assert run_cli("phantom", "volume", str(out), "--shape", "8", "16", "16").returncode == 0
+    before = out.read_bytes()
+    res = run_cli("phantom", "volume", str(out), "--shape", "8", "16", "16", "--seed", "5")
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert out.read_bytes() == before
+    assert run_cli("phantom", "volume", str(out), "--shape", "8", "16", "16", "--seed", "5",
+                   "--overwrite").returncode == 0
+    assert out.read_bytes() != before
