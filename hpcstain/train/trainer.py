@@ -253,6 +253,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
         minima = ckpt.get("minima", {})
         sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
+        pools = ckpt.get("pools_by_rank", [])
+        if len(pools) == env.world_size:  # same world size: every rank gets its own pools
+            for name, pool in model.pools.items():
+                pool.load_state_dict(pools[env.rank][name])
         if env.is_main:
             print(f"resuming {run_dir} at epoch {epoch}, step {step}", flush=True)
 
@@ -264,14 +268,16 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     autocast = autocast_factory(env.device, cfg.train.amp)
 
     def snapshot(reason: str) -> dict[str, Any]:
-        rngs = gather_rng(env)
+        rngs = gather_object(rng_state(), env)
+        pools = gather_object({n: p.state_dict() for n, p in model.pools.items()}, env)
         return {
             "architecture": model.architecture(), "config": to_dict(cfg),
             "model": model.state_dict(), "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
             "sched_d": sched_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": rngs, "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+            "rng": rngs, "pools_by_rank": pools,
+            "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
             "minima": minima, "epoch_sums": dict(sums), "reason": reason,
         }
 
@@ -373,14 +379,24 @@ def _update_minima(minima: dict[str, dict[str, float]], means: dict[str, float],
     return improved
 
 
-def gather_rng(env: distributed.DistEnv) -> list[dict[str, Any]]:
-    """RNG states of every rank (so a resumed DDP run restores each rank's own stream)."""
-    state = rng_state()
+def gather_object(obj: Any, env: distributed.DistEnv) -> list[Any]:
+    """``obj`` of every rank (RNG states, image pools), so a resumed DDP run restores each
+    rank's own stream; tensors come back on the CPU."""
     if not env.distributed:
-        return [state]
+        return [obj]
     out: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(out, state)
+    torch.distributed.all_gather_object(out, _to_cpu(obj))
     return out
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _shown(losses: dict[str, float]) -> list[str]:

@@ -1,0 +1,400 @@
+"""GAN variants of §2.6, one training step each: paired CycleGAN (Eqs. 4/7), Pix2Pix (Eq. 10).
+
+A :class:`GanModel` owns raw networks, the nets used for backward (the same modules,
+possibly wrapped by DDP or ``torch.compile`` through :meth:`GanModel.wrap`), and the
+image pools. The trainer owns optimisers, AMP and the loop; ``train_step`` does one
+generator update then one discriminator update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hpcstain.config import LossConfig, ModelConfig, build
+from hpcstain.errors import ConfigError, HpcstainError, InputError, UsageError
+from hpcstain.models.losses import discriminator_loss, gan_loss, greyscale_loss, masked_l1
+from hpcstain.models.networks import (
+    build_discriminator,
+    build_generator,
+    freeze_inert_biases,
+    init_weights,
+)
+from hpcstain.models.pool import ImagePool, pool_seed
+
+AutocastFactory = Callable[[], AbstractContextManager[Any]]
+
+ARCHITECTURE_KEYS = ("variant", "generator", "ct_channels", "histology_channels", "ngf", "ndf",
+                     "n_blocks", "n_layers_d", "upsampling", "norm", "use_dropout")
+CYCLEGAN_VARIANTS = ("modcyclegan", "cyclegan")
+
+
+def architecture_of(cfg: ModelConfig) -> dict[str, Any]:
+    """The keys of ``cfg`` that fix the networks' shapes (saved in every checkpoint)."""
+    return {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS}
+
+
+def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+class GanModel:
+    """Shared plumbing of both families: nets, pools, optimiser steps, state, inference."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig,
+                 device: str | torch.device, seed: int = 0, rank: int = 0) -> None:
+        self.model_cfg = model_cfg
+        self.loss_cfg = loss_cfg
+        self.device = torch.device(device)
+        self._init_rng = torch.Generator().manual_seed(seed)  # same weights on every rank
+        self.generators: dict[str, nn.Module] = {}
+        self.discriminators: dict[str, nn.Module] = {}
+        self.pools: dict[str, ImagePool] = {}
+        self._seed, self._rank = seed, rank
+
+    # -- construction helpers
+    def _new_net(self, net: nn.Module) -> nn.Module:
+        net = init_weights(net, self.model_cfg.init_gain, self._init_rng).to(self.device)
+        return freeze_inert_biases(net)
+
+    def _new_pool(self, index: int) -> ImagePool:
+        return ImagePool(self.model_cfg.pool_size, pool_seed(self._seed, self._rank, index))
+
+    def _finish_init(self) -> None:
+        """Nets used for backward start as the raw nets; :meth:`wrap` replaces them."""
+        self._run_g: dict[str, nn.Module] = dict(self.generators)
+        self._run_d: dict[str, nn.Module] = dict(self.discriminators)
+
+    # -- trainer interface
+    def parameters_g(self) -> list[nn.Parameter]:
+        return [p for net in self.generators.values() for p in net.parameters()]
+
+    def parameters_d(self) -> list[nn.Parameter]:
+        return [p for net in self.discriminators.values() for p in net.parameters()]
+
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Run ``fn(net)`` (DDP, torch.compile) in place of every net used for backward.
+
+        Raw modules stay in ``generators``/``discriminators``; wrapping twice composes.
+        """
+        self._run_g = {k: fn(v) for k, v in self._run_g.items()}
+        self._run_d = {k: fn(v) for k, v in self._run_d.items()}
+
+    def train(self, mode: bool = True) -> GanModel:
+        for net in [*self.generators.values(), *self.discriminators.values()]:
+            net.train(mode)
+        return self
+
+    def eval(self) -> GanModel:
+        return self.train(False)
+
+    def _lam(self, name: str) -> float:
+        """The loss weight ``loss.<name>``."""
+        return float(getattr(self.loss_cfg, name))
+
+    def train_step(self, batch: dict[str, Tensor], opt_g: torch.optim.Optimizer,
+                   opt_d: torch.optim.Optimizer, autocast: AutocastFactory = nullcontext,
+                   scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+        """One generator update, then one discriminator update; every loss as a float.
+
+        Generator components are unweighted; ``G_total`` is the weighted sum that was
+        back-propagated; ``D_*`` are the discriminator losses (½ real + ½ fake).
+        """
+        self.train()
+        batch = self._check_batch(batch)
+        discriminators = list(self.discriminators.values())
+
+        set_requires_grad(discriminators, False)  # D runs raw here, never through DDP
+        opt_g.zero_grad(set_to_none=True)
+        with autocast():
+            fakes = self._forward_generators(batch)
+            g_terms = self._generator_losses(batch, fakes)
+        g_total = self._weighted_total(g_terms)
+        _backward(g_total, opt_g, scaler)
+
+        set_requires_grad(discriminators, True)
+        opt_d.zero_grad(set_to_none=True)
+        with autocast():
+            d_terms = self._discriminator_losses(batch, fakes)
+        _backward(sum(d_terms.values()), opt_d, scaler)
+        if scaler is not None:
+            scaler.update()
+
+        terms = {**g_terms, "G_total": g_total, **d_terms}
+        values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
+        return dict(zip(terms, values, strict=True))
+
+    # -- inference
+    @torch.no_grad()
+    def stain(self, ct: Tensor) -> Tensor:
+        """CT → histology with the raw generator in eval mode (no dropout), no grad."""
+        self._check_channels(ct, self.model_cfg.ct_channels, "CT")
+        return _run_eval(self.generators["ct2hist"], ct)
+
+    def unstain(self, hist: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        """Raw nets and image pools as tensors and plain containers (weights_only-safe)."""
+        return {
+            "generators": {k: dict(n.state_dict()) for k, n in self.generators.items()},
+            "discriminators": {k: dict(n.state_dict()) for k, n in self.discriminators.items()},
+            "pools": {k: p.state_dict() for k, p in self.pools.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` wrote; a missing or misshapen entry is an InputError."""
+        for group, nets in (("generators", self.generators),
+                            ("discriminators", self.discriminators)):
+            saved = state.get(group, {})
+            for name, net in nets.items():
+                if name not in saved:
+                    raise InputError(f"model state: no {group[:-1]} {name!r} "
+                                     f"(has {sorted(saved)})")
+                try:
+                    net.load_state_dict(saved[name])
+                except RuntimeError as exc:
+                    raise InputError(f"model state: {group[:-1]} {name!r} does not fit the "
+                                     f"architecture: {exc}") from None
+        for name, pool in self.pools.items():
+            if name in state.get("pools", {}):
+                pool.load_state_dict(state["pools"][name])
+
+    def architecture(self) -> dict[str, Any]:
+        return architecture_of(self.model_cfg)
+
+    # -- per-family pieces
+    def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _generator_losses(self, batch: dict[str, Tensor],
+                          fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _generator_weights(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _discriminator_losses(self, batch: dict[str, Tensor],
+                              fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
+        weights = self._generator_weights()
+        return sum((weights[k] * v for k, v in terms.items()), torch.zeros((), device=self.device))
+
+    # -- checks
+    def _check_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        for key in ("ct", "histology"):
+            if key not in batch:
+                raise InputError(f"training batch: no {key!r} entry (has {sorted(batch)})")
+        self._check_channels(batch["ct"], self.model_cfg.ct_channels, "CT")
+        self._check_channels(batch["histology"], self.model_cfg.histology_channels, "histology")
+        return batch
+
+    def _check_channels(self, x: Tensor, channels: int, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise InputError(f"{what} batch: expected (B, {channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        multiple = getattr(self.generators["ct2hist"], "size_multiple", 1)
+        h, w = x.shape[-2:]
+        if h % multiple or w % multiple:
+            raise InputError(f"{what} batch: patch {h}×{w} is not a multiple of {multiple} "
+                             f"pixels ({self.model_cfg.generator} generator)")
+
+
+class CycleGAN(GanModel):
+    """Paired CycleGAN: G = ct2hist, F = hist2ct, D_hist, D_ct (Eq. 7; Eq. 4 when λpx=λgs=0).
+
+    Loss terms (each ℓ1 masked): GAN both ways (Eq. 2), cycle (Eq. 1), identity (Eq. 3),
+    pixelwise supervision both ways (Eq. 5), greyscale of F(hist) (Eq. 6, 3-channel CT).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig,
+                 device: str | torch.device, seed: int = 0, rank: int = 0) -> None:
+        super().__init__(model_cfg, loss_cfg, device, seed, rank)
+        c_ct, c_hist = model_cfg.ct_channels, model_cfg.histology_channels
+        if loss_cfg.lambda_id > 0 and c_ct != c_hist:
+            raise ConfigError(f"loss.lambda_id: the identity loss needs model.ct_channels "
+                              f"({c_ct}) == model.histology_channels ({c_hist}); set "
+                              "loss.lambda_id=0")
+        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_ct, c_hist)),
+                           "hist2ct": self._new_net(build_generator(model_cfg, c_hist, c_ct))}
+        self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg, c_hist)),
+                               "ct": self._new_net(build_discriminator(model_cfg, c_ct))}
+        self.pools = {"hist": self._new_pool(0), "ct": self._new_pool(1)}
+        self._finish_init()
+
+    @torch.no_grad()
+    def unstain(self, hist: Tensor) -> Tensor:
+        """Histology → CT with the raw generator in eval mode, no grad."""
+        self._check_channels(hist, self.model_cfg.histology_channels, "histology")
+        return _run_eval(self.generators["hist2ct"], hist)
+
+    def _generator_weights(self) -> dict[str, float]:
+        lam = self._lam
+        return {"G_gan_ct2hist": 1.0, "G_gan_hist2ct": 1.0,
+                "cycle_ct": lam("lambda_cyc"), "cycle_hist": lam("lambda_cyc"),
+                "identity_ct": lam("lambda_id"), "identity_hist": lam("lambda_id"),
+                "pixel_ct2hist": lam("lambda_px"), "pixel_hist2ct": lam("lambda_px"),
+                "greyscale": lam("lambda_gs")}
+
+    def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        g, f = self._run_g["ct2hist"], self._run_g["hist2ct"]
+        ct, hist = batch["ct"], batch["histology"]
+        out = {"fake_hist": g(ct), "fake_ct": f(hist)}
+        if self._lam("lambda_cyc") > 0:
+            out["rec_ct"] = f(out["fake_hist"])
+            out["rec_hist"] = g(out["fake_ct"])
+        if self._lam("lambda_id") > 0:
+            out["idt_ct"] = f(ct)
+            out["idt_hist"] = g(hist)
+        return out
+
+    def _generator_losses(self, batch: dict[str, Tensor],
+                          fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        ct, hist, m = batch["ct"], batch["histology"], batch.get("mask")
+        mode, lam = self.loss_cfg.gan_mode, self._lam
+        terms = {
+            "G_gan_ct2hist": gan_loss(self.discriminators["hist"](fakes["fake_hist"]), True, mode),
+            "G_gan_hist2ct": gan_loss(self.discriminators["ct"](fakes["fake_ct"]), True, mode),
+        }
+        if lam("lambda_cyc") > 0:
+            terms["cycle_ct"] = masked_l1(fakes["rec_ct"], ct, m)
+            terms["cycle_hist"] = masked_l1(fakes["rec_hist"], hist, m)
+        if lam("lambda_id") > 0:
+            terms["identity_ct"] = masked_l1(fakes["idt_ct"], ct, m)
+            terms["identity_hist"] = masked_l1(fakes["idt_hist"], hist, m)
+        if lam("lambda_px") > 0:
+            terms["pixel_ct2hist"] = masked_l1(fakes["fake_hist"], hist, m)
+            terms["pixel_hist2ct"] = masked_l1(fakes["fake_ct"], ct, m)
+        if lam("lambda_gs") > 0 and self.model_cfg.ct_channels == 3:
+            terms["greyscale"] = greyscale_loss(fakes["fake_ct"], m)
+        return terms
+
+    def _discriminator_losses(self, batch: dict[str, Tensor],
+                              fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        mode = self.loss_cfg.gan_mode
+        d_hist, d_ct = self._run_d["hist"], self._run_d["ct"]
+        old_hist = self.pools["hist"].query(fakes["fake_hist"])
+        old_ct = self.pools["ct"].query(fakes["fake_ct"])
+        return {
+            "D_hist": discriminator_loss(d_hist(batch["histology"]), d_hist(old_hist), mode),
+            "D_ct": discriminator_loss(d_ct(batch["ct"]), d_ct(old_ct), mode),
+        }
+
+
+class Pix2Pix(GanModel):
+    """Pix2Pix (Eq. 10): G = ct2hist, conditional PatchGAN on (CT, histology) channel pairs.
+
+    The pool (``model.pool_size``; canonical pix2pix uses 0) stores whole (CT, fake) pairs.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig,
+                 device: str | torch.device, seed: int = 0, rank: int = 0) -> None:
+        super().__init__(model_cfg, loss_cfg, device, seed, rank)
+        c_ct, c_hist = model_cfg.ct_channels, model_cfg.histology_channels
+        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_ct, c_hist))}
+        self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg,
+                                                                         c_ct + c_hist))}
+        self.pools = {"hist": self._new_pool(0)}
+        self._finish_init()
+
+    def unstain(self, hist: Tensor) -> Tensor:
+        raise UsageError("pix2pix has no histology→CT generator: unstain needs a CycleGAN "
+                         "(modcyclegan/cyclegan) checkpoint")
+
+    def _generator_weights(self) -> dict[str, float]:
+        return {"G_gan_ct2hist": 1.0, "pixel_ct2hist": self._lam("lambda_l1")}
+
+    def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"fake_hist": self._run_g["ct2hist"](batch["ct"])}
+
+    def _generator_losses(self, batch: dict[str, Tensor],
+                          fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        ct, fake = batch["ct"], fakes["fake_hist"]
+        pair = torch.cat([ct.to(fake.dtype), fake], dim=1)
+        terms = {"G_gan_ct2hist": gan_loss(self.discriminators["hist"](pair), True,
+                                           self.loss_cfg.gan_mode)}
+        if self._lam("lambda_l1") > 0:
+            terms["pixel_ct2hist"] = masked_l1(fake, batch["histology"], batch.get("mask"))
+        return terms
+
+    def _discriminator_losses(self, batch: dict[str, Tensor],
+                              fakes: dict[str, Tensor]) -> dict[str, Tensor]:
+        d = self._run_d["hist"]
+        ct = batch["ct"]
+        real = torch.cat([ct, batch["histology"]], dim=1)
+        fake = self.pools["hist"].query(torch.cat([ct.float(), fakes["fake_hist"].float()], 1))
+        return {"D_hist": discriminator_loss(d(real), d(fake), self.loss_cfg.gan_mode)}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, device: str | torch.device,
+                seed: int = 0, rank: int = 0) -> GanModel:
+    """The GAN of ``model_cfg.variant``, initialised from ``seed`` (pools also from ``rank``)."""
+    if model_cfg.variant in CYCLEGAN_VARIANTS:
+        return CycleGAN(model_cfg, loss_cfg, device, seed, rank)
+    if model_cfg.variant == "pix2pix":
+        return Pix2Pix(model_cfg, loss_cfg, device, seed, rank)
+    raise ConfigError(f"model.variant: must be one of {[*CYCLEGAN_VARIANTS, 'pix2pix']}, "
+                      f"got {model_cfg.variant!r}")
+
+
+def check_architecture(saved: dict[str, Any], model_cfg: ModelConfig,
+                       source: str = "checkpoint") -> None:
+    """Raise InputError naming every architecture key where ``saved`` and the config differ."""
+    expected = architecture_of(model_cfg)
+    diffs = [f"{k}: {source} has {saved.get(k, '<missing>')!r}, config has {v!r}"
+             for k, v in expected.items() if saved.get(k, "<missing>") != v]
+    if diffs:
+        raise InputError(f"{source}: architecture differs from model config: "
+                         + "; ".join(diffs))
+
+
+def build_model_from_architecture(arch: dict[str, Any], device: str | torch.device,
+                                  source: str = "checkpoint") -> GanModel:
+    """A model for inference (stain/unstain) from a saved :meth:`GanModel.architecture`."""
+    missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
+    if missing:
+        raise InputError(f"{source}: architecture lacks {missing}")
+    known = {f.name for f in fields(ModelConfig)}
+    flat = {k: (v, source) for k, v in arch.items() if k in known}
+    try:
+        model_cfg = build(ModelConfig, flat)
+        return build_model(model_cfg, LossConfig(lambda_id=0.0), device)
+    except HpcstainError as exc:
+        raise InputError(f"{source}: unusable architecture: {exc}") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _backward(loss: Tensor, opt: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None) -> None:
+    """Backward + step, through the GradScaler when fp16 needs one."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+
+
+def _run_eval(net: nn.Module, x: Tensor) -> Tensor:
+    """Forward in eval mode, restoring the net's previous mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        return net(x)
+    finally:
+        net.train(was_training)
