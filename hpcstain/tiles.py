@@ -1,0 +1,241 @@
+"""Global 2D tile grid and window blending, shared by ``predict`` and the volume engine.
+
+Tiles of ``tile`` pixels start at ``k * step`` in *image* coordinates (origin at the image's
+(0, 0)), so the grid never depends on which part of the image is being computed. Pixels
+past the bottom/right image border that the last tiles reach are filled by mirror padding
+(reflect; a 1-pixel line is repeated), only at the true image border. Tile outputs are
+blended with a strictly positive window and normalised by the summed weights.
+
+Any sub-rectangle computed through :func:`stain_region` equals the same rectangle of the
+whole-image result bit for bit, as long as ``fn`` gives each tile a result that does not
+depend on the other tiles of its batch (any deterministic fn with ``batch_size=1``; eval-mode
+conv nets in float64 or per-tile numpy functions at any batch size). Float32 conv nets may
+differ in the last bits between batch compositions (~1e-6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+from hpcstain.errors import InputError, UsageError
+
+Region: TypeAlias = tuple[slice, slice]
+TileFn: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+Reader: TypeAlias = Callable[[Region], np.ndarray]
+
+WINDOWS = ("mean", "hann", "gaussian")
+WINDOW_FLOOR = 1e-3
+GAUSSIAN_SIGMA = 0.125  # of the tile edge
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tile edge, step between tile starts and blending window."""
+
+    tile: int = 256
+    step: int = 64
+    window: str = "mean"
+
+
+PAPER_TILING = Tiling(256, 64, "mean")  # §2.9: 256 px tiles stepped by 64 px, averaged
+DEFAULT_TILING = Tiling(256, 192, "hann")  # `predict` default, chosen by benchmarks/bench_tiles.py
+
+
+# ------------------------------------------------------------------ grid geometry
+
+
+def check_tiling(tile: int, step: int, window: str = "mean") -> None:
+    """Raise UsageError unless ``tile >= 1``, ``1 <= step <= tile`` and the window is known."""
+    if tile < 1 or not 1 <= step <= tile:
+        raise UsageError(f"need tile >= 1 and 1 <= step <= tile, got tile={tile} step={step}")
+    if window not in WINDOWS:
+        raise UsageError(f"unknown blending window {window!r}; choose one of {', '.join(WINDOWS)}")
+
+
+def n_tiles(length: int, tile: int, step: int) -> int:
+    """Number of grid tiles along a line of ``length`` pixels (the last may reach past it)."""
+    return 1 if length <= tile else math.ceil((length - tile) / step) + 1
+
+
+def padded_length(length: int, tile: int, step: int) -> int:
+    """Extent of the grid along a line: image plus the mirror padding past its end."""
+    return (n_tiles(length, tile, step) - 1) * step + tile
+
+
+def tile_boundaries(length: int, tile: int, step: int) -> np.ndarray:
+    """Positions ``b`` in (0, length) where a grid tile starts or ends (seam candidates)."""
+    starts = np.arange(n_tiles(length, tile, step)) * step
+    edges = np.unique(np.concatenate([starts, starts + tile]))
+    return edges[(edges > 0) & (edges < length)]
+
+
+def reflect_index(coords: np.ndarray, length: int) -> np.ndarray:
+    """Image index that mirror padding puts at each grid coordinate (edge not repeated)."""
+    coords = np.asarray(coords, dtype=np.int64)
+    if length == 1:
+        return np.zeros_like(coords)
+    period = 2 * (length - 1)
+    m = np.mod(coords, period)
+    return np.where(m < length, m, period - m)
+
+
+def tile_span(start: int, stop: int, length: int, tile: int, step: int) -> tuple[int, int]:
+    """Range ``[k0, k1)`` of tile indices along one axis whose tiles touch ``[start, stop)``."""
+    k0 = max(0, (start - tile) // step + 1)
+    k1 = min(n_tiles(length, tile, step), (stop - 1) // step + 1)
+    return k0, k1
+
+
+def _check_region(region: Region, image_shape: tuple[int, int]) -> Region:
+    if len(region) != 2 or len(image_shape) != 2:
+        raise UsageError(f"need a 2D region and image shape, got {region} for {image_shape}")
+    out = []
+    for s, n in zip(region, image_shape, strict=True):
+        start, stop, stride = s.indices(n)
+        negative = any(v is not None and v < 0 for v in (s.start, s.stop))
+        if stride != 1 or start >= stop or negative:
+            raise UsageError(f"region {region} is empty or outside the image of shape "
+                             f"{tuple(image_shape)}")
+        if s.stop is not None and s.stop > n:
+            raise UsageError(f"region {region} reaches past the image of shape "
+                             f"{tuple(image_shape)}")
+        out.append(slice(start, stop))
+    return out[0], out[1]
+
+
+def _axis_coords(start: int, stop: int, length: int, tile: int, step: int) -> np.ndarray:
+    """Grid coordinates spanned by the tiles that touch ``[start, stop)``."""
+    k0, k1 = tile_span(start, stop, length, tile, step)
+    return np.arange(k0 * step, (k1 - 1) * step + tile)
+
+
+def region_context(image_shape: tuple[int, int], region: Region, tile: int,
+                   step: int) -> Region:
+    """Input region (inside the image) that computing ``region`` on the global grid reads."""
+    check_tiling(tile, step)
+    region = _check_region(region, image_shape)
+    ctx = []
+    for s, n in zip(region, image_shape, strict=True):
+        idx = reflect_index(_axis_coords(s.start, s.stop, n, tile, step), n)
+        ctx.append(slice(int(idx.min()), int(idx.max()) + 1))
+    return ctx[0], ctx[1]
+
+
+# ------------------------------------------------------------------ windows
+
+
+def window_1d(name: str, tile: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """1D blending weights over a tile edge, strictly positive (``>= floor`` for hann/gaussian)."""
+    check_tiling(tile, tile, name)
+    if name == "mean":
+        return np.ones(tile)
+    centre = (np.arange(tile) + 0.5) / tile  # half-sample shift: symmetric, never exactly 0
+    if name == "hann":
+        w = np.sin(np.pi * centre) ** 2
+    else:
+        w = np.exp(-0.5 * ((centre - 0.5) / GAUSSIAN_SIGMA) ** 2)
+    return np.maximum(w, floor)
+
+
+def window_2d(name: str, tile: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """Separable (tile, tile) float64 window."""
+    w = window_1d(name, tile, floor)
+    return np.outer(w, w)
+
+
+# ------------------------------------------------------------------ staining
+
+
+def _tile_batches(positions: list[tuple[int, int, int]],
+                  batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
+    for i in range(0, len(positions), batch_size):
+        yield positions[i:i + batch_size]
+
+
+def _read_context(source: np.ndarray | Reader, ctx: Region) -> np.ndarray:
+    data = source(ctx) if callable(source) else np.asarray(source)[..., ctx[0], ctx[1]]
+    data = np.asarray(data)
+    want = (ctx[0].stop - ctx[0].start, ctx[1].stop - ctx[1].start)
+    if data.ndim not in (3, 4) or data.shape[-2:] != want:
+        raise InputError(f"tile source gave shape {data.shape} for region {ctx}; "
+                         f"expected (C, {want[0]}, {want[1]}) or (S, C, {want[0]}, {want[1]})")
+    if data.size == 0:
+        raise InputError(f"tile source gave an empty array of shape {data.shape} for {ctx}")
+    if not np.isfinite(data).all():
+        raise InputError(f"tile source has NaN/Inf values in region {ctx}")
+    return data if data.dtype == np.float64 else data.astype(np.float32, copy=False)
+
+
+def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], region: Region,
+                 fn: TileFn, *, tile: int = 256, step: int = 64, window: str = "mean",
+                 batch_size: int = 8) -> np.ndarray:
+    """Blend ``fn`` over the global tile grid of an image of ``image_shape``; return ``region``.
+
+    ``source`` is the full (C, H, W) image, an (S, C, H, W) stack of slices sharing the grid,
+    or a reader ``read(input_region) -> array`` holding only the window from
+    :func:`region_context`. Tiles of all slices are batched together. Returns
+    (C_out, h, w) or (S, C_out, h, w), float32 (float64 when ``fn`` returns float64).
+    """
+    check_tiling(tile, step, window)
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    region = _check_region(region, image_shape)
+    ctx = region_context(image_shape, region, tile, step)
+    data = _read_context(source, ctx)
+    stack = data[None] if data.ndim == 3 else data
+
+    rows = _axis_coords(region[0].start, region[0].stop, image_shape[0], tile, step)
+    cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tile, step)
+    r_idx = reflect_index(rows, image_shape[0]) - ctx[0].start
+    c_idx = reflect_index(cols, image_shape[1]) - ctx[1].start
+    padded = np.take(np.take(stack, r_idx, axis=2), c_idx, axis=3)
+    y0, x0 = int(rows[0]), int(cols[0])
+    ys = range(0, len(rows) - tile + 1, step)
+    xs = range(0, len(cols) - tile + 1, step)
+
+    win = window_2d(window, tile)
+    wsum = np.zeros((len(rows), len(cols)))
+    for y in ys:
+        for x in xs:
+            wsum[y:y + tile, x:x + tile] += win
+
+    positions = [(s, y, x) for s in range(stack.shape[0]) for y in ys for x in xs]
+    acc: np.ndarray | None = None
+    out_dtype = np.float32
+    for batch in _tile_batches(positions, batch_size):
+        inp = torch.from_numpy(np.stack([padded[s, :, y:y + tile, x:x + tile]
+                                         for s, y, x in batch]))
+        with torch.no_grad():
+            out = fn(inp)
+        if out.ndim != 4 or out.shape[0] != len(batch) or out.shape[-2:] != (tile, tile):
+            raise InputError(f"tile function returned shape {tuple(out.shape)} for a batch of "
+                             f"shape {tuple(inp.shape)}; expected (N, C_out, {tile}, {tile})")
+        if acc is None:
+            acc = np.zeros((stack.shape[0], out.shape[1], len(rows), len(cols)))
+            out_dtype = np.float64 if out.dtype == torch.float64 else np.float32
+        tiles_out = out.detach().cpu().double().numpy()
+        for (s, y, x), t_out in zip(batch, tiles_out, strict=True):
+            acc[s, :, y:y + tile, x:x + tile] += win * t_out
+    assert acc is not None
+    crop = (slice(region[0].start - y0, region[0].stop - y0),
+            slice(region[1].start - x0, region[1].stop - x0))
+    result = (acc[:, :, crop[0], crop[1]] / wsum[crop]).astype(out_dtype)
+    return result[0] if data.ndim == 3 else result
+
+
+def stain_image(image: np.ndarray, fn: TileFn, *, tile: int = 256, step: int = 64,
+                window: str = "mean", batch_size: int = 8) -> np.ndarray:
+    """Stain a whole (C, H, W) image or (S, C, H, W) stack on the global tile grid."""
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise InputError(f"need a (C, H, W) image or (S, C, H, W) stack, got shape {image.shape}")
+    shape = (image.shape[-2], image.shape[-1])
+    full = (slice(0, shape[0]), slice(0, shape[1]))
+    return stain_region(image, shape, full, fn, tile=tile, step=step, window=window,
+                        batch_size=batch_size)
