@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hpcstain import __version__
-from hpcstain.errors import HpcstainError
+from hpcstain.errors import HpcstainError, UsageError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -55,6 +55,95 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     print(f"{result.status} at epoch {result.epoch}, step {result.step}: {result.checkpoint}")
     return 0
+
+
+def cmd_stain(args: argparse.Namespace) -> int:
+    from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+    from hpcstain.volume.stain import checkpoint_in_channels
+
+    levels = None
+    if (args.bone_level is None) != (args.background_level is None):
+        raise UsageError("give both --bone-level and --background-level (or neither)")
+    if args.bone_level is not None:
+        levels = (args.bone_level, args.background_level)
+    src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
+                      nan_value=args.nan_value or 0.0)
+    chunk = args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
+    plan = make_plan(src, chunk=chunk, axes=args.axes, tile=args.tile, step=args.step,
+                     window=args.window, sigma=args.sigma, levels=levels,
+                     in_channels=checkpoint_in_channels(args.checkpoint),
+                     voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
+                     checkpoint=args.checkpoint)
+    run = init_run(args.out, plan, overwrite=args.overwrite)
+    print(f"plan: {plan.n_chunks} chunks of {plan.chunk}, axes {','.join(plan.axes)}, "
+          f"levels bone={plan.bone_level:g} background={plan.background_level:g}")
+    if args.plan_only:
+        return 0
+    kw: dict[str, object] = {"batch_size": args.batch_size, "device": args.device,
+                             "progress": not args.no_progress}
+    if args.executor == "dask":
+        kw.update(address=args.scheduler, n_workers=args.workers)
+    print(run_stain(run, executor=args.executor, **kw).summary())
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from hpcstain.volume import fuse_run
+
+    report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
+                      voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
+                      levels=args.levels, out=args.out, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    print(report.summary())
+    return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
+
+
+def _add_volume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stain", help="stain a CT volume chunk-wise along several axes",
+                       description="Cut the volume into chunks and stain every slice along "
+                       "each axis on a global tile grid; re-running redoes only unfinished "
+                       "chunks.")
+    p.add_argument("input", help="x.zarr[:array] | x.h5[:/dataset] | stack.tif | folder/")
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pt)")
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--axes", default="z,y,x", help="any of z,y,x (default all three)")
+    p.add_argument("--chunk", type=int, nargs="+", default=[128], metavar="N",
+                   help="chunk edge, or Z Y X")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--step", type=int, default=64, help="tile step (paper: 64)")
+    p.add_argument("--window", default="mean", choices=["mean", "hann", "gaussian"])
+    p.add_argument("--sigma", type=float, default=1.0, help="3D Gaussian in voxels; 0: off")
+    p.add_argument("--bone-level", type=float, default=None)
+    p.add_argument("--background-level", type=float, default=None)
+    p.add_argument("--nan-value", type=float, default=None,
+                   help="replace NaN/Inf with this value (default: error)")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="voxel size in µm (default: from input metadata)")
+    p.add_argument("--executor", default="local", choices=["local", "dask"])
+    p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
+                   "a LocalCluster)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_stain)
+
+    p = sub.add_parser("fuse", help="fuse per-axis stains into an RGBA OME-Zarr pyramid",
+                       description="Fuse every chunk complete on all axes; re-run as more "
+                       "chunks complete. Exit code 3 when chunks are still missing.")
+    p.add_argument("run_dir")
+    p.add_argument("--method", default="consistency",
+                   choices=["mean", "median", "consistency"])
+    p.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
+                   help="the paper's slice-wise volume from one axis")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None)
+    p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: auto)")
+    p.add_argument("--out", default=None, help="image name inside RUN_DIR")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fuse)
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -136,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_train)
+
+    _add_volume(sub)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
     ssub = p.add_subparsers(dest="what", required=True, metavar="{train}")

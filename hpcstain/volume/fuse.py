@@ -1,0 +1,307 @@
+"""Fuse the per-axis predictions of a run into one RGBA OME-Zarr volume.
+
+Methods (all per voxel, over the staining axes of the run):
+
+* ``mean``: the average of the axes' RGB.
+* ``median``: the per-channel median (the middle value for three axes).
+* ``consistency``: a stripe-aware weighted mean. Slice-wise staining makes each axis's
+  output jump from one slice to the next along *its own* staining axis (the stripes of
+  §3.3). For axis ``a`` the slice-to-slice inconsistency at a voxel is the deviation of
+  its RGB from the average of its two neighbours along ``a`` (a second difference),
+  averaged over RGB and over a (2r+1)² window in the slice plane (stripes are offsets
+  shared by a whole slice, single noisy voxels are not). Each axis is weighted by
+  ``1 / (eps + inconsistency)²``: where one axis jumps between slices and the others are
+  smooth along theirs, the smooth ones dominate.
+
+Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result is
+rounded to uint8. ``single_axis`` copies one axis through unchanged (the paper's
+slice-wise volume).
+
+A chunk is fused once it is complete on every axis; ``consistency`` also needs the chunks
+around it (its halo of ``r`` voxels), so its result does not depend on the chunking.
+Each fused chunk gets a completion record; re-running fuses only chunks without one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+from hpcstain.errors import InputError, UsageError
+from hpcstain.metrics.stripes import stripe_index
+from hpcstain.volume import omezarr
+from hpcstain.volume.plan import (
+    AXIS_INDEX,
+    Plan,
+    axis_store,
+    done_names,
+    load_plan,
+    record_path,
+    write_record,
+)
+
+Region = tuple[slice, slice, slice]
+Method = Literal["mean", "median", "consistency"]
+METHODS = ("mean", "median", "consistency")
+
+CONSISTENCY_RADIUS = 2
+CONSISTENCY_EPS = 1.0
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def fuse_mean(preds: np.ndarray) -> np.ndarray:
+    """(A, Z, Y, X, 3) uint8 → (Z, Y, X, 3) uint8: average over axes A."""
+    return np.rint(preds.astype(np.float32).mean(axis=0)).astype(np.uint8)
+
+
+def fuse_median(preds: np.ndarray) -> np.ndarray:
+    """(A, Z, Y, X, 3) uint8 → (Z, Y, X, 3) uint8: per-channel median over axes A."""
+    return np.rint(np.median(preds.astype(np.float32), axis=0)).astype(np.uint8)
+
+
+def slice_inconsistency(pred: np.ndarray, axis: int, radius: int = CONSISTENCY_RADIUS
+                        ) -> np.ndarray:
+    """How much ``pred`` (Z, Y, X, 3) jumps between slices along ``axis``, per voxel.
+
+    |P(v) - (P(v-e) + P(v+e)) / 2| averaged over RGB, then averaged over a (2r+1)² window
+    in the plane of the slice. Borders use the nearest voxel (callers pass a padded block
+    and keep its interior). Each output voxel is a fixed-order sum of its neighbours, so
+    the value does not depend on where the block starts.
+    """
+    p = pred.astype(np.float32).mean(axis=-1)
+    padded = np.pad(p, [(1, 1) if d == axis else (0, 0) for d in range(3)], mode="edge")
+    lo = [slice(None)] * 3
+    mid = [slice(None)] * 3
+    hi = [slice(None)] * 3
+    lo[axis], mid[axis], hi[axis] = slice(0, -2), slice(1, -1), slice(2, None)
+    dev = np.abs(padded[tuple(mid)] - np.float32(0.5) * (padded[tuple(lo)] + padded[tuple(hi)]))
+    box = np.full(2 * radius + 1, 1.0 / (2 * radius + 1), np.float32)
+    for d in range(3):
+        if d != axis:
+            dev = ndimage.correlate1d(dev, box, axis=d, mode="nearest")
+    return dev
+
+
+def fuse_consistency(preds: np.ndarray, axes: tuple[int, ...], radius: int = CONSISTENCY_RADIUS,
+                     eps: float = CONSISTENCY_EPS) -> np.ndarray:
+    """Stripe-aware fusion: weight each axis by 1/(eps + its slice inconsistency)²."""
+    weights = np.stack([1.0 / (eps + slice_inconsistency(p, a, radius)) ** 2
+                        for p, a in zip(preds, axes, strict=True)])
+    num = (weights[..., None] * preds.astype(np.float32)).sum(axis=0)
+    return np.rint(num / weights.sum(axis=0)[..., None]).astype(np.uint8)
+
+
+def with_alpha(rgb: np.ndarray) -> np.ndarray:
+    """(…, 3) uint8 → (…, 4) uint8 with alpha = mean of RGB (§2.11)."""
+    alpha = np.rint(rgb.astype(np.float32).mean(axis=-1)).astype(np.uint8)
+    return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndarray:
+    """Fuse stacked per-axis predictions (A, Z, Y, X, 3) → RGB with ``method``."""
+    if len(axes) == 1:
+        return preds[0]
+    if method == "mean":
+        return fuse_mean(preds)
+    if method == "median":
+        return fuse_median(preds)
+    if method == "consistency":
+        return fuse_consistency(preds, axes)
+    raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def method_halo(method: str, n_axes: int) -> int:
+    """Voxels of neighbouring data a method needs around a chunk."""
+    return max(1, CONSISTENCY_RADIUS) if method == "consistency" and n_axes > 1 else 0
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class FuseReport:
+    """What a fuse pass did and what is still missing."""
+
+    output: Path
+    fused: list[str] = field(default_factory=list)
+    already: int = 0
+    waiting: list[str] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.waiting
+
+    def summary(self) -> str:
+        n_total = len(self.fused) + self.already + len(self.waiting) + len(self.missing)
+        lines = [f"{self.output}: fused {len(self.fused)} new chunk(s), {self.already} "
+                 f"already fused, {n_total} in the plan ({self.seconds:.1f} s)"]
+        if self.waiting:
+            lines.append(f"  waiting on neighbours: {len(self.waiting)} chunk(s)")
+        if self.missing:
+            shown = ", ".join(f"{c} ({'/'.join(a)})" for c, a in list(self.missing.items())[:8])
+            more = "" if len(self.missing) <= 8 else f" … and {len(self.missing) - 8} more"
+            lines.append(f"  missing axes: {len(self.missing)} chunk(s): {shown}{more}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _grow(region: Region, halo: int, shape: tuple[int, ...]) -> Region:
+    return tuple(slice(max(0, s.start - halo), min(n, s.stop + halo))  # type: ignore[return-value]
+                 for s, n in zip(region, shape, strict=True))
+
+
+def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Region,
+                    halo: int) -> tuple[np.ndarray, Region]:
+    """Per-axis predictions over ``region`` + ``halo`` (edge-padded at the volume border).
+
+    Returns the stacked (A, …, 3) block and the slices of ``region`` inside it.
+    """
+    import zarr
+
+    grown = _grow(region, halo, plan.shape)
+    pad = [(s.start - g.start, g.stop - s.stop) for s, g in zip(region, grown, strict=True)]
+    edge = [(halo - a, halo - b) for a, b in pad]
+    blocks = []
+    for axis in axes:
+        arr = zarr.open_array(str(axis_store(run_dir, axis)), mode="r")
+        block = np.asarray(arr[grown])
+        if halo:
+            block = np.pad(block, [*edge, (0, 0)], mode="edge")
+        blocks.append(block)
+    inner = tuple(slice(halo, halo + s.stop - s.start) for s in region)
+    return np.stack(blocks), inner  # type: ignore[return-value]
+
+
+def fuse_chunk_rgba(run_dir: Path, plan: Plan, axes: tuple[str, ...], index: int,
+                    method: str) -> np.ndarray:
+    """The fused RGBA (Z, Y, X, 4) of one chunk."""
+    region = plan.write_region(index)
+    halo = method_halo(method, len(axes))
+    block, inner = read_axis_block(run_dir, plan, axes, region, halo)
+    rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in axes), method)
+    return with_alpha(rgb[inner])
+
+
+def _settings(plan: Plan, method: str, axes: tuple[str, ...],
+              voxel_size_um: tuple[float, float, float], n_levels: int) -> dict[str, Any]:
+    return {"method": method if len(axes) > 1 else "single-axis", "axes": list(axes),
+            "voxel_size_um": list(voxel_size_um), "levels": n_levels,
+            "plan_checkpoint_sha256": plan.checkpoint_sha256}
+
+
+def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
+             single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
+             = None, levels: int | None = None, out: str | None = None,
+             overwrite: bool = False, progress: bool = False) -> FuseReport:
+    """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
+
+    ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
+    ``single_axis``) inside ``run_dir``. Settings are stored in the image; re-running with
+    different settings is refused unless ``overwrite`` (which starts the image afresh).
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    plan = load_plan(run_dir)
+    if method not in METHODS:
+        raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
+    if single_axis is not None:
+        if single_axis not in plan.axes:
+            raise UsageError(f"{run_dir}: axis {single_axis!r} was not stained (plan axes: "
+                             f"{','.join(plan.axes)})")
+        axes: tuple[str, ...] = (single_axis,)
+    else:
+        axes = plan.axes
+    notes = []
+    if voxel_size_um is None:
+        if plan.voxel_size_um is not None:
+            voxel_size_um = plan.voxel_size_um
+        else:
+            voxel_size_um = (1.0, 1.0, 1.0)
+            notes.append("voxel size unknown (no input metadata, no --voxel-size): using 1 µm")
+    n_levels = levels or omezarr.default_levels(plan.shape)
+    name = out or ("fused.ome.zarr" if single_axis is None else f"slicewise-{single_axis}.ome.zarr")
+    image = run_dir / name
+    task = name.removesuffix(".zarr").removesuffix(".ome")
+    settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels)  # type: ignore[arg-type]
+    _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
+    report = FuseReport(output=image, notes=notes)
+
+    done = {a: done_names(run_dir, f"axis-{a}") for a in axes}
+    fused = done_names(run_dir, task)
+    halo = method_halo(method, len(axes))
+    names = [plan.chunk_name(i) for i in range(plan.n_chunks)]
+    complete = {n for n in names if all(n in done[a] for a in axes)}
+    for n in names:
+        if n not in complete:
+            report.missing[n] = [a for a in axes if n not in done[a]]
+    todo = []
+    for i, n in enumerate(names):
+        if n in fused:
+            report.already += 1
+        elif n in complete:
+            needed = plan.chunks_in(_grow(plan.write_region(i), halo, plan.shape))
+            if all(names[j] in complete for j in needed):
+                todo.append(i)
+            else:
+                report.waiting.append(n)
+
+    root = omezarr.open_image(image)
+    bar = _progress(todo, progress, "fuse")
+    for i in bar:
+        rgba = fuse_chunk_rgba(run_dir, plan, axes, i, method)
+        region = plan.write_region(i)
+        omezarr.write_level0(root, region, rgba)
+        omezarr.update_pyramid(root, region)
+        write_record(run_dir, task, names[i], {"chunk": names[i], "method": settings["method"],
+                                              "time": time.time()})
+        report.fused.append(names[i])
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: dict[str, Any],
+                   overwrite: bool, name: str) -> None:
+    """Create the OME-Zarr image, or check that the existing one has the same settings."""
+    if image.exists() and not overwrite:
+        try:
+            old = omezarr.open_image(image, mode="r").attrs.get("hpcstain", {})
+        except Exception as exc:
+            raise InputError(f"{image}: unreadable fused image ({exc}); pass overwrite") from None
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+            raise UsageError(f"{image}: was fused with different settings ({detail}); "
+                             "pass --overwrite to start it afresh or --out for a new image")
+        return
+    if overwrite:
+        shutil.rmtree(run_dir / "done" / task, ignore_errors=True)
+    omezarr.create_image(image, plan.shape, plan.chunk, settings["levels"],
+                         tuple(settings["voxel_size_um"]), {"hpcstain": settings},
+                         name=name.removesuffix(".zarr").removesuffix(".ome"),
+                         overwrite=overwrite)
+    (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
+
+
+def _progress(items: list[int], enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="chunk")
+
+
+__all__ = ["METHODS", "FuseReport", "fuse_block", "fuse_consistency", "fuse_mean",
+           "fuse_median", "fuse_run", "record_path", "slice_inconsistency", "stripe_index",
+           "with_alpha"]

@@ -1,0 +1,432 @@
+"""Volume inputs: zarr, HDF5 and TIFF stacks behind one lazy, validated reader.
+
+An input spec names the file and, where the format has them, the array inside it:
+
+* ``sample.zarr`` (a single array, or a group holding a ``ct`` array, or a group holding
+  exactly one array) or ``sample.zarr:path/in/group``
+* ``scan.h5`` (dataset ``/entry/data/data``, the NeXus convention) or ``scan.h5:/some/ds``
+* ``stack.tif`` (a multipage TIFF: one page per z slice, or one 3D page) or a folder of
+  2D slices (``*.tif``/``*.tiff``, sorted by name)
+
+:class:`VolumeSource` validates the array before any work (3D, numeric, non-empty) and
+reads only what a chunk asks for with :meth:`VolumeSource.read`. Non-finite values are an
+:class:`~hpcstain.errors.InputError` naming the file (``nan_policy="error"``) or are
+replaced by ``nan_value`` (``nan_policy="replace"``).
+
+Intensity levels (bone, background) put the CT on the training convention of §2.5: a
+linear map sending mean bone to 30000 and mean background to 10000 (16-bit), then to
+[-1, 1]. :func:`estimate_levels` estimates both from a strided subsample of the volume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hpcstain.errors import InputError, UsageError
+
+Region = tuple[slice, slice, slice]
+NanPolicy = Literal["error", "replace"]
+
+DEFAULT_H5_DATASET = "/entry/data/data"
+TIFF_SUFFIXES = (".tif", ".tiff")
+BONE_LEVEL = 30000.0
+BACKGROUND_LEVEL = 10000.0
+
+# Keys looked up (in this order) in zarr attributes / HDF5 attributes for the voxel size.
+_VOXEL_SIZE_KEYS = ("voxel_size_um", "voxel_size", "pixel_size_um", "resolution_um")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A parsed input spec: the file or folder, its format and the array path inside."""
+
+    path: Path
+    kind: Literal["zarr", "hdf5", "tiff", "tiff-folder"]
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.key}" if self.key else str(self.path)
+
+
+def parse_spec(spec: str | os.PathLike[str]) -> VolumeSpec:
+    """``file[:inner/path]`` → :class:`VolumeSpec`; the format comes from the suffix."""
+    text = os.fspath(spec)
+    m = re.match(r"^(.*?\.(?:zarr|h5|hdf5|hdf|nxs))(?::(.*))?/?$", text, re.IGNORECASE)
+    if m:
+        path, key = Path(m.group(1)), (m.group(2) or None)
+        kind = "zarr" if path.suffix.lower() == ".zarr" else "hdf5"
+        return VolumeSpec(path, kind, key)  # type: ignore[arg-type]
+    path = Path(text)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return VolumeSpec(path, "tiff")
+    if path.is_dir():
+        return VolumeSpec(path, "tiff-folder")
+    raise InputError(f"{text}: unknown volume format (expected .zarr[:array], .h5[:/dataset], "
+                     "a .tif stack or a folder of .tif slices)")
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class _Reader:
+    """Format-specific access: ``shape``, ``dtype``, ``attrs`` and ``read(region)``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    attrs: dict[str, Any]
+
+    def read(self, region: Region) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _ZarrReader(_Reader):
+    def __init__(self, spec: VolumeSpec) -> None:
+        import zarr
+
+        if not spec.path.exists():
+            raise InputError(f"{spec.path}: no such zarr store")
+        try:
+            node = zarr.open(store=str(spec.path), mode="r")
+        except Exception as exc:  # zarr raises several types for unreadable stores
+            raise InputError(f"{spec.path}: not a readable zarr store ({exc})") from None
+        if spec.key:
+            if not isinstance(node, zarr.Group):
+                raise InputError(f"{spec.path}: is an array, not a group; drop ':{spec.key}'")
+            try:
+                node = node[spec.key]
+            except KeyError:
+                raise InputError(f"{spec.path}: no array {spec.key!r} in the group "
+                                 f"(arrays: {sorted(node.array_keys())})") from None
+        if isinstance(node, zarr.Group):
+            node = _pick_group_array(spec.path, node)
+        if not isinstance(node, zarr.Array):
+            raise InputError(f"{spec}: not an array")
+        self.array = node
+        self.shape = tuple(node.shape)
+        self.dtype = np.dtype(node.dtype)
+        self.attrs = dict(node.attrs)
+
+    def read(self, region: Region) -> np.ndarray:
+        return np.asarray(self.array[region])
+
+
+def _pick_group_array(path: Path, group: Any) -> Any:
+    names = sorted(group.array_keys())
+    if "ct" in names:
+        return group["ct"]
+    if len(names) == 1:
+        return group[names[0]]
+    raise InputError(f"{path}: group holds {len(names)} arrays {names} and no 'ct'; "
+                     f"name one as {path}:ARRAY")
+
+
+class _H5Reader(_Reader):
+    def __init__(self, spec: VolumeSpec) -> None:
+        import h5py
+
+        self.path = spec.path
+        self.key = spec.key or DEFAULT_H5_DATASET
+        if not spec.path.is_file():
+            raise InputError(f"{spec.path}: no such HDF5 file")
+        try:
+            with h5py.File(spec.path, "r") as fh:
+                if self.key not in fh:
+                    raise InputError(f"{spec.path}: no dataset {self.key!r} "
+                                     f"(datasets: {_h5_datasets(fh)})")
+                ds = fh[self.key]
+                if not isinstance(ds, h5py.Dataset):
+                    raise InputError(f"{spec.path}: {self.key!r} is a group, not a dataset "
+                                     f"(datasets: {_h5_datasets(fh)})")
+                self.shape = tuple(ds.shape)
+                self.dtype = np.dtype(ds.dtype)
+                self.attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        except OSError as exc:
+            raise InputError(f"{spec.path}: not a readable HDF5 file ({exc})") from None
+        self._file: Any = None
+        self._pid = -1
+
+    def _dataset(self) -> Any:
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():  # handles do not survive fork
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file[self.key]
+
+    def read(self, region: Region) -> np.ndarray:
+        return np.asarray(self._dataset()[region])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+
+def _h5_datasets(fh: Any, limit: int = 10) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+    fh.visititems(lambda n, o: names.append("/" + n) if isinstance(o, h5py.Dataset) else None)
+    return names[:limit]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+class _TiffReader(_Reader):
+    """A multipage TIFF (pages = z slices) or a single 3D page; reads only needed pages."""
+
+    def __init__(self, spec: VolumeSpec) -> None:
+        import tifffile
+
+        self.path = spec.path
+        if not spec.path.is_file():
+            raise InputError(f"{spec.path}: no such TIFF file")
+        try:
+            with tifffile.TiffFile(spec.path) as tf:
+                series = tf.series[0]
+                self.shape = tuple(series.shape)
+                self.dtype = np.dtype(series.dtype)
+                self.n_pages = len(series.pages)
+                self.attrs = _tiff_attrs(tf)
+        except (tifffile.TiffFileError, OSError, IndexError) as exc:
+            raise InputError(f"{spec.path}: not a readable TIFF ({exc})") from None
+
+    def read(self, region: Region) -> np.ndarray:
+        import tifffile
+
+        zs, ys, xs = region
+        if self.n_pages == 1:  # one 3D page (or a 2D page, refused by validation)
+            return np.asarray(tifffile.imread(self.path))[region]
+        with tifffile.TiffFile(self.path) as tf:
+            pages = tf.series[0].pages
+            planes = [pages[z].asarray()[ys, xs] for z in range(*zs.indices(self.shape[0]))]
+        return _stack(planes, self.dtype, ys, xs, self.shape)
+
+
+def _tiff_attrs(tf: Any) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    ij = tf.imagej_metadata or {}
+    if "spacing" in ij:
+        attrs["z_spacing"] = float(ij["spacing"])
+    return attrs
+
+
+class _TiffFolderReader(_Reader):
+    """A folder of 2D slices, one file per z, in name order."""
+
+    def __init__(self, spec: VolumeSpec) -> None:
+        import tifffile
+
+        self.path = spec.path
+        self.files = sorted(p for p in spec.path.iterdir()
+                            if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith("."))
+        if not self.files:
+            raise InputError(f"{spec.path}: folder holds no .tif/.tiff slices")
+        try:
+            with tifffile.TiffFile(self.files[0]) as tf:
+                first = tf.series[0]
+                plane_shape, self.dtype = tuple(first.shape), np.dtype(first.dtype)
+        except (tifffile.TiffFileError, OSError, IndexError) as exc:
+            raise InputError(f"{self.files[0]}: not a readable TIFF ({exc})") from None
+        self.shape = (len(self.files), *plane_shape)
+        self.attrs = {}
+
+    def read(self, region: Region) -> np.ndarray:
+        import tifffile
+
+        zs, ys, xs = region
+        planes = []
+        for z in range(*zs.indices(self.shape[0])):
+            plane = tifffile.imread(self.files[z])
+            if plane.shape != self.shape[1:]:
+                raise InputError(f"{self.files[z]}: slice shape {plane.shape} differs from "
+                                 f"{self.files[0].name}'s {self.shape[1:]}")
+            planes.append(plane[ys, xs])
+        return _stack(planes, self.dtype, ys, xs, self.shape)
+
+
+def _stack(planes: list[np.ndarray], dtype: np.dtype, ys: slice, xs: slice,
+           shape: tuple[int, ...]) -> np.ndarray:
+    if planes:
+        return np.stack(planes)
+    ny = len(range(*ys.indices(shape[1])))
+    nx = len(range(*xs.indices(shape[2])))
+    return np.zeros((0, ny, nx), dtype)
+
+
+_READERS: dict[str, type[_Reader]] = {
+    "zarr": _ZarrReader, "hdf5": _H5Reader, "tiff": _TiffReader,
+    "tiff-folder": _TiffFolderReader,
+}
+
+
+# --------------------------------------------------------------------------- source
+
+
+@dataclass
+class VolumeSource:
+    """A validated 3D (Z, Y, X) input volume read lazily, region by region."""
+
+    spec: VolumeSpec
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    nan_policy: NanPolicy = "error"
+    nan_value: float = 0.0
+    attrs: dict[str, Any] = field(default_factory=dict)
+    _reader: _Reader | None = field(default=None, repr=False)
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float] | None:
+        """The voxel size recorded in the input's metadata, if any (µm, z/y/x)."""
+        return voxel_size_from_attrs(self.attrs)
+
+    def read(self, region: Region) -> np.ndarray:
+        """The voxels in ``region`` (slices with explicit, in-bounds start/stop)."""
+        if self._reader is None:
+            self._reader = _READERS[self.spec.kind](self.spec)
+        data = self._reader.read(region)
+        if data.dtype.kind in "fc":
+            data = apply_nan_policy(data, self.nan_policy, self.nan_value, self.spec, region)
+        return data
+
+    def iter_slabs(self, depth: int = 16) -> Iterator[tuple[Region, np.ndarray]]:
+        """The whole volume as z slabs of ``depth`` slices (for scans)."""
+        z, y, x = self.shape
+        for z0 in range(0, z, depth):
+            region = (slice(z0, min(z, z0 + depth)), slice(0, y), slice(0, x))
+            yield region, self.read(region)
+
+
+def open_volume(spec: str | os.PathLike[str], nan_policy: NanPolicy = "error",
+                nan_value: float = 0.0, scan: bool = True) -> VolumeSource:
+    """Open and validate an input volume; nothing but metadata is read unless ``scan``.
+
+    With ``scan`` (default) a floating-point volume is read once, slab by slab, to refuse
+    NaN/Inf up front (``nan_policy="error"``) rather than hours into a run.
+    """
+    if nan_policy not in ("error", "replace"):
+        raise UsageError(f"nan_policy must be 'error' or 'replace', got {nan_policy!r}")
+    parsed = parse_spec(spec)
+    reader = _READERS[parsed.kind](parsed)
+    shape, dtype = tuple(int(n) for n in reader.shape), np.dtype(reader.dtype)
+    if len(shape) != 3:
+        raise InputError(f"{parsed}: expected a 3D volume (Z, Y, X), got shape {shape}")
+    if min(shape) == 0:
+        raise InputError(f"{parsed}: volume is empty (shape {shape})")
+    if dtype.kind not in "uif":
+        raise InputError(f"{parsed}: expected a numeric (integer or float) volume, got {dtype}")
+    if nan_policy == "replace" and not np.isfinite(nan_value):
+        raise UsageError(f"nan_value must be finite, got {nan_value}")
+    source = VolumeSource(parsed, shape, dtype, nan_policy, float(nan_value),  # type: ignore[arg-type]
+                          dict(reader.attrs), reader)
+    if scan and dtype.kind == "f" and nan_policy == "error":
+        for _ in source.iter_slabs():
+            pass
+    return source
+
+
+def apply_nan_policy(data: np.ndarray, policy: NanPolicy, value: float, spec: Any,
+                     region: Region) -> np.ndarray:
+    """Refuse or replace non-finite voxels; the error names the file and the first voxel."""
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data
+    if policy == "error":
+        idx = tuple(int(i) + (s.start or 0) for i, s in zip(np.argwhere(bad)[0], region,
+                                                            strict=True))
+        raise InputError(f"{spec}: {int(bad.sum())} non-finite (NaN/Inf) voxels, first at "
+                         f"z,y,x={idx}; pass nan_policy='replace' (--nan-value V) to replace "
+                         "them")
+    data = data.copy()
+    data[bad] = value
+    return data
+
+
+def voxel_size_from_attrs(attrs: dict[str, Any]) -> tuple[float, float, float] | None:
+    """A (z, y, x) voxel size in µm from common metadata keys, or None."""
+    for key in _VOXEL_SIZE_KEYS:
+        if key in attrs:
+            value = attrs[key]
+            try:
+                if isinstance(value, int | float):
+                    return (float(value),) * 3  # type: ignore[return-value]
+                vals = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                continue
+            if len(vals) == 3:
+                return vals  # type: ignore[return-value]
+    return None
+
+
+# --------------------------------------------------------------------------- levels
+
+
+def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
+    """CT → [-1, 1] float32 exactly as in training (§2.5, :mod:`hpcstain.data.normalise`).
+
+    Linear map with ``bone → 30000`` and ``background → 10000`` on the 16-bit scale,
+    clipped to [0, 65535], then ``v / 65535 * 2 - 1``.
+    """
+    from hpcstain.data.normalise import ct16_to_unit, normalise_ct
+
+    return ct16_to_unit(normalise_ct(np.asarray(ct), bone, background, BONE_LEVEL,
+                                     BACKGROUND_LEVEL))
+
+
+def estimate_levels(source: VolumeSource, max_voxels: int = 2_000_000) -> tuple[float, float]:
+    """Estimate (bone, background) mean levels from a strided subsample of the volume.
+
+    The subsample takes every k-th voxel along each axis (k chosen so at most
+    ``max_voxels`` are read). Otsu's threshold splits it into a dark class (background:
+    resin, air, soft tissue) and a bright class; the background level is the median of the
+    dark class. The bright class holds bone and possibly a metal screw, so the bone level
+    is the median of the bright voxels below their 95th percentile (metal is a small,
+    much brighter fraction). Pass the levels explicitly when the sample breaks these
+    assumptions.
+    """
+    sample = subsample(source, max_voxels).astype(np.float64).ravel()
+    return levels_from_sample(sample, str(source.spec))
+
+
+def subsample(source: VolumeSource, max_voxels: int) -> np.ndarray:
+    total = float(np.prod(source.shape))
+    k = max(1, int(np.ceil((total / max_voxels) ** (1 / 3))))
+    z = source.shape[0]
+    planes = []
+    for z0 in range(0, z, k):
+        region = (slice(z0, z0 + 1), slice(0, source.shape[1]), slice(0, source.shape[2]))
+        planes.append(source.read(region)[0, ::k, ::k])
+    return np.stack(planes)
+
+
+def levels_from_sample(sample: np.ndarray, name: str) -> tuple[float, float]:
+    from skimage.filters import threshold_otsu
+
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0 or sample.min() == sample.max():
+        raise InputError(f"{name}: cannot estimate bone/background levels from a constant "
+                         "volume; pass them explicitly")
+    t = float(threshold_otsu(sample))
+    dark, bright = sample[sample <= t], sample[sample > t]
+    bright = bright[bright <= np.percentile(bright, 95)]
+    background, bone = float(np.median(dark)), float(np.median(bright))
+    if bone <= background:
+        raise InputError(f"{name}: estimated bone level {bone} is not above background "
+                         f"{background}; pass the levels explicitly")
+    return bone, background
