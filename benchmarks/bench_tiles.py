@@ -11,7 +11,7 @@ further from 1. A random net has no meaningful truth PSNR and an extreme depende
 context (instance norm), so ``--train-steps`` first fits it briefly to other phantom slices.
 
     .venv/bin/python benchmarks/bench_tiles.py            # 768x768, ResNet 9 blocks, 64 feat.
-    .venv/bin/python benchmarks/bench_tiles.py --train-steps 150
+    .venv/bin/python benchmarks/bench_tiles.py --train-steps 80
     .venv/bin/python benchmarks/bench_tiles.py --quick    # small net, for a smoke run
 """
 

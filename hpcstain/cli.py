@@ -57,8 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stain(args: argparse.Namespace) -> int:
-    from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+def _plan_from_args(args: argparse.Namespace) -> Path:
+    """Open and validate the input, write (or re-check) RUN_DIR/plan.json."""
+    from hpcstain.volume import init_run, make_plan, open_volume
     from hpcstain.volume.stain import checkpoint_in_channels
 
     levels = None
@@ -77,6 +78,13 @@ def cmd_stain(args: argparse.Namespace) -> int:
     run = init_run(args.out, plan, overwrite=args.overwrite)
     print(f"plan: {plan.n_chunks} chunks of {plan.chunk}, axes {','.join(plan.axes)}, "
           f"levels bone={plan.bone_level:g} background={plan.background_level:g}")
+    return Path(run)
+
+
+def cmd_stain(args: argparse.Namespace) -> int:
+    from hpcstain.volume import run_stain
+
+    run = _plan_from_args(args)
     if args.plan_only:
         return 0
     kw: dict[str, object] = {"batch_size": args.batch_size, "device": args.device,
@@ -84,6 +92,42 @@ def cmd_stain(args: argparse.Namespace) -> int:
     if args.executor == "dask":
         kw.update(address=args.scheduler, n_workers=args.workers)
     print(run_stain(run, executor=args.executor, **kw).summary())
+    return 0
+
+
+def cmd_submit_stain(args: argparse.Namespace) -> int:
+    from hpcstain.launch.profiles import load_cluster
+    from hpcstain.launch.submit import describe, submit_fuse, submit_stain
+
+    cluster = load_cluster(args.profile, args.overrides)
+    run = _plan_from_args(args)
+    jobs = submit_stain(run, cluster, args.tasks, device=args.device,
+                        batch_size=args.batch_size)
+    print(f"stain array: {len(jobs)} task(s)")
+    print(describe(jobs[0]))
+    fuse_job = None
+    if args.fuse:
+        fuse_job = submit_fuse(run, cluster, after=jobs, method=args.method)
+        print("fuse job (afterok):")
+        print(describe(fuse_job))
+    if args.wait:
+        for job in jobs:
+            job.result()
+        if fuse_job is not None:
+            print(fuse_job.result())
+    return 0
+
+
+def cmd_submit_fuse(args: argparse.Namespace) -> int:
+    from hpcstain.launch.profiles import load_cluster
+    from hpcstain.launch.submit import describe, submit_fuse
+
+    cluster = load_cluster(args.profile, args.overrides)
+    job = submit_fuse(Path(args.run_dir), cluster, method=args.method,
+                      single_axis=args.single_axis)
+    print(describe(job))
+    if args.wait:
+        print(job.result())
     return 0
 
 
@@ -98,11 +142,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
 
-def _add_volume(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stain", help="stain a CT volume chunk-wise along several axes",
-                       description="Cut the volume into chunks and stain every slice along "
-                       "each axis on a global tile grid; re-running redoes only unfinished "
-                       "chunks.")
+def _add_stain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="x.zarr[:array] | x.h5[:/dataset] | stack.tif | folder/")
     p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pt)")
     p.add_argument("--out", "-o", required=True, help="run directory")
@@ -119,14 +159,22 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    help="replace NaN/Inf with this value (default: error)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="voxel size in µm (default: from input metadata)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_volume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stain", help="stain a CT volume chunk-wise along several axes",
+                       description="Cut the volume into chunks and stain every slice along "
+                       "each axis on a global tile grid; re-running redoes only unfinished "
+                       "chunks.")
+    _add_stain_args(p)
     p.add_argument("--executor", default="local", choices=["local", "dask"])
     p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
                    "a LocalCluster)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_stain)
 
@@ -229,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_volume(sub)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
-    ssub = p.add_subparsers(dest="what", required=True, metavar="{train}")
+    ssub = p.add_subparsers(dest="what", required=True, metavar="{train,stain,fuse}")
     t = ssub.add_parser("train", help="one DDP training job (nodes x tasks_per_node ranks)",
                         description="Submit `hpcstain train` as a submitit job. Cluster keys "
                         "are overridden as cluster.key=value (e.g. cluster.nodes=2).")
@@ -241,6 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=cmd_submit_train)
 
+    t = ssub.add_parser("stain", help="the volume engine as a job array over chunk groups",
+                        description="Write the plan here, then submit N array tasks (each "
+                        "stains its chunk group; safe to requeue) and, with --fuse, a fuse "
+                        "job that starts after the array succeeded (afterok).")
+    _add_stain_args(t)
+    t.add_argument("--profile", default="slurm", help="cluster profile (local, slurm, maxwell)")
+    t.add_argument("--tasks", type=int, default=4, help="array tasks (chunk groups)")
+    t.add_argument("--fuse", action="store_true", help="also submit the dependent fuse job")
+    t.add_argument("--method", default="consistency",
+                   choices=["mean", "median", "consistency"])
+    t.add_argument("--wait", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
+    t.set_defaults(func=cmd_submit_stain)
+
+    t = ssub.add_parser("fuse", help="a CPU job fusing a stain run")
+    t.add_argument("run_dir")
+    t.add_argument("--profile", default="slurm")
+    t.add_argument("--method", default="consistency",
+                   choices=["mean", "median", "consistency"])
+    t.add_argument("--single-axis", choices=["z", "y", "x"], default=None)
+    t.add_argument("--wait", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
+    t.set_defaults(func=cmd_submit_fuse)
+
     p = sub.add_parser("demo", help="run the pipeline end to end on phantom data")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for tests)")
@@ -250,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # section.key=value overrides may follow other positionals (e.g. `submit stain INPUT`)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u or "." not in u.split("=")[0]]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     try:
         return int(args.func(args) or 0)
     except HpcstainError as exc:

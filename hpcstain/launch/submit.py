@@ -109,3 +109,79 @@ def describe(job: Any) -> str:
     else:
         lines.append(f"  follow: squeue -j {job.job_id}; tail -f {paths.stdout}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- volume jobs
+
+
+@dataclass
+class StainTask:
+    """Array task ``i`` of ``n_tasks``: stain chunk group i (pending chunks only).
+
+    Requeueing is always safe: finished chunks have completion records and are skipped.
+    """
+
+    run_dir: str
+    n_tasks: int
+    device: str = "cpu"
+    batch_size: int = 16
+
+    def __call__(self, task_id: int) -> str:
+        from hpcstain.executors.array import run_array_task
+
+        report = run_array_task(self.run_dir, task_id, self.n_tasks, device=self.device,
+                                batch_size=self.batch_size)
+        return report.summary()
+
+    def checkpoint(self, task_id: int) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, task_id)
+
+
+@dataclass
+class FuseTask:
+    """Fuse every chunk complete on all axes (a CPU job after the stain array)."""
+
+    run_dir: str
+    method: str = "consistency"
+    single_axis: str | None = None
+
+    def __call__(self) -> str:
+        from hpcstain.volume import fuse_run
+
+        return fuse_run(self.run_dir, method=self.method, single_axis=self.single_axis
+                        ).summary()
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: str = "cpu",
+                 batch_size: int = 16) -> list[Any]:
+    """Submit the stain array (one job per task, one SLURM array); returns its jobs."""
+    run_dir = run_dir.resolve()
+    ex = make_executor(cluster, run_dir / cluster.log_folder,
+                       job_name=f"hpcstain-stain-{run_dir.name}")
+    task = StainTask(str(run_dir), n_tasks, device, batch_size)
+    return list(ex.map_array(task, list(range(n_tasks))))
+
+
+def submit_fuse(run_dir: Path, cluster: ClusterConfig, after: list[Any] | None = None,
+                method: str = "consistency", single_axis: str | None = None) -> Any:
+    """Submit the fuse job; on SLURM it starts only after ``after`` succeeded (afterok)."""
+    run_dir = run_dir.resolve()
+    cpu = ClusterConfig(**{**cluster.__dict__, "gpus_per_node": 0, "tasks_per_node": 1,
+                           "nodes": 1, "exclusive": False})
+    ex = make_executor(cpu, run_dir / cluster.log_folder,
+                       job_name=f"hpcstain-fuse-{run_dir.name}")
+    if after:
+        if cluster.executor == "slurm":
+            array_ids = sorted({str(j.job_id).split("_")[0] for j in after})
+            ex.update_parameters(dependency="afterok:" + ":".join(array_ids))
+        else:  # local processes have no scheduler dependencies: wait here
+            for job in after:
+                job.result()
+    return ex.submit(FuseTask(str(run_dir), method, single_axis))
