@@ -211,8 +211,8 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
     job = submit_train(cfg, Path(args.out), cluster)
     print(describe(job))
     if args.wait:
-        result = job.result()
-        print(f"job {job.job_id} finished: {result}")
+        results = job.results()  # one per task (rank)
+        print(f"job {job.job_id} finished: {results[0]}")
     return 0
 
 

@@ -1,0 +1,174 @@
+"""Launchers against a real single-node SLURM (started by .ci/slurm-up in CI)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcstain.config import load_config
+from hpcstain.launch.profiles import load_cluster
+from hpcstain.launch.submit import submit_fuse, submit_stain, submit_train
+from hpcstain.train.checkpoint import load_checkpoint
+from hpcstain.train.logs import read_losses
+from hpcstain.train.trainer import train
+
+
+def _slurm_up() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no sinfo on PATH"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo failed: {exc}"
+    if out.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc"))
+                                      for s in out.stdout.split()):
+        return f"no usable SLURM node (sinfo: {out.stdout.strip() or out.stderr.strip()})"
+    return None
+
+
+_WHY = _slurm_up()
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(_WHY is not None, reason=f"SLURM not reachable: {_WHY} "
+                                 "(run .ci/slurm-up as root to start one)"),
+              pytest.mark.filterwarnings("ignore")]
+
+CLUSTER = ["cluster.cpus_per_task=1", "cluster.time_min=15", "cluster.signal_delay_s=30"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hpcstain.phantom import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("slurm-pairs") / "p", n=4, seed=5, size=(96, 96))
+
+
+def tiny(manifest: Path, *extra: str):
+    return load_config("modcyclegan-tiny", [
+        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=8",
+        "data.batch_size=2", "data.n_folds=0", "data.n_test=0", "model.ngf=4", "model.ndf=4",
+        "model.n_blocks=1", "train.epochs=1", "train.checkpoint_every=0", *extra])
+
+
+def test_two_task_ddp_training_job_completes_and_its_checkpoint_loads(pairs: Path,
+                                                                    tmp_path: Path) -> None:
+    cluster = load_cluster("slurm", [*CLUSTER, "cluster.tasks_per_node=2"])
+    job = submit_train(tiny(pairs, "train.max_steps=4"), tmp_path / "run", cluster)
+    results = job.results()
+    assert [r["status"] for r in results] == ["max_steps", "max_steps"]
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/latest.pt")
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # both ranks' RNG streams saved
+    assert len(read_losses(tmp_path / "run")) == 4
+
+
+def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(
+        pairs: Path, tmp_path: Path) -> None:
+    cfg = tiny(pairs, "train.epochs=2")
+    train(cfg, tmp_path / "straight", progress=False)
+    cluster = load_cluster("slurm", CLUSTER)
+    job = submit_train(cfg, tmp_path / "run", cluster)
+    run = tmp_path / "run"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (run / "losses.jsonl").exists() and len(read_losses(run)) >= 3:
+            break
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+    _release_requeued(str(job.job_id))
+    result = job.result()
+    assert result["status"] == "finished"
+    log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert "Requeued job" in log or "requeue" in log.lower()
+    straight, resumed = read_losses(tmp_path / "straight"), read_losses(run)
+    assert len(straight) == len(resumed)
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["G_total"] == pytest.approx(b["G_total"], rel=1e-5)
+    wa = load_checkpoint(tmp_path / "straight/checkpoints/latest.pt")["model"]["generators"]
+    wb = load_checkpoint(run / "checkpoints/latest.pt")["model"]["generators"]
+    for name in wa:
+        for key in wa[name]:
+            torch.testing.assert_close(wa[name][key], wb[name][key], atol=1e-5, rtol=0)
+
+
+def _release_requeued(job_id: str, timeout: float = 120) -> None:
+    """SLURM holds a requeued job ~2 min (BeginTime); start it now to keep the test short."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"],
+                             capture_output=True, text=True).stdout.split()
+        if out[:1] == ["PENDING"]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                           capture_output=True)
+            return
+        if not out:
+            return
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def volume_run(pairs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from hpcstain.phantom import write_volume_file
+
+    base = tmp_path_factory.mktemp("slurm-vol")
+    train(tiny(pairs, "train.max_steps=1"), base / "model", progress=False)
+    vol = write_volume_file(base / "vol.zarr", (24, 48, 48), "mg", seed=2)
+    return vol, base / "model/checkpoints/latest.pt"
+
+
+def _plan(run_dir: Path, vol: Path, ckpt: Path) -> Path:
+    from hpcstain.volume import init_run, make_plan, open_volume
+
+    plan = make_plan(open_volume(f"{vol}:ct"), chunk=12, axes="z,y,x", tile=32, step=16,
+                     window="mean", sigma=1.0, in_channels=3, checkpoint=str(ckpt))
+    return Path(init_run(run_dir, plan))
+
+
+def _fused(run_dir: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(run_dir / "fused.ome.zarr"), mode="r")["0"][:]
+
+
+def test_stain_array_and_dependent_fuse_equal_the_in_process_run(
+        volume_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from hpcstain.volume import fuse_run, run_stain
+
+    vol, ckpt = volume_run
+    local = _plan(tmp_path / "local", vol, ckpt)
+    run_stain(local, executor="local", progress=False)
+    fuse_run(local, method="consistency")
+
+    slurm = _plan(tmp_path / "slurm", vol, ckpt)
+    cluster = load_cluster("slurm", CLUSTER)
+    jobs = submit_stain(slurm, cluster, n_tasks=2)
+    fuse_job = submit_fuse(slurm, cluster, after=jobs, method="consistency")
+    assert "fused 32 new chunk(s)" in fuse_job.result()
+    assert all("stained" in j.result() for j in jobs)
+    assert np.array_equal(_fused(local), _fused(slurm))
+
+
+def test_cancelled_task_then_resubmission_completes_only_missing_chunks(
+        volume_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from hpcstain.volume import pending_chunks
+
+    vol, ckpt = volume_run
+    run = _plan(tmp_path / "run", vol, ckpt)
+    cluster = load_cluster("slurm", CLUSTER)
+    jobs = submit_stain(run, cluster, n_tasks=2)
+    subprocess.run(["scancel", str(jobs[1].job_id)], check=True)
+    jobs[0].result()
+    left = pending_chunks(run)
+    assert left, "the cancelled task should have left chunks unstained"
+    done_before = {p.name: p.stat().st_mtime_ns for p in (run / "done").rglob("*.json")}
+    again = submit_stain(run, cluster, n_tasks=2)
+    for j in again:
+        j.result()
+    assert pending_chunks(run) == []
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "done").rglob("*.json")}
+    assert all(after[name] == t for name, t in done_before.items())  # nothing redone
