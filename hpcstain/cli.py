@@ -194,6 +194,96 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fuse)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpcstain.predict import predict_files, resolve_tiling
+
+    if (args.bone_level is None) != (args.background_level is None):
+        raise UsageError("give both --bone-level and --background-level (or neither)")
+    levels = None if args.bone_level is None else (args.bone_level, args.background_level)
+    tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
+    paths = predict_files(args.inputs, args.checkpoint, args.out, masks=args.mask,
+                          tiling=tiling, device=args.device, reverse=args.reverse,
+                          overwrite=args.overwrite, levels=levels, batch_size=args.batch_size)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hpcstain.evaluate import evaluate_manifest
+    from hpcstain.predict import resolve_tiling
+
+    tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
+    report = evaluate_manifest(
+        args.manifest, args.checkpoint, args.out, split=args.split, fold=args.fold,
+        ids=args.ids, tiling=tiling, patch=args.patch, min_coverage=args.min_coverage,
+        lpips_path=args.lpips, pixel_size_um=args.pixel_size, device=args.device,
+        batch_size=args.batch_size, overwrite=args.overwrite,
+        log=lambda message: print(message, file=sys.stderr))
+    print(report.table, end="")
+    print(f"wrote {report.out_dir}")
+    return 0
+
+
+def _ids(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _add_tiling_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--tiling", default=default, choices=["paper", "default"],
+                   help="paper: 256 px tiles, step 64, mean (§2.9); default: 256/192/hann "
+                   f"(default: {default})")
+    p.add_argument("--tile", type=int, default=None, help="override the tile edge")
+    p.add_argument("--step", type=int, default=None, help="override the tile step")
+    p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"],
+                   help="override the blending window")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per generator call")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _add_predict_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="stain 2D CT slides (or unstain histology) with a "
+                       "checkpoint", description="Stain whole 2D slides on the global tile "
+                       "grid. CT is normalised like in training (bone ROI → 30000, "
+                       "background → 10000; ROIs found automatically unless levels are "
+                       "given). Output: OUT.png/OUT.tif for one input, else OUT/<stem>.png.")
+    p.add_argument("inputs", nargs="+", help="slide.tif | slide.png | x.h5:/ds | x.zarr:arr")
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pt)")
+    p.add_argument("--out", "-o", required=True, help="output file (one input) or folder")
+    p.add_argument("--mask", nargs="+", default=None, metavar="MASK",
+                   help="correspondence mask per input: outside → mean background (§2.8)")
+    p.add_argument("--reverse", action="store_true",
+                   help="histology → CT (uint16 TIFF) with a CycleGAN checkpoint")
+    p.add_argument("--bone-level", type=float, default=None, help="raw CT bone level")
+    p.add_argument("--background-level", type=float, default=None,
+                   help="raw CT background level")
+    _add_tiling_args(p, "default")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="§2.10 metrics of a checkpoint on a pair manifest",
+                       description="Stain every pair, compare 256² patches (≥ 50 % mask) "
+                       "with the histology: SSIM, PSNR, LPIPS (when --lpips weights load), "
+                       "FRC; raw-CT baseline; truth scores on phantoms. Writes OUT/ "
+                       "metrics.csv, summary.json, table.md, boxplots.png, slides/.")
+    p.add_argument("manifest", help="pair manifest (CSV/YAML)")
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pt)")
+    p.add_argument("--out", "-o", required=True, help="report folder (must not exist)")
+    p.add_argument("--split", default=None, metavar="RUN_DIR|split.json|folds.json",
+                   help="train/val/test assignment (default: one split 'all')")
+    p.add_argument("--fold", type=int, default=0, help="fold when --split is a folds.json")
+    p.add_argument("--ids", type=_ids, default=None, help="only these pair ids (a,b,c)")
+    p.add_argument("--patch", type=int, default=256, help="patch edge (paper: 256)")
+    p.add_argument("--min-coverage", type=float, default=0.5,
+                   help="minimum mask coverage of a patch (paper: 0.5)")
+    p.add_argument("--lpips", default=None, metavar="WEIGHTS.pt",
+                   help="local LPIPS-SqueezeNet weights (see docs/metrics.md)")
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="pixel size in µm, to report FRC in µm (paper: 5)")
+    _add_tiling_args(p, "paper")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """``cluster.*`` overrides go to the cluster profile, the rest to the run config."""
     cluster = [o for o in items if o.startswith("cluster.")]
@@ -275,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     _add_volume(sub)
+    _add_predict_evaluate(sub)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
     ssub = p.add_subparsers(dest="what", required=True, metavar="{train,stain,fuse}")

@@ -1,0 +1,302 @@
+"""Stain 2D slides with a trained checkpoint (§2.9 whole-slide inference).
+
+One slide's path: raw CT → §2.5 normalisation (bone ROI mean → 30000, background ROI mean →
+10000 on the 16-bit scale, the training convention read from the checkpoint; ROIs found by
+:func:`~hpcstain.data.normalise.find_ct_rois` unless given, or the raw levels given
+directly) → [-1, 1] → the generator over the global tile grid (:mod:`hpcstain.tiles`) →
+uint8 RGB. With a correspondence mask, pixels outside it become the image's own mean
+background colour (§2.8), measured over the background ROI.
+
+The reverse direction (histology → CT) uses the CycleGAN's ``hist2ct`` generator; the
+histology is white-balanced and stretched (§2.5) with ROIs from the histology alone.
+Pix2Pix checkpoints have no such generator (``UsageError``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcstain.atomic import atomic_output, check_output
+from hpcstain.config import DataConfig
+from hpcstain.data.manifest import as_ct, as_mask, as_rgb
+from hpcstain.data.normalise import (
+    Rois,
+    check_rois,
+    ct16_to_unit,
+    ct_levels,
+    find_ct_rois,
+    find_pair_rois,
+    normalise_ct,
+    normalise_histology,
+    unit_to_ct16,
+    unit_to_rgb8,
+)
+from hpcstain.data.readers import read_image, split_spec
+from hpcstain.errors import InputError, UsageError
+from hpcstain.metrics.patches import apply_mask
+from hpcstain.tiles import DEFAULT_TILING, PAPER_TILING, TileFn, Tiling, check_tiling, stain_image
+
+TILINGS = {"paper": PAPER_TILING, "default": DEFAULT_TILING}
+IMAGE_SUFFIXES = {".png": "png", ".tif": "tif", ".tiff": "tif"}
+BACKGROUND_BAND = 0.25  # with given levels: background = CT within 25 % of the gap of its level
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+@dataclass(frozen=True)
+class Stainer:
+    """A checkpoint's generator for one direction as a tile function, plus its conventions."""
+
+    fn: TileFn
+    in_channels: int               # channels the generator takes
+    out_channels: int              # channels it returns
+    levels: tuple[float, float]    # training CT levels (bone, background), 16-bit scale
+    stretch_c: tuple[float, float]  # histology stretch margins (c, c')
+    reverse: bool = False
+    source: str = ""
+
+
+def resolve_tiling(name: str = "default", tile: int | None = None, step: int | None = None,
+                   window: str | None = None) -> Tiling:
+    """A named tiling (``paper``: 256/64/mean §2.9, ``default``: 256/192/hann) with overrides."""
+    if name not in TILINGS:
+        raise UsageError(f"unknown tiling {name!r}; choose one of {', '.join(TILINGS)}")
+    base = TILINGS[name]
+    tiling = Tiling(tile or base.tile, step or base.step, window or base.window)
+    check_tiling(tiling.tile, tiling.step, tiling.window)
+    return tiling
+
+
+def _data_conventions(config: dict[str, Any]) -> DataConfig:
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    defaults = DataConfig()
+    return DataConfig(**{k: data.get(k, getattr(defaults, k)) for k in (
+        "ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime", "invert_ct")})
+
+
+def load_stainer(checkpoint: str | os.PathLike[str], device: str = "cpu",
+                 reverse: bool = False) -> Stainer:
+    """CT→histology (or, with ``reverse``, histology→CT) generator of a checkpoint."""
+    from hpcstain.models import build_model_from_architecture
+    from hpcstain.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    arch = ckpt["architecture"]
+    if reverse and arch.get("variant") == "pix2pix":
+        raise UsageError(f"{checkpoint}: a pix2pix checkpoint has no histology→CT generator; "
+                         "--reverse needs a CycleGAN (modcyclegan/cyclegan) checkpoint")
+    model = build_model_from_architecture(arch, device, source=str(checkpoint))
+    model.load_state_dict(ckpt["model"])
+    data = _data_conventions(ckpt.get("config", {}))
+    sign = -1.0 if data.invert_ct else 1.0
+    dev = torch.device(device)
+
+    @torch.inference_mode()
+    def stain(batch: torch.Tensor) -> torch.Tensor:
+        return model.stain(sign * batch.to(dev)).float().cpu()
+
+    @torch.inference_mode()
+    def unstain(batch: torch.Tensor) -> torch.Tensor:
+        return (sign * model.unstain(batch.to(dev))).float().cpu()
+
+    ct_ch, hist_ch = int(arch["ct_channels"]), int(arch["histology_channels"])
+    return Stainer(fn=unstain if reverse else stain,
+                   in_channels=hist_ch if reverse else ct_ch,
+                   out_channels=ct_ch if reverse else hist_ch,
+                   levels=(data.ct_bone_level, data.ct_background_level),
+                   stretch_c=(data.stretch_c, data.stretch_c_prime),
+                   reverse=reverse, source=str(checkpoint))
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def mean_colour(image: np.ndarray, region: np.ndarray, mask: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Mean of ``image`` over ``region`` (else outside ``mask``, else everywhere), per channel."""
+    for where in (region, None if mask is None else ~mask):
+        if where is not None and where.any():
+            return np.asarray(image[where], np.float64).mean(axis=0)
+    return np.asarray(image, np.float64).reshape(-1, *image.shape[2:]).mean(axis=0)
+
+
+def mask_outside(image: np.ndarray, mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """§2.8: pixels outside ``mask`` set to the image's mean over the background ``region``."""
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"mask of shape {mask.shape} does not match the image "
+                         f"{image.shape[0]}×{image.shape[1]}")
+    return apply_mask(image, mask, mean_colour(image, region, mask))
+
+
+def background_region(ct16: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
+    """Pixels of normalised CT within ``BACKGROUND_BAND`` of the gap from the background level."""
+    bone, background = levels
+    return np.abs(ct16 - background) <= BACKGROUND_BAND * abs(bone - background)
+
+
+def normalised_ct(ct: np.ndarray, target: tuple[float, float],
+                  levels: tuple[float, float] | None = None, rois: Rois | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(CT on the 16-bit training scale, background region) from raw levels or ROIs.
+
+    ``levels`` are the raw (bone, background) means; without them they come from ``rois``,
+    found by :func:`find_ct_rois` when not given.
+    """
+    if levels is None:
+        rois = check_rois(rois if rois is not None else find_ct_rois(ct), "CT")
+        levels = ct_levels(ct, rois)
+    ct16 = normalise_ct(ct, levels[0], levels[1], target[0], target[1])
+    region = rois.background if rois is not None else background_region(ct16, target)
+    return ct16, region
+
+
+def _channels(unit: np.ndarray, n: int) -> np.ndarray:
+    """(H, W) → (n, H, W) by repetition."""
+    return np.repeat(unit[None], n, axis=0)
+
+
+def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
+                  levels: tuple[float, float] | None = None, rois: Rois | None = None,
+                  tiling: Tiling = DEFAULT_TILING, mask: np.ndarray | None = None,
+                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 8
+                  ) -> np.ndarray:
+    """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid."""
+    ct16, region = normalised_ct(np.asarray(ct, np.float32), target, levels, rois)
+    image = _channels(ct16_to_unit(ct16), ct_channels)
+    out = stain_image(image, fn, tile=tiling.tile, step=tiling.step, window=tiling.window,
+                      batch_size=batch_size)
+    rgb = unit_to_rgb8(out, channel_axis=0)
+    return rgb if mask is None else mask_outside(rgb, np.asarray(mask, bool), region)
+
+
+def histology_rois(rgb: np.ndarray) -> Rois:
+    """ROIs from histology alone: slide background, and every stained tissue pixel as "bone".
+
+    With no CT to pick the dense class, all tissue (neither slide background nor the black
+    screw) stands in for bone, so ``f_min`` is the darkest tissue's 1st percentile.
+    """
+    rois = find_pair_rois(np.zeros(rgb.shape[:2], np.float32), rgb)
+    return check_rois(Rois(rois.bone, rois.background, "auto-histology"), "histology")
+
+
+def unstain_slide(rgb: np.ndarray, fn: TileFn, hist_channels: int = 3, *,
+                  rois: Rois | None = None, tiling: Tiling = DEFAULT_TILING,
+                  mask: np.ndarray | None = None, stretch_c: tuple[float, float] = (0.0, 0.0),
+                  batch_size: int = 8) -> np.ndarray:
+    """Histology (H, W, 3) on the 0–255 scale → CT uint16 (H, W) on the 16-bit training scale."""
+    rois = rois if rois is not None else histology_rois(rgb)
+    unit, _ = normalise_histology(rgb, rois, *stretch_c)
+    image = np.moveaxis(unit, -1, 0)[:hist_channels]
+    out = stain_image(image, fn, tile=tiling.tile, step=tiling.step, window=tiling.window,
+                      batch_size=batch_size)
+    ct16 = unit_to_ct16(out.mean(axis=0))
+    if mask is None:
+        return ct16
+    return mask_outside(ct16[..., None], np.asarray(mask, bool), rois.background)[..., 0]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def output_paths(inputs: Sequence[str], out: str | os.PathLike[str], reverse: bool = False
+                 ) -> list[Path]:
+    """Each input's output: ``out`` itself (one input, image suffix) or ``out/<stem>``."""
+    out = Path(out)
+    if not inputs:
+        raise UsageError("no input slides given")
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        if len(inputs) != 1:
+            raise UsageError(f"{out}: one output file for {len(inputs)} inputs; give a folder")
+        return [out]
+    suffix = ".tif" if reverse else ".png"
+    paths = [out / (split_spec(s)[0].name.split(".")[0] + suffix) for s in inputs]
+    seen: dict[Path, str] = {}
+    for spec, path in zip(inputs, paths, strict=True):
+        if path in seen:
+            raise UsageError(f"{spec} and {seen[path]} would both be written to {path}")
+        seen[path] = spec
+    return paths
+
+
+def _masks_for(inputs: Sequence[str], masks: str | Sequence[str] | None) -> list[str | None]:
+    if masks is None:
+        return [None] * len(inputs)
+    masks = [masks] if isinstance(masks, str | os.PathLike) else list(masks)
+    if len(masks) != len(inputs):
+        raise UsageError(f"{len(masks)} mask(s) for {len(inputs)} input(s): give one per input")
+    return [str(m) for m in masks]
+
+
+def read_mask(spec: str, shape: tuple[int, ...]) -> np.ndarray:
+    mask = as_mask(read_image(spec), f"mask {spec}")
+    if mask.shape != shape[:2]:
+        raise InputError(f"mask {spec}: shape {mask.shape[0]}×{mask.shape[1]} does not match "
+                         f"the input {shape[0]}×{shape[1]}")
+    return mask
+
+
+def write_image(path: Path, image: np.ndarray, overwrite: bool = False) -> Path:
+    """Write RGB uint8 or grey uint16 as PNG or TIFF (by suffix), atomically."""
+    fmt = IMAGE_SUFFIXES.get(path.suffix.lower(), "png")
+    with atomic_output(path, overwrite) as tmp:
+        if fmt == "tif":
+            import tifffile
+
+            tifffile.imwrite(tmp, image, photometric="rgb" if image.ndim == 3 else None)
+        else:
+            from PIL import Image
+
+            Image.fromarray(image).save(tmp, format="PNG")
+    return path
+
+
+def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None = None,
+                  levels: tuple[float, float] | None = None, batch_size: int = 8
+                  ) -> np.ndarray:
+    """Read one slide and stain it (or unstain it, for a reverse stainer)."""
+    data = read_image(spec)
+    if stainer.reverse:
+        rgb = as_rgb(data, f"histology {spec}")
+        m = read_mask(mask, rgb.shape) if mask else None
+        return unstain_slide(rgb, stainer.fn, stainer.in_channels, tiling=tiling, mask=m,
+                             stretch_c=stainer.stretch_c, batch_size=batch_size)
+    ct = as_ct(data, f"ct {spec}")
+    m = read_mask(mask, ct.shape) if mask else None
+    try:
+        return predict_slide(ct, stainer.fn, stainer.in_channels, levels=levels, tiling=tiling,
+                             mask=m, target=stainer.levels, batch_size=batch_size)
+    except InputError as exc:
+        raise InputError(f"ct {spec}: {exc}") from None
+
+
+def predict_files(inputs: Sequence[str], checkpoint: str | os.PathLike[str],
+                  out: str | os.PathLike[str], *, masks: str | Sequence[str] | None = None,
+                  tiling: Tiling = DEFAULT_TILING, device: str = "cpu", reverse: bool = False,
+                  overwrite: bool = False, levels: tuple[float, float] | None = None,
+                  batch_size: int = 8) -> list[Path]:
+    """Stain every input slide (TIFF/PNG/``.h5:/ds``/``.zarr:arr``); return the written paths.
+
+    ``out`` is a file (one input; ``.png``/``.tif``) or a folder (``<stem>.png``, reverse
+    ``<stem>.tif`` uint16 CT). Every output is checked before any work, and each is written
+    whole or not at all.
+    """
+    check_tiling(tiling.tile, tiling.step, tiling.window)
+    if reverse and levels is not None:
+        raise UsageError("CT levels apply to CT input only, not to --reverse (histology input)")
+    paths = output_paths(list(inputs), out, reverse)
+    mask_specs = _masks_for(inputs, masks)
+    for path in paths:
+        check_output(path, overwrite)
+    stainer = load_stainer(checkpoint, device, reverse)
+    for spec, mask, path in zip(inputs, mask_specs, paths, strict=True):
+        image = predict_image(spec, stainer, tiling, mask, levels, batch_size)
+        write_image(path, image, overwrite)
+    return paths
