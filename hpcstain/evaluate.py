@@ -51,9 +51,16 @@ from hpcstain.data.normalise import (
 from hpcstain.data.sampler import pair_rois
 from hpcstain.errors import InputError, UsageError
 from hpcstain.metrics.lpips import LPIPS, try_load_lpips
-from hpcstain.metrics.patches import MIN_COVERAGE, PATCH, PatchScore, evaluate_patches, medians
+from hpcstain.metrics.patches import (
+    MIN_COVERAGE,
+    PATCH,
+    PatchScore,
+    apply_mask,
+    evaluate_patches,
+    medians,
+)
 from hpcstain.metrics.seams import seam_index
-from hpcstain.predict import Stainer, load_stainer, mask_outside, predict_slide
+from hpcstain.predict import Stainer, load_stainer, mask_outside, mean_colour, predict_slide
 from hpcstain.tiles import PAPER_TILING, Tiling, check_tiling, tile_boundaries
 
 COMPARISONS = (("model", "histology"), ("raw_ct", "histology"),
@@ -209,9 +216,12 @@ def score_images(images: dict[str, np.ndarray], mask: np.ndarray, background: np
                  *, patch: int = PATCH, min_coverage: float = MIN_COVERAGE,
                  lpips: LPIPS | None = None, pixel_size_um: float | None = None
                  ) -> dict[tuple[str, str], list[PatchScore]]:
-    """Every available comparison of ``images`` (by name), each image masked with its own
-    mean background colour over ``background``."""
-    masked = {k: mask_outside(v, mask, background) for k, v in images.items()}
+    """Every available comparison of ``images`` (by name), masked as §2.8: outside the mask
+    the model output, the histology and the truth all take the real histology's mean
+    background colour (the model is never trained there); the raw CT keeps its own."""
+    fill = mean_colour(images["histology"], background, mask) if "histology" in images else None
+    masked = {k: (apply_mask(v, mask, fill) if fill is not None and k != "raw_ct"
+                  else mask_outside(v, mask, background)) for k, v in images.items()}
     return {(m, r): evaluate_patches(masked[m], masked[r], mask, patch=patch,
                                      min_coverage=min_coverage, lpips=lpips, with_frc=True,
                                      pixel_size_um=pixel_size_um)
@@ -233,8 +243,8 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
     rows = [PatchRow(data.id, data.material, split, m, r, s)
             for (m, r), group in scores.items() for s in group]
     n_total = (output.shape[0] // patch) * (output.shape[1] // patch)
-    return PairResult(data.id, data.material, split,
-                      mask_outside(output, data.mask, data.rois.background), rows,
+    fill = mean_colour(data.histology, data.rois.background, data.mask)
+    return PairResult(data.id, data.material, split, apply_mask(output, data.mask, fill), rows,
                       seam_of(output, tiling), n_total, data.rois.method)
 
 

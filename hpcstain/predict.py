@@ -158,6 +158,12 @@ def normalised_ct(ct: np.ndarray, target: tuple[float, float],
     return ct16, region
 
 
+# §2.8 fills pixels outside the correspondence mask with the mean background. The model is
+# never trained outside the mask, so its own background is arbitrary; the §2.5 stretch puts
+# the 99th percentile of the slide background at 255, which leaves its mean at ~250, neutral.
+NORMALISED_BACKGROUND = (250.0, 250.0, 250.0)
+
+
 def _channels(unit: np.ndarray, n: int) -> np.ndarray:
     """(H, W) → (n, H, W) by repetition."""
     return np.repeat(unit[None], n, axis=0)
@@ -169,12 +175,17 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
                   target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 8
                   ) -> np.ndarray:
     """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid."""
-    ct16, region = normalised_ct(np.asarray(ct, np.float32), target, levels, rois)
+    ct16, _ = normalised_ct(np.asarray(ct, np.float32), target, levels, rois)
     image = _channels(ct16_to_unit(ct16), ct_channels)
     out = stain_image(image, fn, tile=tiling.tile, step=tiling.step, window=tiling.window,
                       batch_size=batch_size)
     rgb = unit_to_rgb8(out, channel_axis=0)
-    return rgb if mask is None else mask_outside(rgb, np.asarray(mask, bool), region)
+    if mask is None:
+        return rgb
+    if np.asarray(mask).shape != rgb.shape[:2]:
+        raise InputError(f"mask of shape {np.asarray(mask).shape} does not match the slide "
+                         f"{rgb.shape[0]}×{rgb.shape[1]}")
+    return apply_mask(rgb, np.asarray(mask, bool), NORMALISED_BACKGROUND)
 
 
 def histology_rois(rgb: np.ndarray) -> Rois:

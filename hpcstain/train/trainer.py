@@ -411,4 +411,5 @@ def _progress(total: int, start: int, epoch: int, cfg: Config, env: distributed.
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                unit="it", dynamic_ncols=True, leave=False)
+                unit="it", dynamic_ncols=True, leave=False,
+                disable=None)  # None: no bar when stderr is not a terminal (batch jobs, logs)
