@@ -30,7 +30,7 @@ class DemoSizes:
 
 
 FULL = DemoSizes(n_pairs=10, slide=256, volume=(48, 256, 256), epochs=40, patches_per_pair=16,
-                 chunk=64, tile=64, step=32, patch=128)
+                 chunk=64, tile=64, step=32, patch=64)
 QUICK = DemoSizes(n_pairs=4, slide=96, volume=(24, 48, 48), epochs=1, patches_per_pair=4,
                   chunk=24, tile=32, step=16, patch=32)
 
