@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	@# CPU torch from local disk; never let pip choose a (multi-GB CUDA) torch build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The MPI executor's extra, where an MPI library is installed (CI installs Open MPI).
+	@if command -v mpirun >/dev/null 2>&1; then $(PY) -m pip install -q 'mpi4py>=3.1' \
+		|| echo "mpi4py did not install: MPI tests will be skipped" >&2; fi
 	@touch $(STAMP)
 
 venv: $(STAMP)

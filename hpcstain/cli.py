@@ -81,18 +81,47 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     return Path(run)
 
 
+def _plan_on_rank0(args: argparse.Namespace) -> Path:
+    """Under MPI only rank 0 validates the input and writes the plan; the others wait."""
+    from hpcstain.executors.mpi import _comm
+
+    comm = _comm()
+    run, error = None, None
+    if comm.Get_rank() == 0:
+        try:
+            run = _plan_from_args(args)
+        except HpcstainError as exc:
+            error = (type(exc).__name__, str(exc), exc.exit_code)
+    run, error = comm.bcast((run, error), root=0)
+    if error is not None:
+        exc = HpcstainError(error[1])
+        exc.exit_code = error[2]
+        raise exc
+    return Path(run)
+
+
 def cmd_stain(args: argparse.Namespace) -> int:
     from hpcstain.volume import run_stain
 
-    run = _plan_from_args(args)
+    run = _plan_on_rank0(args) if args.executor == "mpi" else _plan_from_args(args)
     if args.plan_only:
         return 0
     kw: dict[str, object] = {"batch_size": args.batch_size, "device": args.device,
                              "progress": not args.no_progress}
     if args.executor == "dask":
         kw.update(address=args.scheduler, n_workers=args.workers)
-    print(run_stain(run, executor=args.executor, **kw).summary())
+    if args.executor == "mpi":
+        kw["progress"] = False
+    report = run_stain(run, executor=args.executor, **kw)
+    if args.executor != "mpi" or _mpi_rank() == 0:
+        print(report.summary())
     return 0
+
+
+def _mpi_rank() -> int:
+    from hpcstain.executors.mpi import _comm
+
+    return int(_comm().Get_rank())
 
 
 def cmd_submit_stain(args: argparse.Namespace) -> int:
@@ -170,7 +199,9 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                        "each axis on a global tile grid; re-running redoes only unfinished "
                        "chunks.")
     _add_stain_args(p)
-    p.add_argument("--executor", default="local", choices=["local", "dask"])
+    p.add_argument("--executor", default="local", choices=["local", "dask", "mpi"],
+                   help="mpi: run under `mpirun -n N hpcstain stain ...` (rank 0 plans and "
+                   "hands out chunks)")
     p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
                    "a LocalCluster)")
     p.add_argument("--workers", type=int, default=2)

@@ -15,7 +15,7 @@ __all__ = ["StainReport", "process_chunk", "run_local", "run_stain"]
 
 def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               executor: str = "local", **kwargs: Any) -> StainReport:
-    """Stain every pending chunk of ``run_dir`` with ``executor`` ("local" or "dask").
+    """Stain every pending chunk of ``run_dir`` with ``executor`` ("local", "dask", "mpi").
 
     ``fn`` is used in-process only; the dask executor builds the function in each worker
     from ``make_fn`` (a picklable zero-argument callable) or the plan's checkpoint.
@@ -28,9 +28,15 @@ def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
         if fn is not None and "make_fn" not in kwargs:
             kwargs["make_fn"] = _Constant(fn)
         return run_dask(run_dir, **kwargs)
+    if executor == "mpi":
+        from hpcstain.executors.mpi import run_mpi
+
+        kwargs.pop("address", None)
+        kwargs.pop("n_workers", None)
+        return run_mpi(run_dir, fn=fn, **kwargs)
     from hpcstain.errors import UsageError
 
-    raise UsageError(f"unknown executor {executor!r} (choose local or dask)")
+    raise UsageError(f"unknown executor {executor!r} (choose local, dask or mpi)")
 
 
 class _Constant:

@@ -1,0 +1,60 @@
+"""`mpirun -n N hpcstain stain --executor mpi` equals the in-process executor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _why_not() -> str | None:
+    if shutil.which("mpirun") is None:
+        return "no mpirun on PATH (Debian: openmpi-bin)"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py not installed (pip install 'hpcstain[mpi]')"
+    return None
+
+
+_WHY = _why_not()
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(_WHY is not None, reason=str(_WHY))]
+
+
+def test_mpi_ranks_stain_the_same_bytes_as_one_process(tmp_path: Path) -> None:
+    import zarr
+
+    from hpcstain.config import load_config
+    from hpcstain.phantom import write_pairs, write_volume_file
+    from hpcstain.train.trainer import train
+
+    manifest = write_pairs(tmp_path / "pairs", n=3, seed=4, size=(64, 64))
+    cfg = load_config("modcyclegan-tiny", [
+        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=2",
+        "data.batch_size=2", "data.n_folds=0", "data.n_test=0", "model.ngf=4",
+        "model.ndf=4", "model.n_blocks=1", "train.max_steps=1"])
+    train(cfg, tmp_path / "model", progress=False)
+    ckpt = tmp_path / "model/checkpoints/latest.pt"
+    vol = write_volume_file(tmp_path / "vol.zarr", (16, 40, 40), "ti", seed=3)
+    common = [str(vol), "--checkpoint", str(ckpt), "--chunk", "16", "--tile", "32",
+              "--step", "16", "--no-progress"]
+    cli = [sys.executable, "-m", "hpcstain.cli", "stain"]
+    subprocess.run([*cli, *common, "--out", str(tmp_path / "local")], check=True,
+                   capture_output=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3",
+                          *cli, *common, "--out", str(tmp_path / "mpi"), "--executor", "mpi"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("stained 9 chunk(s)") == 1  # rank 0 reports the whole run
+    for axis in "zyx":
+        a = zarr.open_array(str(tmp_path / f"local/axis-{axis}.zarr"), mode="r")[:]
+        b = zarr.open_array(str(tmp_path / f"mpi/axis-{axis}.zarr"), mode="r")[:]
+        assert np.array_equal(a, b), axis
+    records = list((tmp_path / "mpi/done").rglob("*.json"))
+    assert len(records) == 9 * 3
