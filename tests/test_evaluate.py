@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from micro import micro_config
 from PIL import Image
 
-from hpcstain.config import load_config
 from hpcstain.data.manifest import read_manifest
 from hpcstain.errors import UsageError
 from hpcstain.evaluate import evaluate_manifest, read_splits, score_images
@@ -30,10 +30,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     """Three 128² phantom pairs (one held out as test) and a 2-step tiny checkpoint."""
     root = tmp_path_factory.mktemp("evaluate")
     manifest = write_pairs(root / "pairs", n=3, seed=1, size=(128, 128))
-    cfg = load_config("modcyclegan-tiny", [
-        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=4",
-        "data.batch_size=2", "data.n_folds=0", "data.n_test=1", "model.ngf=4",
-        "model.ndf=4", "model.n_blocks=1", "train.max_steps=2"])
+    cfg = micro_config(manifest, "data.n_test=1", "train.max_steps=2")
     train(cfg, root / "run", progress=False)
     return {"root": root, "manifest": Path(manifest), "run": root / "run",
             "ckpt": root / "run" / "checkpoints" / "latest.pt"}

@@ -28,16 +28,13 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(_WHY is not None, reason=str(_
 
 def test_mpi_ranks_stain_the_same_bytes_as_one_process(tmp_path: Path) -> None:
     import zarr
+    from micro import micro_config
 
-    from hpcstain.config import load_config
     from hpcstain.phantom import write_pairs, write_volume_file
     from hpcstain.train.trainer import train
 
     manifest = write_pairs(tmp_path / "pairs", n=3, seed=4, size=(64, 64))
-    cfg = load_config("modcyclegan-tiny", [
-        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=2",
-        "data.batch_size=2", "data.n_folds=0", "data.n_test=0", "model.ngf=4",
-        "model.ndf=4", "model.n_blocks=1", "train.max_steps=1"])
+    cfg = micro_config(manifest, "data.patches_per_pair=2", "train.max_steps=1")
     train(cfg, tmp_path / "model", progress=False)
     ckpt = tmp_path / "model/checkpoints/latest.pt"
     vol = write_volume_file(tmp_path / "vol.zarr", (16, 40, 40), "ti", seed=3)

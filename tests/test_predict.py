@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from micro import micro_config
 from PIL import Image
 
-from hpcstain.config import LossConfig, ModelConfig, load_config, to_dict
+from hpcstain.config import LossConfig, ModelConfig, to_dict
 from hpcstain.data.normalise import Rois, ct_levels, find_ct_rois
 from hpcstain.errors import InputError, UsageError
 from hpcstain.models import build_model
@@ -37,10 +38,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """Three 96² phantom pairs and a 2-step tiny modified-CycleGAN checkpoint."""
     root = tmp_path_factory.mktemp("predict")
     manifest = write_pairs(root / "pairs", n=3, seed=1, size=(96, 96))
-    cfg = load_config("modcyclegan-tiny", [
-        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=4",
-        "data.batch_size=2", "data.n_folds=0", "data.n_test=0", "model.ngf=4",
-        "model.ndf=4", "model.n_blocks=1", "train.max_steps=2"])
+    cfg = micro_config(manifest, "train.max_steps=2")
     train(cfg, root / "run", progress=False)
     with open(manifest, newline="") as fh:
         row = next(csv.DictReader(fh))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro import micro_config
 
-from hpcstain.config import Config, load_config, save_config
+from hpcstain.config import Config, save_config
 from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import EXIT_PREEMPTED, StopFlag, train
@@ -29,10 +30,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(manifest: Path, *extra: str) -> Config:
-    return load_config("modcyclegan-tiny", [
-        f"data.manifest={manifest}", "data.patch_size=32", "data.patches_per_pair=4",
-        "data.batch_size=2", "data.n_folds=0", "data.n_test=0", "model.ngf=4", "model.ndf=4",
-        "model.n_blocks=1", "train.epochs=2", "train.checkpoint_every=0", *extra])
+    return micro_config(manifest, "train.epochs=2", "train.checkpoint_every=0", *extra)
 
 
 class StopAfter(StopFlag):
