@@ -124,6 +124,27 @@ def _mpi_rank() -> int:
     return int(_comm().Get_rank())
 
 
+def cmd_submit_cv(args: argparse.Namespace) -> int:
+    from hpcstain.launch.profiles import load_cluster
+    from hpcstain.launch.submit import cv_runs, describe, submit_cv
+
+    run_over, cluster_over = _split_overrides(args.overrides)
+    cluster = load_cluster(args.profile, cluster_over)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    out = Path(args.out)
+    runs = cv_runs(variants, args.folds, out, run_over)
+    jobs = submit_cv(runs, cluster, name=out.name)
+    print(f"cross-validation: {len(variants)} variant(s) × {args.folds} folds = "
+          f"{len(jobs)} array task(s)")
+    for (_, run_dir), job in zip(runs, jobs, strict=True):
+        print(f"  {job.job_id}: {run_dir}")
+    print(describe(jobs[0]))
+    if args.wait:
+        for job in jobs:
+            print(job.results()[0])
+    return 0
+
+
 def cmd_submit_stain(args: argparse.Namespace) -> int:
     from hpcstain.launch.profiles import load_cluster
     from hpcstain.launch.submit import describe, submit_fuse, submit_stain
@@ -399,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_evaluate(sub)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
-    ssub = p.add_subparsers(dest="what", required=True, metavar="{train,stain,fuse}")
+    ssub = p.add_subparsers(dest="what", required=True, metavar="{train,cv,stain,fuse}")
     t = ssub.add_parser("train", help="one DDP training job (nodes x tasks_per_node ranks)",
                         description="Submit `hpcstain train` as a submitit job. Cluster keys "
                         "are overridden as cluster.key=value (e.g. cluster.nodes=2).")
@@ -410,6 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=cmd_submit_train)
+
+    t = ssub.add_parser("cv", help="k-fold cross-validation x model variants as a job array",
+                        description="One training run per (variant, fold) in OUT/<variant>/"
+                        "fold-<k>; the held-out test pairs are never in any fold (§2.4).")
+    t.add_argument("--profile", default="slurm")
+    t.add_argument("--variants", default="modcyclegan",
+                   help="comma-separated training profiles (e.g. modcyclegan,pix2pix,cyclegan,"
+                   "cyclegan_invct)")
+    t.add_argument("--folds", type=int, default=5)
+    t.add_argument("--out", "-o", required=True, help="cross-validation folder")
+    t.add_argument("--wait", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    t.set_defaults(func=cmd_submit_cv)
 
     t = ssub.add_parser("stain", help="the volume engine as a job array over chunk groups",
                         description="Write the plan here, then submit N array tasks (each "

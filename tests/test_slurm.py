@@ -175,3 +175,22 @@ def test_cancelled_task_then_resubmission_completes_only_missing_chunks(
     assert pending_chunks(run) == []
     after = {p.name: p.stat().st_mtime_ns for p in (run / "done").rglob("*.json")}
     assert all(after[name] == t for name, t in done_before.items())  # nothing redone
+
+
+def test_cross_validation_array_trains_every_fold(pairs: Path, tmp_path: Path) -> None:
+    import json
+
+    from hpcstain.launch.submit import cv_runs, submit_cv
+
+    runs = cv_runs(["modcyclegan-tiny"], 2, tmp_path / "cv",
+                   [f"data.manifest={pairs}", "data.patch_size=32", "data.patches_per_pair=4",
+                    "data.batch_size=2", "data.n_test=0", "model.ngf=4", "model.ndf=4",
+                    "model.n_blocks=1", "train.max_steps=2"])
+    jobs = submit_cv(runs, load_cluster("slurm", CLUSTER), name="test")
+    results = [j.result() for j in jobs]
+    assert [r["status"] for r in results] == ["max_steps", "max_steps"]
+    splits = [json.loads((tmp_path / f"cv/modcyclegan-tiny/fold-{k}/split.json").read_text())
+              for k in range(2)]
+    assert set(splits[0]["val_ids"]).isdisjoint(splits[1]["val_ids"])
+    assert all((tmp_path / f"cv/modcyclegan-tiny/fold-{k}/checkpoints/latest.pt").is_file()
+               for k in range(2))

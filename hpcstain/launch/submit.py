@@ -81,6 +81,54 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
 
 
+@dataclass
+class CVTask:
+    """Array task ``i`` of a cross-validation: one (variant, fold) training run each."""
+
+    runs: list[tuple[dict[str, Any], str]]  # (config, run_dir) per array index
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        config, run_dir = self.runs[index]
+        return {"run_dir": run_dir, **TrainJob(config, run_dir)()}
+
+    def checkpoint(self, index: int) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, index)
+
+
+def cv_runs(variants: list[str], n_folds: int, out: Path, overrides: list[str]
+            ) -> list[tuple[Config, Path]]:
+    """The paper's k-fold CV × model variants: one resolved config and run dir per fold."""
+    from hpcstain.config import load_config
+    from hpcstain.data.folds import make_folds
+    from hpcstain.data.manifest import read_manifest
+    from hpcstain.errors import UsageError
+
+    if n_folds < 2:
+        raise UsageError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    runs = []
+    for variant in variants:
+        for fold in range(n_folds):
+            cfg = load_config(variant, [*overrides, f"data.n_folds={n_folds}",
+                                        f"data.fold={fold}"])
+            runs.append((cfg, out / variant / f"fold-{fold}"))
+    first = runs[0][0].data  # fail here, on the login node, if the folds cannot be made
+    make_folds(read_manifest(first.manifest), n_folds=n_folds, n_test=first.n_test,
+               seed=first.seed)
+    return runs
+
+
+def submit_cv(runs: list[tuple[Config, Path]], cluster: ClusterConfig, name: str) -> list[Any]:
+    """All CV runs as one job array (each task one DDP job of the profile's shape)."""
+    for _, run_dir in runs:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    folder = runs[0][1].parent.parent / cluster.log_folder
+    ex = make_executor(cluster, folder.resolve(), job_name=f"hpcstain-cv-{name}")
+    task = CVTask([(to_dict(cfg), str(run_dir.resolve())) for cfg, run_dir in runs])
+    return list(ex.map_array(task, list(range(len(runs)))))
+
+
 def _export_torch_env() -> None:
     """Under SLURM with several tasks: RANK/WORLD_SIZE/MASTER_* from submitit's helper."""
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or "RANK" in os.environ:
