@@ -108,11 +108,24 @@ def cmd_stain(args: argparse.Namespace) -> int:
         return 0
     kw: dict[str, object] = {"batch_size": args.batch_size, "device": args.device,
                              "progress": not args.no_progress}
+    dask_cluster = None
     if args.executor == "dask":
-        kw.update(address=args.scheduler, n_workers=args.workers)
+        address: object = args.scheduler
+        if args.dask_slurm:
+            from hpcstain.launch.dask_slurm import slurm_cluster
+            from hpcstain.launch.profiles import load_cluster
+
+            dask_cluster = slurm_cluster(load_cluster(args.dask_slurm, args.overrides),
+                                         jobs=args.workers, log_dir=run / "dask-logs")
+            address = dask_cluster
+        kw.update(address=address, n_workers=args.workers)
     if args.executor == "mpi":
         kw["progress"] = False
-    report = run_stain(run, executor=args.executor, **kw)
+    try:
+        report = run_stain(run, executor=args.executor, **kw)
+    finally:
+        if dask_cluster is not None:
+            dask_cluster.close()
     if args.executor != "mpi" or _mpi_rank() == 0:
         print(report.summary())
     return 0
@@ -225,7 +238,12 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    "hands out chunks)")
     p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
                    "a LocalCluster)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2,
+                   help="dask workers (LocalCluster processes, or SLURM jobs with --dask-slurm)")
+    p.add_argument("--dask-slurm", default=None, metavar="PROFILE",
+                   help="run the dask workers as SLURM jobs of this cluster profile "
+                   "(dask-jobqueue); cluster.key=value overrides apply")
+    p.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_stain)

@@ -194,3 +194,27 @@ def test_cross_validation_array_trains_every_fold(pairs: Path, tmp_path: Path) -
     assert set(splits[0]["val_ids"]).isdisjoint(splits[1]["val_ids"])
     assert all((tmp_path / f"cv/modcyclegan-tiny/fold-{k}/checkpoints/latest.pt").is_file()
                for k in range(2))
+
+
+def test_dask_workers_as_slurm_jobs_stain_the_same_bytes(volume_run: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    pytest.importorskip("dask_jobqueue")
+    import zarr
+
+    from hpcstain.launch.dask_slurm import slurm_cluster
+    from hpcstain.volume import run_stain
+
+    vol, ckpt = volume_run
+    local = _plan(tmp_path / "local", vol, ckpt)
+    run_stain(local, executor="local", progress=False)
+    run = _plan(tmp_path / "dask", vol, ckpt)
+    cluster = slurm_cluster(load_cluster("slurm", [*CLUSTER, "cluster.mem_gb=2"]), jobs=2,
+                            log_dir=tmp_path / "dask-logs")
+    try:
+        report = run_stain(run, executor="dask", address=cluster)
+    finally:
+        cluster.close()
+    assert len(report.stained) == 32
+    for axis in "zyx":
+        assert np.array_equal(zarr.open_array(str(local / f"axis-{axis}.zarr"), mode="r")[:],
+                              zarr.open_array(str(run / f"axis-{axis}.zarr"), mode="r")[:])
