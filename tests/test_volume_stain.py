@@ -131,6 +131,17 @@ def test_chunked_output_equals_whole_volume_on_every_axis(tmp_path, volume_path,
         np.testing.assert_array_equal(axis_output(run, axis), reference[axis], err_msg=axis)
 
 
+def test_prefetching_the_next_chunk_changes_no_byte(tmp_path, volume_path):
+    plan = make_plan(open_volume(volume_path), chunk=(8, 8, 8), axes="z,y,x", tile=TILE,
+                     step=STEP, window="mean", sigma=1.0, levels=LEVELS)
+    with_prefetch = init_run(tmp_path / "ahead", plan)
+    without = init_run(tmp_path / "plain", plan)
+    run_local(with_prefetch, ConvStainer(), batch_size=5, progress=False, prefetch=True)
+    run_local(without, ConvStainer(), batch_size=5, progress=False, prefetch=False)
+    a, b = store_bytes(with_prefetch), store_bytes(without)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
 def test_axes_differ_so_each_axis_is_really_slicewise(reference):
     assert not np.array_equal(reference["z"], reference["y"])
     assert not np.array_equal(reference["z"], reference["x"])

@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcstain.volume.plan import load_plan
-from hpcstain.volume.stain import ChunkResult, StainFn, pending_chunks, resolve_fn, stain_chunk
+from hpcstain.volume.stain import (
+    ChunkResult,
+    LoadedChunk,
+    StainFn,
+    load_chunk,
+    pending_chunks,
+    resolve_fn,
+    stain_chunk,
+)
 
 MakeFn = Callable[[], StainFn]
 
@@ -44,9 +53,13 @@ def process_chunk(run_dir: str | os.PathLike[str], chunk_index: int,
 
 def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               make_fn: MakeFn | None = None, chunks: Iterable[int] | None = None,
-              batch_size: int = 16, device: str = "cpu", progress: bool = True
-              ) -> StainReport:
-    """Stain every pending chunk (or the given ``chunks``) in this process."""
+              batch_size: int = 16, device: str = "cpu", progress: bool = True,
+              prefetch: bool = True) -> StainReport:
+    """Stain every pending chunk (or the given ``chunks``) in this process.
+
+    With ``prefetch`` a background thread reads and preprocesses the next chunk (read +
+    halo, Gaussian, normalisation) while the generator works on the current one.
+    """
     t0 = time.perf_counter()
     plan = load_plan(run_dir)
     pending = set(pending_chunks(run_dir, plan))
@@ -60,8 +73,14 @@ def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
         from tqdm import tqdm
 
         bar = tqdm(todo, desc="stain", unit="chunk")
-    for i in bar:
-        result = stain_chunk(run_dir, i, fn, batch_size=batch_size, plan=plan)
-        report.stained.append(result.name)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead: Future[LoadedChunk] | None = None
+        for n, i in enumerate(bar):
+            loaded = ahead.result() if ahead is not None else None
+            ahead = (pool.submit(load_chunk, run_dir, todo[n + 1], plan)
+                     if prefetch and n + 1 < len(todo) else None)
+            result = stain_chunk(run_dir, i, fn, batch_size=batch_size, plan=plan,
+                                 loaded=loaded)
+            report.stained.append(result.name)
     report.seconds = time.perf_counter() - t0
     return report

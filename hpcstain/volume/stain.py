@@ -243,31 +243,63 @@ def prepared_ct(source: VolumeSource, box: Region, plan: Plan) -> np.ndarray:
     return ct_to_unit(ct, plan.bone_level, plan.background_level)
 
 
-def stain_chunk(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
-                batch_size: int = 16, plan: Plan | None = None,
-                source: VolumeSource | None = None) -> ChunkResult:
-    """Stain chunk ``index`` along every planned axis that has no completion record."""
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    plan = plan or load_plan(run_dir)
+@dataclass
+class LoadedChunk:
+    """A chunk's normalised, smoothed CT over its read box, ready for the generator."""
+
+    index: int
+    name: str
+    todo: tuple[str, ...]
+    box: Region
+    write: Region
+    ct: np.ndarray | None
+
+
+def load_chunk(run_dir: str | os.PathLike[str], index: int, plan: Plan,
+               source: VolumeSource | None = None) -> LoadedChunk:
+    """The I/O and preprocessing half of a chunk: read + halo, Gaussian, normalise."""
     name = plan.chunk_name(index)
     todo = tuple(a for a in plan.axes if not is_done(run_dir, f"axis-{a}", name))
+    write = plan.write_region(index)
     if not todo:
-        return ChunkResult(index, name, (), 0.0)
+        return LoadedChunk(index, name, (), write, write, None)
     if source is None:
         source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
     check_source(source, plan)
-    write = plan.write_region(index)
     box = union_region([plan.read_region(index, a) for a in todo])
-    ct = prepared_ct(source, box, plan)
-    for axis in todo:
-        rgb = stain_block(ct, box, write, axis, plan.shape, fn, plan, batch_size)
-        write_axis_chunk(axis_store(run_dir, axis), plan, index, rgb)
-        write_record(run_dir, f"axis-{axis}", name, {
-            "chunk": name, "index": index, "axis": axis,
-            "write_region": [[s.start, s.stop] for s in write],
+    return LoadedChunk(index, name, todo, box, write, prepared_ct(source, box, plan))
+
+
+def compute_chunk(run_dir: str | os.PathLike[str], chunk: LoadedChunk, fn: StainFn,
+                  plan: Plan, batch_size: int = 16) -> None:
+    """The generator half: stain every pending axis, write it, then its completion record."""
+    run_dir = Path(run_dir)
+    for axis in chunk.todo:
+        assert chunk.ct is not None
+        rgb = stain_block(chunk.ct, chunk.box, chunk.write, axis, plan.shape, fn, plan,
+                          batch_size)
+        write_axis_chunk(axis_store(run_dir, axis), plan, chunk.index, rgb)
+        write_record(run_dir, f"axis-{axis}", chunk.name, {
+            "chunk": chunk.name, "index": chunk.index, "axis": axis,
+            "write_region": [[s.start, s.stop] for s in chunk.write],
             "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-    return ChunkResult(index, name, todo, time.perf_counter() - t0)
+
+
+def stain_chunk(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
+                batch_size: int = 16, plan: Plan | None = None,
+                source: VolumeSource | None = None,
+                loaded: LoadedChunk | None = None) -> ChunkResult:
+    """Stain chunk ``index`` along every planned axis that has no completion record.
+
+    ``loaded`` is the chunk's prepared CT when an executor read it ahead of time.
+    """
+    t0 = time.perf_counter()
+    plan = plan or load_plan(run_dir)
+    chunk = loaded if loaded is not None else load_chunk(run_dir, index, plan, source)
+    if not chunk.todo:
+        return ChunkResult(index, chunk.name, (), 0.0)
+    compute_chunk(run_dir, chunk, fn, plan, batch_size)
+    return ChunkResult(index, chunk.name, chunk.todo, time.perf_counter() - t0)
 
 
 def pending_chunks(run_dir: str | os.PathLike[str], plan: Plan | None = None) -> list[int]:
