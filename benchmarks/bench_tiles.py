@@ -79,7 +79,19 @@ def generator(ngf: int, blocks: int) -> tuple[nn.Module, str]:
     return net, "hpcstain.models.networks.ResnetGenerator"
 
 
-def slides(size: int, seed: int, z: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None, str]:
+def checkpoint_generator(path: str) -> tuple[nn.Module, str]:
+    """The raw CT→histology generator of a trained checkpoint (eval mode)."""
+    from hpcstain.models import build_model_from_architecture
+    from hpcstain.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = build_model_from_architecture(ckpt["architecture"], "cpu", source=path)
+    model.load_state_dict(ckpt["model"])
+    return model.generators["ct2hist"].eval(), f"checkpoint {path}"
+
+
+def slides(size: int, seed: int, z: tuple[int, ...], training_scale: bool = False
+           ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """CT slides (S, 3, size, size) in [-1, 1] and their stain truth (S, 3, size, size) in
     [-1, 1]: phantom Mg slices when the phantom is importable, else synthetic (no truth)."""
     try:
@@ -95,8 +107,11 @@ def slides(size: int, seed: int, z: tuple[int, ...]) -> tuple[np.ndarray, np.nda
         ct = np.stack([p[0][0] for p in pairs]).astype(np.float32)
         rgb = np.stack([p[1][0] for p in pairs]).astype(np.float32)
         truth, source = rgb.transpose(0, 3, 1, 2) / 127.5 - 1, "phantom Mg slice"
-    lo, hi = np.percentile(ct, (0.5, 99.5))
-    grey = np.clip((ct - lo) / (hi - lo) * 2 - 1, -1, 1).astype(np.float32)
+    if training_scale:  # the phantom CT sits at background 10000 / bone 30000 (§2.5 levels)
+        grey = np.clip(ct / 65535.0 * 2 - 1, -1, 1).astype(np.float32)
+    else:
+        lo, hi = np.percentile(ct, (0.5, 99.5))
+        grey = np.clip((ct - lo) / (hi - lo) * 2 - 1, -1, 1).astype(np.float32)
     return np.repeat(grey[:, None], 3, axis=1), truth, source
 
 
@@ -136,20 +151,27 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0,
                         help="brief L1 fit to the phantom stain truth first (other slices)")
     parser.add_argument("--quick", action="store_true", help="ngf 16, 3 blocks, 512 px")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained hpcstain checkpoint: its CT→histology generator is "
+                        "the model, and the CT is normalised as in training")
     args = parser.parse_args()
     if args.quick:
         args.ngf, args.blocks, args.size = 16, 3, 512
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     net, net_name = generator(args.ngf, args.blocks)
-    ct, truth, source = slides(args.size, args.seed, (32, 8, 20, 44, 56))
+    ct, truth, source = slides(args.size, args.seed, (32, 8, 20, 44, 56),
+                               training_scale=args.checkpoint is not None)
+    if args.checkpoint:
+        net, net_name = checkpoint_generator(args.checkpoint)
     image = ct[0]  # the benchmark slide; slices 1.. are only used by --train-steps
     fitted = ""
     if args.train_steps and truth is not None:
         loss = fit(net, ct[1:], truth[1:], args.train_steps, args.seed)
         fitted = f", fitted {args.train_steps} steps (L1 {loss:.3f})"
     net.eval()
-    print(f"model: {net_name}, ngf={args.ngf}, blocks={args.blocks}, "
+    shape = "" if args.checkpoint else f", ngf={args.ngf}, blocks={args.blocks}"
+    print(f"model: {net_name}{shape}, "
           f"{sum(p.numel() for p in net.parameters()):,} parameters{fitted}; slide: {source}, "
           f"{args.size}x{args.size}; {args.threads} CPU threads, batch {args.batch_size}")
     if importlib.util.find_spec("monai") is None:
