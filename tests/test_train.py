@@ -168,3 +168,12 @@ def test_two_rank_gloo_ddp_matches_one_process_on_the_global_batch(pairs: Path,
         assert a["pixel_ct2hist"] == pytest.approx(b["pixel_ct2hist"], rel=1e-4)
         assert a["G_total"] == pytest.approx(b["G_total"], rel=1e-4)
     assert_same_model(weights(tmp_path / "single"), weights(tmp_path / "ddp"), atol=1e-4)
+
+
+def test_rerunning_a_run_that_reached_max_steps_trains_no_further(pairs: Path,
+                                                                  tmp_path: Path) -> None:
+    cfg = tiny(pairs, "train.max_steps=2")
+    assert train(cfg, tmp_path / "run", progress=False).step == 2
+    again = train(cfg, tmp_path / "run", progress=False)
+    assert again.status == "max_steps" and again.step == 2
+    assert len(read_losses(tmp_path / "run")) == 2

@@ -294,6 +294,8 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     status: Literal["finished", "preempted", "max_steps"] = "finished"
     last: dict[str, float] = {}
     try:
+        if cfg.train.max_steps and step >= cfg.train.max_steps:  # re-run of a finished run
+            return TrainResult("max_steps", epoch, step, run_dir, last)
         while epoch < cfg.train.epochs:
             sampler.set_epoch(epoch, skip=batch_in_epoch * cfg.data.batch_size)
             dataset.set_epoch(epoch)
