@@ -83,9 +83,9 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
 
 def _plan_on_rank0(args: argparse.Namespace) -> Path:
     """Under MPI only rank 0 validates the input and writes the plan; the others wait."""
-    from hpcstain.executors.mpi import _comm
+    from hpcstain.executors.mpi import world_comm
 
-    comm = _comm()
+    comm = world_comm()
     run, error = None, None
     if comm.Get_rank() == 0:
         try:
@@ -132,9 +132,9 @@ def cmd_stain(args: argparse.Namespace) -> int:
 
 
 def _mpi_rank() -> int:
-    from hpcstain.executors.mpi import _comm
+    from hpcstain.executors.mpi import world_comm
 
-    return int(_comm().Get_rank())
+    return int(world_comm().Get_rank())
 
 
 def cmd_submit_cv(args: argparse.Namespace) -> int:

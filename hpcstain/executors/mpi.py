@@ -21,7 +21,7 @@ from hpcstain.volume.stain import StainFn, pending_chunks, resolve_fn, stain_chu
 TAG_WORK, TAG_STOP, TAG_READY = 1, 2, 3
 
 
-def _comm() -> Any:
+def world_comm() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -37,7 +37,7 @@ def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
 
     Every rank returns a report; rank 0's covers the whole run.
     """
-    comm = comm or _comm()
+    comm = comm or world_comm()
     if comm.Get_size() == 1:
         return run_local(run_dir, fn=fn, make_fn=make_fn, batch_size=batch_size,
                          device=device, progress=progress)

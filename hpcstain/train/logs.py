@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from hpcstain.atomic import write_text_atomic
 
 
 class LossLog:
@@ -32,9 +33,7 @@ class LossLog:
             return
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
         rows = [r for r in rows if r.get("step", 0) <= step]
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.jsonl)
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         if self.csv.exists():
             self.csv.unlink()
         self._fields = None
