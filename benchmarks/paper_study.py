@@ -57,7 +57,6 @@ def volume_study(checkpoint: Path, out: Path, shape: tuple[int, int, int]) -> di
     from hpcstain.volume import init_run, make_plan, open_volume, run_stain
     from hpcstain.volume.fuse import fuse_block
     from hpcstain.volume.plan import axis_store
-    from hpcstain.volume.stain import checkpoint_in_channels
 
     vol = out / "volume.zarr"
     if not vol.exists():
@@ -68,7 +67,7 @@ def volume_study(checkpoint: Path, out: Path, shape: tuple[int, int, int]) -> di
     unet = load_checkpoint(checkpoint)["architecture"]["generator"] == "unet256"
     tile, step = (256, 128) if unet else (64, 32)  # the U-Net-256 needs 256² tiles
     plan = make_plan(open_volume(f"{vol}:ct"), chunk=64, axes="z,y,x", tile=tile, step=step,
-                     window="hann", sigma=1.0, in_channels=checkpoint_in_channels(checkpoint),
+                     window="hann", sigma=1.0,
                      checkpoint=str(checkpoint))
     run = init_run(out / "stain", plan, overwrite=True)
     t0 = time.perf_counter()

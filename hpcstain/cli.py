@@ -59,25 +59,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _plan_from_args(args: argparse.Namespace) -> Path:
     """Open and validate the input, write (or re-check) RUN_DIR/plan.json."""
+    from hpcstain.predict import resolve_tiling
     from hpcstain.volume import init_run, make_plan, open_volume
-    from hpcstain.volume.stain import checkpoint_in_channels
+    from hpcstain.volume.stain import checkpoint_changed
 
     levels = None
     if (args.bone_level is None) != (args.background_level is None):
         raise UsageError("give both --bone-level and --background-level (or neither)")
     if args.bone_level is not None:
         levels = (args.bone_level, args.background_level)
+    tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
                       nan_value=args.nan_value or 0.0)
     chunk = args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
-    plan = make_plan(src, chunk=chunk, axes=args.axes, tile=args.tile, step=args.step,
-                     window=args.window, sigma=args.sigma, levels=levels,
-                     in_channels=checkpoint_in_channels(args.checkpoint),
+    plan = make_plan(src, chunk=chunk, axes=args.axes, tile=tiling.tile, step=tiling.step,
+                     window=tiling.window, sigma=args.sigma, levels=levels,
                      voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels)
     run = init_run(args.out, plan, overwrite=args.overwrite)
-    print(f"plan: {plan.n_chunks} chunks of {plan.chunk}, axes {','.join(plan.axes)}, "
-          f"levels bone={plan.bone_level:g} background={plan.background_level:g}")
+    print(f"plan: {plan.n_units} slab unit(s) over axes {','.join(plan.axes)}, storage chunk "
+          f"{plan.chunk}, tiles {plan.tile}/{plan.step} {plan.window}, levels "
+          f"bone={plan.bone_level:g} background={plan.background_level:g}")
+    note = checkpoint_changed(run)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return Path(run)
 
 
@@ -200,7 +205,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
                       voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
                       levels=args.levels, out=args.out, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, workers=args.workers)
     print(report.summary())
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
@@ -211,10 +216,15 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="run directory")
     p.add_argument("--axes", default="z,y,x", help="any of z,y,x (default all three)")
     p.add_argument("--chunk", type=int, nargs="+", default=[128], metavar="N",
-                   help="chunk edge, or Z Y X")
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--step", type=int, default=64, help="tile step (paper: 64)")
-    p.add_argument("--window", default="mean", choices=["mean", "hann", "gaussian"])
+                   help="storage chunk edge, or Z Y X (also the slab thickness per axis)")
+    p.add_argument("--tiling", default="default", choices=["default", "paper"],
+                   help="default: 256/192 Hann (benchmarks/bench_tiles.py); paper: 256/64 mean "
+                   "(§2.9)")
+    p.add_argument("--tile", type=int, default=None, help="override the tiling's tile edge")
+    p.add_argument("--step", type=int, default=None, help="override the tiling's step")
+    p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"])
+    p.add_argument("--max-unit-voxels", type=int, default=1 << 27, metavar="N",
+                   help="split a slab in-plane when it holds more voxels (memory bound)")
     p.add_argument("--sigma", type=float, default=1.0, help="3D Gaussian in voxels; 0: off")
     p.add_argument("--bone-level", type=float, default=None)
     p.add_argument("--background-level", type=float, default=None)
@@ -229,9 +239,9 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
 
 def _add_volume(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stain", help="stain a CT volume chunk-wise along several axes",
-                       description="Cut the volume into chunks and stain every slice along "
-                       "each axis on a global tile grid; re-running redoes only unfinished "
-                       "chunks.")
+                       description="Cut the volume into slabs of whole slices per axis and "
+                       "stain every slice on a global tile grid; re-running redoes only "
+                       "unfinished slabs. The checkpoint's generator is pinned in RUN_DIR.")
     _add_stain_args(p)
     p.add_argument("--executor", default="local", choices=["local", "dask", "mpi"],
                    help="mpi: run under `mpirun -n N hpcstain stain ...` (rank 0 plans and "
@@ -259,6 +269,8 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None)
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: auto)")
     p.add_argument("--out", default=None, help="image name inside RUN_DIR")
+    p.add_argument("--workers", type=int, default=1,
+                   help="fuse chunks in parallel on a dask LocalCluster of N processes")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fuse)

@@ -65,7 +65,6 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     from hpcstain.phantom import write_pairs, write_volume_file
     from hpcstain.train.trainer import train
     from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
-    from hpcstain.volume.stain import checkpoint_in_channels
 
     sizes = QUICK if quick else FULL
     out = Path(out)
@@ -106,10 +105,10 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     # Same pixel scale as the training slides; Hann blending (the paper's "mean" leaves
     # faint tile seams with a model this small).
     plan = make_plan(source, chunk=sizes.chunk, axes="z,y,x", tile=sizes.tile, step=sizes.step,
-                     window="hann", sigma=1.0, in_channels=checkpoint_in_channels(checkpoint),
+                     window="hann", sigma=1.0,
                      checkpoint=str(checkpoint))
     init_run(stain_dir, plan, overwrite=False)
-    _say(f"stain: {plan.n_chunks} chunks × 3 axes → {stain_dir}")
+    _say(f"stain: {plan.n_units} slabs over 3 axes → {stain_dir}")
     t = time.perf_counter()
     run_stain(stain_dir, executor="local", batch_size=16, device="cpu", progress=False)
     summary["stain_seconds"] = round(time.perf_counter() - t, 1)

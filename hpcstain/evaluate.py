@@ -234,7 +234,8 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                   pixel_size_um: float | None = None, batch_size: int = 8) -> PairResult:
     """Stain one pair's CT, score every comparison, measure the seam index."""
     output = predict_slide(data.ct, stainer.fn, stainer.in_channels, rois=data.rois,
-                           tiling=tiling, target=stainer.levels, batch_size=batch_size)
+                           tiling=tiling, target=stainer.levels, batch_size=batch_size,
+                           size_multiple=stainer.conventions.size_multiple)
     images = {"model": output, "histology": data.histology, "raw_ct": data.raw_ct}
     if data.truth is not None:
         images["truth"] = data.truth

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from hpcstain.atomic import atomic_output, check_output
-from hpcstain.config import DataConfig
 from hpcstain.data.manifest import as_ct, as_mask, as_rgb
 from hpcstain.data.normalise import (
     Rois,
@@ -40,8 +36,17 @@ from hpcstain.data.normalise import (
 )
 from hpcstain.data.readers import read_image, split_spec
 from hpcstain.errors import InputError, UsageError
+from hpcstain.inference import Stainer, load_generator
 from hpcstain.metrics.patches import apply_mask
-from hpcstain.tiles import DEFAULT_TILING, PAPER_TILING, TileFn, Tiling, check_tiling, stain_image
+from hpcstain.tiles import (
+    DEFAULT_TILING,
+    PAPER_TILING,
+    TileFn,
+    Tiling,
+    check_tiling,
+    plane_tiles,
+    stain_image,
+)
 
 TILINGS = {"paper": PAPER_TILING, "default": DEFAULT_TILING}
 IMAGE_SUFFIXES = {".png": "png", ".tif": "tif", ".tiff": "tif"}
@@ -50,18 +55,8 @@ BACKGROUND_BAND = 0.25  # with given levels: background = CT within 25 % of the 
 
 # --------------------------------------------------------------------------- checkpoint
 
-
-@dataclass(frozen=True)
-class Stainer:
-    """A checkpoint's generator for one direction as a tile function, plus its conventions."""
-
-    fn: TileFn
-    in_channels: int               # channels the generator takes
-    out_channels: int              # channels it returns
-    levels: tuple[float, float]    # training CT levels (bone, background), 16-bit scale
-    stretch_c: tuple[float, float]  # histology stretch margins (c, c')
-    reverse: bool = False
-    source: str = ""
+# One inference path: the generator and its CT conventions come from hpcstain.inference.
+load_stainer = load_generator
 
 
 def resolve_tiling(name: str = "default", tile: int | None = None, step: int | None = None,
@@ -73,47 +68,6 @@ def resolve_tiling(name: str = "default", tile: int | None = None, step: int | N
     tiling = Tiling(tile or base.tile, step or base.step, window or base.window)
     check_tiling(tiling.tile, tiling.step, tiling.window)
     return tiling
-
-
-def _data_conventions(config: dict[str, Any]) -> DataConfig:
-    data = config.get("data", {}) if isinstance(config, dict) else {}
-    defaults = DataConfig()
-    return DataConfig(**{k: data.get(k, getattr(defaults, k)) for k in (
-        "ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime", "invert_ct")})
-
-
-def load_stainer(checkpoint: str | os.PathLike[str], device: str = "cpu",
-                 reverse: bool = False) -> Stainer:
-    """CT→histology (or, with ``reverse``, histology→CT) generator of a checkpoint."""
-    from hpcstain.models import build_model_from_architecture
-    from hpcstain.train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    arch = ckpt["architecture"]
-    if reverse and arch.get("variant") == "pix2pix":
-        raise UsageError(f"{checkpoint}: a pix2pix checkpoint has no histology→CT generator; "
-                         "--reverse needs a CycleGAN (modcyclegan/cyclegan) checkpoint")
-    model = build_model_from_architecture(arch, device, source=str(checkpoint))
-    model.load_state_dict(ckpt["model"])
-    data = _data_conventions(ckpt.get("config", {}))
-    sign = -1.0 if data.invert_ct else 1.0
-    dev = torch.device(device)
-
-    @torch.inference_mode()
-    def stain(batch: torch.Tensor) -> torch.Tensor:
-        return model.stain(sign * batch.to(dev)).float().cpu()
-
-    @torch.inference_mode()
-    def unstain(batch: torch.Tensor) -> torch.Tensor:
-        return (sign * model.unstain(batch.to(dev))).float().cpu()
-
-    ct_ch, hist_ch = int(arch["ct_channels"]), int(arch["histology_channels"])
-    return Stainer(fn=unstain if reverse else stain,
-                   in_channels=hist_ch if reverse else ct_ch,
-                   out_channels=ct_ch if reverse else hist_ch,
-                   levels=(data.ct_bone_level, data.ct_background_level),
-                   stretch_c=(data.stretch_c, data.stretch_c_prime),
-                   reverse=reverse, source=str(checkpoint))
 
 
 # --------------------------------------------------------------------------- pure core
@@ -172,13 +126,16 @@ def _channels(unit: np.ndarray, n: int) -> np.ndarray:
 def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
                   levels: tuple[float, float] | None = None, rois: Rois | None = None,
                   tiling: Tiling = DEFAULT_TILING, mask: np.ndarray | None = None,
-                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 8
-                  ) -> np.ndarray:
-    """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid."""
+                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 8,
+                  size_multiple: int = 1) -> np.ndarray:
+    """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid.
+
+    Tiles never exceed the slide (see :func:`hpcstain.tiles.plane_tiles`); sizes are
+    rounded up to the generator's ``size_multiple``.
+    """
     ct16, _ = normalised_ct(np.asarray(ct, np.float32), target, levels, rois)
     image = _channels(ct16_to_unit(ct16), ct_channels)
-    out = stain_image(image, fn, tile=tiling.tile, step=tiling.step, window=tiling.window,
-                      batch_size=batch_size)
+    out = _stain(image, fn, tiling, batch_size, size_multiple)
     rgb = unit_to_rgb8(out, channel_axis=0)
     if mask is None:
         return rgb
@@ -186,6 +143,13 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
         raise InputError(f"mask of shape {np.asarray(mask).shape} does not match the slide "
                          f"{rgb.shape[0]}×{rgb.shape[1]}")
     return apply_mask(rgb, np.asarray(mask, bool), NORMALISED_BACKGROUND)
+
+
+def _stain(image: np.ndarray, fn: TileFn, tiling: Tiling, batch_size: int,
+           size_multiple: int) -> np.ndarray:
+    tile, step = plane_tiles(image.shape[-2:], tiling.tile, tiling.step, size_multiple)
+    return stain_image(image, fn, tile=tile, step=step, window=tiling.window,
+                       batch_size=batch_size)
 
 
 def histology_rois(rgb: np.ndarray) -> Rois:
@@ -201,13 +165,12 @@ def histology_rois(rgb: np.ndarray) -> Rois:
 def unstain_slide(rgb: np.ndarray, fn: TileFn, hist_channels: int = 3, *,
                   rois: Rois | None = None, tiling: Tiling = DEFAULT_TILING,
                   mask: np.ndarray | None = None, stretch_c: tuple[float, float] = (0.0, 0.0),
-                  batch_size: int = 8) -> np.ndarray:
+                  batch_size: int = 8, size_multiple: int = 1) -> np.ndarray:
     """Histology (H, W, 3) on the 0–255 scale → CT uint16 (H, W) on the 16-bit training scale."""
     rois = rois if rois is not None else histology_rois(rgb)
     unit, _ = normalise_histology(rgb, rois, *stretch_c)
     image = np.moveaxis(unit, -1, 0)[:hist_channels]
-    out = stain_image(image, fn, tile=tiling.tile, step=tiling.step, window=tiling.window,
-                      batch_size=batch_size)
+    out = _stain(image, fn, tiling, batch_size, size_multiple)
     ct16 = unit_to_ct16(out.mean(axis=0))
     if mask is None:
         return ct16
@@ -278,12 +241,14 @@ def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None 
         rgb = as_rgb(data, f"histology {spec}")
         m = read_mask(mask, rgb.shape) if mask else None
         return unstain_slide(rgb, stainer.fn, stainer.in_channels, tiling=tiling, mask=m,
-                             stretch_c=stainer.stretch_c, batch_size=batch_size)
+                             stretch_c=stainer.stretch_c, batch_size=batch_size,
+                             size_multiple=stainer.conventions.size_multiple)
     ct = as_ct(data, f"ct {spec}")
     m = read_mask(mask, ct.shape) if mask else None
     try:
         return predict_slide(ct, stainer.fn, stainer.in_channels, levels=levels, tiling=tiling,
-                             mask=m, target=stainer.levels, batch_size=batch_size)
+                             mask=m, target=stainer.levels, batch_size=batch_size,
+                             size_multiple=stainer.conventions.size_multiple)
     except InputError as exc:
         raise InputError(f"ct {spec}: {exc}") from None
 

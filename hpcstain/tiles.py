@@ -49,13 +49,45 @@ DEFAULT_TILING = Tiling(256, 192, "hann")  # `predict` default, chosen by benchm
 
 # ------------------------------------------------------------------ grid geometry
 
+Pair: TypeAlias = tuple[int, int]
 
-def check_tiling(tile: int, step: int, window: str = "mean") -> None:
+
+def _pair(v: int | tuple[int, int]) -> Pair:
+    return (int(v), int(v)) if isinstance(v, int | np.integer) else (int(v[0]), int(v[1]))
+
+
+def check_tiling(tile: int | Pair, step: int | Pair, window: str = "mean") -> None:
     """Raise UsageError unless ``tile >= 1``, ``1 <= step <= tile`` and the window is known."""
-    if tile < 1 or not 1 <= step <= tile:
-        raise UsageError(f"need tile >= 1 and 1 <= step <= tile, got tile={tile} step={step}")
+    for t, s in zip(_pair(tile), _pair(step), strict=True):
+        if t < 1 or not 1 <= s <= t:
+            raise UsageError(f"need tile >= 1 and 1 <= step <= tile, got tile={tile} "
+                             f"step={step}")
     if window not in WINDOWS:
         raise UsageError(f"unknown blending window {window!r}; choose one of {', '.join(WINDOWS)}")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plane_tiles(plane: Pair, tile: int, step: int, multiple: int = 1, minimum: int = 1
+                ) -> tuple[Pair, Pair]:
+    """Per-axis (tile, step) for a plane: a tile never exceeds the plane it covers.
+
+    Along an axis shorter than ``tile`` one tile of the plane's length (rounded up to the
+    generator's size ``multiple``, at least ``minimum``) covers it, so a 37-px-deep plane
+    is not padded to 256. Longer axes keep the configured tile and step.
+    """
+    tiles, steps = [], []
+    for n in plane:
+        if n < tile:
+            t = min(tile, max(round_up(n, multiple), minimum))
+            tiles.append(t)
+            steps.append(t)
+        else:
+            tiles.append(tile)
+            steps.append(step)
+    return (tiles[0], tiles[1]), (steps[0], steps[1])
 
 
 def n_tiles(length: int, tile: int, step: int) -> int:
@@ -66,6 +98,12 @@ def n_tiles(length: int, tile: int, step: int) -> int:
 def padded_length(length: int, tile: int, step: int) -> int:
     """Extent of the grid along a line: image plus the mirror padding past its end."""
     return (n_tiles(length, tile, step) - 1) * step + tile
+
+
+def grid_pixels(plane: Pair, tile: Pair, step: Pair) -> int:
+    """Generator input pixels the grid of a whole plane costs (tiles × tile area)."""
+    return (n_tiles(plane[0], tile[0], step[0]) * n_tiles(plane[1], tile[1], step[1])
+            * tile[0] * tile[1])
 
 
 def tile_boundaries(length: int, tile: int, step: int) -> np.ndarray:
@@ -115,14 +153,14 @@ def _axis_coords(start: int, stop: int, length: int, tile: int, step: int) -> np
     return np.arange(k0 * step, (k1 - 1) * step + tile)
 
 
-def region_context(image_shape: tuple[int, int], region: Region, tile: int,
-                   step: int) -> Region:
+def region_context(image_shape: tuple[int, int], region: Region, tile: int | Pair,
+                   step: int | Pair) -> Region:
     """Input region (inside the image) that computing ``region`` on the global grid reads."""
     check_tiling(tile, step)
     region = _check_region(region, image_shape)
     ctx = []
-    for s, n in zip(region, image_shape, strict=True):
-        idx = reflect_index(_axis_coords(s.start, s.stop, n, tile, step), n)
+    for s, n, t, st in zip(region, image_shape, _pair(tile), _pair(step), strict=True):
+        idx = reflect_index(_axis_coords(s.start, s.stop, n, t, st), n)
         ctx.append(slice(int(idx.min()), int(idx.max()) + 1))
     return ctx[0], ctx[1]
 
@@ -143,10 +181,10 @@ def window_1d(name: str, tile: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
     return np.maximum(w, floor)
 
 
-def window_2d(name: str, tile: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
-    """Separable (tile, tile) float64 window."""
-    w = window_1d(name, tile, floor)
-    return np.outer(w, w)
+def window_2d(name: str, tile: int | Pair, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """Separable (th, tw) float64 window."""
+    th, tw = _pair(tile)
+    return np.outer(window_1d(name, th, floor), window_1d(name, tw, floor))
 
 
 # ------------------------------------------------------------------ staining
@@ -173,64 +211,83 @@ def _read_context(source: np.ndarray | Reader, ctx: Region) -> np.ndarray:
 
 
 def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], region: Region,
-                 fn: TileFn, *, tile: int = 256, step: int = 64, window: str = "mean",
-                 batch_size: int = 8) -> np.ndarray:
+                 fn: TileFn, *, tile: int | Pair = 256, step: int | Pair = 64,
+                 window: str = "mean", batch_size: int = 8,
+                 counter: list[int] | None = None) -> np.ndarray:
     """Blend ``fn`` over the global tile grid of an image of ``image_shape``; return ``region``.
 
     ``source`` is the full (C, H, W) image, an (S, C, H, W) stack of slices sharing the grid,
     or a reader ``read(input_region) -> array`` holding only the window from
-    :func:`region_context`. Tiles of all slices are batched together. Returns
-    (C_out, h, w) or (S, C_out, h, w), float32 (float64 when ``fn`` returns float64).
+    :func:`region_context`. Tiles of all slices are batched together. ``tile``/``step`` are
+    one size or per-axis (rows, cols) pairs. Only the region is accumulated, in float64 so
+    that blending is exact (a constant or an identity output comes back unchanged; float32
+    sums of 4–16 weighted tiles are not); memory is 8 bytes per output value, not per
+    context pixel. ``counter[0]`` (if given) grows by the generator input pixels spent.
+    Returns (C_out, h, w) or (S, C_out, h, w), float32 (float64 when ``fn`` returns it).
     """
     check_tiling(tile, step, window)
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    (th, tw), (sh, sw) = _pair(tile), _pair(step)
     region = _check_region(region, image_shape)
-    ctx = region_context(image_shape, region, tile, step)
+    ctx = region_context(image_shape, region, (th, tw), (sh, sw))
     data = _read_context(source, ctx)
     stack = data[None] if data.ndim == 3 else data
 
-    rows = _axis_coords(region[0].start, region[0].stop, image_shape[0], tile, step)
-    cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tile, step)
+    rows = _axis_coords(region[0].start, region[0].stop, image_shape[0], th, sh)
+    cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tw, sw)
     r_idx = reflect_index(rows, image_shape[0]) - ctx[0].start
     c_idx = reflect_index(cols, image_shape[1]) - ctx[1].start
     padded = np.take(np.take(stack, r_idx, axis=2), c_idx, axis=3)
     y0, x0 = int(rows[0]), int(cols[0])
-    ys = range(0, len(rows) - tile + 1, step)
-    xs = range(0, len(cols) - tile + 1, step)
+    # tile starts in padded-grid coordinates, and where each tile meets the region
+    ys = range(0, len(rows) - th + 1, sh)
+    xs = range(0, len(cols) - tw + 1, sw)
+    ry = (region[0].start - y0, region[0].stop - y0)
+    rx = (region[1].start - x0, region[1].stop - x0)
 
-    win = window_2d(window, tile)
-    wsum = np.zeros((len(rows), len(cols)))
+    def overlap(t0: int, size: int, r: tuple[int, int]) -> tuple[slice, slice]:
+        a, b = max(t0, r[0]), min(t0 + size, r[1])
+        return slice(a - r[0], b - r[0]), slice(a - t0, b - t0)
+
+    win64 = window_2d(window, (th, tw))
+    h, w = ry[1] - ry[0], rx[1] - rx[0]
+    wsum = np.zeros((h, w))
     for y in ys:
         for x in xs:
-            wsum[y:y + tile, x:x + tile] += win
+            (oy, ty), (ox, tx) = overlap(y, th, ry), overlap(x, tw, rx)
+            wsum[oy, ox] += win64[ty, tx]
 
     positions = [(s, y, x) for s in range(stack.shape[0]) for y in ys for x in xs]
     acc: np.ndarray | None = None
-    out_dtype = np.float32
+    out_dtype: type = np.float32
+    win = win64
     for batch in _tile_batches(positions, batch_size):
-        inp = torch.from_numpy(np.stack([padded[s, :, y:y + tile, x:x + tile]
+        inp = torch.from_numpy(np.stack([padded[s, :, y:y + th, x:x + tw]
                                          for s, y, x in batch]))
         with torch.no_grad():
             out = fn(inp)
-        if out.ndim != 4 or out.shape[0] != len(batch) or out.shape[-2:] != (tile, tile):
+        if out.ndim != 4 or out.shape[0] != len(batch) or tuple(out.shape[-2:]) != (th, tw):
             raise InputError(f"tile function returned shape {tuple(out.shape)} for a batch of "
-                             f"shape {tuple(inp.shape)}; expected (N, C_out, {tile}, {tile})")
+                             f"shape {tuple(inp.shape)}; expected (N, C_out, {th}, {tw})")
+        if counter is not None:
+            counter[0] += len(batch) * th * tw
         if acc is None:
-            acc = np.zeros((stack.shape[0], out.shape[1], len(rows), len(cols)))
             out_dtype = np.float64 if out.dtype == torch.float64 else np.float32
+            acc = np.zeros((stack.shape[0], out.shape[1], h, w))
         tiles_out = out.detach().cpu().double().numpy()
         for (s, y, x), t_out in zip(batch, tiles_out, strict=True):
-            acc[s, :, y:y + tile, x:x + tile] += win * t_out
+            (oy, ty), (ox, tx) = overlap(y, th, ry), overlap(x, tw, rx)
+            if oy.start < oy.stop and ox.start < ox.stop:
+                acc[s, :, oy, ox] += win[ty, tx] * t_out[:, ty, tx]
     assert acc is not None
-    crop = (slice(region[0].start - y0, region[0].stop - y0),
-            slice(region[1].start - x0, region[1].stop - x0))
-    result = (acc[:, :, crop[0], crop[1]] / wsum[crop]).astype(out_dtype)
+    result = (acc / wsum).astype(out_dtype)
     return result[0] if data.ndim == 3 else result
 
 
-def stain_image(image: np.ndarray, fn: TileFn, *, tile: int = 256, step: int = 64,
-                window: str = "mean", batch_size: int = 8) -> np.ndarray:
+def stain_image(image: np.ndarray, fn: TileFn, *, tile: int | Pair = 256,
+                step: int | Pair = 64, window: str = "mean", batch_size: int = 8,
+                counter: list[int] | None = None) -> np.ndarray:
     """Stain a whole (C, H, W) image or (S, C, H, W) stack on the global tile grid."""
     image = np.asarray(image)
     if image.ndim not in (3, 4):
@@ -238,4 +295,4 @@ def stain_image(image: np.ndarray, fn: TileFn, *, tile: int = 256, step: int = 6
     shape = (image.shape[-2], image.shape[-1])
     full = (slice(0, shape[0]), slice(0, shape[1]))
     return stain_region(image, shape, full, fn, tile=tile, step=step, window=window,
-                        batch_size=batch_size)
+                        batch_size=batch_size, counter=counter)

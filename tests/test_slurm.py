@@ -40,6 +40,20 @@ pytestmark = [pytest.mark.slurm,
               pytest.mark.filterwarnings("ignore")]
 
 CLUSTER = ["cluster.cpus_per_task=1", "cluster.time_min=15", "cluster.signal_delay_s=30"]
+# Byte-equality of float32 generator outputs between this process and jobs holds only with
+# the same thread count on both sides (float summation order); pin it to one.
+ONE_THREAD = "cluster.setup=[export OMP_NUM_THREADS=1]"
+
+
+class one_thread:
+    """Run a block with one torch thread (as the jobs started with ONE_THREAD)."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.threads)
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +158,12 @@ def test_stain_array_and_dependent_fuse_equal_the_in_process_run(
 
     vol, ckpt = volume_run
     local = _plan(tmp_path / "local", vol, ckpt)
-    run_stain(local, executor="local", progress=False)
+    with one_thread():
+        run_stain(local, executor="local", progress=False)
     fuse_run(local, method="consistency")
 
     slurm = _plan(tmp_path / "slurm", vol, ckpt)
-    cluster = load_cluster("slurm", CLUSTER)
+    cluster = load_cluster("slurm", [*CLUSTER, ONE_THREAD])
     jobs = submit_stain(slurm, cluster, n_tasks=2)
     fuse_job = submit_fuse(slurm, cluster, after=jobs, method="consistency")
     assert "fused 32 new chunk(s)" in fuse_job.result()
@@ -156,9 +171,9 @@ def test_stain_array_and_dependent_fuse_equal_the_in_process_run(
     assert np.array_equal(_fused(local), _fused(slurm))
 
 
-def test_cancelled_task_then_resubmission_completes_only_missing_chunks(
+def test_cancelled_task_then_resubmission_completes_only_missing_units(
         volume_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from hpcstain.volume import pending_chunks
+    from hpcstain.volume import pending_units
 
     vol, ckpt = volume_run
     run = _plan(tmp_path / "run", vol, ckpt)
@@ -166,13 +181,13 @@ def test_cancelled_task_then_resubmission_completes_only_missing_chunks(
     jobs = submit_stain(run, cluster, n_tasks=2)
     subprocess.run(["scancel", str(jobs[1].job_id)], check=True)
     jobs[0].result()
-    left = pending_chunks(run)
-    assert left, "the cancelled task should have left chunks unstained"
+    left = pending_units(run)
+    assert left, "the cancelled task should have left slabs unstained"
     done_before = {p.name: p.stat().st_mtime_ns for p in (run / "done").rglob("*.json")}
     again = submit_stain(run, cluster, n_tasks=2)
     for j in again:
         j.result()
-    assert pending_chunks(run) == []
+    assert pending_units(run) == []
     after = {p.name: p.stat().st_mtime_ns for p in (run / "done").rglob("*.json")}
     assert all(after[name] == t for name, t in done_before.items())  # nothing redone
 
@@ -206,10 +221,11 @@ def test_dask_workers_as_slurm_jobs_stain_the_same_bytes(volume_run: tuple[Path,
 
     vol, ckpt = volume_run
     local = _plan(tmp_path / "local", vol, ckpt)
-    run_stain(local, executor="local", progress=False)
+    with one_thread():
+        run_stain(local, executor="local", progress=False)
     run = _plan(tmp_path / "dask", vol, ckpt)
-    cluster = slurm_cluster(load_cluster("slurm", [*CLUSTER, "cluster.mem_gb=2"]), jobs=2,
-                            log_dir=tmp_path / "dask-logs")
+    cluster = slurm_cluster(load_cluster("slurm", [*CLUSTER, "cluster.mem_gb=2", ONE_THREAD]),
+                            jobs=2, log_dir=tmp_path / "dask-logs")
     try:
         report = run_stain(run, executor="dask", address=cluster)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -26,7 +27,7 @@ def test_phantom_hdf5_to_fused_ome_zarr(tmp_path):
     assert plan.voxel_size_um == (5.0, 5.0, 5.0)
     run = init_run(tmp_path / "run", plan)
     report = run_stain(run, colour_map, progress=False)
-    assert len(report.stained) == plan.n_chunks == 8
+    assert len(report.stained) == plan.n_units == 6  # two slabs per axis
     fused = fuse_run(run, method="mean")
     assert fused.complete and len(fused.fused) == 8
 
@@ -43,28 +44,118 @@ def test_phantom_hdf5_to_fused_ome_zarr(tmp_path):
     assert scales[0] == [1.0, 5.0, 5.0, 5.0] and len(scales) == len(list(root.array_keys()))
 
 
-def test_checkpoint_stainer_runs_a_saved_generator(tmp_path):
+def tiny_checkpoint(path, seed: int = 0, **data):
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
     from hpcstain.train.checkpoint import save_checkpoint
-    from hpcstain.volume import CheckpointStainer
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1
-    model = build_model(cfg.model, cfg.loss, "cpu")
-    ckpt = save_checkpoint(tmp_path / "g.pt", {"architecture": architecture_of(cfg.model),
-                                               "config": to_dict(cfg),
-                                               "model": model.state_dict()})
-    fn = CheckpointStainer(str(ckpt))()
-    assert CheckpointStainer(str(ckpt))() is fn  # built once per process
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    model = build_model(cfg.model, cfg.loss, "cpu", seed=seed)
+    save_checkpoint(path, {"architecture": architecture_of(cfg.model), "config": to_dict(cfg),
+                           "model": model.state_dict()})
+    return path, model
+
+
+def ct_zarr(tmp_path, shape=(8, 16, 16)):
+    rng = np.random.default_rng(0)
+    data = rng.integers(8000, 32000, shape).astype(np.uint16)
+    zarr.create_array(str(tmp_path / "ct.zarr"), data=data)
+    return open_volume(tmp_path / "ct.zarr")
+
+
+def test_pinned_generator_is_the_checkpoints_ct2hist_generator(tmp_path):
+    from hpcstain.inference import load_generator
+    from hpcstain.volume import PinnedStainer
+    from hpcstain.volume.plan import generator_path, load_plan
+
+    ckpt, model = tiny_checkpoint(tmp_path / "g.pt")
+    plan = make_plan(ct_zarr(tmp_path), chunk=8, axes="z", tile=16, step=8,
+                     levels=(30000.0, 10000.0), checkpoint=ckpt)
+    run = init_run(tmp_path / "run", plan)
+    pinned = load_plan(run)
+    assert generator_path(run).is_file() and len(pinned.generator_sha256) == 64
+    assert generator_path(run).stat().st_size < ckpt.stat().st_size  # generator only
+    fn = PinnedStainer(str(run))()
+    assert PinnedStainer(str(run))() is fn  # built once per process and content hash
     batch = torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
     out = fn(batch)
     assert out.shape == (2, 3, 16, 16) and out.abs().max() <= 1
     torch.testing.assert_close(out, model.stain(batch))
+    torch.testing.assert_close(load_generator(ckpt).fn(batch), out)
+    report = run_stain(run, progress=False)  # fn from the run's pinned generator
+    assert len(report.stained) == plan.n_units == 1
 
-    zarr.create_array(str(tmp_path / "ct.zarr"), data=np.full((8, 16, 16), 20000, np.uint16))
-    plan = make_plan(open_volume(tmp_path / "ct.zarr"), chunk=8, axes="z", tile=16, step=8,
+
+def test_replaced_checkpoint_between_kill_and_resume_changes_nothing(tmp_path):
+    """The run keeps its pinned weights: resume after the source file changed == straight."""
+    from hpcstain.executors import run_local
+    from hpcstain.volume.stain import PinnedStainer, checkpoint_changed
+
+    ckpt, _ = tiny_checkpoint(tmp_path / "latest.pt", seed=0)
+    src = ct_zarr(tmp_path, (12, 16, 16))
+
+    def plan_run(name):
+        plan = make_plan(src, chunk=4, axes="z,y", tile=16, step=8,
+                         levels=(30000.0, 10000.0), checkpoint=ckpt)
+        return init_run(tmp_path / name, plan)
+
+    straight = plan_run("straight")
+    run_local(straight, progress=False)
+    resumed = plan_run("resumed")
+    pinned = PinnedStainer(str(resumed))()
+    calls = [0]
+
+    def dies(batch):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("job killed")
+        return pinned(batch)
+
+    with pytest.raises(RuntimeError):
+        run_local(resumed, dies, batch_size=4, progress=False)
+    tiny_checkpoint(ckpt, seed=1)  # training overwrote latest.pt meanwhile
+    init_run(resumed, make_plan(src, chunk=4, axes="z,y", tile=16, step=8,
+                                levels=(30000.0, 10000.0), checkpoint=ckpt))  # accepted
+    assert "pinned generator" in checkpoint_changed(resumed)
+    run_local(resumed, progress=False)
+    for axis in "zy":
+        a = zarr.open_array(str(axis_store(straight, axis)), mode="r")[...]
+        b = zarr.open_array(str(axis_store(resumed, axis)), mode="r")[...]
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tampered_pinned_generator_is_refused_naming_both_hashes(tmp_path):
+    from hpcstain.errors import InputError
+    from hpcstain.volume.plan import generator_path, load_plan
+    from hpcstain.volume.stain import PinnedStainer
+
+    ckpt, _ = tiny_checkpoint(tmp_path / "g.pt")
+    plan = make_plan(ct_zarr(tmp_path), chunk=8, axes="z", tile=16, step=8,
                      levels=(30000.0, 10000.0), checkpoint=ckpt)
     run = init_run(tmp_path / "run", plan)
-    report = run_stain(run, progress=False)  # fn from the plan's checkpoint
-    assert len(report.stained) == plan.n_chunks == 4
+    tiny_checkpoint(generator_path(run), seed=5)
+    recorded = load_plan(run).generator_sha256
+    with pytest.raises(InputError, match=rf"sha256 [0-9a-f]{{16}}.*recorded {recorded[:16]}"):
+        PinnedStainer(str(run))()
+
+
+def test_target_levels_come_from_the_checkpoint(tmp_path):
+    """A model trained with other §2.5 levels is normalised with those levels by stain."""
+    from hpcstain.volume.plan import load_plan
+    from hpcstain.volume.stain import prepared_ct
+
+    ckpt, _ = tiny_checkpoint(tmp_path / "g.pt", ct_bone_level=40000.0,
+                              ct_background_level=5000.0)
+    src = ct_zarr(tmp_path)
+    plan = make_plan(src, chunk=8, axes="z", sigma=0.0, levels=(30000.0, 10000.0),
+                     checkpoint=ckpt)
+    run = init_run(tmp_path / "run", plan)
+    assert load_plan(run).target_levels == (40000.0, 5000.0)
+    box = (slice(0, 8), slice(0, 16), slice(0, 16))
+    unit = prepared_ct(src, box, load_plan(run))
+    raw = src.read(box).astype(np.float32)
+    expected = ((raw - 10000) * (35000 / 20000) + 5000).clip(0, 65535) / 65535 * 2 - 1
+    np.testing.assert_allclose(unit, expected, atol=2e-6)

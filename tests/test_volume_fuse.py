@@ -43,16 +43,23 @@ def striped(truth: np.ndarray, axis: int, amplitude: float, seed: int) -> np.nda
 
 def make_run(tmp_path, preds: dict[str, np.ndarray], chunk=(8, 8, 8), complete=None,
              voxel=(5.0, 5.0, 5.0)):
-    """A run dir whose axis arrays hold ``preds``; records for the ``complete`` chunks."""
+    """A run dir whose axis arrays hold ``preds``; the slabs covering the ``complete``
+    chunks are recorded as done."""
     plan = Plan(input="hand-made", shape=SHAPE, chunk=chunk, axes=tuple(preds),
                 voxel_size_um=voxel)
     run = init_run(tmp_path / "run", plan)
     for axis, pred in preds.items():
         zarr.open_array(str(axis_store(run, axis)), mode="r+")[...] = pred
     for i in range(plan.n_chunks) if complete is None else complete:
-        for axis in preds:
-            write_record(run, f"axis-{axis}", plan.chunk_name(i), {})
+        complete_chunk(run, plan, i, tuple(preds))
     return run, plan
+
+
+def complete_chunk(run, plan, index, axes) -> None:
+    """Completion records for every axis's slab(s) covering chunk ``index``."""
+    for axis in axes:
+        for name in plan.units_covering(axis, plan.write_region(index)):
+            write_record(run, f"axis-{axis}", name, {})
 
 
 def read_level0_rgb(run, name="fused.ome.zarr") -> np.ndarray:
@@ -122,15 +129,15 @@ def test_second_fuse_touches_only_newly_complete_chunks(tmp_path):
     first = fuse_run(run, method="median", levels=2)
     assert first.fused == [plan.chunk_name(i) for i in (0, 1, 2)]
     assert len(first.missing) == plan.n_chunks - 3
-    assert first.missing[plan.chunk_name(5)] == ["z", "y", "x"]
+    # chunks 0-2 are the first row along x: every x slab is done, z and y slabs 1 are not
+    assert first.missing[plan.chunk_name(13)] == ["z", "y"]
     assert "missing axes" in first.summary()
 
     level0 = zarr.open_group(str(run / "fused.ome.zarr"), mode="r+")["0"]
     sentinel = plan.write_region(1)
     level0[(slice(None), *sentinel)] = 7  # a re-fuse of chunk 1 would overwrite this
     for i in range(3, plan.n_chunks):
-        for axis in preds:
-            write_record(run, f"axis-{axis}", plan.chunk_name(i), {})
+        complete_chunk(run, plan, i, tuple(preds))
     second = fuse_run(run, method="median", levels=2)
     assert second.already == 3 and len(second.fused) == plan.n_chunks - 3
     assert second.complete
@@ -147,8 +154,7 @@ def test_pyramid_does_not_depend_on_fuse_order(tmp_path):
     run_a, plan = make_run(tmp_path / "a", preds, chunk=(5, 7, 6), complete=[])
     run_b, _ = make_run(tmp_path / "b", preds, chunk=(5, 7, 6))
     for i in reversed(range(plan.n_chunks)):  # one chunk at a time, last first
-        for axis in preds:
-            write_record(run_a, f"axis-{axis}", plan.chunk_name(i), {})
+        complete_chunk(run_a, plan, i, tuple(preds))
         fuse_run(run_a, levels=3)
     fuse_run(run_b, levels=3)
     for k in range(3):

@@ -1,4 +1,5 @@
-"""Chunked multi-axis staining: chunk invariance, Gaussian halo, records, resume, plans."""
+"""Slab-wise multi-axis staining: decomposition invariance, Gaussian halo, records, resume,
+plans, generator cost."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ import zarr
 
 from hpcstain.errors import InputError, UsageError
 from hpcstain.executors import run_local, run_stain
-from hpcstain.executors.array import chunk_group, run_array_task, task_from_env
-from hpcstain.tiles import stain_image
+from hpcstain.executors.array import run_array_task, task_from_env, unit_group
+from hpcstain.inference import Conventions
+from hpcstain.inference import ct_to_unit as unit_ct
+from hpcstain.tiles import grid_pixels, stain_image
 from hpcstain.volume import stain as stain_mod
-from hpcstain.volume.io import ct_to_unit, open_volume
+from hpcstain.volume.io import open_volume
 from hpcstain.volume.plan import axis_store, done_names, load_plan, make_plan, record_path
 from hpcstain.volume.stain import (
+    generator_cost,
     init_run,
-    pending_chunks,
+    pending_units,
     prepared_ct,
-    stain_chunk,
+    stain_unit,
     to_uint8,
     whole_volume_smooth,
 )
@@ -32,6 +36,10 @@ from hpcstain.volume.stain import (
 SHAPE = (20, 26, 30)
 TILE, STEP = 16, 8
 LEVELS = (30000.0, 9000.0)
+
+
+def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
+    return unit_ct(ct, (bone, background), Conventions())
 
 
 class ConvStainer:
@@ -49,8 +57,8 @@ class ConvStainer:
         assert batch.shape[1] == 3 and batch.min() >= -1 and batch.max() <= 1
         assert torch.equal(batch[:, 0], batch[:, 2])
         x = torch.nn.functional.pad(batch[:, 0], (1, 1, 1, 1))
-        t = batch.shape[-1]
-        taps = [x[:, i:i + t, j:j + t] for i in range(3) for j in range(3)]
+        h, w = batch.shape[-2:]
+        taps = [x[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
         out = []
         for w in self.w:
             acc = taps[4] * 1.5
@@ -101,7 +109,12 @@ def reference(volume_path) -> dict[str, np.ndarray]:
 def new_run(tmp_path: Path, volume_path: Path, chunk, axes="z,y,x", sigma=1.0, **kw):
     plan = make_plan(open_volume(volume_path), chunk=chunk, axes=axes, tile=TILE, step=STEP,
                      window="mean", sigma=sigma, levels=LEVELS, **kw)
-    return init_run(tmp_path / f"run-{'x'.join(map(str, plan.chunk))}", plan), plan
+    run = init_run(tmp_path / f"run-{'x'.join(map(str, plan.chunk))}", plan)
+    return run, load_plan(run)
+
+
+def unit_names(plan, indices) -> list[str]:
+    return sorted(f"{plan.unit(i).axis}/{plan.unit(i).name}" for i in indices)
 
 
 def axis_output(run: Path, axis: str) -> np.ndarray:
@@ -121,17 +134,55 @@ def store_bytes(run: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("chunk", [(20, 26, 30), (8, 8, 8), (6, 11, 9), (20, 9, 30)])
-def test_chunked_output_equals_whole_volume_on_every_axis(tmp_path, volume_path, reference,
-                                                           chunk):
-    run, plan = new_run(tmp_path, volume_path, chunk)
+@pytest.mark.parametrize("chunk, max_unit", [((20, 26, 30), 1 << 27), ((8, 8, 8), 1 << 27),
+                                             ((6, 11, 9), 1 << 27), ((20, 9, 30), 1 << 27),
+                                             ((8, 8, 8), 500), ((6, 11, 9), 700)])
+def test_slab_output_equals_whole_volume_on_every_axis(tmp_path, volume_path, reference,
+                                                       chunk, max_unit):
+    """Slabs (and, under a small memory bound, slabs split in-plane) == whole volume."""
+    run, plan = new_run(tmp_path, volume_path, chunk, max_unit_voxels=max_unit)
+    if max_unit < 1000:
+        assert any(n > 1 for a in "zyx" for n in plan.unit_grid(a)[1:])
     report = run_local(run, ConvStainer(), batch_size=5, progress=False)
-    assert len(report.stained) == plan.n_chunks
+    assert len(report.stained) == plan.n_units
     for axis in "zyx":
         np.testing.assert_array_equal(axis_output(run, axis), reference[axis], err_msg=axis)
 
 
-def test_prefetching_the_next_chunk_changes_no_byte(tmp_path, volume_path):
+def test_units_are_slabs_of_whole_slices_aligned_to_storage_chunks(tmp_path, volume_path):
+    _, plan = new_run(tmp_path, volume_path, (6, 11, 9))
+    assert plan.unit_grid("z") == (4, 1, 1) and plan.unit_grid("x") == (4, 1, 1)
+    seen = {a: np.zeros(SHAPE, int) for a in "zyx"}
+    for u in plan.units:
+        region = plan.unit_write_region(u)
+        seen[u.axis][region] += 1
+        for s, k, n in zip(region, plan.chunk, SHAPE, strict=True):
+            assert s.start % k == 0 and (s.stop % k == 0 or s.stop == n)
+    assert all((v == 1).all() for v in seen.values())  # every voxel owned once per axis
+
+
+def test_engine_counts_exactly_the_generator_pixels_of_whole_planes(tmp_path, volume_path):
+    run, plan = new_run(tmp_path, volume_path, (6, 11, 9))
+    run_local(run, ConvStainer(), progress=False)
+    cost = generator_cost(run)
+    for a, axis in enumerate("zyx"):
+        tile, step = plan.plane_tiling(axis)
+        per_slice = grid_pixels(plan.plane(axis), tile, step)
+        voxels_per_slice = np.prod(SHAPE) / SHAPE[a]
+        assert cost[axis] == pytest.approx(per_slice / voxels_per_slice)
+
+
+def test_tiles_are_clamped_to_thin_planes():
+    from hpcstain.volume.plan import Plan
+
+    plan = Plan(input="v", shape=(37, 131, 97), chunk=(37, 128, 97), size_multiple=4)
+    assert plan.plane_tiling("z") == ((132, 100), (132, 100))
+    assert plan.plane_tiling("y") == ((40, 100), (40, 100))
+    big = Plan(input="v", shape=(300, 600, 700), chunk=(128, 128, 128))
+    assert big.plane_tiling("z") == ((256, 256), (192, 192))
+
+
+def test_prefetching_the_next_unit_changes_no_byte(tmp_path, volume_path):
     plan = make_plan(open_volume(volume_path), chunk=(8, 8, 8), axes="z,y,x", tile=TILE,
                      step=STEP, window="mean", sigma=1.0, levels=LEVELS)
     with_prefetch = init_run(tmp_path / "ahead", plan)
@@ -178,7 +229,7 @@ def test_completion_record_written_only_after_the_data(tmp_path, volume_path, re
 
     def checking_write_record(run_dir, task, name, info):
         axis = task.removeprefix("axis-")
-        region = plan.write_region(plan.chunk_index(tuple(int(c) for c in name[2:].split("-"))))
+        region = tuple(slice(a, b) for a, b in info["write_region"])
         on_disk = np.asarray(zarr.open_array(str(axis_store(run, axis)), mode="r")[region])
         np.testing.assert_array_equal(on_disk, reference[axis][region])
         seen.append((axis, name))
@@ -186,16 +237,16 @@ def test_completion_record_written_only_after_the_data(tmp_path, volume_path, re
 
     monkeypatch.setattr(stain_mod, "write_record", checking_write_record)
     run_local(run, ConvStainer(), progress=False)
-    assert len(seen) == 3 * plan.n_chunks
+    assert len(seen) == plan.n_units
 
     def failing_write(*args, **kwargs):
         raise OSError("disk full")
 
     run2, plan2 = new_run(tmp_path / "b", volume_path, (10, 13, 15))
-    monkeypatch.setattr(stain_mod, "write_axis_chunk", failing_write)
+    monkeypatch.setattr(stain_mod, "write_axis_region", failing_write)
     with pytest.raises(OSError):
-        stain_chunk(run2, 0, ConvStainer(), plan=plan2)
-    assert not record_path(run2, "axis-z", plan2.chunk_name(0)).exists()
+        stain_unit(run2, 0, ConvStainer(), plan=plan2)
+    assert not record_path(run2, "axis-z", plan2.unit(0).name).exists()
 
 
 class FailingAfter:
@@ -211,22 +262,22 @@ class FailingAfter:
         return self.inner(batch)
 
 
-def test_rerun_after_crash_redoes_only_incomplete_chunks_and_gives_identical_bytes(
+def test_rerun_after_crash_redoes_only_incomplete_units_and_gives_identical_bytes(
         tmp_path, volume_path):
     clean, plan = new_run(tmp_path / "clean", volume_path, (10, 13, 15))
     run_local(clean, ConvStainer(), batch_size=8, progress=False)
     crashed, _ = new_run(tmp_path / "crashed", volume_path, (10, 13, 15))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_local(crashed, FailingAfter(40), batch_size=8, progress=False)
-    pending = pending_chunks(crashed)
-    assert 0 < len(pending) < plan.n_chunks
+    pending = pending_units(crashed)
+    assert 0 < len(pending) < plan.n_units
     done_before = {a: done_names(crashed, f"axis-{a}") for a in "zyx"}
     report = run_local(crashed, ConvStainer(), batch_size=8, progress=False)
-    assert sorted(report.stained) == sorted(plan.chunk_name(i) for i in pending)
-    assert report.skipped == plan.n_chunks - len(pending)
+    assert sorted(report.stained) == unit_names(plan, pending)
+    assert report.skipped == plan.n_units - len(pending)
     assert all(done_before[a] <= done_names(crashed, f"axis-{a}") for a in "zyx")
     assert store_bytes(crashed) == store_bytes(clean)
-    assert pending_chunks(crashed) == []
+    assert pending_units(crashed) == []
 
 
 def test_killed_process_resumes_to_identical_bytes(tmp_path, volume_path):
@@ -241,15 +292,15 @@ def test_killed_process_resumes_to_identical_bytes(tmp_path, volume_path):
         inner, calls = ConvStainer(), [0]
         def fn(batch):
             calls[0] += 1
-            if calls[0] == 12:
+            if calls[0] == 14:
                 os.kill(os.getpid(), signal.SIGKILL)
             return inner(batch)
         run_local({str(killed)!r}, fn, batch_size=8, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
-    left = pending_chunks(killed)
-    assert 0 < len(left) < plan.n_chunks
+    left = pending_units(killed)
+    assert 0 < len(left) < plan.n_units
     report = run_local(killed, ConvStainer(), progress=False)
     assert len(report.stained) == len(left)
     assert store_bytes(killed) == store_bytes(clean)
@@ -261,25 +312,24 @@ def test_dask_local_cluster_equals_in_process(tmp_path, volume_path):
     dask_run, plan = new_run(tmp_path / "dask", volume_path, (10, 13, 15), axes="z,y")
     report = run_stain(dask_run, executor="dask", make_fn=MakeConvStainer(), n_workers=2,
                        processes=False)
-    assert len(report.stained) == plan.n_chunks
+    assert len(report.stained) == plan.n_units
     assert store_bytes(dask_run) == store_bytes(local)
     again = run_stain(dask_run, executor="dask", make_fn=MakeConvStainer(), processes=False)
-    assert again.stained == [] and again.skipped == plan.n_chunks
+    assert again.stained == [] and again.skipped == plan.n_units
 
 
-def test_array_tasks_cover_every_chunk_once(tmp_path, volume_path, reference):
-    assert chunk_group(10, 1, 3) == [1, 4, 7]
-    assert sorted(i for t in range(3) for i in chunk_group(10, t, 3)) == list(range(10))
+def test_array_tasks_cover_every_unit_once(tmp_path, volume_path, reference):
+    assert unit_group(10, 1, 3) == [1, 4, 7]
+    assert sorted(i for t in range(3) for i in unit_group(10, t, 3)) == list(range(10))
     assert task_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
                           "SLURM_ARRAY_TASK_COUNT": "3"}) == (1, 3)
     with pytest.raises(UsageError):
         task_from_env({})
     run, plan = new_run(tmp_path, volume_path, (10, 13, 15), axes="z")
     first = run_array_task(run, 0, 2, make_fn=MakeConvStainer())
-    assert sorted(first.stained) == sorted(plan.chunk_name(i) for i in chunk_group(
-        plan.n_chunks, 0, 2))
+    assert sorted(first.stained) == unit_names(plan, unit_group(plan.n_units, 0, 2))
     run_array_task(run, 1, 2, make_fn=MakeConvStainer())
-    assert pending_chunks(run) == []
+    assert pending_units(run) == []
     np.testing.assert_array_equal(axis_output(run, "z"), reference["z"])
 
 
@@ -295,14 +345,13 @@ def test_different_plan_in_same_run_dir_is_refused_naming_keys(tmp_path, volume_
 
 
 def test_plan_records_what_determines_the_output(tmp_path, volume_path):
-    ckpt = tmp_path / "model.pt"
-    ckpt.write_bytes(b"weights")
-    run, plan = new_run(tmp_path, volume_path, 64, config={"model.ngf": 8}, checkpoint=ckpt)
+    run, plan = new_run(tmp_path, volume_path, 64, config={"model.ngf": 8})
     saved = load_plan(run)
     assert saved == plan
     assert saved.shape == SHAPE and saved.chunk == SHAPE  # chunk clipped to the volume
     assert saved.voxel_size_um == (5.0, 5.0, 5.0) and saved.halo == 4
-    assert len(saved.checkpoint_sha256) == 64 and saved.config == {"model.ngf": 8}
+    assert saved.target_levels == (30000.0, 10000.0) and saved.config == {"model.ngf": 8}
+    assert (saved.tile, saved.step, saved.window) == (TILE, STEP, "mean")
     with pytest.raises(UsageError, match="axes"):
         make_plan(open_volume(volume_path), axes="z,w", levels=LEVELS)
     with pytest.raises(UsageError, match="window"):
@@ -314,4 +363,4 @@ def test_changed_input_is_refused(tmp_path, volume_path):
     zarr.create_array(str(tmp_path / "other.zarr"), data=ct_volume((4, 4, 4)))
     bad = open_volume(tmp_path / "other.zarr")
     with pytest.raises(InputError, match="differs from the plan"):
-        stain_chunk(run, 0, ConvStainer(), plan=plan, source=bad)
+        stain_unit(run, 0, ConvStainer(), plan=plan, source=bad)

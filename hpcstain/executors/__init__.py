@@ -1,21 +1,21 @@
-"""Executors: run ``process_chunk(run_dir, chunk_index)`` in-process, on dask, or as a
-SLURM-array task. None of them knows anything about staining beyond that function; chunks
-with completion records are skipped, so every executor is safe to re-run."""
+"""Executors: run ``process_unit(run_dir, unit_index)`` in-process, on dask, over MPI ranks,
+or as a SLURM-array task. None of them knows anything about staining beyond that function;
+units with completion records are skipped, so every executor is safe to re-run."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from hpcstain.executors.local import StainReport, process_chunk, run_local
+from hpcstain.executors.local import StainReport, process_unit, run_local
 from hpcstain.volume.stain import StainFn
 
-__all__ = ["StainReport", "process_chunk", "run_local", "run_stain"]
+__all__ = ["StainReport", "process_unit", "run_local", "run_stain"]
 
 
 def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               executor: str = "local", **kwargs: Any) -> StainReport:
-    """Stain every pending chunk of ``run_dir`` with ``executor`` ("local", "dask", "mpi").
+    """Stain every pending unit of ``run_dir`` with ``executor`` ("local", "dask", "mpi").
 
     ``fn`` is used in-process only; the dask executor builds the function in each worker
     from ``make_fn`` (a picklable zero-argument callable) or the plan's checkpoint.

@@ -1,4 +1,4 @@
-"""SLURM-array worker: task ``i`` of ``n`` stains chunk group ``i`` (chunks i, i+n, i+2n …).
+"""SLURM-array worker: task ``i`` of ``n`` stains unit group ``i`` (units i, i+n, i+2n …).
 
 A launcher submits ``n`` array tasks that each run::
 
@@ -6,7 +6,7 @@ A launcher submits ``n`` array tasks that each run::
 
 ``--task-id`` / ``--n-tasks`` default to ``SLURM_ARRAY_TASK_ID`` (minus
 ``SLURM_ARRAY_TASK_MIN``) and ``SLURM_ARRAY_TASK_COUNT``. Round-robin groups spread the
-small edge chunks over all tasks. Chunks with completion records are skipped, so a
+small edge slabs over all tasks. Units with completion records are skipped, so a
 requeued or re-submitted task only does what is left.
 """
 
@@ -22,11 +22,11 @@ from hpcstain.executors.local import MakeFn, StainReport, run_local
 from hpcstain.volume.plan import load_plan
 
 
-def chunk_group(n_chunks: int, task_id: int, n_tasks: int) -> list[int]:
-    """The chunk indices of task ``task_id`` out of ``n_tasks`` (round robin)."""
+def unit_group(n_units: int, task_id: int, n_tasks: int) -> list[int]:
+    """The unit indices of task ``task_id`` out of ``n_tasks`` (round robin)."""
     if n_tasks < 1 or not 0 <= task_id < n_tasks:
         raise UsageError(f"task {task_id} of {n_tasks}: need 0 <= task-id < n-tasks")
-    return list(range(task_id, n_chunks, n_tasks))
+    return list(range(task_id, n_units, n_tasks))
 
 
 def task_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -44,16 +44,16 @@ def task_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
 def run_array_task(run_dir: str | os.PathLike[str], task_id: int, n_tasks: int,
                    make_fn: MakeFn | None = None, batch_size: int = 16, device: str = "cpu",
                    progress: bool = False) -> StainReport:
-    """Stain this task's chunk group (pending chunks only)."""
+    """Stain this task's unit group (pending units only)."""
     plan = load_plan(run_dir)
-    group = chunk_group(plan.n_chunks, task_id, n_tasks)
-    return run_local(run_dir, make_fn=make_fn, chunks=group, batch_size=batch_size,
+    group = unit_group(plan.n_units, task_id, n_tasks)
+    return run_local(run_dir, make_fn=make_fn, units=group, batch_size=batch_size,
                      device=device, progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcstain.executors.array",
-                                description="Stain chunk group i of n of a planned run.")
+                                description="Stain unit group i of n of a planned run.")
     p.add_argument("run_dir")
     p.add_argument("--task-id", type=int, default=None)
     p.add_argument("--n-tasks", type=int, default=None)

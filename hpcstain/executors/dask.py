@@ -1,6 +1,6 @@
-"""dask.distributed executor: one task per pending chunk on a LocalCluster or a scheduler.
+"""dask.distributed executor: one task per pending work unit on a LocalCluster or a scheduler.
 
-Tasks are the plain :func:`~hpcstain.executors.local.process_chunk`; each worker opens the
+Tasks are the plain :func:`~hpcstain.executors.local.process_unit`; each worker opens the
 run directory and the input itself, so nothing large travels through the scheduler.
 """
 
@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcstain.executors.local import MakeFn, StainReport, process_chunk
+from hpcstain.executors.local import MakeFn, StainReport, process_unit, unit_name
 from hpcstain.volume.plan import load_plan
-from hpcstain.volume.stain import pending_chunks
+from hpcstain.volume.stain import generator_cost, pending_units
 
 
 def run_dask(run_dir: str | os.PathLike[str], make_fn: MakeFn | None = None,
              address: str | Any | None = None, n_workers: int = 2, threads_per_worker: int = 1,
              processes: bool = True, batch_size: int = 16, device: str = "cpu",
              progress: bool = False) -> StainReport:
-    """Stain every pending chunk on dask.
+    """Stain every pending unit on dask.
 
     ``address`` is a scheduler address (``tcp://host:8786``), an existing
     ``distributed.Client`` or cluster object (e.g. a dask-jobqueue ``SLURMCluster``), or
@@ -31,8 +31,8 @@ def run_dask(run_dir: str | os.PathLike[str], make_fn: MakeFn | None = None,
     t0 = time.perf_counter()
     run_dir = str(Path(run_dir).resolve())
     plan = load_plan(run_dir)
-    todo = pending_chunks(run_dir, plan)
-    report = StainReport(Path(run_dir), plan.n_chunks, skipped=plan.n_chunks - len(todo))
+    todo = pending_units(run_dir, plan)
+    report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(todo))
     if not todo:
         return report
     cluster = None
@@ -45,16 +45,17 @@ def run_dask(run_dir: str | os.PathLike[str], make_fn: MakeFn | None = None,
             address = cluster
         client, own_client = Client(address), True
     try:
-        futures = [client.submit(process_chunk, run_dir, i, make_fn, batch_size, device,
-                                 key=f"stain-{plan.chunk_name(i)}-{os.getpid()}", pure=False)
+        futures = [client.submit(process_unit, run_dir, i, make_fn, batch_size, device,
+                                 key=f"stain-{plan.unit(i).axis}-{plan.unit(i).name}-"
+                                 f"{os.getpid()}", pure=False)
                    for i in todo]
         done = as_completed(futures)
         if progress:
             from tqdm import tqdm
 
-            done = tqdm(done, total=len(futures), desc="stain", unit="chunk")
+            done = tqdm(done, total=len(futures), desc="stain", unit="slab")
         for fut in done:
-            report.stained.append(fut.result().name)
+            report.stained.append(unit_name(fut.result()))
     finally:
         if own_client:
             client.close()
@@ -62,4 +63,5 @@ def run_dask(run_dir: str | os.PathLike[str], make_fn: MakeFn | None = None,
             cluster.close()
     report.stained.sort()
     report.seconds = time.perf_counter() - t0
+    report.cost = generator_cost(run_dir, plan)
     return report

@@ -1,4 +1,4 @@
-"""In-process executor: chunks one after another, with a progress bar."""
+"""In-process executor: work units one after another, with a progress bar."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from pathlib import Path
 
 from hpcstain.volume.plan import load_plan
 from hpcstain.volume.stain import (
-    ChunkResult,
-    LoadedChunk,
+    LoadedUnit,
     StainFn,
-    load_chunk,
-    pending_chunks,
+    UnitResult,
+    generator_cost,
+    load_unit,
+    pending_units,
     resolve_fn,
-    stain_chunk,
+    stain_unit,
 )
 
 MakeFn = Callable[[], StainFn]
@@ -25,62 +26,71 @@ MakeFn = Callable[[], StainFn]
 
 @dataclass
 class StainReport:
-    """Which chunks a pass stained (the rest of the plan was already done)."""
+    """Which units a pass stained (the rest of the plan was already done)."""
 
     run_dir: Path
-    n_chunks: int
+    n_units: int
     stained: list[str] = field(default_factory=list)
     skipped: int = 0
     seconds: float = 0.0
+    cost: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.run_dir}: stained {len(self.stained)} chunk(s), {self.skipped} already "
-                f"done, {self.n_chunks} in the plan ({self.seconds:.1f} s)")
+        line = (f"{self.run_dir}: stained {len(self.stained)} unit(s), {self.skipped} already "
+                f"done, {self.n_units} in the plan ({self.seconds:.1f} s)")
+        if self.cost:
+            line += ("\n  generator pixels per output voxel·axis: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in self.cost.items()))
+        return line
 
 
-def process_chunk(run_dir: str | os.PathLike[str], chunk_index: int,
-                  make_fn: MakeFn | None = None, batch_size: int = 16,
-                  device: str = "cpu") -> ChunkResult:
-    """The unit of work every executor runs: open the run, stain one chunk, record it.
+def process_unit(run_dir: str | os.PathLike[str], index: int,
+                 make_fn: MakeFn | None = None, batch_size: int = 16,
+                 device: str = "cpu") -> UnitResult:
+    """The unit of work every executor runs: open the run, stain one unit, record it.
 
-    ``make_fn`` builds the staining function in the worker (default: the plan's
-    checkpoint, loaded once per process).
+    ``make_fn`` builds the staining function in the worker (default: the run's pinned
+    generator, loaded once per process).
     """
     plan = load_plan(run_dir)
-    fn = resolve_fn(None, make_fn, plan, device)
-    return stain_chunk(run_dir, chunk_index, fn, batch_size=batch_size, plan=plan)
+    fn = resolve_fn(None, make_fn, plan, run_dir, device)
+    return stain_unit(run_dir, index, fn, batch_size=batch_size, plan=plan)
+
+
+def unit_name(result: UnitResult) -> str:
+    return f"{result.axis}/{result.name}"
 
 
 def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
-              make_fn: MakeFn | None = None, chunks: Iterable[int] | None = None,
+              make_fn: MakeFn | None = None, units: Iterable[int] | None = None,
               batch_size: int = 16, device: str = "cpu", progress: bool = True,
               prefetch: bool = True) -> StainReport:
-    """Stain every pending chunk (or the given ``chunks``) in this process.
+    """Stain every pending unit (or the given ``units``) in this process.
 
-    With ``prefetch`` a background thread reads and preprocesses the next chunk (read +
+    With ``prefetch`` a background thread reads and preprocesses the next unit (read +
     halo, Gaussian, normalisation) while the generator works on the current one.
     """
     t0 = time.perf_counter()
     plan = load_plan(run_dir)
-    pending = set(pending_chunks(run_dir, plan))
-    todo = [i for i in (range(plan.n_chunks) if chunks is None else chunks) if i in pending]
-    report = StainReport(Path(run_dir), plan.n_chunks, skipped=plan.n_chunks - len(pending))
-    if not todo:
-        return report
-    fn = resolve_fn(fn, make_fn, plan, device)
-    bar = todo
-    if progress:
-        from tqdm import tqdm
+    pending = set(pending_units(run_dir, plan))
+    todo = [i for i in (range(plan.n_units) if units is None else units) if i in pending]
+    report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(pending))
+    if todo:
+        fn = resolve_fn(fn, make_fn, plan, run_dir, device)
+        bar = todo
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(todo, desc="stain", unit="chunk")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead: Future[LoadedChunk] | None = None
-        for n, i in enumerate(bar):
-            loaded = ahead.result() if ahead is not None else None
-            ahead = (pool.submit(load_chunk, run_dir, todo[n + 1], plan)
-                     if prefetch and n + 1 < len(todo) else None)
-            result = stain_chunk(run_dir, i, fn, batch_size=batch_size, plan=plan,
-                                 loaded=loaded)
-            report.stained.append(result.name)
+            bar = tqdm(todo, desc="stain", unit="slab")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead: Future[LoadedUnit] | None = None
+            for n, i in enumerate(bar):
+                loaded = ahead.result() if ahead is not None else None
+                ahead = (pool.submit(load_unit, run_dir, todo[n + 1], plan)
+                         if prefetch and n + 1 < len(todo) else None)
+                result = stain_unit(run_dir, i, fn, batch_size=batch_size, plan=plan,
+                                    loaded=loaded)
+                report.stained.append(unit_name(result))
     report.seconds = time.perf_counter() - t0
+    report.cost = generator_cost(run_dir, plan)
     return report

@@ -1,8 +1,8 @@
 """MPI executor: ``mpirun -n N hpcstain stain ... --executor mpi``.
 
-Rank 0 hands out pending chunk indices one at a time to whichever worker asks next, so a
-slow chunk never stalls the others (dynamic scheduling); ranks 1..N-1 stain. With a single
-rank, rank 0 stains everything itself. mpi4py is imported only here (optional extra
+Every rank stains, rank 0 included: units are claimed one at a time from a shared counter
+in an MPI window on rank 0 (atomic fetch-and-add), so a slow unit never stalls the others
+(dynamic scheduling) and no rank idles as a dispatcher. mpi4py is imported only here (optional extra
 ``hpcstain[mpi]``, needs an MPI library such as Debian's openmpi-bin libopenmpi-dev).
 """
 
@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hpcstain.errors import UsageError
-from hpcstain.executors.local import MakeFn, StainReport, run_local
-from hpcstain.volume.plan import load_plan
-from hpcstain.volume.stain import StainFn, pending_chunks, resolve_fn, stain_chunk
+import numpy as np
 
-TAG_WORK, TAG_STOP, TAG_READY = 1, 2, 3
+from hpcstain.errors import UsageError
+from hpcstain.executors.local import MakeFn, StainReport, run_local, unit_name
+from hpcstain.volume.plan import load_plan
+from hpcstain.volume.stain import (
+    StainFn,
+    generator_cost,
+    pending_units,
+    resolve_fn,
+    stain_unit,
+)
 
 
 def world_comm() -> Any:
@@ -33,7 +40,7 @@ def world_comm() -> Any:
 def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
             make_fn: MakeFn | None = None, batch_size: int = 16, device: str = "cpu",
             progress: bool = False, comm: Any = None) -> StainReport:
-    """Stain every pending chunk over the ranks of ``comm`` (default: MPI.COMM_WORLD).
+    """Stain every pending unit over the ranks of ``comm`` (default: MPI.COMM_WORLD).
 
     Every rank returns a report; rank 0's covers the whole run.
     """
@@ -43,50 +50,39 @@ def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
                          device=device, progress=progress)
     t0 = time.perf_counter()
     plan = load_plan(run_dir)
-    if comm.Get_rank() == 0:
-        todo = pending_chunks(run_dir, plan)
-        report = StainReport(Path(run_dir), plan.n_chunks,
-                             skipped=plan.n_chunks - len(todo))
-        _serve(comm, todo, report)
-    else:
-        report = StainReport(Path(run_dir), plan.n_chunks)
-        chunk_fn = resolve_fn(fn, make_fn, plan, device)
-        _work(comm, run_dir, chunk_fn, batch_size, plan, report)
+    todo = pending_units(run_dir, plan) if comm.Get_rank() == 0 else None
+    todo = comm.bcast(todo, root=0)
+    report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(todo))
+    unit_fn = resolve_fn(fn, make_fn, plan, run_dir, device)
+    for index in _claimed(comm, len(todo)):
+        result = stain_unit(run_dir, todo[index], unit_fn, batch_size=batch_size, plan=plan)
+        report.stained.append(unit_name(result))
     names = comm.gather(report.stained, root=0)
     if comm.Get_rank() == 0:
         report.stained = sorted(n for part in names for n in part)
+        report.cost = generator_cost(run_dir, plan)
     report.seconds = time.perf_counter() - t0
     comm.Barrier()
     return report
 
 
-def _serve(comm: Any, todo: list[int], report: StainReport) -> None:
-    """Rank 0: answer each READY message with the next chunk, then with STOP."""
+def _claimed(comm: Any, n: int) -> Iterator[int]:
+    """Positions 0..n-1, each handed to exactly one rank (shared atomic counter on rank 0)."""
     from mpi4py import MPI
 
-    queue = list(todo)
-    workers = comm.Get_size() - 1
-    status = MPI.Status()
-    while workers:
-        comm.recv(source=MPI.ANY_SOURCE, tag=TAG_READY, status=status)
-        source = status.Get_source()
-        if queue:
-            comm.send(queue.pop(0), dest=source, tag=TAG_WORK)
-        else:
-            comm.send(None, dest=source, tag=TAG_STOP)
-            workers -= 1
-
-
-def _work(comm: Any, run_dir: str | os.PathLike[str], fn: StainFn, batch_size: int,
-          plan: Any, report: StainReport) -> None:
-    """Ranks ≥ 1: ask for a chunk, stain it (completion record last), repeat until STOP."""
-    from mpi4py import MPI
-
-    status = MPI.Status()
-    while True:
-        comm.send(None, dest=0, tag=TAG_READY)
-        index = comm.recv(source=0, tag=MPI.ANY_TAG, status=status)
-        if status.Get_tag() == TAG_STOP:
-            return
-        result = stain_chunk(run_dir, index, fn, batch_size=batch_size, plan=plan)
-        report.stained.append(result.name)
+    counter = np.zeros(1, np.int64)  # exposed by rank 0 only
+    win = MPI.Win.Create(counter if comm.Get_rank() == 0 else None, 8, comm=comm)
+    try:
+        comm.Barrier()
+        one = np.ones(1, np.int64)
+        got = np.zeros(1, np.int64)
+        while True:
+            win.Lock(0)
+            win.Fetch_and_op(one, got, 0, 0, MPI.SUM)
+            win.Unlock(0)
+            if got[0] >= n:
+                return
+            yield int(got[0])
+    finally:
+        comm.Barrier()
+        win.Free()

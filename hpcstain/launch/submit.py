@@ -164,9 +164,9 @@ def describe(job: Any) -> str:
 
 @dataclass
 class StainTask:
-    """Array task ``i`` of ``n_tasks``: stain chunk group i (pending chunks only).
+    """Array task ``i`` of ``n_tasks``: stain unit group i (pending slabs only).
 
-    Requeueing is always safe: finished chunks have completion records and are skipped.
+    Requeueing is always safe: finished units have completion records and are skipped.
     """
 
     run_dir: str

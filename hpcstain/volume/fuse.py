@@ -17,9 +17,13 @@ Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result
 rounded to uint8. ``single_axis`` copies one axis through unchanged (the paper's
 slice-wise volume).
 
-A chunk is fused once it is complete on every axis; ``consistency`` also needs the chunks
-around it (its halo of ``r`` voxels), so its result does not depend on the chunking.
-Each fused chunk gets a completion record; re-running fuses only chunks without one.
+Fusion is a block task over the storage chunks of the output: a chunk is fused once every
+axis's work units (slabs) covering it are done; ``consistency`` also needs the voxels
+around it (its halo of ``r`` voxels), so its result does not depend on the chunking. Each
+chunk writes only its own level-0 storage chunk, then its completion record, so chunks
+fuse in parallel (``workers > 1``: a dask LocalCluster, or a given dask client); the
+pyramid levels are built after level 0, once per touched storage chunk. Re-running fuses
+only chunks without a record.
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
 
 def fuse_chunk_rgba(run_dir: Path, plan: Plan, axes: tuple[str, ...], index: int,
                     method: str) -> np.ndarray:
-    """The fused RGBA (Z, Y, X, 4) of one chunk."""
+    """The fused RGBA (Z, Y, X, 4) of one storage chunk."""
     region = plan.write_region(index)
     halo = method_halo(method, len(axes))
     block, inner = read_axis_block(run_dir, plan, axes, region, halo)
@@ -194,22 +198,63 @@ def fuse_chunk_rgba(run_dir: Path, plan: Plan, axes: tuple[str, ...], index: int
     return with_alpha(rgb[inner])
 
 
+def fuse_chunk(run_dir: str, image: str, task: str, axes: tuple[str, ...], method: str,
+               index: int) -> str:
+    """The block task: fuse one storage chunk into level 0, then write its record."""
+    run = Path(run_dir)
+    plan = load_plan(run)
+    rgba = fuse_chunk_rgba(run, plan, axes, index, method)
+    omezarr.write_level0(omezarr.open_image(image), plan.write_region(index), rgba)
+    name = plan.chunk_name(index)
+    write_record(run, task, name, {"chunk": name, "method": method if len(axes) > 1
+                                   else "single-axis", "time": time.time()})
+    return name
+
+
 def _settings(plan: Plan, method: str, axes: tuple[str, ...],
               voxel_size_um: tuple[float, float, float], n_levels: int) -> dict[str, Any]:
     return {"method": method if len(axes) > 1 else "single-axis", "axes": list(axes),
             "voxel_size_um": list(voxel_size_um), "levels": n_levels,
-            "plan_checkpoint_sha256": plan.checkpoint_sha256}
+            "plan_generator_sha256": plan.generator_sha256 or plan.checkpoint_sha256}
+
+
+def ready_chunks(run_dir: Path, plan: Plan, axes: tuple[str, ...], task: str, method: str,
+                 report: FuseReport) -> list[int]:
+    """Chunks whose axes' units (over the chunk + fusion halo) are all done, not yet fused."""
+    done = {a: done_names(run_dir, f"axis-{a}") for a in axes}
+    fused = done_names(run_dir, task)
+    halo = method_halo(method, len(axes))
+    todo = []
+    for i in range(plan.n_chunks):
+        name = plan.chunk_name(i)
+        if name in fused:
+            report.already += 1
+            continue
+        region = plan.write_region(i)
+        missing = [a for a in axes if not set(plan.units_covering(a, region)) <= done[a]]
+        if missing:
+            report.missing[name] = missing
+            continue
+        grown = _grow(region, halo, plan.shape)
+        if halo and any(not set(plan.units_covering(a, grown)) <= done[a] for a in axes):
+            report.waiting.append(name)
+        else:
+            todo.append(i)
+    return todo
 
 
 def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
-             overwrite: bool = False, progress: bool = False) -> FuseReport:
+             overwrite: bool = False, progress: bool = False, workers: int = 1,
+             client: Any = None) -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
     ``single_axis``) inside ``run_dir``. Settings are stored in the image; re-running with
     different settings is refused unless ``overwrite`` (which starts the image afresh).
+    Chunks are fused in this process, or in parallel on a dask ``client`` or a
+    LocalCluster of ``workers`` processes; the pyramid is built afterwards.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -237,38 +282,36 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels)  # type: ignore[arg-type]
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
-
-    done = {a: done_names(run_dir, f"axis-{a}") for a in axes}
-    fused = done_names(run_dir, task)
-    halo = method_halo(method, len(axes))
-    names = [plan.chunk_name(i) for i in range(plan.n_chunks)]
-    complete = {n for n in names if all(n in done[a] for a in axes)}
-    for n in names:
-        if n not in complete:
-            report.missing[n] = [a for a in axes if n not in done[a]]
-    todo = []
-    for i, n in enumerate(names):
-        if n in fused:
-            report.already += 1
-        elif n in complete:
-            needed = plan.chunks_in(_grow(plan.write_region(i), halo, plan.shape))
-            if all(names[j] in complete for j in needed):
-                todo.append(i)
-            else:
-                report.waiting.append(n)
-
-    root = omezarr.open_image(image)
-    bar = _progress(todo, progress, "fuse")
-    for i in bar:
-        rgba = fuse_chunk_rgba(run_dir, plan, axes, i, method)
-        region = plan.write_region(i)
-        omezarr.write_level0(root, region, rgba)
-        omezarr.update_pyramid(root, region)
-        write_record(run_dir, task, names[i], {"chunk": names[i], "method": settings["method"],
-                                              "time": time.time()})
-        report.fused.append(names[i])
+    todo = ready_chunks(run_dir, plan, axes, task, method, report)
+    args = (str(run_dir), str(image), task, axes, method)
+    if todo and (workers > 1 or client is not None):
+        report.fused = _fuse_on_dask(args, todo, workers, client, progress)
+    else:
+        report.fused = [fuse_chunk(*args, i) for i in _progress(todo, progress, "fuse")]
+    if todo:
+        omezarr.build_pyramid(omezarr.open_image(image), [plan.write_region(i) for i in todo])
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _fuse_on_dask(args: tuple[Any, ...], todo: list[int], workers: int, client: Any,
+                  progress: bool) -> list[str]:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if client is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        own = Client(cluster)
+    try:
+        c = client or own
+        futures = [c.submit(fuse_chunk, *args, i, pure=False) for i in todo]
+        done = as_completed(futures)
+        return sorted(f.result() for f in _progress(done, progress, "fuse"))
+    finally:
+        if cluster is not None:
+            own.close()
+            cluster.close()
 
 
 def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: dict[str, Any],
@@ -294,7 +337,7 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
     (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
 
 
-def _progress(items: list[int], enabled: bool, desc: str) -> Any:
+def _progress(items: Any, enabled: bool, desc: str) -> Any:
     if not enabled:
         return items
     from tqdm import tqdm

@@ -15,6 +15,7 @@ the final pyramid does not depend on the order regions were written in.
 from __future__ import annotations
 
 import os
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,29 @@ def update_pyramid(root: Any, region: Region) -> None:
         block = np.asarray(root[str(k - 1)][(slice(None), *src)])
         region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         root[str(k)][(slice(None), *region)] = downsample2(block)
+
+
+def build_pyramid(root: Any, regions: list[Region]) -> None:
+    """Recompute levels above 0 over changed level-0 ``regions``, each storage chunk once.
+
+    Level k is computed from level k-1 per level-k storage chunk touched by the regions
+    (so a chunk shared by several changed regions is written once, by one writer).
+    """
+    shapes = level_shapes(tuple(root["0"].shape[1:]), n_levels_of(root))
+    for k in range(1, len(shapes)):
+        arr = root[str(k)]
+        chunk = arr.chunks[1:]
+        regions = [tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in r) for r in regions]
+        touched: set[tuple[int, ...]] = set()
+        for r in regions:
+            ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(r, chunk,
+                                                                               strict=True)]
+            touched.update(product(*ranges))
+        below = shapes[k - 1]
+        for coords in sorted(touched):
+            dst = tuple(slice(i * c, min(n, (i + 1) * c))
+                        for i, c, n in zip(coords, chunk, shapes[k], strict=True))
+            src = tuple(slice(2 * d.start, min(n, 2 * d.stop)) for d, n in zip(dst, below,
+                                                                               strict=True))
+            block = np.asarray(root[str(k - 1)][(slice(None), *src)])
+            arr[(slice(None), *dst)] = downsample2(block)

@@ -1,11 +1,18 @@
-"""The chunk plan of a staining run: chunks, halos, read and write regions, plan.json.
+"""The plan of a staining run: storage chunks, work units (slabs), halos, plan.json.
 
-The volume is cut into chunks on a regular grid (the chunk edge is also the storage chunk
-of every output array, so no two writers ever touch one storage chunk). A chunk *owns*
-its **write region**; to compute it exactly as the whole volume would, it reads a larger
-**read region**: the write region plus, for every staining axis, the in-plane context of
-the global tile grid (the tiles covering the write region reach beyond it), plus the
-**halo** of the 3D Gaussian (``ceil(truncate * sigma)`` voxels) around that.
+Storage: every output array (``axis-{z,y,x}.zarr``, the fused image) is chunked on the
+plan's ``chunk`` grid.
+
+Work: staining along axis ``a`` is cut into **slabs**, whole slices perpendicular to ``a``,
+one storage chunk thick along ``a``; a slab is the work unit, so no in-plane tile context is
+ever computed twice. Only when a slab would exceed ``max_unit_voxels`` is its plane split
+into in-plane **blocks** (multiples of the storage chunk), each reading the tile context of
+the global grid around it. Every unit *owns* its **write region** (whole storage chunks: one
+writer per chunk) and reads a **read region** (write region + in-plane tile context when
+split) plus the **halo** of the 3D Gaussian (``ceil(truncate * sigma)`` voxels).
+
+Fusion works per storage chunk; a chunk is ready once every axis's units covering it
+(and its fusion halo) are done.
 
 A plan is frozen into ``RUN_DIR/plan.json``; a run directory only ever holds one plan.
 """
@@ -17,6 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,9 @@ from hpcstain.errors import InputError, UsageError
 
 Region = tuple[slice, slice, slice]
 
-PLAN_FORMAT = "hpcstain-volume-plan/1"
+PLAN_FORMAT = "hpcstain-volume-plan/2"
+MAX_UNIT_VOXELS = 1 << 27  # ~134 M voxels: ~0.5 GB of float32 CT per unit
+GENERATOR_FILE = "generator.pt"
 AXES = ("z", "y", "x")
 AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
 
@@ -40,18 +50,22 @@ class Plan:
     chunk: tuple[int, int, int]
     axes: tuple[str, ...] = AXES
     tile: int = 256
-    step: int = 64
-    window: str = "mean"
+    step: int = 192
+    window: str = "hann"
     sigma: float = 1.0
     truncate: float = 4.0
     bone_level: float = 30000.0
     background_level: float = 10000.0
+    target_levels: tuple[float, float] = (30000.0, 10000.0)
     in_channels: int = 3
+    size_multiple: int = 1
+    max_unit_voxels: int = MAX_UNIT_VOXELS
     nan_policy: str = "error"
     nan_value: float = 0.0
     voxel_size_um: tuple[float, float, float] | None = None
     checkpoint: str = ""
     checkpoint_sha256: str = ""
+    generator_sha256: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     format: str = PLAN_FORMAT
 
@@ -90,9 +104,91 @@ class Plan:
         return tuple(slice(c * k, min(n, (c + 1) * k))  # type: ignore[return-value]
                      for c, k, n in zip(coords, self.chunk, self.shape, strict=True))
 
-    def read_region(self, index: int, axis: str) -> Region:
-        """Write region + this axis's in-plane tile context (before the Gaussian halo)."""
-        return axis_context(self.write_region(index), axis, self.shape, self.tile, self.step)
+    # ----------------------------------------------------------------- work units
+
+    def plane(self, axis: str) -> tuple[int, int]:
+        """Shape of the slices perpendicular to ``axis``."""
+        a = AXIS_INDEX[axis]
+        return tuple(n for d, n in enumerate(self.shape) if d != a)  # type: ignore[return-value]
+
+    def plane_tiling(self, axis: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per-axis (tile, step) of the slices of ``axis``: never larger than the plane."""
+        from hpcstain.tiles import plane_tiles
+
+        return plane_tiles(self.plane(axis), self.tile, self.step, self.size_multiple,
+                           minimum=min(16, self.tile))
+
+    def unit_block(self, axis: str) -> tuple[int, int]:
+        """In-plane block edge (rows, cols) of the units of ``axis``: the whole plane unless
+        a slab exceeds ``max_unit_voxels`` (then multiples of the storage chunk)."""
+        a = AXIS_INDEX[axis]
+        dims = [d for d in range(3) if d != a]
+        thick = self.chunk[a]
+        block = [self.shape[d] for d in dims]
+        while thick * block[0] * block[1] > self.max_unit_voxels:
+            i = 0 if block[0] >= block[1] else 1
+            c = self.chunk[dims[i]]
+            if block[i] <= c:
+                i = 1 - i
+                c = self.chunk[dims[i]]
+                if block[i] <= c:
+                    break
+            block[i] = max(c, (block[i] // 2 + c - 1) // c * c)
+        return block[0], block[1]
+
+    def unit_grid(self, axis: str) -> tuple[int, int, int]:
+        """Number of units of ``axis`` along (the axis, plane rows, plane cols)."""
+        a = AXIS_INDEX[axis]
+        dims = [d for d in range(3) if d != a]
+        block = self.unit_block(axis)
+        return (math.ceil(self.shape[a] / self.chunk[a]),
+                math.ceil(self.shape[dims[0]] / block[0]),
+                math.ceil(self.shape[dims[1]] / block[1]))
+
+    @cached_property
+    def units(self) -> list[Unit]:
+        """Every work unit, axis by axis, slab by slab."""
+        out = []
+        for axis in self.axes:
+            ns, nr, nc = self.unit_grid(axis)
+            split = nr * nc > 1
+            for s in range(ns):
+                for r in range(nr):
+                    for c in range(nc):
+                        name = f"s{s:04d}" + (f"-b{r}-{c}" if split else "")
+                        out.append(Unit(axis, s, (r, c), name))
+        return out
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    def unit(self, index: int) -> Unit:
+        units = self.units
+        if not 0 <= index < len(units):
+            raise UsageError(f"work unit {index} out of range (plan has {len(units)})")
+        return units[index]
+
+    def unit_write_region(self, unit: Unit) -> Region:
+        a = AXIS_INDEX[unit.axis]
+        dims = [d for d in range(3) if d != a]
+        block = self.unit_block(unit.axis)
+        out: list[slice] = [slice(0, 0)] * 3
+        out[a] = slice(unit.slab * self.chunk[a], min(self.shape[a],
+                                                      (unit.slab + 1) * self.chunk[a]))
+        for d, b, k in zip(dims, block, unit.block, strict=True):
+            out[d] = slice(k * b, min(self.shape[d], (k + 1) * b))
+        return tuple(out)  # type: ignore[return-value]
+
+    def unit_read_region(self, unit: Unit) -> Region:
+        """Write region + the in-plane tile context (before the Gaussian halo)."""
+        tile, step = self.plane_tiling(unit.axis)
+        return axis_context(self.unit_write_region(unit), unit.axis, self.shape, tile, step)
+
+    def units_covering(self, axis: str, region: Region) -> list[str]:
+        """Names of the units of ``axis`` whose write regions intersect ``region``."""
+        return [u.name for u in self.units if u.axis == axis
+                and _intersects(self.unit_write_region(u), region)]
 
     def chunks_in(self, region: Region) -> list[int]:
         """Indices of the chunks whose write regions intersect ``region``."""
@@ -115,19 +211,38 @@ class Plan:
         if unknown:
             raise InputError(f"{source}: unknown plan keys {unknown}")
         kw = dict(data)
-        for key in ("shape", "chunk", "axes"):
-            kw[key] = tuple(kw[key])
+        for key in ("shape", "chunk", "axes", "target_levels"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         if kw.get("voxel_size_um") is not None:
             kw["voxel_size_um"] = tuple(kw["voxel_size_um"])
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit: slab ``slab`` along ``axis`` (and in-plane block, when split)."""
+
+    axis: str
+    slab: int
+    block: tuple[int, int]
+    name: str
+
+    @property
+    def task(self) -> str:
+        return f"axis-{self.axis}"
+
+
+def _intersects(a: Region, b: Region) -> bool:
+    return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b, strict=True))
 
 
 def gaussian_halo(sigma: float, truncate: float = 4.0) -> int:
     return math.ceil(truncate * sigma) if sigma > 0 else 0
 
 
-def axis_context(write: Region, axis: str, shape: tuple[int, int, int], tile: int,
-                 step: int) -> Region:
+def axis_context(write: Region, axis: str, shape: tuple[int, int, int],
+                 tile: int | tuple[int, int], step: int | tuple[int, int]) -> Region:
     """Extend ``write`` by the global-grid tile context in the slice plane of ``axis``.
 
     The slices perpendicular to ``axis`` are 2D images of the two other dimensions; the
@@ -158,37 +273,48 @@ def validate_plan_args(chunk: tuple[int, ...], axes: tuple[str, ...], tile: int,
 
 
 def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
-              axes: str | tuple[str, ...] = AXES, tile: int = 256, step: int = 64,
-              window: str = "mean", sigma: float = 1.0, levels: tuple[float, float] | None = None,
-              in_channels: int = 3, voxel_size_um: tuple[float, float, float] | None = None,
+              axes: str | tuple[str, ...] = AXES, tile: int = 256, step: int = 192,
+              window: str = "hann", sigma: float = 1.0,
+              levels: tuple[float, float] | None = None, in_channels: int | None = None,
+              voxel_size_um: tuple[float, float, float] | None = None,
               checkpoint: str | os.PathLike[str] | None = None,
-              config: dict[str, Any] | None = None, truncate: float = 4.0) -> Plan:
+              config: dict[str, Any] | None = None, truncate: float = 4.0,
+              max_unit_voxels: int = MAX_UNIT_VOXELS) -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
-    ``levels`` is ``(bone, background)``; when None they are estimated once here with
-    :func:`hpcstain.volume.io.estimate_levels` and recorded in the plan.
+    ``levels`` is the raw ``(bone, background)``; when None they are estimated once here
+    with :func:`hpcstain.volume.io.estimate_levels` and recorded in the plan. The
+    checkpoint's CT conventions (target levels, channels, size multiple) are recorded too;
+    ``in_channels`` is only for runs without a checkpoint (a staining function given in
+    code).
     """
     from hpcstain.volume.io import estimate_levels
 
     chunk3 = (chunk,) * 3 if isinstance(chunk, int) else tuple(chunk)
     axes_t = tuple(a.strip() for a in axes.split(",")) if isinstance(axes, str) else tuple(axes)
     validate_plan_args(chunk3, axes_t, tile, step, window, sigma)
+    if max_unit_voxels < 1:
+        raise UsageError(f"max_unit_voxels must be >= 1, got {max_unit_voxels}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
-    bone, background = levels if levels is not None else estimate_levels(source)
-    sha = ""
+    sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
     if checkpoint:
-        from hpcstain.train.checkpoint import file_sha256
+        from hpcstain.inference import conventions_of
+        from hpcstain.train.checkpoint import file_sha256, load_checkpoint
 
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: checkpoint not found")
-        sha = file_sha256(checkpoint)
+        conv = conventions_of(load_checkpoint(checkpoint))
+        sha, target = file_sha256(checkpoint), conv.target_levels
+        channels, multiple = conv.ct_channels, conv.size_multiple
+    bone, background = levels if levels is not None else estimate_levels(source)
     vox = voxel_size_um if voxel_size_um is not None else source.voxel_size_um
     return Plan(input=str(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
                 window=window, sigma=float(sigma), truncate=float(truncate),
                 bone_level=float(bone), background_level=float(background),
-                in_channels=in_channels, nan_policy=source.nan_policy,
-                nan_value=source.nan_value,
+                target_levels=(float(target[0]), float(target[1])), in_channels=channels,
+                size_multiple=multiple, max_unit_voxels=int(max_unit_voxels),
+                nan_policy=source.nan_policy, nan_value=source.nan_value,
                 voxel_size_um=tuple(float(v) for v in vox) if vox else None,  # type: ignore[arg-type]
                 checkpoint=str(checkpoint or ""), checkpoint_sha256=sha,
                 config=dict(config or {}))
@@ -212,10 +338,14 @@ def load_plan(run_dir: str | os.PathLike[str]) -> Plan:
     return Plan.from_dict(data, str(path))
 
 
+# Hashes are not compared: a run keeps its pinned generator even if the source file changed.
+UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256")
+
+
 def plan_differences(old: Plan, new: Plan) -> list[str]:
     """Keys whose values differ between two plans (``config`` keys as ``config.key``)."""
     a, b = old.to_dict(), new.to_dict()
-    keys = [k for k in sorted(set(a) | set(b)) if k != "config" and a.get(k) != b.get(k)]
+    keys = [k for k in sorted(set(a) | set(b)) if k not in UNCOMPARED and a.get(k) != b.get(k)]
     ca, cb = a.get("config", {}), b.get("config", {})
     keys += [f"config.{k}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
     return keys
@@ -235,8 +365,13 @@ def axis_store(run_dir: str | os.PathLike[str], axis: str) -> Path:
     return Path(run_dir) / f"axis-{axis}.zarr"
 
 
+def generator_path(run_dir: str | os.PathLike[str]) -> Path:
+    """The run's pinned generator (what every worker loads)."""
+    return Path(run_dir) / GENERATOR_FILE
+
+
 def record_path(run_dir: str | os.PathLike[str], task: str, name: str) -> Path:
-    """Completion record of one chunk of one task (``axis-z``, ``fused`` ...)."""
+    """Completion record of one unit of one task (``axis-z`` slab, ``fused`` chunk ...)."""
     return Path(run_dir) / "done" / task / f"{name}.json"
 
 

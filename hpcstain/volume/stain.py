@@ -1,22 +1,22 @@
-"""Per-chunk, per-axis staining of a volume on the global tile grid.
+"""Staining one work unit (a slab of whole slices along one axis) on the global tile grid.
 
-One chunk, one axis (daisy's vocabulary: the chunk owns its *write region* and reads a
-*read region* with context):
+One unit (daisy's vocabulary: it owns its *write region* and reads a *read region*):
 
-1. read the CT over the union of the axes' read regions plus the Gaussian *halo*; pad by
-   reflection only where that box meets the true volume border, so the 3D Gaussian
-   (σ = 1 voxel, §2.11) gives exactly the whole-volume values;
-2. map the CT to [-1, 1] with the plan's bone/background levels (§2.5);
-3. for every slice through the chunk perpendicular to the axis, stain the write region's
-   rectangle with the tile engine on the global grid of that slice plane (tile positions
-   fixed in volume coordinates), batching tiles of all slices together;
-4. write RGB uint8 into ``RUN_DIR/axis-{a}.zarr`` (the chunk is exactly one storage
-   chunk), fsync it, and only then write the completion record
-   ``RUN_DIR/done/axis-{a}/c-i-j-k.json``.
+1. read the CT over the unit's read region plus the Gaussian *halo*; pad by reflection only
+   where that box meets the true volume border, so the 3D Gaussian (σ = 1 voxel, §2.11)
+   gives exactly the whole-volume values;
+2. map the CT to [-1, 1] with the plan's raw levels and the checkpoint's target levels
+   (§2.5, :func:`hpcstain.inference.ct_to_unit`);
+3. stain every slice of the slab perpendicular to the unit's axis with the tile engine on
+   the global grid of that slice plane (tiles clamped to the plane), a few slices at a
+   time, accumulating only the write region;
+4. write RGB uint8 into ``RUN_DIR/axis-{a}.zarr`` (whole storage chunks: one writer per
+   chunk), fsync them, and only then write the completion record
+   ``RUN_DIR/done/axis-{a}/<unit>.json`` (with the generator pixels it cost).
 
-A voxel's value therefore never depends on the chunking; re-running skips chunks whose
-record exists. The staining function ``fn`` maps a float tensor batch (N, C, t, t) in
-[-1, 1] to (N, 3, t, t) in [-1, 1].
+A voxel's value therefore never depends on the decomposition; re-running skips units
+whose record exists. Workers load the run's pinned generator (``RUN_DIR/generator.pt``),
+checked against the hash in the plan, never the original checkpoint file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,14 @@ from scipy import ndimage
 
 from hpcstain.atomic import atomic_output
 from hpcstain.errors import InputError, UsageError
-from hpcstain.volume.io import VolumeSource, ct_to_unit, open_volume
+from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
     AXIS_INDEX,
     Plan,
-    axis_context,
+    Unit,
     axis_store,
     done_names,
+    generator_path,
     is_done,
     load_plan,
     plan_differences,
@@ -53,15 +55,10 @@ from hpcstain.volume.plan import (
 
 Region = tuple[slice, slice, slice]
 StainFn = Callable[[torch.Tensor], torch.Tensor]
+GROUP_BYTES = 256 << 20  # working memory of one group of slices in the tile engine
 
 
 # --------------------------------------------------------------------------- pure core
-
-
-def union_region(regions: list[Region]) -> Region:
-    """Bounding box of several regions."""
-    return tuple(slice(min(r[d].start for r in regions), max(r[d].stop for r in regions))  # type: ignore[return-value]
-                 for d in range(3))
 
 
 def relative(region: Region, to: Region) -> Region:
@@ -107,59 +104,57 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((np.asarray(rgb, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def stain_planes(planes: np.ndarray, origin: tuple[int, int], image_shape: tuple[int, int],
-                 region: tuple[slice, slice], fn: StainFn, tile: int, step: int, window: str,
-                 batch_size: int, in_channels: int) -> np.ndarray:
-    """Stain ``region`` of a stack of 2D slices on the slice plane's global tile grid.
+def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: Plan,
+               fn: StainFn, batch_size: int, counter: list[int] | None = None) -> np.ndarray:
+    """RGB uint8 (Z, Y, X, 3) of ``write`` stained slice by slice along ``axis``.
 
-    ``planes`` (n, h, w) holds normalised CT of the slices over the region's tile context,
-    whose top-left corner is ``origin`` in the plane of shape ``image_shape``. Returns
-    (n, rh, rw, 3) float32 in [-1, 1].
+    ``ct`` is the normalised CT over ``ct_box`` (the unit's read region: ``write`` along the
+    axis, ``write`` + tile context in the plane). Slices go through the tile engine a group
+    at a time so that working memory stays near ``GROUP_BYTES``.
     """
     from hpcstain.tiles import stain_region
 
-    def read(ctx: tuple[slice, slice]) -> np.ndarray:
-        rows = slice(ctx[0].start - origin[0], ctx[0].stop - origin[0])
-        cols = slice(ctx[1].start - origin[1], ctx[1].stop - origin[1])
-        return planes[:, None, rows, cols]
+    a = AXIS_INDEX[axis]
+    dims = [d for d in range(3) if d != a]
+    planes = np.moveaxis(ct, a, 0)
+    origin = (ct_box[dims[0]].start, ct_box[dims[1]].start)
+    region2d = (write[dims[0]], write[dims[1]])
+    tile, step = plan.plane_tiling(axis)
+    in_channels = plan.in_channels
 
     def grey_fn(batch: torch.Tensor) -> torch.Tensor:
         return fn(batch.expand(-1, in_channels, -1, -1) if in_channels != 1 else batch)
 
-    out = stain_region(read, image_shape, region, grey_fn, tile=tile, step=step,
-                       window=window, batch_size=batch_size)
-    return np.moveaxis(np.asarray(out, np.float32), 1, -1)
+    per_slice = planes[0].size * 4 * (2 + in_channels) + \
+        (region2d[0].stop - region2d[0].start) * (region2d[1].stop - region2d[1].start) * 36
+    group = max(1, GROUP_BYTES // max(per_slice, 1))
+    out = np.empty((planes.shape[0], region2d[0].stop - region2d[0].start,
+                    region2d[1].stop - region2d[1].start, 3), np.uint8)
+    for g0 in range(0, planes.shape[0], group):
+        sub = planes[g0:g0 + group]
 
+        def read(ctx: tuple[slice, slice], sub: np.ndarray = sub) -> np.ndarray:
+            rows = slice(ctx[0].start - origin[0], ctx[0].stop - origin[0])
+            cols = slice(ctx[1].start - origin[1], ctx[1].stop - origin[1])
+            return sub[:, None, rows, cols]
 
-def stain_block(ct: np.ndarray, ct_box: Region, write: Region, axis: str,
-                shape: tuple[int, int, int], fn: StainFn, plan: Plan, batch_size: int
-                ) -> np.ndarray:
-    """RGB uint8 (Z, Y, X, 3) of the ``write`` region stained slice-wise along ``axis``.
-
-    ``ct`` is the normalised CT over ``ct_box`` (which holds the axis's read region).
-    """
-    a = AXIS_INDEX[axis]
-    plane_dims = [d for d in range(3) if d != a]
-    read = axis_context(write, axis, shape, plan.tile, plan.step)
-    box = list(relative(read, ct_box))
-    box[a] = slice(write[a].start - ct_box[a].start, write[a].stop - ct_box[a].start)
-    planes = np.moveaxis(ct[tuple(box)], a, 0)
-    origin = (read[plane_dims[0]].start, read[plane_dims[1]].start)
-    image_shape = (shape[plane_dims[0]], shape[plane_dims[1]])
-    region2d = (write[plane_dims[0]], write[plane_dims[1]])
-    rgb = stain_planes(planes, origin, image_shape, region2d, fn, plan.tile, plan.step,
-                       plan.window, batch_size, plan.in_channels)
-    return np.moveaxis(to_uint8(rgb), 0, a)
+        rgb = stain_region(read, plan.plane(axis), region2d, grey_fn, tile=tile, step=step,
+                           window=plan.window, batch_size=batch_size, counter=counter)
+        out[g0:g0 + group] = to_uint8(np.moveaxis(rgb, 1, -1))
+    return np.moveaxis(out, 0, a)
 
 
 # --------------------------------------------------------------------------- run dir
 
 
 def init_run(run_dir: str | os.PathLike[str], plan: Plan, overwrite: bool = False) -> Path:
-    """Create (or re-open) ``run_dir`` for ``plan``: plan.json + empty per-axis arrays.
+    """Create (or re-open) ``run_dir`` for ``plan``: pinned generator, plan.json, arrays.
 
-    Re-opening with the same plan resumes; a different plan is refused naming the
-    differing keys, unless ``overwrite`` (which deletes the run's outputs first).
+    A new run copies the checkpoint's generator and CT conventions into
+    ``RUN_DIR/generator.pt`` and records its hash in the plan: every worker, now or after a
+    requeue, loads exactly those weights whatever happens to the original file. Re-opening
+    with the same plan resumes with the pinned generator; a different plan is refused
+    naming the differing keys, unless ``overwrite`` (which deletes the run's outputs first).
     """
     run_dir = Path(run_dir)
     if plan_path(run_dir).is_file():
@@ -175,10 +170,31 @@ def init_run(run_dir: str | os.PathLike[str], plan: Plan, overwrite: bool = Fals
             clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not plan_path(run_dir).is_file():
+        if plan.checkpoint:
+            from hpcstain.inference import pin_generator
+
+            with atomic_output(generator_path(run_dir), overwrite=True) as tmp:
+                sha = pin_generator(plan.checkpoint, tmp)
+            plan = replace(plan, generator_sha256=sha)
         save_plan(run_dir, plan)
     for axis in plan.axes:
         create_axis_store(axis_store(run_dir, axis), plan)
     return run_dir
+
+
+def checkpoint_changed(run_dir: str | os.PathLike[str]) -> str | None:
+    """A note when the run's source checkpoint no longer matches what was pinned, else None."""
+    from hpcstain.train.checkpoint import file_sha256
+
+    plan = load_plan(run_dir)
+    if not plan.checkpoint or not plan.checkpoint_sha256:
+        return None
+    path = Path(plan.checkpoint)
+    if path.is_file() and file_sha256(path) == plan.checkpoint_sha256:
+        return None
+    return (f"{plan.checkpoint} changed since this run was planned; the run continues with "
+            f"its pinned generator {generator_path(run_dir)} (use a new RUN_DIR to stain "
+            "with the new weights)")
 
 
 def _lookup(d: dict[str, Any], key: str) -> Any:
@@ -191,6 +207,7 @@ def clear_run(run_dir: Path) -> None:
     for path in [*run_dir.glob("axis-*.zarr"), *run_dir.glob("*.ome.zarr"), run_dir / "done"]:
         shutil.rmtree(path, ignore_errors=True)
     plan_path(run_dir).unlink(missing_ok=True)
+    generator_path(run_dir).unlink(missing_ok=True)
 
 
 def create_axis_store(path: Path, plan: Plan) -> None:
@@ -205,17 +222,19 @@ def create_axis_store(path: Path, plan: Plan) -> None:
                           attributes={"axes": ["z", "y", "x", "c"], "hpcstain": "axis"})
 
 
-def write_axis_chunk(path: Path, plan: Plan, index: int, rgb: np.ndarray) -> None:
-    """Write one chunk's RGB into the per-axis array and fsync its storage file."""
+def write_axis_region(path: Path, plan: Plan, region: Region, rgb: np.ndarray) -> None:
+    """Write whole storage chunks of RGB into a per-axis array and fsync their files."""
     import zarr
 
     arr = zarr.open_array(str(path), mode="r+")
-    arr[(*plan.write_region(index), slice(None))] = rgb
-    key = arr.metadata.encode_chunk_key((*plan.chunk_coords(index), 0))
-    chunk_file = path / key
-    if chunk_file.is_file():  # absent when the chunk equals the fill value (not stored)
-        with open(chunk_file, "rb") as fh:
-            os.fsync(fh.fileno())
+    arr[(*region, slice(None))] = rgb
+    ranges = [range(s.start // k, (s.stop - 1) // k + 1)
+              for s, k in zip(region, plan.chunk, strict=True)]
+    for coords in product(*ranges):
+        chunk_file = path / arr.metadata.encode_chunk_key((*coords, 0))
+        if chunk_file.is_file():  # absent when the chunk equals the fill value (not stored)
+            with open(chunk_file, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def check_source(source: VolumeSource, plan: Plan) -> None:
@@ -224,152 +243,158 @@ def check_source(source: VolumeSource, plan: Plan) -> None:
                          f"{plan.shape}; the input changed since the run was planned")
 
 
-# --------------------------------------------------------------------------- chunks
+# --------------------------------------------------------------------------- units
 
 
 @dataclass
-class ChunkResult:
+class UnitResult:
     index: int
     name: str
-    axes: tuple[str, ...]
+    axis: str
     seconds: float
+    generator_pixels: int = 0
+    voxels: int = 0
 
 
 def prepared_ct(source: VolumeSource, box: Region, plan: Plan) -> np.ndarray:
     """Normalised, smoothed CT over ``box`` (float32 in [-1, 1])."""
+    from hpcstain.inference import Conventions, ct_to_unit
+
     grown = grow(box, plan.halo, plan.shape)
     raw = source.read(grown)
     ct = smooth(raw, box, grown, plan.halo, plan.sigma)
-    return ct_to_unit(ct, plan.bone_level, plan.background_level)
+    return ct_to_unit(ct, (plan.bone_level, plan.background_level),
+                      Conventions(target_levels=plan.target_levels))
 
 
 @dataclass
-class LoadedChunk:
-    """A chunk's normalised, smoothed CT over its read box, ready for the generator."""
+class LoadedUnit:
+    """A unit's normalised, smoothed CT over its read region, ready for the generator."""
 
     index: int
-    name: str
-    todo: tuple[str, ...]
+    unit: Unit
     box: Region
     write: Region
-    ct: np.ndarray | None
+    ct: np.ndarray | None  # None: already done
 
 
-def load_chunk(run_dir: str | os.PathLike[str], index: int, plan: Plan,
-               source: VolumeSource | None = None) -> LoadedChunk:
-    """The I/O and preprocessing half of a chunk: read + halo, Gaussian, normalise."""
-    name = plan.chunk_name(index)
-    todo = tuple(a for a in plan.axes if not is_done(run_dir, f"axis-{a}", name))
-    write = plan.write_region(index)
-    if not todo:
-        return LoadedChunk(index, name, (), write, write, None)
+def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
+              source: VolumeSource | None = None) -> LoadedUnit:
+    """The I/O and preprocessing half of a unit: read + halo, Gaussian, normalise."""
+    unit = plan.unit(index)
+    write = plan.unit_write_region(unit)
+    if is_done(run_dir, unit.task, unit.name):
+        return LoadedUnit(index, unit, write, write, None)
     if source is None:
         source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
     check_source(source, plan)
-    box = union_region([plan.read_region(index, a) for a in todo])
-    return LoadedChunk(index, name, todo, box, write, prepared_ct(source, box, plan))
+    box = plan.unit_read_region(unit)
+    return LoadedUnit(index, unit, box, write, prepared_ct(source, box, plan))
 
 
-def compute_chunk(run_dir: str | os.PathLike[str], chunk: LoadedChunk, fn: StainFn,
-                  plan: Plan, batch_size: int = 16) -> None:
-    """The generator half: stain every pending axis, write it, then its completion record."""
-    run_dir = Path(run_dir)
-    for axis in chunk.todo:
-        assert chunk.ct is not None
-        rgb = stain_block(chunk.ct, chunk.box, chunk.write, axis, plan.shape, fn, plan,
-                          batch_size)
-        write_axis_chunk(axis_store(run_dir, axis), plan, chunk.index, rgb)
-        write_record(run_dir, f"axis-{axis}", chunk.name, {
-            "chunk": chunk.name, "index": chunk.index, "axis": axis,
-            "write_region": [[s.start, s.stop] for s in chunk.write],
-            "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-
-
-def stain_chunk(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
-                batch_size: int = 16, plan: Plan | None = None,
-                source: VolumeSource | None = None,
-                loaded: LoadedChunk | None = None) -> ChunkResult:
-    """Stain chunk ``index`` along every planned axis that has no completion record.
-
-    ``loaded`` is the chunk's prepared CT when an executor read it ahead of time.
-    """
+def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
+                 plan: Plan, batch_size: int = 16) -> UnitResult:
+    """The generator half: stain the slab, write it, then its completion record."""
     t0 = time.perf_counter()
-    plan = plan or load_plan(run_dir)
-    chunk = loaded if loaded is not None else load_chunk(run_dir, index, plan, source)
-    if not chunk.todo:
-        return ChunkResult(index, chunk.name, (), 0.0)
-    compute_chunk(run_dir, chunk, fn, plan, batch_size)
-    return ChunkResult(index, chunk.name, chunk.todo, time.perf_counter() - t0)
+    assert loaded.ct is not None
+    unit, counter = loaded.unit, [0]
+    rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
+                     counter)
+    write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
+    voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
+    seconds = time.perf_counter() - t0
+    write_record(run_dir, unit.task, unit.name, {
+        "unit": unit.name, "index": loaded.index, "axis": unit.axis,
+        "write_region": [[s.start, s.stop] for s in loaded.write],
+        "generator_pixels": counter[0], "voxels": voxels, "seconds": round(seconds, 3),
+        "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    return UnitResult(loaded.index, unit.name, unit.axis, seconds, counter[0], voxels)
 
 
-def pending_chunks(run_dir: str | os.PathLike[str], plan: Plan | None = None) -> list[int]:
-    """Chunks missing a completion record on at least one planned axis."""
+def stain_unit(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
+               batch_size: int = 16, plan: Plan | None = None,
+               source: VolumeSource | None = None,
+               loaded: LoadedUnit | None = None) -> UnitResult:
+    """Stain work unit ``index`` unless its completion record exists.
+
+    ``loaded`` is the unit's prepared CT when an executor read it ahead of time.
+    """
     plan = plan or load_plan(run_dir)
-    done = [done_names(run_dir, f"axis-{a}") for a in plan.axes]
-    return [i for i in range(plan.n_chunks)
-            if any(plan.chunk_name(i) not in d for d in done)]
+    loaded = loaded if loaded is not None else load_unit(run_dir, index, plan, source)
+    if loaded.ct is None:
+        return UnitResult(index, loaded.unit.name, loaded.unit.axis, 0.0)
+    return compute_unit(run_dir, loaded, fn, plan, batch_size)
+
+
+def pending_units(run_dir: str | os.PathLike[str], plan: Plan | None = None) -> list[int]:
+    """Indices of the units without a completion record."""
+    plan = plan or load_plan(run_dir)
+    done = {a: done_names(run_dir, f"axis-{a}") for a in plan.axes}
+    return [i for i, u in enumerate(plan.units) if u.name not in done[u.axis]]
 
 
 # --------------------------------------------------------------------------- models
 
+_STAINERS: dict[tuple[str, str], StainFn] = {}
+
 
 @dataclass(frozen=True)
-class CheckpointStainer:
-    """Picklable recipe for the staining function of a checkpoint (built once per process).
+class PinnedStainer:
+    """Picklable recipe for a run's staining function (executors ship it to workers).
 
-    Executors ship this to workers; calling it loads the checkpoint there.
+    Calling it loads ``RUN_DIR/generator.pt`` after checking its hash against the plan.
+    Within a process the function is built once per generator *content* (the hash), so a
+    worker staining many units loads the weights once and a changed file is never reused.
     """
 
-    checkpoint: str
+    run_dir: str
     device: str = "cpu"
+    autocast: str = "none"
 
     def __call__(self) -> StainFn:
-        return _cached_model_fn(self.checkpoint, self.device)
+        from hpcstain.inference import load_pinned
 
-
-_FN_CACHE: dict[tuple[str, str], StainFn] = {}
-
-
-def _cached_model_fn(checkpoint: str, device: str) -> StainFn:
-    key = (checkpoint, device)
-    if key not in _FN_CACHE:
-        _FN_CACHE[key] = model_stain_fn(checkpoint, device)
-    return _FN_CACHE[key]
-
-
-def model_stain_fn(checkpoint: str | os.PathLike[str], device: str = "cpu") -> StainFn:
-    """The CT→histology generator of a checkpoint as a batch function (eval, no grad)."""
-    from hpcstain.models import build_model_from_architecture
-    from hpcstain.train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model_from_architecture(ckpt["architecture"], device, source=str(checkpoint))
-    model.load_state_dict(ckpt["model"])
-    invert = bool(ckpt.get("config", {}).get("data", {}).get("invert_ct", False))
-    dev = torch.device(device)
-
-    @torch.inference_mode()
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(dev)
-        return model.stain(-batch if invert else batch).float().cpu()
-
-    return fn
-
-
-def checkpoint_in_channels(checkpoint: str | os.PathLike[str]) -> int:
-    """How many CT channels the checkpoint's generator takes (the plan's ``in_channels``)."""
-    from hpcstain.train.checkpoint import load_checkpoint
-
-    return int(load_checkpoint(checkpoint)["architecture"]["ct_channels"])
+        plan = load_plan(self.run_dir)
+        key = (plan.generator_sha256, f"{self.device}/{self.autocast}")
+        if not plan.generator_sha256 or key not in _STAINERS:
+            stainer = load_pinned(generator_path(self.run_dir), plan.generator_sha256,
+                                  self.device, self.autocast)
+            if not plan.generator_sha256:
+                return stainer.fn
+            _STAINERS[key] = stainer.fn
+        return _STAINERS[key]
 
 
 def resolve_fn(fn: StainFn | None, make_fn: Callable[[], StainFn] | None, plan: Plan,
-               device: str = "cpu") -> StainFn:
-    """``fn`` as given, else built by ``make_fn``, else from the plan's checkpoint."""
+               run_dir: str | os.PathLike[str], device: str = "cpu") -> StainFn:
+    """``fn`` as given, else built by ``make_fn``, else the run's pinned generator."""
     if fn is not None:
         return fn
     if make_fn is not None:
         return make_fn()
     if not plan.checkpoint:
         raise UsageError("no staining function: the plan names no checkpoint")
-    return CheckpointStainer(plan.checkpoint, device)()
+    return PinnedStainer(str(run_dir), device)()
+
+
+def generator_cost(run_dir: str | os.PathLike[str], plan: Plan | None = None
+                   ) -> dict[str, float]:
+    """Generator input pixels per output voxel·axis, per axis and overall, from the records."""
+    import json
+
+    plan = plan or load_plan(run_dir)
+    out: dict[str, float] = {}
+    total_px = total_vox = 0
+    for axis in plan.axes:
+        px = vox = 0
+        folder = Path(run_dir) / "done" / f"axis-{axis}"
+        for rec in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            info = json.loads(rec.read_text())
+            px += int(info.get("generator_pixels", 0))
+            vox += int(info.get("voxels", 0))
+        if vox:
+            out[axis] = px / vox
+        total_px, total_vox = total_px + px, total_vox + vox
+    if total_vox:
+        out["all"] = total_px / total_vox
+    return out

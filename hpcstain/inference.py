@@ -1,0 +1,226 @@
+"""Checkpoint → generator + CT conventions: the one inference path of predict, evaluate, stain.
+
+A checkpoint holds the whole GAN; inference needs one generator (CT→histology, or with
+``reverse`` histology→CT) and the conventions training used on its inputs:
+
+* the §2.5 target levels (raw bone mean → ``ct_bone_level``, raw background mean →
+  ``ct_background_level`` on the 16-bit scale), then ``v / 65535 * 2 - 1``;
+* whether the CT is inverted before the generator (``data.invert_ct``);
+* the number of CT and histology channels, the histology stretch margins;
+* the generator's size multiple (tiles must be multiples of it: 4 for the ResNet,
+  256 for the U-Net-256).
+
+:func:`load_generator` builds only the generator that is asked for (no discriminators, no
+pools, no reverse generator). :func:`pin_generator` writes that generator and its
+conventions as a small, ordinary checkpoint file (a volume run keeps one in its run
+directory); :func:`load_pinned` refuses a file whose hash differs from the recorded one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpcstain.errors import InputError, UsageError
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+CONVENTION_KEYS = ("ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime",
+                   "invert_ct")
+MIN_TILE = 16  # the ResNet's 7×7 reflection padding needs a few pixels after downsampling
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a checkpoint's generator wants its input (and what it returns)."""
+
+    target_levels: tuple[float, float] = (30000.0, 10000.0)  # (bone, background), 16-bit
+    invert_ct: bool = False
+    ct_channels: int = 3
+    histology_channels: int = 3
+    stretch_c: tuple[float, float] = (0.0, 0.0)
+    size_multiple: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Stainer:
+    """One direction of a checkpoint's generator as a tile function, plus its conventions."""
+
+    fn: TileFn
+    conventions: Conventions
+    reverse: bool = False
+    source: str = ""
+    architecture: dict[str, Any] | None = None
+
+    @property
+    def in_channels(self) -> int:
+        c = self.conventions
+        return c.histology_channels if self.reverse else c.ct_channels
+
+    @property
+    def out_channels(self) -> int:
+        c = self.conventions
+        return c.ct_channels if self.reverse else c.histology_channels
+
+    @property
+    def levels(self) -> tuple[float, float]:
+        """The training CT levels (bone, background) on the 16-bit scale."""
+        return self.conventions.target_levels
+
+    @property
+    def stretch_c(self) -> tuple[float, float]:
+        return self.conventions.stretch_c
+
+
+def conventions_of(ckpt: dict[str, Any]) -> Conventions:
+    """The input conventions recorded in a loaded checkpoint (config.data + architecture)."""
+    from hpcstain.config import DataConfig
+
+    config = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
+    data = config.get("data", {}) if isinstance(config.get("data"), dict) else {}
+    d = DataConfig()
+    get = {k: data.get(k, getattr(d, k)) for k in CONVENTION_KEYS}
+    arch = ckpt["architecture"]
+    return Conventions(
+        target_levels=(float(get["ct_bone_level"]), float(get["ct_background_level"])),
+        invert_ct=bool(get["invert_ct"]), ct_channels=int(arch["ct_channels"]),
+        histology_channels=int(arch["histology_channels"]),
+        stretch_c=(float(get["stretch_c"]), float(get["stretch_c_prime"])),
+        size_multiple=256 if arch.get("generator") == "unet256" else 4)
+
+
+def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:
+    """Build and load the generator ``name`` (``ct2hist`` / ``hist2ct``) of a checkpoint."""
+    from hpcstain.config import ModelConfig, build
+    from hpcstain.models.gans import ARCHITECTURE_KEYS
+    from hpcstain.models.networks import build_generator
+
+    arch = ckpt["architecture"]
+    missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
+    if missing:
+        raise InputError(f"{source}: architecture lacks {missing}")
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = build(ModelConfig, {k: (v, source) for k, v in arch.items() if k in known})
+    c_ct, c_hist = int(arch["ct_channels"]), int(arch["histology_channels"])
+    net = build_generator(cfg, c_hist, c_ct) if name == "hist2ct" else \
+        build_generator(cfg, c_ct, c_hist)
+    saved = ckpt.get("model", {}).get("generators", {})
+    if name not in saved:
+        raise InputError(f"{source}: no generator {name!r} in the checkpoint "
+                         f"(has {sorted(saved)})")
+    try:
+        net.load_state_dict(saved[name])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{source}: generator {name!r} does not fit its architecture "
+                         f"({first})") from None
+    return net.to(device).eval()
+
+
+def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
+                   reverse: bool = False, autocast: str = "none") -> Stainer:
+    """CT→histology (or, with ``reverse``, histology→CT) generator of a checkpoint.
+
+    ``autocast`` (``none``, ``bf16``, ``fp16``) runs the generator under torch autocast on
+    the device (outputs are returned as float32 on the CPU either way).
+    """
+    from hpcstain.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    arch = ckpt.get("architecture")
+    if not isinstance(arch, dict):
+        raise InputError(f"{checkpoint}: checkpoint has no architecture record")
+    if reverse and arch.get("variant") == "pix2pix":
+        raise UsageError(f"{checkpoint}: a pix2pix checkpoint has no histology→CT generator; "
+                         "--reverse needs a CycleGAN (modcyclegan/cyclegan) checkpoint")
+    conv = conventions_of(ckpt)
+    net = _generator_net(ckpt, "hist2ct" if reverse else "ct2hist", str(checkpoint), device)
+    return Stainer(fn=_tile_fn(net, conv, reverse, device, autocast), conventions=conv,
+                   reverse=reverse, source=str(checkpoint), architecture=dict(arch))
+
+
+def _tile_fn(net: nn.Module, conv: Conventions, reverse: bool, device: str,
+             autocast: str) -> TileFn:
+    sign = -1.0 if conv.invert_ct else 1.0
+    dev = torch.device(device)
+    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if autocast not in dtypes:
+        raise UsageError(f"autocast must be one of {', '.join(dtypes)}, got {autocast!r}")
+    amp = dtypes[autocast]
+
+    @torch.inference_mode()
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return net(batch.to(dev)).float()
+
+    if reverse:
+        return lambda batch: (sign * run(batch)).cpu()
+    return lambda batch: run(sign * batch).cpu()
+
+
+# --------------------------------------------------------------------------- pinning
+
+
+def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[str]) -> str:
+    """Write the CT→histology generator + conventions of ``checkpoint`` to ``dest``.
+
+    The file is an ordinary (slim) checkpoint: ``predict`` and ``stain`` read it like any
+    other. Returns its sha256, which the caller records (a volume run's plan does).
+    """
+    from hpcstain.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    _generator_net(ckpt, "ct2hist", str(checkpoint), "cpu")  # refuse a broken one now
+    data = (ckpt.get("config") or {}).get("data", {})
+    payload = {
+        "architecture": ckpt["architecture"],
+        "config": {"data": {k: data[k] for k in CONVENTION_KEYS if k in data},
+                   "model": (ckpt.get("config") or {}).get("model", {})},
+        "model": {"generators": {"ct2hist": ckpt["model"]["generators"]["ct2hist"]}},
+        "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
+        "reason": f"generator pinned from {checkpoint}",
+        "pinned_from": str(checkpoint),
+    }
+    save_checkpoint(dest, payload)
+    return file_sha256(dest)
+
+
+def load_pinned(path: str | os.PathLike[str], sha256: str, device: str = "cpu",
+                autocast: str = "none") -> Stainer:
+    """The generator pinned at ``path``, refused unless its hash is ``sha256``."""
+    from hpcstain.train.checkpoint import file_sha256
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: the run's pinned generator is missing")
+    actual = file_sha256(path)
+    if sha256 and actual != sha256:
+        raise InputError(f"{path}: pinned generator has sha256 {actual[:16]}…, the plan "
+                         f"recorded {sha256[:16]}…; the run's weights changed — restain "
+                         "into a new run directory")
+    return load_generator(path, device, autocast=autocast)
+
+
+# --------------------------------------------------------------------------- CT
+
+
+def ct_to_unit(ct: np.ndarray, raw_levels: tuple[float, float],
+               conventions: Conventions) -> np.ndarray:
+    """Raw CT → the generator's [-1, 1] input (§2.5 with the checkpoint's target levels).
+
+    Inversion (``invert_ct``) is applied by the stainer's tile function, not here.
+    """
+    from hpcstain.data.normalise import ct16_to_unit, normalise_ct
+
+    bone, background = conventions.target_levels
+    return ct16_to_unit(normalise_ct(np.asarray(ct), raw_levels[0], raw_levels[1], bone,
+                                     background))
