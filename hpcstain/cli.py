@@ -75,7 +75,8 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     plan = make_plan(src, chunk=chunk, axes=args.axes, tile=tiling.tile, step=tiling.step,
                      window=tiling.window, sigma=args.sigma, levels=levels,
                      voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
-                     checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels)
+                     checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels,
+                     autocast=args.autocast)
     run = init_run(args.out, plan, overwrite=args.overwrite)
     print(f"plan: {plan.n_units} slab unit(s) over axes {','.join(plan.axes)}, storage chunk "
           f"{plan.chunk}, tiles {plan.tile}/{plan.step} {plan.window}, levels "
@@ -134,6 +135,22 @@ def cmd_stain(args: argparse.Namespace) -> int:
     if args.executor != "mpi" or _mpi_rank() == 0:
         print(report.summary())
     return 0
+
+
+# [damaged input] A run directory this invocation created is removed again when staining
+# fails before any unit completed (e.g. a damaged input chunk found by a worker): a failed
+# first attempt leaves nothing behind. Later failures keep the run (it resumes).
+def cmd_stain_or_clean(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    fresh = not out.exists() and args.executor != "mpi"
+    try:
+        return cmd_stain(args)
+    except HpcstainError:
+        if fresh and out.is_dir() and not any((out / "done").glob("axis-*/*.json")):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _mpi_rank() -> int:
@@ -205,7 +222,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
                       voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
                       levels=args.levels, out=args.out, overwrite=args.overwrite,
-                      progress=not args.no_progress, workers=args.workers)
+                      progress=not args.no_progress, workers=args.workers, ngff=args.ngff)
     print(report.summary())
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
@@ -225,6 +242,8 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"])
     p.add_argument("--max-unit-voxels", type=int, default=1 << 27, metavar="N",
                    help="split a slab in-plane when it holds more voxels (memory bound)")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
+                   help="run the generator under torch autocast (GPU throughput)")
     p.add_argument("--sigma", type=float, default=1.0, help="3D Gaussian in voxels; 0: off")
     p.add_argument("--bone-level", type=float, default=None)
     p.add_argument("--background-level", type=float, default=None)
@@ -256,7 +275,7 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_stain)
+    p.set_defaults(func=cmd_stain_or_clean)  # [damaged input] wraps cmd_stain
 
     p = sub.add_parser("fuse", help="fuse per-axis stains into an RGBA OME-Zarr pyramid",
                        description="Fuse every chunk complete on all axes; re-run as more "
@@ -271,6 +290,8 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="image name inside RUN_DIR")
     p.add_argument("--workers", type=int, default=1,
                    help="fuse chunks in parallel on a dask LocalCluster of N processes")
+    p.add_argument("--ngff", default="0.4", choices=["0.4", "0.5"],
+                   help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3, sharded)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fuse)

@@ -180,7 +180,12 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
     blocks = []
     for axis in axes:
         arr = zarr.open_array(str(axis_store(run_dir, axis)), mode="r")
-        block = np.asarray(arr[grown])
+        try:
+            block = np.asarray(arr[grown])
+        except Exception as exc:  # damaged storage chunk: one line + the command to redo it
+            from hpcstain.volume.repair import damaged_axis_error
+
+            raise damaged_axis_error(run_dir, axis, arr, grown, exc) from None
         if halo:
             block = np.pad(block, [*edge, (0, 0)], mode="edge")
         blocks.append(block)
@@ -212,9 +217,10 @@ def fuse_chunk(run_dir: str, image: str, task: str, axes: tuple[str, ...], metho
 
 
 def _settings(plan: Plan, method: str, axes: tuple[str, ...],
-              voxel_size_um: tuple[float, float, float], n_levels: int) -> dict[str, Any]:
+              voxel_size_um: tuple[float, float, float], n_levels: int, ngff: str
+              ) -> dict[str, Any]:
     return {"method": method if len(axes) > 1 else "single-axis", "axes": list(axes),
-            "voxel_size_um": list(voxel_size_um), "levels": n_levels,
+            "voxel_size_um": list(voxel_size_um), "levels": n_levels, "ngff": ngff,
             "plan_generator_sha256": plan.generator_sha256 or plan.checkpoint_sha256}
 
 
@@ -247,14 +253,15 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
-             client: Any = None) -> FuseReport:
+             client: Any = None, ngff: str = "0.4") -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
     ``single_axis``) inside ``run_dir``. Settings are stored in the image; re-running with
     different settings is refused unless ``overwrite`` (which starts the image afresh).
     Chunks are fused in this process, or in parallel on a dask ``client`` or a
-    LocalCluster of ``workers`` processes; the pyramid is built afterwards.
+    LocalCluster of ``workers`` processes; the pyramid is built afterwards. ``ngff`` picks
+    the output format: NGFF 0.4 (zarr v2) or 0.5 (zarr v3, one shard per storage chunk).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -279,7 +286,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     name = out or ("fused.ome.zarr" if single_axis is None else f"slicewise-{single_axis}.ome.zarr")
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
-    settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels)  # type: ignore[arg-type]
+    settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels, ngff)  # type: ignore[arg-type]
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)
@@ -333,7 +340,7 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
     omezarr.create_image(image, plan.shape, plan.chunk, settings["levels"],
                          tuple(settings["voxel_size_um"]), {"hpcstain": settings},
                          name=name.removesuffix(".zarr").removesuffix(".ome"),
-                         overwrite=overwrite)
+                         overwrite=overwrite, version=settings["ngff"])
     (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
 
 

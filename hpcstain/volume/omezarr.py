@@ -1,14 +1,20 @@
-"""OME-Zarr (NGFF 0.4) image with a 2× multiscale pyramid, updated region by region.
+"""OME-Zarr (NGFF 0.4 or 0.5) image with a 2× multiscale pyramid, updated region by region.
 
-Layout (what napari-ome-zarr and ome-zarr-py read): a zarr v2 group whose attributes hold
-``multiscales`` (version 0.4) with axes ``c`` (channel), ``z``/``y``/``x`` (space,
+Layout (what napari-ome-zarr and ome-zarr-py read; validated in the tests with
+ome-zarr-models): ``multiscales`` with axes ``c`` (channel), ``z``/``y``/``x`` (space,
 micrometer) and one dataset per level (``0``, ``1`` …); each level halves z, y and x
 (rounding up) and carries its ``scale`` and the ``translation`` of its voxel centres.
-``omero`` names the channels R, G, B, A. Arrays are uint8 ``(4, Z, Y, X)`` stored in
-chunks ``(4, cz, cy, cx)`` with "/"-separated chunk keys.
+``omero`` names the channels R, G, B, A. Arrays are uint8 ``(4, Z, Y, X)``.
+
+* NGFF 0.4: a zarr v2 group, the metadata at the top of its attributes, chunks
+  ``(4, cz, cy, cx)`` with "/"-separated keys.
+* NGFF 0.5: a zarr v3 group, the metadata under ``attributes["ome"]``; each array is
+  **sharded**: one shard per storage chunk of the plan ``(4, cz, cy, cx)`` holding inner
+  chunks of half its edge (fewer files for large volumes, small reads for viewers). One
+  writer per shard: a fuse task owns exactly one shard.
 
 Pyramid levels are mean-downsampled from the level below, voxel block by voxel block, so
-any region can be refreshed after its level-0 voxels change (:func:`update_pyramid`), and
+any region can be refreshed after its level-0 voxels change (:func:`build_pyramid`), and
 the final pyramid does not depend on the order regions were written in.
 """
 
@@ -26,6 +32,7 @@ from hpcstain.atomic import atomic_output
 Region = tuple[slice, ...]
 
 NGFF_VERSION = "0.4"
+NGFF_VERSIONS = ("0.4", "0.5")
 CHANNELS = ("R", "G", "B", "A")
 _COLOURS = ("FF0000", "00FF00", "0000FF", "FFFFFF")
 
@@ -48,8 +55,12 @@ def default_levels(shape: tuple[int, int, int], min_edge: int = 16, max_levels: 
 
 
 def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float],
-                         name: str = "image") -> dict[str, Any]:
-    """NGFF 0.4 ``multiscales`` + ``omero`` attributes for an RGBA (c, z, y, x) image."""
+                         name: str = "image", version: str = NGFF_VERSION) -> dict[str, Any]:
+    """NGFF ``multiscales`` + ``omero`` attributes for an RGBA (c, z, y, x) image.
+
+    0.4: the two keys at the top of the attributes, each with a ``version``; 0.5: both
+    under ``ome`` (with one ``version`` there).
+    """
     datasets = []
     for k in range(n_levels):
         f = 2 ** k
@@ -61,7 +72,7 @@ def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float
         datasets.append({"path": str(k), "coordinateTransformations": transforms})
     axes = [{"name": "c", "type": "channel"}] + [
         {"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
-    return {
+    meta = {
         "multiscales": [{
             "version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,
             "type": "mean", "metadata": {"method": "2x2x2 block mean, rounded to uint8"},
@@ -74,35 +85,68 @@ def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float
             "rdefs": {"model": "color"},
         },
     }
+    if version == "0.4":
+        return meta
+    meta["multiscales"][0].pop("version")
+    meta["omero"].pop("version")
+    return {"ome": {"version": version, **meta}}
+
+
+def inner_chunk(chunk: tuple[int, ...]) -> tuple[int, ...]:
+    """Inner chunk of a 0.5 shard: half the shard edge where that divides it (≥ 16)."""
+    return tuple(c // 2 if c % 2 == 0 and c >= 32 else c for c in chunk)
 
 
 def create_image(path: str | os.PathLike[str], shape: tuple[int, int, int],
                  chunk: tuple[int, int, int], n_levels: int,
                  voxel_size_um: tuple[float, float, float], extra_attrs: dict[str, Any],
-                 name: str = "image", overwrite: bool = False) -> Path:
+                 name: str = "image", overwrite: bool = False,
+                 version: str = NGFF_VERSION) -> Path:
     """Create an empty RGBA OME-Zarr image (metadata only) atomically at ``path``."""
     import zarr
 
+    if version not in NGFF_VERSIONS:
+        from hpcstain.errors import UsageError
+
+        raise UsageError(f"NGFF version must be one of {', '.join(NGFF_VERSIONS)}, "
+                         f"got {version!r}")
     with atomic_output(path, overwrite=overwrite) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if version == "0.4" else 3)
         for k, lshape in enumerate(level_shapes(shape, n_levels)):
             lchunk = tuple(min(c, n) for c, n in zip(chunk, lshape, strict=True))
-            root.create_array(str(k), shape=(4, *lshape), chunks=(4, *lchunk), dtype="uint8",
-                              fill_value=0,
-                              chunk_key_encoding={"name": "v2", "separator": "/"})
-        root.attrs.update({**multiscales_metadata(n_levels, voxel_size_um, name),
+            if version == "0.4":
+                root.create_array(str(k), shape=(4, *lshape), chunks=(4, *lchunk),
+                                  dtype="uint8", fill_value=0,
+                                  chunk_key_encoding={"name": "v2", "separator": "/"})
+            else:
+                root.create_array(str(k), shape=(4, *lshape), shards=(4, *lchunk),
+                                  chunks=(4, *inner_chunk(lchunk)), dtype="uint8",
+                                  fill_value=0, dimension_names=["c", "z", "y", "x"])
+        root.attrs.update({**multiscales_metadata(n_levels, voxel_size_um, name, version),
                            **extra_attrs})
     return Path(path)
 
 
 def open_image(path: str | os.PathLike[str], mode: str = "r+") -> Any:
+    """An OME-Zarr image group of either version (the zarr format is detected)."""
     import zarr
 
-    return zarr.open_group(str(path), mode=mode, zarr_format=2)  # type: ignore[arg-type]
+    return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+
+
+def ngff_attrs(root: Any) -> dict[str, Any]:
+    """The NGFF metadata of an image (``multiscales``, ``omero``) whatever its version."""
+    attrs = dict(root.attrs)
+    return attrs.get("ome", attrs)
 
 
 def n_levels_of(root: Any) -> int:
-    return len(root.attrs["multiscales"][0]["datasets"])
+    return len(ngff_attrs(root)["multiscales"][0]["datasets"])
+
+
+def write_block(arr: Any) -> tuple[int, ...]:
+    """The spatial block one writer owns: the shard (0.5) or the chunk (0.4)."""
+    return tuple((arr.shards or arr.chunks)[1:])
 
 
 def write_level0(root: Any, region: Region, rgba: np.ndarray) -> None:
@@ -122,19 +166,6 @@ def downsample2(block: np.ndarray) -> np.ndarray:
     return np.rint(sums / counts).astype(np.uint8)
 
 
-def update_pyramid(root: Any, region: Region) -> None:
-    """Recompute every level above 0 over the footprint of a changed level-0 ``region``."""
-    shapes = level_shapes(tuple(root["0"].shape[1:]), n_levels_of(root))
-    for k in range(1, len(shapes)):
-        below = shapes[k - 1]
-        lo = [s.start // 2 for s in region]
-        hi = [(s.stop + 1) // 2 for s in region]
-        src = tuple(slice(2 * a, min(n, 2 * b)) for a, b, n in zip(lo, hi, below, strict=True))
-        block = np.asarray(root[str(k - 1)][(slice(None), *src)])
-        region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        root[str(k)][(slice(None), *region)] = downsample2(block)
-
-
 def build_pyramid(root: Any, regions: list[Region]) -> None:
     """Recompute levels above 0 over changed level-0 ``regions``, each storage chunk once.
 
@@ -144,7 +175,7 @@ def build_pyramid(root: Any, regions: list[Region]) -> None:
     shapes = level_shapes(tuple(root["0"].shape[1:]), n_levels_of(root))
     for k in range(1, len(shapes)):
         arr = root[str(k)]
-        chunk = arr.chunks[1:]
+        chunk = write_block(arr)
         regions = [tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in r) for r in regions]
         touched: set[tuple[int, ...]] = set()
         for r in regions:

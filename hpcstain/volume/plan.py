@@ -60,6 +60,7 @@ class Plan:
     in_channels: int = 3
     size_multiple: int = 1
     max_unit_voxels: int = MAX_UNIT_VOXELS
+    autocast: str = "none"
     nan_policy: str = "error"
     nan_value: float = 0.0
     voxel_size_um: tuple[float, float, float] | None = None
@@ -279,14 +280,15 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               voxel_size_um: tuple[float, float, float] | None = None,
               checkpoint: str | os.PathLike[str] | None = None,
               config: dict[str, Any] | None = None, truncate: float = 4.0,
-              max_unit_voxels: int = MAX_UNIT_VOXELS) -> Plan:
+              max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none") -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
     ``levels`` is the raw ``(bone, background)``; when None they are estimated once here
     with :func:`hpcstain.volume.io.estimate_levels` and recorded in the plan. The
     checkpoint's CT conventions (target levels, channels, size multiple) are recorded too;
     ``in_channels`` is only for runs without a checkpoint (a staining function given in
-    code).
+    code). ``autocast`` (``none``/``bf16``/``fp16``) runs the generator under torch autocast
+    (GPU throughput; it changes the output, so it is part of the plan).
     """
     from hpcstain.volume.io import estimate_levels
 
@@ -295,6 +297,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     validate_plan_args(chunk3, axes_t, tile, step, window, sigma)
     if max_unit_voxels < 1:
         raise UsageError(f"max_unit_voxels must be >= 1, got {max_unit_voxels}")
+    if autocast not in ("none", "bf16", "fp16"):
+        raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
     sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
     if checkpoint:
@@ -314,6 +318,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 bone_level=float(bone), background_level=float(background),
                 target_levels=(float(target[0]), float(target[1])), in_channels=channels,
                 size_multiple=multiple, max_unit_voxels=int(max_unit_voxels),
+                autocast=autocast,
                 nan_policy=source.nan_policy, nan_value=source.nan_value,
                 voxel_size_um=tuple(float(v) for v in vox) if vox else None,  # type: ignore[arg-type]
                 checkpoint=str(checkpoint or ""), checkpoint_sha256=sha,
