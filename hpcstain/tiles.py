@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from hpcstain.errors import InputError, UsageError
+from hpcstain.geometry import Region
 
-Region: TypeAlias = tuple[slice, slice]
+# a (rows, cols) plane region: see hpcstain.geometry
 TileFn: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 Reader: TypeAlias = Callable[[Region], np.ndarray]
 

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpcstain.errors import InputError, UsageError
+from hpcstain.geometry import Region, grow
 from hpcstain.metrics.stripes import stripe_index
 from hpcstain.volume import omezarr
 from hpcstain.volume.plan import (
@@ -51,7 +52,6 @@ from hpcstain.volume.plan import (
     write_record,
 )
 
-Region = tuple[slice, slice, slice]
 Method = Literal["mean", "median", "consistency"]
 METHODS = ("mean", "median", "consistency")
 
@@ -161,11 +161,6 @@ class FuseReport:
         return "\n".join(lines)
 
 
-def _grow(region: Region, halo: int, shape: tuple[int, ...]) -> Region:
-    return tuple(slice(max(0, s.start - halo), min(n, s.stop + halo))  # type: ignore[return-value]
-                 for s, n in zip(region, shape, strict=True))
-
-
 def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Region,
                     halo: int) -> tuple[np.ndarray, Region]:
     """Per-axis predictions over ``region`` + ``halo`` (edge-padded at the volume border).
@@ -174,7 +169,7 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
     """
     import zarr
 
-    grown = _grow(region, halo, plan.shape)
+    grown = grow(region, halo, plan.shape)
     pad = [(s.start - g.start, g.stop - s.stop) for s, g in zip(region, grown, strict=True)]
     edge = [(halo - a, halo - b) for a, b in pad]
     blocks = []
@@ -241,7 +236,7 @@ def ready_chunks(run_dir: Path, plan: Plan, axes: tuple[str, ...], task: str, me
         if missing:
             report.missing[name] = missing
             continue
-        grown = _grow(region, halo, plan.shape)
+        grown = grow(region, halo, plan.shape)
         if halo and any(not set(plan.units_covering(a, grown)) <= done[a] for a in axes):
             report.waiting.append(name)
         else:

@@ -21,15 +21,13 @@ the final pyramid does not depend on the order regions were written in.
 from __future__ import annotations
 
 import os
-from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hpcstain.atomic import atomic_output
-
-Region = tuple[slice, ...]
+from hpcstain.geometry import Region, chunks_touched
 
 NGFF_VERSION = "0.4"
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -179,9 +177,7 @@ def build_pyramid(root: Any, regions: list[Region]) -> None:
         regions = [tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in r) for r in regions]
         touched: set[tuple[int, ...]] = set()
         for r in regions:
-            ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(r, chunk,
-                                                                               strict=True)]
-            touched.update(product(*ranges))
+            touched.update(chunks_touched(r, chunk))
         below = shapes[k - 1]
         for coords in sorted(touched):
             dst = tuple(slice(i * c, min(n, (i + 1) * c))

@@ -25,14 +25,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import product
 from pathlib import Path
 from typing import Any
 
 from hpcstain.atomic import write_text_atomic
 from hpcstain.errors import InputError, UsageError
-
-Region = tuple[slice, slice, slice]
+from hpcstain.geometry import Region, intersects
 
 PLAN_FORMAT = "hpcstain-volume-plan/2"
 MAX_UNIT_VOXELS = 1 << 27  # ~134 M voxels: ~0.5 GB of float32 CT per unit
@@ -189,13 +187,7 @@ class Plan:
     def units_covering(self, axis: str, region: Region) -> list[str]:
         """Names of the units of ``axis`` whose write regions intersect ``region``."""
         return [u.name for u in self.units if u.axis == axis
-                and _intersects(self.unit_write_region(u), region)]
-
-    def chunks_in(self, region: Region) -> list[int]:
-        """Indices of the chunks whose write regions intersect ``region``."""
-        ranges = [range(s.start // k, (s.stop - 1) // k + 1)
-                  for s, k in zip(region, self.chunk, strict=True)]
-        return [self.chunk_index(c) for c in product(*ranges)]  # type: ignore[arg-type]
+                and intersects(self.unit_write_region(u), region)]
 
     # ----------------------------------------------------------------- records
 
@@ -232,10 +224,6 @@ class Unit:
     @property
     def task(self) -> str:
         return f"axis-{self.axis}"
-
-
-def _intersects(a: Region, b: Region) -> bool:
-    return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b, strict=True))
 
 
 def gaussian_halo(sigma: float, truncate: float = 4.0) -> int:

@@ -27,7 +27,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from scipy import ndimage
 
 from hpcstain.atomic import atomic_output
 from hpcstain.errors import InputError, UsageError
+from hpcstain.geometry import Region, chunks_touched, grow, relative
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
     AXIS_INDEX,
@@ -53,24 +53,11 @@ from hpcstain.volume.plan import (
     write_record,
 )
 
-Region = tuple[slice, slice, slice]
 StainFn = Callable[[torch.Tensor], torch.Tensor]
 GROUP_BYTES = 256 << 20  # working memory of one group of slices in the tile engine
 
 
 # --------------------------------------------------------------------------- pure core
-
-
-def relative(region: Region, to: Region) -> Region:
-    """``region`` in the coordinates of the box ``to`` (which contains it)."""
-    return tuple(slice(r.start - t.start, r.stop - t.start)  # type: ignore[return-value]
-                 for r, t in zip(region, to, strict=True))
-
-
-def grow(region: Region, halo: int, shape: tuple[int, ...]) -> Region:
-    """``region`` grown by ``halo`` on every side, clipped to the volume."""
-    return tuple(slice(max(0, s.start - halo), min(n, s.stop + halo))  # type: ignore[return-value]
-                 for s, n in zip(region, shape, strict=True))
 
 
 def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: float
@@ -228,9 +215,7 @@ def write_axis_region(path: Path, plan: Plan, region: Region, rgb: np.ndarray) -
 
     arr = zarr.open_array(str(path), mode="r+")
     arr[(*region, slice(None))] = rgb
-    ranges = [range(s.start // k, (s.stop - 1) // k + 1)
-              for s, k in zip(region, plan.chunk, strict=True)]
-    for coords in product(*ranges):
+    for coords in chunks_touched(region, plan.chunk):
         chunk_file = path / arr.metadata.encode_chunk_key((*coords, 0))
         if chunk_file.is_file():  # absent when the chunk equals the fill value (not stored)
             with open(chunk_file, "rb") as fh:

@@ -1,0 +1,254 @@
+"""Volume engine v2 against its own generator, its memory bound and two peers (issue #12).
+
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--only cost,overhead,memory,fuse,peers]
+
+Parts (each prints one table; numbers go to docs/benchmarks.md):
+
+* ``cost``: generator input pixels per output voxel·axis at the default tiling (256/192
+  Hann), counted by the engine itself (the run's completion records), on a 256³ and a
+  37×131×97 volume, 3 axes. The plan takes a ResNet checkpoint's conventions (tiles in
+  multiples of 4); a stand-in per-pixel map runs in its place to keep this fast: the count
+  does not depend on the network.
+* ``overhead``: ``hpcstain stain`` (3 axes, in-process, 2 threads, 96×256×256) vs the bare
+  generator run over the same slices with the same tiling (no I/O, no Gaussian, no writes),
+  with a real ResNet generator (modcyclegan-tiny architecture, ngf 8, 2 blocks).
+* ``memory``: peak RSS of an in-process ``hpcstain stain`` of a 64×1024×1024 uint16 volume
+  (3 axes, ResNet ngf 4 / 1 block), in a child process.
+* ``fuse``: ``fuse`` (mean, 3 axes, 96×256×256) vs a plain zarr copy of the same RGB data
+  (read the three per-axis arrays, write one RGB array), and fuse with 2 dask workers.
+* ``peers``: slice-wise staining of a 32×512×512 volume with the same generator and tile
+  size: hpcstain, MONAI ``sliding_window_inference`` (overlap 0.25, Gaussian blending),
+  dask ``map_overlap`` (256² blocks + 32 px overlap); seconds and the seam index relative
+  to one untiled pass of each whole slice (1 = no seams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from hpcstain.inference import load_generator
+from hpcstain.tiles import stain_image
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+from hpcstain.volume.plan import axis_store, load_plan
+from hpcstain.volume.stain import generator_cost
+
+
+def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """A bone-like uint16 volume (smooth structures + noise), written slab by slab."""
+    rng = np.random.default_rng(seed)
+    arr = zarr.create_array(str(path), shape=shape, chunks=(16, 256, 256), dtype="uint16")
+    y, x = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    for z0 in range(0, shape[0], 16):
+        z = np.arange(z0, min(shape[0], z0 + 16))[:, None, None]
+        bone = (np.sin(z / 7.0) + np.cos(y / 11.0) * np.sin(x / 13.0)) > 0.3
+        vol = np.where(bone, 30000, 10000) + rng.normal(0, 1500, bone.shape)
+        arr[z0:z0 + len(z)] = np.clip(vol, 0, 65535).astype(np.uint16)
+    return path
+
+
+def checkpoint(path: Path, ngf: int, blocks: int) -> Path:
+    from hpcstain.config import Config, to_dict
+    from hpcstain.models import architecture_of, build_model
+    from hpcstain.train.checkpoint import save_checkpoint
+
+    cfg = Config()
+    cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = ngf, 8, blocks
+    model = build_model(cfg.model, cfg.loss, "cpu", seed=0)
+    save_checkpoint(path, {"architecture": architecture_of(cfg.model), "config": to_dict(cfg),
+                           "model": model.state_dict()})
+    return path
+
+
+def per_pixel(batch: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(batch[:, :1]).expand(-1, 3, -1, -1)
+
+
+def part_cost(root: Path, quick: bool) -> None:
+    print("\n## cost: generator pixels per output voxel·axis (defaults 256/192 hann)")
+    print("| volume | z | y | x | all |\n|---|---|---|---|---|")
+    shapes = [(37, 131, 97), (64, 128, 128)] if quick else [(37, 131, 97), (256, 256, 256)]
+    ckpt = checkpoint(root / "cost.pt", 4, 1)
+    for shape in shapes:
+        vol = synthetic_ct(root / f"cost-{shape[0]}.zarr", shape)
+        plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0),
+                         checkpoint=ckpt)
+        run = init_run(root / f"cost-run-{shape[0]}", plan)
+        run_stain(run, per_pixel, progress=False)
+        c = generator_cost(run)
+        print(f"| {'×'.join(map(str, shape))} | {c['z']:.2f} | {c['y']:.2f} | {c['x']:.2f} "
+              f"| {c['all']:.2f} |")
+
+
+def bare_generator_seconds(vol: Path, plan_dir: Path, fn) -> float:
+    """The generator alone over every slice of every axis, same tiling as the plan."""
+    plan = load_plan(plan_dir)
+    ct = np.asarray(zarr.open_array(str(vol), mode="r")[...], np.float32)
+    unit = (ct - 10000.0) / 20000.0 * 0.3 - 0.7  # any [-1, 1] input; cost is what counts
+    t0 = time.perf_counter()
+    for a, axis in enumerate(plan.axes):
+        tile, step = plan.plane_tiling(axis)
+        planes = np.moveaxis(unit, a, 0)
+        for s in range(0, planes.shape[0], 16):
+            stack = np.repeat(planes[s:s + 16, None], 3, axis=1)
+            stain_image(stack, fn, tile=tile, step=step, window=plan.window, batch_size=16)
+    return time.perf_counter() - t0
+
+
+def part_overhead(root: Path, quick: bool) -> None:
+    print("\n## overhead: hpcstain stain vs the bare generator (3 axes, 2 threads)")
+    shape = (32, 128, 128) if quick else (96, 256, 256)
+    vol = synthetic_ct(root / "over.zarr", shape)
+    ckpt = checkpoint(root / "over.pt", 8, 2)
+    plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0), checkpoint=ckpt)
+    run = init_run(root / "over-run", plan)
+    t0 = time.perf_counter()
+    run_stain(run, progress=False, batch_size=16)
+    engine = time.perf_counter() - t0
+    bare = bare_generator_seconds(vol, run, load_generator(ckpt).fn)
+    print("| volume | stain s | bare generator s | ratio |\n|---|---|---|---|")
+    print(f"| {'×'.join(map(str, shape))} | {engine:.1f} | {bare:.1f} | {engine / bare:.2f} |")
+
+
+MEMORY_CHILD = """
+import sys, resource, time
+from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+vol, ckpt, run = sys.argv[1:4]
+plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt)
+init_run(run, plan)
+t0 = time.perf_counter()
+run_stain(run, progress=False, batch_size=8)
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def part_memory(root: Path, quick: bool) -> None:
+    print("\n## memory: peak RSS of an in-process stain (3 axes)")
+    shape = (32, 512, 512) if quick else (64, 1024, 1024)
+    vol = synthetic_ct(root / "mem.zarr", shape)
+    ckpt = checkpoint(root / "mem.pt", 4, 1)
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(vol), str(ckpt),
+                          str(root / "mem-run")], capture_output=True, text=True, check=True)
+    seconds, kib = out.stdout.split()
+    print("| volume | input | seconds | peak RSS |\n|---|---|---|---|")
+    print(f"| {'×'.join(map(str, shape))} uint16 | {np.prod(shape) * 2 / 2**30:.2f} GiB | "
+          f"{float(seconds):.0f} | {int(kib) / 2**20:.2f} GiB |")
+
+
+def part_fuse(root: Path, quick: bool) -> None:
+    print("\n## fuse vs a plain zarr copy of the same RGB data")
+    shape = (32, 128, 128) if quick else (96, 256, 256)
+    vol = synthetic_ct(root / "fuse.zarr", shape)
+    plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0))
+    run = init_run(root / "fuse-run", plan)
+    run_stain(run, per_pixel, progress=False)
+    t0 = time.perf_counter()
+    arrays = [zarr.open_array(str(axis_store(run, a)), mode="r") for a in "zyx"]
+    copy = zarr.create_array(str(root / "copy.zarr"), shape=(*shape, 3),
+                             chunks=(64, 64, 64, 3), dtype="uint8")
+    for i in range(plan.n_chunks):
+        region = (*plan.write_region(i), slice(None))
+        blocks = [np.asarray(a[region]) for a in arrays]
+        copy[region] = blocks[0]
+    t_copy = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fuse_run(run, method="mean", out="serial.ome.zarr")
+    t_fuse = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fuse_run(run, method="mean", out="parallel.ome.zarr", workers=2)
+    t_par = time.perf_counter() - t0
+    print("| volume | zarr copy s | fuse s | ratio | fuse, 2 workers s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {'×'.join(map(str, shape))} | {t_copy:.2f} | {t_fuse:.2f} | "
+          f"{t_fuse / t_copy:.2f} | {t_par:.2f} | {t_fuse / t_par:.2f} |")
+
+
+def part_peers(root: Path, quick: bool) -> None:
+    from hpcstain.metrics.seams import seam_index
+
+    print("\n## peers: slice-wise staining, same generator and tile edge (z axis)")
+    shape = (4, 384, 384) if quick else (32, 512, 512)
+    vol = synthetic_ct(root / "peer.zarr", shape)
+    ckpt = checkpoint(root / "peer.pt", 8, 2)
+    fn = load_generator(ckpt).fn
+    ct = np.asarray(zarr.open_array(str(vol), mode="r")[...], np.float32)
+    unit = np.clip((ct - 10000.0) / 20000.0 * 0.3 - 0.7, -1, 1)
+    untiled = np.stack([fn(torch.from_numpy(np.repeat(s[None, None], 3, 1)))[0].numpy()
+                        for s in unit])
+    results = {}
+
+    plan = make_plan(open_volume(vol), chunk=(8, 512, 512), axes="z", sigma=0.0,
+                     levels=(30000.0, 10000.0), checkpoint=ckpt)
+    run = init_run(root / "peer-run", plan)
+    t0 = time.perf_counter()
+    run_stain(run, progress=False)
+    results["hpcstain (256/192 hann)"] = (time.perf_counter() - t0, None, (256, 192))
+    ours = np.asarray(zarr.open_array(str(axis_store(run, "z")), mode="r")[...], np.float32)
+
+    from monai.inferers import sliding_window_inference
+
+    t0 = time.perf_counter()
+    monai_out = []
+    with torch.inference_mode():
+        for s0 in range(0, shape[0], 8):
+            batch = torch.from_numpy(np.repeat(unit[s0:s0 + 8, None], 3, 1))
+            monai_out.append(sliding_window_inference(batch, (256, 256), 8, fn, overlap=0.25,
+                                                      mode="gaussian").numpy())
+    results["MONAI sliding_window (0.25, gaussian)"] = (
+        time.perf_counter() - t0, np.concatenate(monai_out), (256, 192))
+
+    import dask.array as da
+
+    def block_fn(block: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.repeat(block[:, None], 3, 1).astype(np.float32))
+        return fn(t)[:, 0].numpy()  # one channel: map_overlap keeps the block shape
+
+    t0 = time.perf_counter()
+    darr = da.from_array(unit, chunks=(8, 256, 256))
+    dask_out = darr.map_overlap(block_fn, depth=(0, 32, 32), boundary="reflect",
+                                dtype=np.float32).compute(scheduler="threads")
+    results["dask map_overlap (256 + 32)"] = (time.perf_counter() - t0, dask_out, (256, 256))
+
+    print("| method | seconds | seam index rel. untiled (R) |\n|---|---|---|")
+    for name, (sec, out, (tile, step)) in results.items():
+        if out is None:
+            img = (ours[..., 0] / 127.5 - 1.0)
+        elif out.ndim == 4:
+            img = out[:, 0]
+        else:
+            img = out
+        seams = np.median([seam_index(img[s], tile, step, untiled[s, 0])
+                           for s in range(shape[0])])
+        print(f"| {name} | {sec:.1f} | {seams:.3f} |")
+
+
+PARTS = {"cost": part_cost, "overhead": part_overhead, "memory": part_memory,
+         "fuse": part_fuse, "peers": part_peers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--only", default=",".join(PARTS))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only.split(","):
+            PARTS[name](Path(tmp), args.quick)
+    print(json.dumps({"maxrss_gib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      / 2**20}))
+
+
+if __name__ == "__main__":
+    main()
