@@ -100,7 +100,7 @@ def test_float64_conv_net_is_bit_exact_across_batch_compositions():
     np.testing.assert_array_equal(part, whole[:, region[0], region[1]])
 
 
-def test_float32_conv_net_agrees_to_1e_6():
+def test_float32_conv_net_agrees_across_batch_compositions_to_float32_roundoff():
     net = conv_net(torch.float32)
     img = image(np.float32)
     whole = stain_image(img, net, tile=TILE, step=STEP, window="mean", batch_size=16)
@@ -108,7 +108,11 @@ def test_float32_conv_net_agrees_to_1e_6():
     part = stain_region(img, SHAPE, region, net, tile=TILE, step=STEP, window="mean",
                         batch_size=1)
     assert part.dtype == np.float32
-    np.testing.assert_allclose(part, whole[:, region[0], region[1]], atol=1e-6, rtol=0)
+    # Batch 16 vs 1 changes the conv/InstanceNorm summation order (and the vector kernels
+    # chosen): each output may move by float32 round-off of the ~10³-term sums behind it,
+    # a few hundred ulps of the tanh output scale (1) at most — never a misplaced tile.
+    ulp = np.finfo(np.float32).eps
+    np.testing.assert_allclose(part, whole[:, region[0], region[1]], atol=256 * ulp, rtol=0)
 
 
 def test_stack_of_slices_shares_the_grid_and_matches_each_slice():

@@ -63,8 +63,11 @@ CONSISTENCY_EPS = 1.0
 
 
 def fuse_mean(preds: np.ndarray) -> np.ndarray:
-    """(A, Z, Y, X, 3) uint8 → (Z, Y, X, 3) uint8: average over axes A."""
-    return np.rint(preds.astype(np.float32).mean(axis=0)).astype(np.uint8)
+    """(A, Z, Y, X, 3) uint8 → (Z, Y, X, 3) uint8: average over axes A (rounded half to even)."""
+    total = preds[0].astype(np.uint16)
+    for p in preds[1:]:
+        total += p
+    return omezarr.rounded_mean(total, len(preds))
 
 
 def fuse_median(preds: np.ndarray) -> np.ndarray:
@@ -105,8 +108,11 @@ def fuse_consistency(preds: np.ndarray, axes: tuple[int, ...], radius: int = CON
 
 
 def with_alpha(rgb: np.ndarray) -> np.ndarray:
-    """(…, 3) uint8 → (…, 4) uint8 with alpha = mean of RGB (§2.11)."""
-    alpha = np.rint(rgb.astype(np.float32).mean(axis=-1)).astype(np.uint8)
+    """(…, 3) uint8 → (…, 4) uint8 with alpha = mean of RGB (§2.11), rounded."""
+    total = rgb[..., 0].astype(np.uint16)
+    total += rgb[..., 1]
+    total += rgb[..., 2]
+    alpha = omezarr.rounded_mean(total, 3)
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
 
 
@@ -162,10 +168,11 @@ class FuseReport:
 
 
 def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Region,
-                    halo: int) -> tuple[np.ndarray, Region]:
+                    halo: int, arrays: dict[str, Any] | None = None) -> tuple[np.ndarray, Region]:
     """Per-axis predictions over ``region`` + ``halo`` (edge-padded at the volume border).
 
-    Returns the stacked (A, …, 3) block and the slices of ``region`` inside it.
+    ``arrays`` holds already opened per-axis arrays (else they are opened here). Returns the
+    stacked (A, …, 3) block and the slices of ``region`` inside it.
     """
     import zarr
 
@@ -174,7 +181,8 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
     edge = [(halo - a, halo - b) for a, b in pad]
     blocks = []
     for axis in axes:
-        arr = zarr.open_array(str(axis_store(run_dir, axis)), mode="r")
+        arr = (arrays or {}).get(axis) or zarr.open_array(str(axis_store(run_dir, axis)),
+                                                          mode="r")
         try:
             block = np.asarray(arr[grown])
         except Exception as exc:  # damaged storage chunk: one line + the command to redo it
@@ -188,27 +196,57 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
     return np.stack(blocks), inner  # type: ignore[return-value]
 
 
-def fuse_chunk_rgba(run_dir: Path, plan: Plan, axes: tuple[str, ...], index: int,
-                    method: str) -> np.ndarray:
-    """The fused RGBA (Z, Y, X, 4) of one storage chunk."""
-    region = plan.write_region(index)
-    halo = method_halo(method, len(axes))
-    block, inner = read_axis_block(run_dir, plan, axes, region, halo)
-    rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in axes), method)
-    return with_alpha(rgb[inner])
+@dataclass
+class FuseTask:
+    """The block task of fusion: fuse storage chunks into level 0, then their records.
 
+    Picklable (executors ship it); the plan and opened arrays are cached per process and
+    dropped when pickled. Calling it with a list of chunk indices fuses them in order.
+    """
 
-def fuse_chunk(run_dir: str, image: str, task: str, axes: tuple[str, ...], method: str,
-               index: int) -> str:
-    """The block task: fuse one storage chunk into level 0, then write its record."""
-    run = Path(run_dir)
-    plan = load_plan(run)
-    rgba = fuse_chunk_rgba(run, plan, axes, index, method)
-    omezarr.write_level0(omezarr.open_image(image), plan.write_region(index), rgba)
-    name = plan.chunk_name(index)
-    write_record(run, task, name, {"chunk": name, "method": method if len(axes) > 1
-                                   else "single-axis", "time": time.time()})
-    return name
+    run_dir: str
+    image: str
+    task: str
+    axes: tuple[str, ...]
+    method: str
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    def _opened(self) -> dict[str, Any]:
+        import zarr
+
+        if not self._cache:
+            run = Path(self.run_dir)
+            self._cache.update(
+                plan=load_plan(run), level0=omezarr.open_image(self.image)["0"],
+                arrays={a: zarr.open_array(str(axis_store(run, a)), mode="r")
+                        for a in self.axes})
+        return self._cache
+
+    def rgba(self, index: int) -> np.ndarray:
+        """The fused RGBA (Z, Y, X, 4) of one storage chunk."""
+        c = self._opened()
+        region = c["plan"].write_region(index)
+        halo = method_halo(self.method, len(self.axes))
+        block, inner = read_axis_block(Path(self.run_dir), c["plan"], self.axes, region, halo,
+                                       c["arrays"])
+        rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in self.axes), self.method)
+        return with_alpha(rgb[inner])
+
+    def __call__(self, indices: list[int]) -> list[str]:
+        c = self._opened()
+        plan, names = c["plan"], []
+        for index in indices:
+            region = plan.write_region(index)
+            c["level0"][(slice(None), *region)] = np.moveaxis(self.rgba(index), -1, 0)
+            name = plan.chunk_name(index)
+            write_record(self.run_dir, self.task, name, {
+                "chunk": name, "method": self.method if len(self.axes) > 1 else "single-axis",
+                "time": time.time()})
+            names.append(name)
+        return names
 
 
 def _settings(plan: Plan, method: str, axes: tuple[str, ...],
@@ -285,19 +323,20 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)
-    args = (str(run_dir), str(image), task, axes, method)
+    fuse = FuseTask(str(run_dir), str(image), task, axes, method)
     if todo and (workers > 1 or client is not None):
-        report.fused = _fuse_on_dask(args, todo, workers, client, progress)
+        report.fused = _fuse_on_dask(fuse, todo, workers, client, progress)
     else:
-        report.fused = [fuse_chunk(*args, i) for i in _progress(todo, progress, "fuse")]
+        report.fused = [n for i in _progress(todo, progress, "fuse") for n in fuse([i])]
     if todo:
         omezarr.build_pyramid(omezarr.open_image(image), [plan.write_region(i) for i in todo])
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _fuse_on_dask(args: tuple[Any, ...], todo: list[int], workers: int, client: Any,
-                  progress: bool) -> list[str]:
+def _fuse_on_dask(fuse: FuseTask, todo: list[int], workers: int, client: Any,
+                  progress: bool, per_task: int = 8) -> list[str]:
+    """Fuse ``todo`` on dask, ``per_task`` chunks per task (amortises opening the arrays)."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -307,9 +346,10 @@ def _fuse_on_dask(args: tuple[Any, ...], todo: list[int], workers: int, client: 
         own = Client(cluster)
     try:
         c = client or own
-        futures = [c.submit(fuse_chunk, *args, i, pure=False) for i in todo]
+        groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
+        futures = [c.submit(fuse, g, pure=False) for g in groups]
         done = as_completed(futures)
-        return sorted(f.result() for f in _progress(done, progress, "fuse"))
+        return sorted(n for f in _progress(done, progress, "fuse") for n in f.result())
     finally:
         if cluster is not None:
             own.close()

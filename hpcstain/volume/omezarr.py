@@ -21,6 +21,7 @@ the final pyramid does not depend on the order regions were written in.
 from __future__ import annotations
 
 import os
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -147,21 +148,33 @@ def write_block(arr: Any) -> tuple[int, ...]:
     return tuple((arr.shards or arr.chunks)[1:])
 
 
-def write_level0(root: Any, region: Region, rgba: np.ndarray) -> None:
-    """Write ``rgba`` (Z, Y, X, 4) uint8 into level 0 at the spatial ``region``."""
-    root["0"][(slice(None), *region)] = np.moveaxis(rgba, -1, 0)
+def rounded_mean(sums: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
+    """``rint(sums / counts)`` (half to even) of non-negative integer sums, exactly, as uint8.
+
+    Integer arithmetic: the same values as the float division (exact here) at a fraction
+    of the cost on whole volumes.
+    """
+    q, r = np.divmod(sums, counts)
+    twice = 2 * r
+    up = (twice > counts) | ((twice == counts) & (q % 2 == 1))
+    return (q + up).astype(np.uint8)
 
 
 def downsample2(block: np.ndarray) -> np.ndarray:
     """2×2×2 block mean over the last three axes (partial blocks at the end), uint8."""
     c, z, y, x = block.shape
+    if z % 2 == 0 and y % 2 == 0 and x % 2 == 0:  # the common, interior case
+        sums = np.zeros((c, z // 2, y // 2, x // 2), np.uint16)
+        for dz, dy, dx in product((0, 1), repeat=3):  # 8 strided adds beat a reshape-sum
+            sums += block[:, dz::2, dy::2, dx::2]
+        return rounded_mean(sums, 8)
     pad = [(0, 0)] + [(0, n % 2) for n in (z, y, x)]
-    vals = np.pad(block.astype(np.float32), pad)
-    ones = np.pad(np.ones((z, y, x), np.float32), pad[1:])
+    vals = np.pad(block.astype(np.uint16), pad)
+    ones = np.pad(np.ones((z, y, x), np.uint16), pad[1:])
     zz, yy, xx = vals.shape[1] // 2, vals.shape[2] // 2, vals.shape[3] // 2
-    sums = vals.reshape(c, zz, 2, yy, 2, xx, 2).sum(axis=(2, 4, 6))
-    counts = ones.reshape(zz, 2, yy, 2, xx, 2).sum(axis=(1, 3, 5))
-    return np.rint(sums / counts).astype(np.uint8)
+    sums = vals.reshape(c, zz, 2, yy, 2, xx, 2).sum(axis=(2, 4, 6), dtype=np.uint16)
+    counts = ones.reshape(zz, 2, yy, 2, xx, 2).sum(axis=(1, 3, 5), dtype=np.uint16)
+    return rounded_mean(sums, counts)
 
 
 def build_pyramid(root: Any, regions: list[Region]) -> None:
