@@ -29,7 +29,8 @@ def cmd_phantom_volume(args: argparse.Namespace) -> int:
     from hpcstain.phantom import write_volume_file
 
     out = write_volume_file(args.out, tuple(args.shape), args.material, args.seed,
-                            overwrite=args.overwrite, chunk=args.chunk)
+                            overwrite=args.overwrite, chunk=args.chunk,
+                            screw_scale=args.screw_scale)
     print(f"wrote {out}")
     return 0
 
@@ -222,7 +223,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
                       voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
                       levels=args.levels, out=args.out, overwrite=args.overwrite,
-                      progress=not args.no_progress, workers=args.workers, ngff=args.ngff)
+                      progress=not args.no_progress, workers=args.workers, ngff=args.ngff,
+                      fill_outside=not args.no_fill)
     print(report.summary())
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
@@ -292,6 +294,9 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    help="fuse chunks in parallel on a dask LocalCluster of N processes")
     p.add_argument("--ngff", default="0.4", choices=["0.4", "0.5"],
                    help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3, sharded)")
+    p.add_argument("--no-fill", action="store_true",
+                   help="keep the generator's colours outside the sample (resin, air) "
+                   "instead of the slide background")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fuse)
@@ -431,6 +436,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--material", default="mg", help="screw material: mg, ti or peek")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--chunk", type=int, default=64, help="storage chunk edge (voxels)")
+    v.add_argument("--screw-scale", type=float, default=1.0, metavar="F",
+                   help="screw radii × F, 0.25–2 (default 1: the M2-like screw)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     v.set_defaults(func=cmd_phantom_volume)
     pr = psub.add_parser("pairs", help="paired CT / histology whole slides + manifest.csv")

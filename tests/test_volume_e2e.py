@@ -28,7 +28,7 @@ def test_phantom_hdf5_to_fused_ome_zarr(tmp_path):
     run = init_run(tmp_path / "run", plan)
     report = run_stain(run, colour_map, progress=False)
     assert len(report.stained) == plan.n_units == 6  # two slabs per axis
-    fused = fuse_run(run, method="mean")
+    fused = fuse_run(run, method="mean", fill_outside=False)
     assert fused.complete and len(fused.fused) == 8
 
     preds = np.stack([zarr.open_array(str(axis_store(run, a)), mode="r")[...] for a in "zyx"])
@@ -179,3 +179,27 @@ def test_bf16_autocast_output_stays_close_to_fp32(tmp_path):
     plan = make_plan(ct_zarr(tmp_path), chunk=8, axes="z", tile=16, step=8,
                      levels=(30000.0, 10000.0), checkpoint=ckpt, autocast="bf16")
     assert plan.autocast == "bf16"
+
+
+def test_fuse_paints_resin_and_air_with_the_slide_background(tmp_path):
+    """Outside the sample (phantom labels: background) the fused stain is (250, 250, 250);
+    inside, it is the generator's fusion untouched."""
+    from hpcstain.volume.fuse import outside_sample
+
+    path = write_volume_file(tmp_path / "ph.zarr", (24, 48, 48), "mg", 3)
+    src = open_volume(f"{path}:ct")
+    plan = make_plan(src, chunk=(12, 24, 24), tile=16, step=8)
+    run = init_run(tmp_path / "run", plan)
+    run_stain(run, colour_map, progress=False)
+    fuse_run(run, method="mean", out="raw.ome.zarr", fill_outside=False)
+    fuse_run(run, method="mean")
+    raw = np.moveaxis(zarr.open_group(str(run / "raw.ome.zarr"), mode="r")["0"][...], 0, -1)
+    filled = np.moveaxis(zarr.open_group(str(run / "fused.ome.zarr"), mode="r")["0"][...], 0, -1)
+    labels = zarr.open_group(str(path), mode="r")["labels"][...]
+    changed = np.any(raw != filled, axis=-1)
+    assert (filled[changed] == 250).all()
+    background, inside = labels == 0, labels >= 2  # 0 resin/air, 1 tube wall, ≥ 2 sample
+    assert changed[background].mean() > 0.8  # the medium is painted (σ = 2 blurs its rim)
+    assert changed[inside].mean() < 0.02      # the sample keeps its stain
+    whole = np.asarray(src.read((slice(0, 24), slice(0, 48), slice(0, 48))), np.float32)
+    assert outside_sample(whole, (plan.bone_level, plan.background_level)).any()

@@ -14,8 +14,11 @@ Methods (all per voxel, over the staining axes of the run):
   smooth along theirs, the smooth ones dominate.
 
 Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result is
-rounded to uint8. ``single_axis`` copies one axis through unchanged (the paper's
-slice-wise volume).
+rounded to uint8. Outside the sample (CT smoothed with σ = 2 voxels below the background
+level + 8 % of the bone–background gap: resin, air) the generator was never trained (§2.8
+masks train it inside the sample only) and invents colour; those voxels get the normalised
+slide background (250, 250, 250) instead (``fill_outside``; the paper's §2.8 rule for 2D).
+``single_axis`` copies one axis through unchanged (the paper's slice-wise volume).
 
 Fusion is a block task over the storage chunks of the output: a chunk is fused once every
 axis's work units (slabs) covering it are done; ``consistency`` also needs the voxels
@@ -57,6 +60,8 @@ METHODS = ("mean", "median", "consistency")
 
 CONSISTENCY_RADIUS = 2
 CONSISTENCY_EPS = 1.0
+OUTSIDE_SIGMA = 2.0       # voxels: smoothing of the CT before the outside test
+OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
 
 
 # --------------------------------------------------------------------------- pure core
@@ -127,6 +132,22 @@ def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndar
     if method == "consistency":
         return fuse_consistency(preds, axes)
     raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def outside_sample(ct: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
+    """Voxels of (smoothed) raw CT at or below the embedding medium: resin, air."""
+    bone, background = levels
+    return ct < background + OUTSIDE_FRACTION * (bone - background)
+
+
+def fill_background(rgba: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """RGBA with ``outside`` voxels set to the normalised slide background."""
+    from hpcstain.predict import NORMALISED_BACKGROUND
+
+    colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
+    out = rgba.copy()
+    out[outside] = (*colour, with_alpha(colour[None])[0, 3])
+    return out
 
 
 def method_halo(method: str, n_axes: int) -> int:
@@ -209,6 +230,7 @@ class FuseTask:
     task: str
     axes: tuple[str, ...]
     method: str
+    fill_outside: bool = True
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -233,7 +255,25 @@ class FuseTask:
         block, inner = read_axis_block(Path(self.run_dir), c["plan"], self.axes, region, halo,
                                        c["arrays"])
         rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in self.axes), self.method)
-        return with_alpha(rgb[inner])
+        rgba = with_alpha(rgb[inner])
+        if self.fill_outside:
+            rgba = fill_background(rgba, self.outside(region))
+        return rgba
+
+    def outside(self, region: Region) -> np.ndarray:
+        """The outside-the-sample voxels of ``region`` (from the run's input CT)."""
+        from hpcstain.volume.io import open_volume
+        from hpcstain.volume.plan import gaussian_halo
+        from hpcstain.volume.stain import smooth
+
+        c = self._opened()
+        plan = c["plan"]
+        if "source" not in c:
+            c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
+        halo = gaussian_halo(OUTSIDE_SIGMA)
+        grown = grow(region, halo, plan.shape)
+        ct = smooth(c["source"].read(grown), region, grown, halo, OUTSIDE_SIGMA)
+        return outside_sample(ct, (plan.bone_level, plan.background_level))
 
     def __call__(self, indices: list[int]) -> list[str]:
         c = self._opened()
@@ -286,7 +326,8 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
-             client: Any = None, ngff: str = "0.4") -> FuseReport:
+             client: Any = None, ngff: str = "0.4", fill_outside: bool = True
+             ) -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
@@ -295,6 +336,8 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     Chunks are fused in this process, or in parallel on a dask ``client`` or a
     LocalCluster of ``workers`` processes; the pyramid is built afterwards. ``ngff`` picks
     the output format: NGFF 0.4 (zarr v2) or 0.5 (zarr v3, one shard per storage chunk).
+    ``fill_outside`` paints voxels outside the sample (from the input CT) with the
+    normalised background colour.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -320,10 +363,11 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
     settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels, ngff)  # type: ignore[arg-type]
+    settings["fill_outside"] = fill_outside
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)
-    fuse = FuseTask(str(run_dir), str(image), task, axes, method)
+    fuse = FuseTask(str(run_dir), str(image), task, axes, method, fill_outside)
     if todo and (workers > 1 or client is not None):
         report.fused = _fuse_on_dask(fuse, todo, workers, client, progress)
     else:
