@@ -17,9 +17,10 @@ Parts (each prints one table; numbers go to docs/benchmarks.md):
 * ``fuse``: ``fuse`` (mean, 3 axes, 96×256×256) vs a plain zarr copy of the same RGB data
   (read the three per-axis arrays, write one RGB array), and fuse with 2 dask workers.
 * ``peers``: slice-wise staining of a 32×512×512 volume with the same generator and tile
-  size: hpcstain, MONAI ``sliding_window_inference`` (overlap 0.25, Gaussian blending),
-  dask ``map_overlap`` (256² blocks + 32 px overlap); seconds and the seam index relative
-  to one untiled pass of each whole slice (1 = no seams).
+  size and the same pixels per generator call: hpcstain, MONAI
+  ``sliding_window_inference`` (overlap 0.25, Gaussian blending), dask ``map_overlap``
+  (256² blocks + 32 px overlap); seconds and the seam index relative to one untiled pass
+  of each whole slice (1 = no seams).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 import zarr
 
 from hpcstain.inference import load_generator
-from hpcstain.tiles import stain_image
+from hpcstain.tiles import auto_batch, stain_image
 from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
 from hpcstain.volume.plan import axis_store, load_plan
 from hpcstain.volume.stain import generator_cost
@@ -114,7 +115,8 @@ def bare_generator_seconds(vol: Path, plan_dir: Path, fn) -> float:
         planes = np.moveaxis(unit, a, 0)
         for s in range(0, planes.shape[0], 16):
             stack = np.repeat(planes[s:s + 16, None], 3, axis=1)
-            stain_image(stack, fn, tile=tile, step=step, window=plan.window, batch_size=16)
+            stain_image(stack, fn, tile=tile, step=step, window=plan.window,
+                        batch_size=auto_batch(tile))
     return time.perf_counter() - t0
 
 
@@ -129,7 +131,7 @@ def part_overhead(root: Path, quick: bool) -> None:
 
     def engine() -> None:
         run = init_run(root / f"over-run-{next(runs)}", plan)
-        run_stain(run, progress=False, batch_size=16)
+        run_stain(run, progress=False)
 
     t = best_of(3, engine=engine,
                 bare=lambda: bare_generator_seconds(vol, root / "over-run-0", fn))
@@ -145,7 +147,7 @@ vol, ckpt, run = sys.argv[1:4]
 plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt)
 init_run(run, plan)
 t0 = time.perf_counter()
-run_stain(run, progress=False, batch_size=8)
+run_stain(run, progress=False)
 print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -224,7 +226,8 @@ def part_peers(root: Path, quick: bool) -> None:
         with torch.inference_mode():
             for s0 in range(0, shape[0], 8):
                 batch = torch.from_numpy(np.repeat(unit[s0:s0 + 8, None], 3, 1))
-                parts.append(sliding_window_inference(batch, (256, 256), 8, fn, overlap=0.25,
+                parts.append(sliding_window_inference(batch, (256, 256), auto_batch(256), fn,
+                                                      overlap=0.25,
                                                       mode="gaussian").numpy()[:, 0])
         outputs["monai"] = np.concatenate(parts)
 
@@ -235,7 +238,7 @@ def part_peers(root: Path, quick: bool) -> None:
         return fn(t)[:, 0].numpy()  # one channel: map_overlap keeps the block shape
 
     def dask_overlap() -> None:
-        darr = da.from_array(unit, chunks=(8, 256, 256))
+        darr = da.from_array(unit, chunks=(2, 256, 256))  # ~ the same pixels per call
         outputs["dask"] = darr.map_overlap(block_fn, depth=(0, 32, 32), boundary="reflect",
                                            dtype=np.float32).compute(scheduler="threads")
 

@@ -253,7 +253,8 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
                    help="replace NaN/Inf with this value (default: error)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="voxel size in µm (default: from input metadata)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="tiles per generator call (0: by device, ~2 tiles of 256² on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
 
@@ -345,7 +346,8 @@ def _add_tiling_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--step", type=int, default=None, help="override the tile step")
     p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"],
                    help="override the blending window")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per generator call")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="tiles per generator call (0: by device, ~2 tiles of 256² on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

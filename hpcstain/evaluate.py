@@ -231,7 +231,7 @@ def score_images(images: dict[str, np.ndarray], mask: np.ndarray, background: np
 def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                   tiling: Tiling = PAPER_TILING, patch: int = PATCH,
                   min_coverage: float = MIN_COVERAGE, lpips: LPIPS | None = None,
-                  pixel_size_um: float | None = None, batch_size: int = 8) -> PairResult:
+                  pixel_size_um: float | None = None, batch_size: int = 0) -> PairResult:
     """Stain one pair's CT, score every comparison, measure the seam index."""
     output = predict_slide(data.ct, stainer.fn, stainer.in_channels, rois=data.rois,
                            tiling=tiling, target=stainer.levels, batch_size=batch_size,
@@ -376,7 +376,7 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
                       min_coverage: float = MIN_COVERAGE,
                       lpips_path: str | os.PathLike[str] | None = None,
                       pixel_size_um: float | None = None, device: str = "cpu",
-                      batch_size: int = 8, overwrite: bool = False,
+                      batch_size: int = 0, overwrite: bool = False,
                       log: Callable[[str], None] = print) -> EvaluationReport:
     """Evaluate a checkpoint on a manifest's pairs and write the report folder ``out_dir``.
 

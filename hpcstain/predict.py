@@ -43,6 +43,7 @@ from hpcstain.tiles import (
     PAPER_TILING,
     TileFn,
     Tiling,
+    auto_batch,
     check_tiling,
     plane_tiles,
     stain_image,
@@ -126,7 +127,7 @@ def _channels(unit: np.ndarray, n: int) -> np.ndarray:
 def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
                   levels: tuple[float, float] | None = None, rois: Rois | None = None,
                   tiling: Tiling = DEFAULT_TILING, mask: np.ndarray | None = None,
-                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 8,
+                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 0,
                   size_multiple: int = 1) -> np.ndarray:
     """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid.
 
@@ -149,7 +150,7 @@ def _stain(image: np.ndarray, fn: TileFn, tiling: Tiling, batch_size: int,
            size_multiple: int) -> np.ndarray:
     tile, step = plane_tiles(image.shape[-2:], tiling.tile, tiling.step, size_multiple)
     return stain_image(image, fn, tile=tile, step=step, window=tiling.window,
-                       batch_size=batch_size)
+                       batch_size=auto_batch(tile, "cpu", batch_size))
 
 
 def histology_rois(rgb: np.ndarray) -> Rois:
@@ -165,7 +166,7 @@ def histology_rois(rgb: np.ndarray) -> Rois:
 def unstain_slide(rgb: np.ndarray, fn: TileFn, hist_channels: int = 3, *,
                   rois: Rois | None = None, tiling: Tiling = DEFAULT_TILING,
                   mask: np.ndarray | None = None, stretch_c: tuple[float, float] = (0.0, 0.0),
-                  batch_size: int = 8, size_multiple: int = 1) -> np.ndarray:
+                  batch_size: int = 0, size_multiple: int = 1) -> np.ndarray:
     """Histology (H, W, 3) on the 0–255 scale → CT uint16 (H, W) on the 16-bit training scale."""
     rois = rois if rois is not None else histology_rois(rgb)
     unit, _ = normalise_histology(rgb, rois, *stretch_c)
@@ -233,7 +234,7 @@ def write_image(path: Path, image: np.ndarray, overwrite: bool = False) -> Path:
 
 
 def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None = None,
-                  levels: tuple[float, float] | None = None, batch_size: int = 8
+                  levels: tuple[float, float] | None = None, batch_size: int = 0
                   ) -> np.ndarray:
     """Read one slide and stain it (or unstain it, for a reverse stainer)."""
     data = read_image(spec)
@@ -257,7 +258,7 @@ def predict_files(inputs: Sequence[str], checkpoint: str | os.PathLike[str],
                   out: str | os.PathLike[str], *, masks: str | Sequence[str] | None = None,
                   tiling: Tiling = DEFAULT_TILING, device: str = "cpu", reverse: bool = False,
                   overwrite: bool = False, levels: tuple[float, float] | None = None,
-                  batch_size: int = 8) -> list[Path]:
+                  batch_size: int = 0) -> list[Path]:
     """Stain every input slide (TIFF/PNG/``.h5:/ds``/``.zarr:arr``); return the written paths.
 
     ``out`` is a file (one input; ``.png``/``.tif``) or a folder (``<stem>.png``, reverse

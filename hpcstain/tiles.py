@@ -46,6 +46,19 @@ class Tiling:
 
 PAPER_TILING = Tiling(256, 64, "mean")  # §2.9: 256 px tiles stepped by 64 px, averaged
 DEFAULT_TILING = Tiling(256, 192, "hann")  # `predict` default, chosen by benchmarks/bench_tiles.py
+# Generator input pixels per batch when the caller leaves the batch size to us (0): on the
+# CPU small batches stay in cache (a 16 × 256² batch of a ngf-16 ResNet is ~4× slower per
+# tile than 1–2 tiles, benchmarks/bench_engine.py); GPUs want large batches.
+BATCH_PIXELS = {"cpu": 1 << 17, "cuda": 1 << 22}
+
+
+def auto_batch(tile: int | tuple[int, int], device: str = "cpu", batch_size: int = 0) -> int:
+    """``batch_size`` when given (> 0), else as many tiles as the device's pixel budget."""
+    if batch_size > 0:
+        return batch_size
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    budget = BATCH_PIXELS.get(str(device).split(":")[0], BATCH_PIXELS["cpu"])
+    return max(1, budget // (th * tw))
 
 
 # ------------------------------------------------------------------ grid geometry

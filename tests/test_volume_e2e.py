@@ -199,7 +199,7 @@ def test_fuse_paints_resin_and_air_with_the_slide_background(tmp_path):
     changed = np.any(raw != filled, axis=-1)
     assert (filled[changed] == 250).all()
     background, inside = labels == 0, labels >= 2  # 0 resin/air, 1 tube wall, ≥ 2 sample
-    assert changed[background].mean() > 0.8  # the medium is painted (σ = 2 blurs its rim)
+    assert changed[background].mean() > 0.8  # the medium is painted (the 5³ mean blurs its rim)
     assert changed[inside].mean() < 0.02      # the sample keeps its stain
     whole = np.asarray(src.read((slice(0, 24), slice(0, 48), slice(0, 48))), np.float32)
     assert outside_sample(whole, (plan.bone_level, plan.background_level)).any()

@@ -42,7 +42,7 @@ def task_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
 
 
 def run_array_task(run_dir: str | os.PathLike[str], task_id: int, n_tasks: int,
-                   make_fn: MakeFn | None = None, batch_size: int = 16, device: str = "cpu",
+                   make_fn: MakeFn | None = None, batch_size: int = 0, device: str = "cpu",
                    progress: bool = False) -> StainReport:
     """Stain this task's unit group (pending units only)."""
     plan = load_plan(run_dir)
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--task-id", type=int, default=None)
     p.add_argument("--n-tasks", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=0, help="tiles per call (0: auto)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:

@@ -18,7 +18,7 @@ from hpcstain.volume.stain import generator_cost, pending_units
 
 def run_dask(run_dir: str | os.PathLike[str], make_fn: MakeFn | None = None,
              address: str | Any | None = None, n_workers: int = 2, threads_per_worker: int = 1,
-             processes: bool = True, batch_size: int = 16, device: str = "cpu",
+             processes: bool = True, batch_size: int = 0, device: str = "cpu",
              progress: bool = False) -> StainReport:
     """Stain every pending unit on dask.
 

@@ -45,7 +45,7 @@ class StainReport:
 
 
 def process_unit(run_dir: str | os.PathLike[str], index: int,
-                 make_fn: MakeFn | None = None, batch_size: int = 16,
+                 make_fn: MakeFn | None = None, batch_size: int = 0,
                  device: str = "cpu") -> UnitResult:
     """The unit of work every executor runs: open the run, stain one unit, record it.
 
@@ -54,7 +54,7 @@ def process_unit(run_dir: str | os.PathLike[str], index: int,
     """
     plan = load_plan(run_dir)
     fn = resolve_fn(None, make_fn, plan, run_dir, device)
-    return stain_unit(run_dir, index, fn, batch_size=batch_size, plan=plan)
+    return stain_unit(run_dir, index, fn, batch_size=batch_size, plan=plan, device=device)
 
 
 def unit_name(result: UnitResult) -> str:
@@ -63,7 +63,7 @@ def unit_name(result: UnitResult) -> str:
 
 def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               make_fn: MakeFn | None = None, units: Iterable[int] | None = None,
-              batch_size: int = 16, device: str = "cpu", progress: bool = True,
+              batch_size: int = 0, device: str = "cpu", progress: bool = True,
               prefetch: bool = True) -> StainReport:
     """Stain every pending unit (or the given ``units``) in this process.
 
@@ -89,7 +89,7 @@ def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
                 ahead = (pool.submit(load_unit, run_dir, todo[n + 1], plan)
                          if prefetch and n + 1 < len(todo) else None)
                 result = stain_unit(run_dir, i, fn, batch_size=batch_size, plan=plan,
-                                    loaded=loaded)
+                                    loaded=loaded, device=device)
                 report.stained.append(unit_name(result))
     report.seconds = time.perf_counter() - t0
     report.cost = generator_cost(run_dir, plan)

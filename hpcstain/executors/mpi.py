@@ -38,7 +38,7 @@ def world_comm() -> Any:
 
 
 def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
-            make_fn: MakeFn | None = None, batch_size: int = 16, device: str = "cpu",
+            make_fn: MakeFn | None = None, batch_size: int = 0, device: str = "cpu",
             progress: bool = False, comm: Any = None) -> StainReport:
     """Stain every pending unit over the ranks of ``comm`` (default: MPI.COMM_WORLD).
 
@@ -55,7 +55,8 @@ def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(todo))
     unit_fn = resolve_fn(fn, make_fn, plan, run_dir, device)
     for index in _claimed(comm, len(todo)):
-        result = stain_unit(run_dir, todo[index], unit_fn, batch_size=batch_size, plan=plan)
+        result = stain_unit(run_dir, todo[index], unit_fn, batch_size=batch_size, plan=plan,
+                            device=device)
         report.stained.append(unit_name(result))
     names = comm.gather(report.stained, root=0)
     if comm.Get_rank() == 0:

@@ -172,7 +172,7 @@ class StainTask:
     run_dir: str
     n_tasks: int
     device: str = "cpu"
-    batch_size: int = 16
+    batch_size: int = 0
 
     def __call__(self, task_id: int) -> str:
         from hpcstain.executors.array import run_array_task
@@ -208,7 +208,7 @@ class FuseTask:
 
 
 def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: str = "cpu",
-                 batch_size: int = 16) -> list[Any]:
+                 batch_size: int = 0) -> list[Any]:
     """Submit the stain array (one job per task, one SLURM array); returns its jobs."""
     run_dir = run_dir.resolve()
     ex = make_executor(cluster, run_dir / cluster.log_folder,

@@ -14,7 +14,7 @@ Methods (all per voxel, over the staining axes of the run):
   smooth along theirs, the smooth ones dominate.
 
 Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result is
-rounded to uint8. Outside the sample (CT smoothed with σ = 2 voxels below the background
+rounded to uint8. Outside the sample (CT averaged over 5³ voxels below the background
 level + 8 % of the bone–background gap: resin, air) the generator was never trained (§2.8
 masks train it inside the sample only) and invents colour; those voxels get the normalised
 slide background (250, 250, 250) instead (``fill_outside``; the paper's §2.8 rule for 2D).
@@ -60,7 +60,7 @@ METHODS = ("mean", "median", "consistency")
 
 CONSISTENCY_RADIUS = 2
 CONSISTENCY_EPS = 1.0
-OUTSIDE_SIGMA = 2.0       # voxels: smoothing of the CT before the outside test
+OUTSIDE_HALO = 2          # voxels: the CT is averaged over (2·2 + 1)³ before the test
 OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
 
 
@@ -263,16 +263,14 @@ class FuseTask:
     def outside(self, region: Region) -> np.ndarray:
         """The outside-the-sample voxels of ``region`` (from the run's input CT)."""
         from hpcstain.volume.io import open_volume
-        from hpcstain.volume.plan import gaussian_halo
         from hpcstain.volume.stain import smooth
 
         c = self._opened()
         plan = c["plan"]
         if "source" not in c:
             c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
-        halo = gaussian_halo(OUTSIDE_SIGMA)
-        grown = grow(region, halo, plan.shape)
-        ct = smooth(c["source"].read(grown), region, grown, halo, OUTSIDE_SIGMA)
+        grown = grow(region, OUTSIDE_HALO, plan.shape)
+        ct = smooth(c["source"].read(grown), region, grown, OUTSIDE_HALO, 0.0, box=True)
         return outside_sample(ct, (plan.bone_level, plan.background_level))
 
     def __call__(self, indices: list[int]) -> list[str]:

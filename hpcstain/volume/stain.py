@@ -60,21 +60,25 @@ GROUP_BYTES = 256 << 20  # working memory of one group of slices in the tile eng
 # --------------------------------------------------------------------------- pure core
 
 
-def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: float
-           ) -> np.ndarray:
+def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: float,
+           box: bool = False) -> np.ndarray:
     """3D Gaussian of the ``inner`` box, from ``raw`` read over ``grown`` (⊇ inner).
 
     Where ``grown`` stops short of ``inner`` ± halo, the volume border was hit: the block
     is reflected there (scipy's "reflect" = numpy's "symmetric"), exactly what a
     whole-volume filter does at its border. Elsewhere the real neighbours are used.
+    With ``box`` the filter is a (2·halo + 1)³ mean instead (cheap; ``sigma`` unused).
     """
     data = np.asarray(raw, np.float32)
-    if sigma <= 0:
+    if sigma <= 0 and not box:
         return data[relative(inner, grown)]
     pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
            for i, g in zip(inner, grown, strict=True)]
     data = np.pad(data, pad, mode="symmetric")
-    out = ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo)
+    if box:
+        out = ndimage.uniform_filter(data, 2 * halo + 1, mode="reflect")
+    else:
+        out = ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo)
     crop = tuple(slice(halo, halo + i.stop - i.start) for i in inner)
     return out[crop]
 
@@ -92,14 +96,16 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: Plan,
-               fn: StainFn, batch_size: int, counter: list[int] | None = None) -> np.ndarray:
+               fn: StainFn, batch_size: int = 0, counter: list[int] | None = None,
+               device: str = "cpu") -> np.ndarray:
     """RGB uint8 (Z, Y, X, 3) of ``write`` stained slice by slice along ``axis``.
 
     ``ct`` is the normalised CT over ``ct_box`` (the unit's read region: ``write`` along the
     axis, ``write`` + tile context in the plane). Slices go through the tile engine a group
-    at a time so that working memory stays near ``GROUP_BYTES``.
+    at a time so that working memory stays near ``GROUP_BYTES``. ``batch_size`` 0 picks the
+    tiles per generator call from the device (:func:`hpcstain.tiles.auto_batch`).
     """
-    from hpcstain.tiles import stain_region
+    from hpcstain.tiles import auto_batch, stain_region
 
     a = AXIS_INDEX[axis]
     dims = [d for d in range(3) if d != a]
@@ -107,6 +113,7 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
     origin = (ct_box[dims[0]].start, ct_box[dims[1]].start)
     region2d = (write[dims[0]], write[dims[1]])
     tile, step = plan.plane_tiling(axis)
+    batch_size = auto_batch(tile, device, batch_size)
     in_channels = plan.in_channels
 
     def grey_fn(batch: torch.Tensor) -> torch.Tensor:
@@ -278,13 +285,13 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
 
 
 def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
-                 plan: Plan, batch_size: int = 16) -> UnitResult:
+                 plan: Plan, batch_size: int = 0, device: str = "cpu") -> UnitResult:
     """The generator half: stain the slab, write it, then its completion record."""
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
     rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
-                     counter)
+                     counter, device)
     write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
     voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
     seconds = time.perf_counter() - t0
@@ -297,9 +304,9 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
 
 
 def stain_unit(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
-               batch_size: int = 16, plan: Plan | None = None,
+               batch_size: int = 0, plan: Plan | None = None,
                source: VolumeSource | None = None,
-               loaded: LoadedUnit | None = None) -> UnitResult:
+               loaded: LoadedUnit | None = None, device: str = "cpu") -> UnitResult:
     """Stain work unit ``index`` unless its completion record exists.
 
     ``loaded`` is the unit's prepared CT when an executor read it ahead of time.
@@ -308,7 +315,7 @@ def stain_unit(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
     loaded = loaded if loaded is not None else load_unit(run_dir, index, plan, source)
     if loaded.ct is None:
         return UnitResult(index, loaded.unit.name, loaded.unit.axis, 0.0)
-    return compute_unit(run_dir, loaded, fn, plan, batch_size)
+    return compute_unit(run_dir, loaded, fn, plan, batch_size, device)
 
 
 def pending_units(run_dir: str | os.PathLike[str], plan: Plan | None = None) -> list[int]:
