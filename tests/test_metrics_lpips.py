@@ -51,10 +51,17 @@ def test_lpips_is_zero_for_identical_positive_for_different_and_symmetric(weight
     a = RNG.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + RNG.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
     same = lpips_batch(model, a, a)
-    ab, ba = lpips_batch(model, a, b, batch_size=2), lpips_batch(model, b, a)
+    ab, ba = lpips_batch(model, a, b), lpips_batch(model, b, a)
     assert same.shape == (3,) and np.all(same == 0)
     assert np.all(ab > 0)
-    np.testing.assert_allclose(ab, ba, rtol=1e-6)
+    # Same batches: the features are the same floats and (fa - fb)^2 == (fb - fa)^2 in IEEE
+    # arithmetic, so symmetry is exact on any CPU.
+    np.testing.assert_array_equal(ab, ba)
+    # Other batch sizes may select other float32 convolution kernels (other summation
+    # orders): equal up to float32 round-off, ~1e-7 relative measured across oneDNN ISAs;
+    # 100 ulp of margin.
+    np.testing.assert_allclose(lpips_batch(model, a, b, batch_size=2), ab,
+                               rtol=100 * np.finfo(np.float32).eps)
 
 
 def test_tap_channels_and_key_names_follow_torchvision_and_lpips():

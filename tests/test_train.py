@@ -15,6 +15,7 @@ import torch
 from micro import micro_config
 
 from hpcstain.config import Config, save_config
+from hpcstain.errors import InputError
 from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import EXIT_PREEMPTED, StopFlag, train
@@ -177,3 +178,28 @@ def test_rerunning_a_run_that_reached_max_steps_trains_no_further(pairs: Path,
     again = train(cfg, tmp_path / "run", progress=False)
     assert again.status == "max_steps" and again.step == 2
     assert len(read_losses(tmp_path / "run")) == 2
+
+
+def test_min_checkpoints_hold_only_generators_and_latest_holds_pools_once(
+        pairs: Path, tmp_path: Path) -> None:
+    from hpcstain.models import build_model_from_architecture
+
+    run = tmp_path / "run"
+    train(tiny(pairs), run, progress=False)
+    best = load_checkpoint(run / "checkpoints" / "min-pixel_ct2hist.pt")
+    assert set(best) == {"format", "architecture", "config", "model", "epoch", "step",
+                         "minima", "reason"}  # no optimiser, scheduler, scaler, RNG, pools
+    assert set(best["model"]) == {"generators"}
+    assert set(best["model"]["generators"]) == {"ct2hist", "hist2ct"}
+    model = build_model_from_architecture(best["architecture"], "cpu")
+    model.load_state_dict(best["model"], generators_only=True)  # loads for inference
+    ct = torch.zeros(1, 3, 32, 32)
+    assert model.stain(ct).shape == (1, 3, 32, 32)
+    with pytest.raises(InputError, match="discriminator"):
+        model.load_state_dict(best["model"])  # not a training state
+
+    latest = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert set(latest["model"]) == {"generators", "discriminators"}  # pools only per rank
+    assert len(latest["pools_by_rank"]) == 1 and set(latest["pools_by_rank"][0]) == {"hist",
+                                                                                     "ct"}
+    assert {"opt_g", "opt_d", "sched_g", "sched_d", "rng"} <= set(latest)

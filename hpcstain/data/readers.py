@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcstain.errors import InputError
+from hpcstain.errors import HpcstainError, InputError
 
 CONTAINER_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".zarr")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -23,6 +23,15 @@ NEXUS_DATASET = "entry/data/data"
 
 _CONTAINER = re.compile(r"^(?P<file>.*?\.(?:h5|hdf5|hdf|nxs|zarr))(?::(?P<inner>.*))?$",
                         re.IGNORECASE)
+
+
+# Never a decoder's complaint about the bytes: passed through unchanged.
+_PASS_THROUGH = (HpcstainError, MemoryError)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def split_spec(spec: str | os.PathLike[str]) -> tuple[Path, str | None]:
@@ -71,9 +80,15 @@ def _read_hdf5(file: Path, inner: str | None) -> np.ndarray:
                                      f"{file}:/path/to/dataset")
             if inner not in fh or not isinstance(fh[inner], h5py.Dataset):
                 raise InputError(f"{file}: no dataset '/{inner}'")
-            return np.asarray(fh[inner][()])
+            try:
+                return np.asarray(fh[inner][()])
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:  # a chunk whose filter (gzip, lz4...) fails
+                raise InputError(f"{file}: damaged data in dataset '/{inner}' "
+                                 f"({_one_line(exc)})") from None
     except OSError as exc:
-        raise InputError(f"{file}: not a readable HDF5 file ({exc})") from None
+        raise InputError(f"{file}: not a readable HDF5 file ({_one_line(exc)})") from None
 
 
 def _read_zarr(file: Path, inner: str | None) -> np.ndarray:
@@ -94,7 +109,13 @@ def _read_zarr(file: Path, inner: str | None) -> np.ndarray:
             raise InputError(f"{file}{':' + inner if inner else ''}: is a group with "
                              f"{len(arrays)} arrays; name one as {file}:array")
         node = node[arrays[0]]
-    return np.asarray(node[...])
+    try:
+        return np.asarray(node[...])
+    except _PASS_THROUGH:
+        raise
+    except Exception as exc:  # a storage chunk whose codec fails (zstd, blosc...)
+        raise InputError(f"{file}{':' + inner if inner else ''}: damaged data "
+                         f"({_one_line(exc)})") from None
 
 
 def _read_tiff(file: Path) -> np.ndarray:
@@ -102,8 +123,11 @@ def _read_tiff(file: Path) -> np.ndarray:
 
     try:
         return np.asarray(tifffile.imread(file))
-    except Exception as exc:  # tifffile raises ValueError/TiffFileError/...
-        raise InputError(f"{file}: not a readable TIFF ({exc})") from None
+    except _PASS_THROUGH:
+        raise
+    except Exception as exc:  # tifffile raises ValueError/TiffFileError/zlib errors...
+        raise InputError(f"{file}: not a readable TIFF, truncated or damaged? "
+                         f"({_one_line(exc)})") from None
 
 
 def _read_pil(file: Path) -> np.ndarray:
@@ -114,8 +138,12 @@ def _read_pil(file: Path) -> np.ndarray:
             if img.mode in ("P", "PA", "LA", "CMYK", "YCbCr"):
                 img = img.convert("RGBA" if "A" in img.mode or img.mode == "P" else "RGB")
             return np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{file}: not a readable image ({exc})") from None
+    except _PASS_THROUGH:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL: OSError "image file is truncated", SyntaxError "broken PNG file", ...
+        raise InputError(f"{file}: not a readable image, truncated or damaged? "
+                         f"({_one_line(exc)})") from None
 
 
 def read_image(spec: str | os.PathLike[str]) -> np.ndarray:
@@ -131,7 +159,10 @@ def read_image(spec: str | os.PathLike[str]) -> np.ndarray:
     if suffix in TIFF_SUFFIXES:
         return _read_tiff(file)
     if suffix == ".npy":
-        return np.load(file, allow_pickle=False)
+        try:
+            return np.load(file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{file}: not a readable .npy array ({_one_line(exc)})") from None
     if suffix in PIL_SUFFIXES:
         return _read_pil(file)
     raise InputError(f"{file}: unknown image format '{suffix}' (TIFF, PNG, .h5:/dataset, "

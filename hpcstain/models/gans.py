@@ -32,6 +32,7 @@ AutocastFactory = Callable[[], AbstractContextManager[Any]]
 ARCHITECTURE_KEYS = ("variant", "generator", "ct_channels", "histology_channels", "ngf", "ndf",
                      "n_blocks", "n_layers_d", "upsampling", "norm", "use_dropout")
 CYCLEGAN_VARIANTS = ("modcyclegan", "cyclegan")
+STATE_PARTS = ("generators", "discriminators", "pools")
 
 
 def architecture_of(cfg: ModelConfig) -> dict[str, Any]:
@@ -142,18 +143,44 @@ class GanModel:
         raise NotImplementedError
 
     # -- state
-    def state_dict(self) -> dict[str, Any]:
-        """Raw nets and image pools as tensors and plain containers (weights_only-safe)."""
-        return {
-            "generators": {k: dict(n.state_dict()) for k, n in self.generators.items()},
-            "discriminators": {k: dict(n.state_dict()) for k, n in self.discriminators.items()},
-            "pools": {k: p.state_dict() for k, p in self.pools.items()},
-        }
+    def state_dict(self, include: Iterable[str] = STATE_PARTS) -> dict[str, Any]:
+        """Raw nets and image pools as tensors and plain containers (weights_only-safe).
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` wrote; a missing or misshapen entry is an InputError."""
-        for group, nets in (("generators", self.generators),
-                            ("discriminators", self.discriminators)):
+        ``include`` picks the parts (``generators``, ``discriminators``, ``pools``): the
+        trainer's ``latest.pt`` keeps the nets here and every rank's pools apart, the
+        ``min-*.pt`` files only the generators (:meth:`generator_state_dict`).
+        """
+        parts = tuple(include)
+        unknown = sorted(set(parts) - set(STATE_PARTS))
+        if unknown:
+            raise UsageError(f"model state: unknown parts {unknown} (choose from "
+                             f"{', '.join(STATE_PARTS)})")
+        out: dict[str, Any] = {}
+        if "generators" in parts:
+            out["generators"] = {k: dict(n.state_dict()) for k, n in self.generators.items()}
+        if "discriminators" in parts:
+            out["discriminators"] = {k: dict(n.state_dict())
+                                     for k, n in self.discriminators.items()}
+        if "pools" in parts:
+            out["pools"] = {k: p.state_dict() for k, p in self.pools.items()}
+        return out
+
+    def generator_state_dict(self) -> dict[str, Any]:
+        """Only the generators: all inference needs (``min-*.pt``, pinned generators)."""
+        return self.state_dict(include=("generators",))
+
+    def load_state_dict(self, state: dict[str, Any], generators_only: bool = False) -> None:
+        """Load what :meth:`state_dict` wrote; a missing or misshapen net is an InputError.
+
+        ``generators_only`` loads just the generators (inference) and ignores
+        discriminators and pools, present or not. Otherwise the discriminators are required
+        too, and pools are loaded when the state has them (the trainer keeps them in
+        ``pools_by_rank``).
+        """
+        groups = [("generators", self.generators)]
+        if not generators_only:
+            groups.append(("discriminators", self.discriminators))
+        for group, nets in groups:
             saved = state.get(group, {})
             for name, net in nets.items():
                 if name not in saved:
@@ -162,8 +189,11 @@ class GanModel:
                 try:
                     net.load_state_dict(saved[name])
                 except RuntimeError as exc:
+                    detail = " ".join(line.strip() for line in str(exc).splitlines())
                     raise InputError(f"model state: {group[:-1]} {name!r} does not fit the "
-                                     f"architecture: {exc}") from None
+                                     f"architecture: {detail[:400]}") from None
+        if generators_only:
+            return
         for name, pool in self.pools.items():
             if name in state.get("pools", {}):
                 pool.load_state_dict(state["pools"][name])

@@ -2,9 +2,16 @@
 
 A checkpoint is a plain dict of tensors, numbers and strings:
 ``format``, ``architecture`` (rebuilds the networks alone), ``config`` (the resolved run
-config), ``model`` (nets + image pools), ``opt_g``/``opt_d``/``sched_g``/``sched_d``/
-``scaler``, ``rng`` (torch, CUDA, numpy and Python states), ``epoch``, ``step``,
-``batch_in_epoch``, ``minima`` (per-loss best values) and ``reason`` (why it was written).
+config), ``model`` (generators and discriminators), ``opt_g``/``opt_d``/``sched_g``/
+``sched_d``/``scaler``, ``rng`` (torch, CUDA, numpy and Python states), ``pools_by_rank``
+(every rank's image pools), ``epoch``, ``step``, ``batch_in_epoch``, ``minima`` (per-loss
+best values) and ``reason`` (why it was written). ``min-*.pt`` files hold only
+``architecture``, ``config``, ``model`` (the generators), ``epoch``, ``step``, ``minima``
+and ``reason``.
+
+Loading verifies the CRC-32 of every member of the zip archive torch writes, so a
+truncated or bit-rotten file is one :class:`InputError`, never a traceback or silently
+damaged weights.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import io
 import os
 import pickle
 import random
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
+    verify_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -48,11 +58,45 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                              ) from None
         raise InputError(f"{path}: refused to load: it holds pickled Python objects, not only "
                          "tensors (hpcstain never unpickles code from checkpoints)") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise InputError(f"{path}: not a readable checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({_first_sentence(exc)}; "
+                         "truncated or corrupt?)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not an hpcstain checkpoint (expected format {FORMAT})")
     return ckpt
+
+
+def verify_archive(path: str | os.PathLike[str]) -> None:
+    """Check the CRC-32 of every member of a torch zip checkpoint; damage → InputError.
+
+    Files that are not zip archives at all are left to ``torch.load`` (which names them).
+    Members written without a CRC (``torch.serialization.set_crc32_options(False)``) are
+    skipped.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    member = "?"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                member = info.filename
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with zf.open(info) as fh:
+                    while fh.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError) as exc:
+        raise InputError(f"{path}: damaged checkpoint (member {member}: "
+                         f"{_first_sentence(exc)}); restore it or use another checkpoint"
+                         ) from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first line and sentence of an exception message (torch's run on for lines)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    head, sep, _ = text.partition(". ")
+    return head if sep else text
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

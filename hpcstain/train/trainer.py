@@ -254,9 +254,11 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
         sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
         pools = ckpt.get("pools_by_rank", [])
-        if len(pools) == env.world_size:  # same world size: every rank gets its own pools
+        if pools:  # same world size: every rank gets its own pools; else rank 0's
+            own = pools[env.rank] if len(pools) == env.world_size else pools[0]
             for name, pool in model.pools.items():
-                pool.load_state_dict(pools[env.rank][name])
+                if name in own:
+                    pool.load_state_dict(own[name])
         if env.is_main:
             print(f"resuming {run_dir} at epoch {epoch}, step {step}", flush=True)
 
@@ -270,9 +272,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     def snapshot(reason: str) -> dict[str, Any]:
         rngs = gather_object(rng_state(), env)
         pools = gather_object({n: p.state_dict() for n, p in model.pools.items()}, env)
-        return {
+        return {  # pools once, per rank, in pools_by_rank (not again in model)
             "architecture": model.architecture(), "config": to_dict(cfg),
-            "model": model.state_dict(), "opt_g": opt_g.state_dict(),
+            "model": model.state_dict(include=("generators", "discriminators")),
+            "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
             "sched_d": sched_d.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
@@ -352,11 +355,12 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
             if env.is_main:
                 with open(run_dir / "epochs.jsonl", "a") as fh:
                     fh.write(json.dumps({"epoch": epoch, **epoch_means}) + "\n")
-                for name in improved:
+                for name in improved:  # inference only: generators + conventions
                     save_checkpoint(ckpt_dir / f"min-{name}.pt", {
                         "architecture": model.architecture(), "config": to_dict(cfg),
-                        "model": model.state_dict(), "epoch": epoch, "step": step,
-                        "minima": {name: minima[name]}, "reason": f"minimum of {name}"})
+                        "model": model.generator_state_dict(), "epoch": epoch,
+                        "step": step, "minima": {name: minima[name]},
+                        "reason": f"minimum of {name}"})
             write_latest("epoch")
         if env.is_main:
             write_text_atomic(run_dir / "DONE", dump_config(cfg))

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from hpcstain.errors import InputError, UsageError
+from hpcstain.errors import HpcstainError, InputError, UsageError
 
 Region = tuple[slice, slice, slice]
 NanPolicy = Literal["error", "replace"]
@@ -75,6 +76,65 @@ def parse_spec(spec: str | os.PathLike[str]) -> VolumeSpec:
                      "a .tif stack or a folder of .tif slices)")
 
 
+# --------------------------------------------------------------------------- damage
+
+# Errors that are never a codec's complaint about the bytes: passed through unchanged.
+_PASS_THROUGH = (HpcstainError, MemoryError)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its message (whitespace folded) or its type."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def region_text(region: Region) -> str:
+    """``z 0:16, y 16:32, x 0:48`` (voxel ranges, stop exclusive)."""
+    return ", ".join(f"{n} {s.start}:{s.stop}" for n, s in zip("zyx", region, strict=False))
+
+
+def chunk_regions(region: Region, shape: tuple[int, ...], grid: tuple[int, ...]
+                  ) -> Iterator[tuple[tuple[int, ...], Region]]:
+    """Storage chunks (grid index, voxel region) that ``region`` touches, in C order."""
+    spans = [s.indices(n)[:2] for s, n in zip(region, shape, strict=False)]
+    ranges = [range(a // c, max(a, b - 1) // c + 1) for (a, b), c in zip(spans, grid,
+                                                                        strict=False)]
+    for idx in product(*ranges):
+        yield idx, tuple(slice(i * c, min(n, (i + 1) * c))  # type: ignore[misc]
+                         for i, c, n in zip(idx, grid, shape, strict=False))
+
+
+def locate_damage(read: Callable[[Region], Any], region: Region, shape: tuple[int, ...],
+                  grid: tuple[int, ...] | None) -> tuple[tuple[int, ...], Region,
+                                                         BaseException] | None:
+    """After a failed read of ``region``: the first storage chunk that fails on its own.
+
+    Reads chunk by chunk (only on this error path); None when every chunk reads.
+    """
+    if not grid:
+        return None
+    for idx, sub in chunk_regions(region, shape, grid):
+        try:
+            read(sub)
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:
+            return idx, sub, exc
+    return None
+
+
+def damaged_input(what: str, region: Region, exc: BaseException, chunk: str = "",
+                  file: str | os.PathLike[str] | None = None) -> InputError:
+    """The one-line error for undecodable input: file, chunk/region, the codec's complaint.
+
+    ``chunk`` names the storage unit (``storage chunk 1,0,2``, ``page 7``, ``slice 7``).
+    """
+    voxels = f"voxels {region_text(region)}" + (f"; file {file}" if file is not None else "")
+    where = f"{chunk} ({voxels})" if chunk else voxels
+    return InputError(f"{what}: damaged data in {where}: {one_line(exc)}; restore or re-export "
+                      "the input")
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -111,13 +171,36 @@ class _ZarrReader(_Reader):
             node = _pick_group_array(spec.path, node)
         if not isinstance(node, zarr.Array):
             raise InputError(f"{spec}: not an array")
+        self.spec = spec
         self.array = node
         self.shape = tuple(node.shape)
         self.dtype = np.dtype(node.dtype)
         self.attrs = dict(node.attrs)
 
     def read(self, region: Region) -> np.ndarray:
-        return np.asarray(self.array[region])
+        try:
+            return np.asarray(self.array[region])
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # codecs raise RuntimeError/ValueError/... on bad bytes
+            raise self._damage(region, exc) from None
+
+    def _damage(self, region: Region, exc: BaseException) -> InputError:
+        """Name the storage chunk (file) whose bytes do not decode."""
+        grid = getattr(self.array, "shards", None) or self.array.chunks
+        found = locate_damage(lambda r: self.array[r], region, self.shape, tuple(grid))
+        if found is None:
+            return damaged_input(str(self.spec), region, exc)
+        idx, sub, chunk_exc = found
+        file: Path | None = None
+        try:
+            key = self.array.metadata.encode_chunk_key(idx)
+            file = self.spec.path / self.array.path / key if self.array.path else \
+                self.spec.path / key
+        except Exception:  # an unusual store layout: name the chunk by its index only
+            file = None
+        return damaged_input(str(self.spec), sub, chunk_exc,
+                             chunk="storage chunk " + ",".join(str(i) for i in idx), file=file)
 
 
 def _pick_group_array(path: Path, group: Any) -> Any:
@@ -164,7 +247,29 @@ class _H5Reader(_Reader):
         return self._file[self.key]
 
     def read(self, region: Region) -> np.ndarray:
-        return np.asarray(self._dataset()[region])
+        try:
+            return np.asarray(self._dataset()[region])
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # h5py: OSError "Can't read data (filter returned failure)"
+            raise self._damage(region, exc) from None
+
+    def _damage(self, region: Region, exc: BaseException) -> InputError:
+        """Name the HDF5 chunk that does not decode (or the region, if not chunked)."""
+        what = f"{self.path}:{self.key}"
+        try:
+            ds = self._dataset()
+            grid = ds.chunks
+            found = locate_damage(lambda r: ds[r], region, self.shape, grid)
+        except _PASS_THROUGH:
+            raise
+        except Exception:  # the file itself no longer opens
+            found = None
+        if found is None:
+            return damaged_input(what, region, exc)
+        idx, sub, chunk_exc = found
+        return damaged_input(what, sub, chunk_exc,
+                             chunk="storage chunk " + ",".join(str(i) for i in idx))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_file": None, "_pid": -1}
@@ -204,18 +309,34 @@ class _TiffReader(_Reader):
                 self.dtype = np.dtype(series.dtype)
                 self.n_pages = len(series.pages)
                 self.attrs = _tiff_attrs(tf)
-        except (tifffile.TiffFileError, OSError, IndexError) as exc:
-            raise InputError(f"{spec.path}: not a readable TIFF ({exc})") from None
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # TiffFileError, OSError, IndexError, struct.error...
+            raise InputError(f"{spec.path}: not a readable TIFF ({one_line(exc)})") from None
 
     def read(self, region: Region) -> np.ndarray:
         import tifffile
 
         zs, ys, xs = region
         if self.n_pages == 1:  # one 3D page (or a 2D page, refused by validation)
-            return np.asarray(tifffile.imread(self.path))[region]
-        with tifffile.TiffFile(self.path) as tf:
-            pages = tf.series[0].pages
-            planes = [pages[z].asarray()[ys, xs] for z in range(*zs.indices(self.shape[0]))]
+            try:
+                return np.asarray(tifffile.imread(self.path))[region]
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise damaged_input(str(self.path), region, exc) from None
+        planes = []
+        page = zs.indices(self.shape[0])[0]
+        try:
+            with tifffile.TiffFile(self.path) as tf:
+                pages = tf.series[0].pages
+                for page in range(*zs.indices(self.shape[0])):
+                    planes.append(pages[page].asarray()[ys, xs])
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # a page whose strips/tiles do not decode
+            raise damaged_input(str(self.path), (slice(page, page + 1), ys, xs), exc,
+                                chunk=f"page {page}") from None
         return _stack(planes, self.dtype, ys, xs, self.shape)
 
 
@@ -242,8 +363,11 @@ class _TiffFolderReader(_Reader):
             with tifffile.TiffFile(self.files[0]) as tf:
                 first = tf.series[0]
                 plane_shape, self.dtype = tuple(first.shape), np.dtype(first.dtype)
-        except (tifffile.TiffFileError, OSError, IndexError) as exc:
-            raise InputError(f"{self.files[0]}: not a readable TIFF ({exc})") from None
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # TiffFileError, OSError, IndexError, struct.error...
+            raise InputError(f"{self.files[0]}: not a readable TIFF ({one_line(exc)})"
+                             ) from None
         self.shape = (len(self.files), *plane_shape)
         self.attrs = {}
 
@@ -253,7 +377,13 @@ class _TiffFolderReader(_Reader):
         zs, ys, xs = region
         planes = []
         for z in range(*zs.indices(self.shape[0])):
-            plane = tifffile.imread(self.files[z])
+            try:
+                plane = tifffile.imread(self.files[z])
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise damaged_input(str(self.path), (slice(z, z + 1), ys, xs), exc,
+                                    chunk=f"slice {z}", file=self.files[z]) from None
             if plane.shape != self.shape[1:]:
                 raise InputError(f"{self.files[z]}: slice shape {plane.shape} differs from "
                                  f"{self.files[0].name}'s {self.shape[1:]}")
