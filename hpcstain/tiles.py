@@ -273,6 +273,7 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
             wsum[oy, ox] += win64[ty, tx]
 
     positions = [(s, y, x) for s in range(stack.shape[0]) for y in ys for x in xs]
+    single = len(ys) == 1 and len(xs) == 1  # one tile covers the region: no blending needed
     acc: np.ndarray | None = None
     out_dtype: type = np.float32
     win = win64
@@ -288,14 +289,18 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
             counter[0] += len(batch) * th * tw
         if acc is None:
             out_dtype = np.float64 if out.dtype == torch.float64 else np.float32
-            acc = np.zeros((stack.shape[0], out.shape[1], h, w))
+            acc = np.zeros((stack.shape[0], out.shape[1], h, w), out_dtype if single else None)
+        if single:  # w·t/w == t once rounded to the output dtype: copy the crop
+            s0 = batch[0][0]
+            acc[s0:s0 + len(batch)] = out.detach().cpu().numpy()[:, :, ry[0]:ry[1], rx[0]:rx[1]]
+            continue
         tiles_out = out.detach().cpu().double().numpy()
         for (s, y, x), t_out in zip(batch, tiles_out, strict=True):
             (oy, ty), (ox, tx) = overlap(y, th, ry), overlap(x, tw, rx)
             if oy.start < oy.stop and ox.start < ox.stop:
                 acc[s, :, oy, ox] += win[ty, tx] * t_out[:, ty, tx]
     assert acc is not None
-    result = (acc / wsum).astype(out_dtype)
+    result = acc if single else (acc / wsum).astype(out_dtype)
     return result[0] if data.ndim == 3 else result
 
 

@@ -69,6 +69,7 @@ class Sample:
     trab_thr: float                      # trabecular level-set half-width (unit noise)
     vessel_cell: float                   # voxels between candidate canals
     keys: tuple[int, ...]                # seeds of the noise streams
+    screw_scale: float = 1.0             # screw radii (crest, thread depth, head) × this
 
     def lattice(self, key: int, spacing_norm: float, minimum: float = 3.0) -> Lattice:
         """A noise lattice whose spacing is given in normalised units (>= ``minimum`` vox)."""
@@ -85,13 +86,36 @@ def check_material(material: str) -> str:
     return m
 
 
-def make_sample(shape: tuple[int, int, int], material: str, seed: int) -> Sample:
-    """Draw a sample for a volume of ``shape``; the anatomy depends only on the seed."""
+SCREW_SCALE_RANGE = (0.25, 2.0)   # beyond 2 the head leaves the sample tube
+
+
+def check_screw_scale(screw_scale: float) -> float:
+    """A screw size factor in ``SCREW_SCALE_RANGE`` or a UsageError naming the range."""
+    from hpcstain.errors import UsageError
+
+    lo, hi = SCREW_SCALE_RANGE
+    try:
+        v = float(screw_scale)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not lo <= v <= hi:
+        raise UsageError(f"screw scale {screw_scale!r}: expected a number in [{lo:g}, {hi:g}]")
+    return v
+
+
+def make_sample(shape: tuple[int, int, int], material: str, seed: int,
+                screw_scale: float = 1.0) -> Sample:
+    """Draw a sample for a volume of ``shape``; the anatomy depends only on the seed.
+
+    ``screw_scale`` multiplies the screw's radii (crest radius, thread depth, head); 1 is
+    the M2-like default, and the rest of the sample does not change with it.
+    """
     rng = np.random.default_rng([int(seed), 0x5A3])
     u = rng.uniform
     nz, ny, nx = shape
     rf = min(ny, nx) / 2.0
-    r_major = 0.30 * u(0.93, 1.07)
+    scale = check_screw_scale(screw_scale)
+    r_major = 0.30 * u(0.93, 1.07) * scale
     shaft_ro = u(0.55, 1.1)
     shaft_t = u(0.16, 0.26)
     y_head = -0.72 + u(-0.03, 0.03)
@@ -104,12 +128,13 @@ def make_sample(shape: tuple[int, int, int], material: str, seed: int) -> Sample
         tube_r=0.935 + u(-0.01, 0.01), tube_t=0.035,
         block_r=u(0.62, 0.7), block_y=(y_head - 0.06, u(0.62, 0.72)),
         screw_zx=(u(-0.03, 0.03), u(-0.06, 0.06)),
-        r_major=r_major, r_minor=r_major - 0.07, pitch=0.135 * u(0.95, 1.05),
+        r_major=r_major, r_minor=r_major - 0.07 * scale, pitch=0.135 * u(0.95, 1.05),
         thread_phase=u(0.0, 1.0), y_head=y_head, head_h=head_h, head_r=r_major * 1.55,
         y_tip=u(0.36, 0.5), tip_len=0.12,
         corrosion=u(0.025, 0.06), swell=u(0.012, 0.025), new_bone_w=u(0.025, 0.045),
         shaft_yz=(shaft_y, u(-0.1, 0.1)), shaft_ro=shaft_ro, shaft_ri=shaft_ro - shaft_t,
         trab_thr=u(0.36, 0.46), vessel_cell=max(7.0, 0.035 * rf), keys=keys,
+        screw_scale=scale,
     )
 
 

@@ -13,7 +13,13 @@ from hpcstain import __version__
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.errors import UsageError
 from hpcstain.phantom.render import CT_GAIN, CT_OFFSET, PALETTE, render_slab
-from hpcstain.phantom.sample import LABELS, Sample, check_material, make_sample
+from hpcstain.phantom.sample import (
+    LABELS,
+    Sample,
+    check_material,
+    check_screw_scale,
+    make_sample,
+)
 
 PHANTOM_VERSION = "1"
 VOXEL_SIZE_UM = 5.0          # nominal; the anatomy is a scale model filling the field of view
@@ -33,6 +39,7 @@ class PhantomVolume:
     material: str
     seed: int
     voxel_size_um: float = VOXEL_SIZE_UM
+    screw_scale: float = 1.0
 
 
 def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
@@ -47,11 +54,13 @@ def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def metadata(shape: tuple[int, int, int], material: str, seed: int) -> dict[str, object]:
+def metadata(shape: tuple[int, int, int], material: str, seed: int,
+             screw_scale: float = 1.0) -> dict[str, object]:
     """Attributes stored with every volume (provenance and the label/colour key)."""
     return {
         "generator": "hpcstain.phantom", "generator_version": PHANTOM_VERSION,
         "hpcstain_version": __version__, "material": material, "seed": int(seed),
+        "screw_scale": float(screw_scale),
         "shape_zyx": list(shape), "axes": "zyx", "voxel_size_um": VOXEL_SIZE_UM,
         "labels": dict(LABELS), "palette": {k: list(v) for k, v in PALETTE.items()},
         "ct_air": CT_OFFSET, "ct_dense_bone": CT_OFFSET + CT_GAIN,
@@ -69,10 +78,11 @@ def _render_into(s: Sample, z0: int, z1: int, ny: int, nx: int,
 
 
 def iter_slabs(shape: tuple[int, int, int], material: str, seed: int,
-               slab: int = 64) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+               slab: int = 64, screw_scale: float = 1.0
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(z0, ct, stain, labels)`` for consecutive slabs of ``slab`` slices."""
     nz, ny, nx = check_shape(shape)
-    s = make_sample((nz, ny, nx), check_material(material), seed)
+    s = make_sample((nz, ny, nx), check_material(material), seed, screw_scale)
     for z0 in range(0, nz, max(1, int(slab))):
         z1 = min(nz, z0 + max(1, int(slab)))
         ct = np.empty((z1 - z0, ny, nx), np.uint16)
@@ -82,16 +92,21 @@ def iter_slabs(shape: tuple[int, int, int], material: str, seed: int,
         yield z0, ct, rgb, lab
 
 
-def make_volume(shape: tuple[int, int, int], material: str, seed: int) -> PhantomVolume:
-    """The whole volume in memory (tests, small demos); equals what the writers store."""
+def make_volume(shape: tuple[int, int, int], material: str, seed: int,
+                screw_scale: float = 1.0) -> PhantomVolume:
+    """The whole volume in memory (tests, small demos); equals what the writers store.
+
+    ``screw_scale`` multiplies the screw's radii (1: the default M2-like screw).
+    """
     nz, ny, nx = check_shape(shape)
     material = check_material(material)
-    s = make_sample((nz, ny, nx), material, seed)
+    s = make_sample((nz, ny, nx), material, seed, screw_scale)
     ct = np.empty((nz, ny, nx), np.uint16)
     rgb = np.empty((nz, ny, nx, 3), np.uint8)
     lab = np.empty((nz, ny, nx), np.uint8)
     _render_into(s, 0, nz, ny, nx, ct, rgb, lab)
-    return PhantomVolume(ct=ct, stain=rgb, labels=lab, material=material, seed=int(seed))
+    return PhantomVolume(ct=ct, stain=rgb, labels=lab, material=material, seed=int(seed),
+                         screw_scale=s.screw_scale)
 
 
 def volume_format(out: Path) -> str:
@@ -112,7 +127,8 @@ def tiff_truth_paths(out: Path) -> tuple[Path, Path]:
 
 
 def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: str, seed: int,
-                      overwrite: bool = False, chunk: int = 64) -> Path:
+                      overwrite: bool = False, chunk: int = 64,
+                      screw_scale: float = 1.0) -> Path:
     """Stream a phantom volume to ``out`` (.zarr group, NeXus-like .h5, or TIFF stacks).
 
     All arguments are checked before anything is written; the output appears only once
@@ -122,6 +138,7 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
     out = Path(out)
     dims = check_shape(shape)
     material = check_material(material)
+    screw_scale = check_screw_scale(screw_scale)
     if int(chunk) <= 0:
         raise UsageError(f"chunk {chunk!r}: expected a positive integer")
     chunk = int(chunk)
@@ -129,8 +146,8 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
     targets = [out, *tiff_truth_paths(out)] if fmt == "tiff" else [out]
     for path in targets:
         check_output(path, overwrite)
-    attrs = metadata(dims, material, seed)
-    slabs = iter_slabs(dims, material, seed, slab=chunk)
+    attrs = metadata(dims, material, seed, screw_scale)
+    slabs = iter_slabs(dims, material, seed, slab=chunk, screw_scale=screw_scale)
     if fmt == "zarr":
         with atomic_output(out, overwrite) as tmp:
             _write_zarr(tmp, dims, chunk, attrs, slabs)
