@@ -145,9 +145,8 @@ def fill_background(rgba: np.ndarray, outside: np.ndarray) -> np.ndarray:
     from hpcstain.predict import NORMALISED_BACKGROUND
 
     colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
-    out = rgba.copy()
-    out[outside] = (*colour, with_alpha(colour[None])[0, 3])
-    return out
+    fill = np.array([*colour, with_alpha(colour[None])[0, 3]], np.uint8)
+    return np.where(outside[..., None], fill, rgba)
 
 
 def method_halo(method: str, n_axes: int) -> int:
