@@ -100,16 +100,11 @@ def conventions_of(ckpt: dict[str, Any]) -> Conventions:
 
 def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:
     """Build and load the generator ``name`` (``ct2hist`` / ``hist2ct``) of a checkpoint."""
-    from hpcstain.config import ModelConfig, build
-    from hpcstain.models.gans import ARCHITECTURE_KEYS
+    from hpcstain.models.gans import model_config_of
     from hpcstain.models.networks import build_generator
 
     arch = ckpt["architecture"]
-    missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
-    if missing:
-        raise InputError(f"{source}: architecture lacks {missing}")
-    known = {f.name for f in fields(ModelConfig)}
-    cfg = build(ModelConfig, {k: (v, source) for k, v in arch.items() if k in known})
+    cfg = model_config_of(arch, source)
     c_ct, c_hist = int(arch["ct_channels"]), int(arch["histology_channels"])
     net = build_generator(cfg, c_hist, c_ct) if name == "hist2ct" else \
         build_generator(cfg, c_ct, c_hist)

@@ -391,16 +391,23 @@ def check_architecture(saved: dict[str, Any], model_cfg: ModelConfig,
                          + "; ".join(diffs))
 
 
-def build_model_from_architecture(arch: dict[str, Any], device: str | torch.device,
-                                  source: str = "checkpoint") -> GanModel:
-    """A model for inference (stain/unstain) from a saved :meth:`GanModel.architecture`."""
+def model_config_of(arch: dict[str, Any], source: str = "checkpoint") -> ModelConfig:
+    """The :class:`ModelConfig` a saved :meth:`GanModel.architecture` describes."""
     missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
     if missing:
         raise InputError(f"{source}: architecture lacks {missing}")
     known = {f.name for f in fields(ModelConfig)}
-    flat = {k: (v, source) for k, v in arch.items() if k in known}
     try:
-        model_cfg = build(ModelConfig, flat)
+        return build(ModelConfig, {k: (v, source) for k, v in arch.items() if k in known})
+    except HpcstainError as exc:
+        raise InputError(f"{source}: unusable architecture: {exc}") from None
+
+
+def build_model_from_architecture(arch: dict[str, Any], device: str | torch.device,
+                                  source: str = "checkpoint") -> GanModel:
+    """A model for inference (stain/unstain) from a saved :meth:`GanModel.architecture`."""
+    model_cfg = model_config_of(arch, source)
+    try:
         return build_model(model_cfg, LossConfig(lambda_id=0.0), device)
     except HpcstainError as exc:
         raise InputError(f"{source}: unusable architecture: {exc}") from None
