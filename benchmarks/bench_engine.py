@@ -5,10 +5,11 @@
 Parts (each prints one table; numbers go to docs/benchmarks.md):
 
 * ``cost``: generator input pixels per output voxel·axis at the default tiling (256/192
-  Hann), counted by the engine itself (the run's completion records), on a 256³ and a
-  37×131×97 volume, 3 axes. The plan takes a ResNet checkpoint's conventions (tiles in
-  multiples of 4); a stand-in per-pixel map runs in its place to keep this fast: the count
-  does not depend on the network.
+  Hann, planes covered by equal tiles of up to 512 px), counted by the engine itself (the
+  run's completion records), on 37×131×97, 256³, 24×512² and 64×1024² volumes, 3 axes.
+  The plan takes a ResNet checkpoint's conventions (tiles in multiples of 4); a stand-in
+  per-pixel map runs in its place to keep this fast: the count does not depend on the
+  network.
 * ``overhead``: ``hpcstain stain`` (3 axes, in-process, 2 threads, 96×256×256) vs the bare
   generator run over the same slices with the same tiling (no I/O, no Gaussian, no writes),
   with a real ResNet generator (modcyclegan-tiny architecture, ngf 8, 2 blocks).
@@ -39,10 +40,12 @@ import torch
 import zarr
 
 from hpcstain.inference import load_generator
-from hpcstain.tiles import auto_batch, stain_image
+from hpcstain.tiles import DEFAULT_TILING, auto_batch, stain_image
 from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
 from hpcstain.volume.plan import axis_store, load_plan
 from hpcstain.volume.stain import generator_cost
+
+MAX_TILE = DEFAULT_TILING.max_tile  # what `hpcstain stain` uses by default
 
 
 def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
@@ -90,12 +93,13 @@ def per_pixel(batch: torch.Tensor) -> torch.Tensor:
 def part_cost(root: Path, quick: bool) -> None:
     print("\n## cost: generator pixels per output voxel·axis (defaults 256/192 hann)")
     print("| volume | z | y | x | all |\n|---|---|---|---|---|")
-    shapes = [(37, 131, 97), (64, 128, 128)] if quick else [(37, 131, 97), (256, 256, 256)]
+    shapes = [(37, 131, 97), (64, 128, 128)] if quick else [(37, 131, 97), (256, 256, 256),
+                                                           (24, 512, 512), (64, 1024, 1024)]
     ckpt = checkpoint(root / "cost.pt", 4, 1)
     for shape in shapes:
         vol = synthetic_ct(root / f"cost-{shape[0]}.zarr", shape)
         plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0),
-                         checkpoint=ckpt)
+                         checkpoint=ckpt, max_tile=MAX_TILE)
         run = init_run(root / f"cost-run-{shape[0]}", plan)
         run_stain(run, per_pixel, progress=False)
         c = generator_cost(run)
@@ -125,7 +129,8 @@ def part_overhead(root: Path, quick: bool) -> None:
     shape = (32, 128, 128) if quick else (96, 256, 256)
     vol = synthetic_ct(root / "over.zarr", shape)
     ckpt = checkpoint(root / "over.pt", 8, 2)
-    plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0), checkpoint=ckpt)
+    plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0), checkpoint=ckpt,
+                     max_tile=MAX_TILE)
     runs = iter(range(100))
     fn = load_generator(ckpt).fn
 
@@ -144,7 +149,8 @@ MEMORY_CHILD = """
 import sys, resource, time
 from hpcstain.volume import init_run, make_plan, open_volume, run_stain
 vol, ckpt, run = sys.argv[1:4]
-plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt)
+plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt,
+                 max_tile=512)
 init_run(run, plan)
 t0 = time.perf_counter()
 run_stain(run, progress=False)
@@ -209,7 +215,7 @@ def part_peers(root: Path, quick: bool) -> None:
     results = {}
 
     plan = make_plan(open_volume(vol), chunk=(8, 512, 512), axes="z", sigma=0.0,
-                     levels=(30000.0, 10000.0), checkpoint=ckpt)
+                     levels=(30000.0, 10000.0), checkpoint=ckpt, max_tile=MAX_TILE)
     outputs: dict[str, np.ndarray] = {}
     n = iter(range(100))
 
@@ -243,7 +249,7 @@ def part_peers(root: Path, quick: bool) -> None:
                                            dtype=np.float32).compute(scheduler="threads")
 
     t = best_of(2, ours=ours, monai=monai, dask=dask_overlap)
-    results["hpcstain (256/192 hann)"] = (t["ours"], outputs["ours"], (256, 192))
+    results["hpcstain (default: one 512² tile)"] = (t["ours"], outputs["ours"], (512, 512))
     results["MONAI sliding_window (0.25, gaussian)"] = (t["monai"], outputs["monai"],
                                                         (256, 192))
     results["dask map_overlap (256 + 32)"] = (t["dask"], outputs["dask"], (256, 256))

@@ -77,10 +77,12 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
                      window=tiling.window, sigma=args.sigma, levels=levels,
                      voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
                      checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels,
-                     autocast=args.autocast)
+                     autocast=args.autocast, max_tile=tiling.max_tile)
     run = init_run(args.out, plan, overwrite=args.overwrite)
+    tiles = ", ".join(f"{a} {t[0]}x{t[1]}" for a in plan.axes
+                      for t in [plan.plane_tiling(a)[0]])
     print(f"plan: {plan.n_units} slab unit(s) over axes {','.join(plan.axes)}, storage chunk "
-          f"{plan.chunk}, tiles {plan.tile}/{plan.step} {plan.window}, levels "
+          f"{plan.chunk}, tiles {tiles} ({plan.window}), levels "
           f"bone={plan.bone_level:g} background={plan.background_level:g}")
     note = checkpoint_changed(run)
     if note:
@@ -394,6 +396,25 @@ def _add_predict_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from hpcstain.score import score_files
+
+    threshold: float | str | None = args.ct_threshold
+    if threshold not in ("auto", "none"):
+        try:
+            threshold = float(str(threshold))
+        except ValueError:
+            raise UsageError(f"--ct-threshold {threshold!r}: auto, none or a number") from None
+    report = score_files(args.prediction, args.out, reference=args.reference,
+                         labels=args.labels, ct=args.ct,
+                         ct_threshold=None if threshold == "none" else threshold,
+                         normalise=not args.no_normalise, stretch_c=args.stretch_c,
+                         stretch_c_prime=args.stretch_c_prime, overwrite=args.overwrite)
+    print(report.table, end="")
+    print(f"wrote {report.out_dir}")
+    return 0
+
+
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """``cluster.*`` overrides go to the cluster profile, the rest to the run config."""
     cluster = [o for o in items if o.startswith("cluster.")]
@@ -478,6 +499,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_volume(sub)
     _add_predict_evaluate(sub)
+
+    p = sub.add_parser("score", help="score a stained volume: SSIM/PSNR per plane family, "
+                       "stripe ratios", description="Score a stained RGB(A) volume (a run "
+                       "folder, fused.ome.zarr, axis-z.zarr, x.zarr[:array], x.h5:/ds, .tif, "
+                       ".npy) against a reference stain put through the §2.5 normalisation "
+                       "(docs/evaluation.md, 'Scoring volumes'), inside the sample mask. "
+                       "Without --reference: stripe ratios against the CT's anisotropy. "
+                       "Writes OUT/table.md, summary.json, profiles.png.")
+    p.add_argument("prediction", help="RUN_DIR | fused.ome.zarr | axis-z.zarr | RGB volume")
+    p.add_argument("--reference", "-r", default=None,
+                   help="truth stain: a phantom volume (its labels and CT are used too) or "
+                   "any RGB volume")
+    p.add_argument("--labels", default=None, help="label volume (phantom codes) for mask/ROIs")
+    p.add_argument("--ct", default=None,
+                   help="CT volume (default: the reference's, else the run's plan input)")
+    p.add_argument("--ct-threshold", default="auto", metavar="auto|none|VALUE",
+                   help="sample mask from the CT when there are no labels (default auto: "
+                   "above the lowest multi-Otsu class)")
+    p.add_argument("--no-normalise", action="store_true",
+                   help="the reference is already in the model's colour space")
+    p.add_argument("--stretch-c", type=float, default=0.0, help="§2.5 c (as in training)")
+    p.add_argument("--stretch-c-prime", type=float, default=0.0, help="§2.5 c'")
+    p.add_argument("--out", "-o", required=True, help="report folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
     ssub = p.add_subparsers(dest="what", required=True, metavar="{train,cv,stain,fuse}")

@@ -66,7 +66,8 @@ def resolve_tiling(name: str = "default", tile: int | None = None, step: int | N
     if name not in TILINGS:
         raise UsageError(f"unknown tiling {name!r}; choose one of {', '.join(TILINGS)}")
     base = TILINGS[name]
-    tiling = Tiling(tile or base.tile, step or base.step, window or base.window)
+    tiling = Tiling(tile or base.tile, step or base.step, window or base.window,
+                    base.max_tile if not tile else 0)
     check_tiling(tiling.tile, tiling.step, tiling.window)
     return tiling
 
@@ -148,7 +149,8 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
 
 def _stain(image: np.ndarray, fn: TileFn, tiling: Tiling, batch_size: int,
            size_multiple: int) -> np.ndarray:
-    tile, step = plane_tiles(image.shape[-2:], tiling.tile, tiling.step, size_multiple)
+    tile, step = plane_tiles(image.shape[-2:], tiling.tile, tiling.step, size_multiple,
+                             max_tile=tiling.max_tile)
     return stain_image(image, fn, tile=tile, step=step, window=tiling.window,
                        batch_size=auto_batch(tile, "cpu", batch_size))
 

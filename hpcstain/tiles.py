@@ -37,15 +37,19 @@ GAUSSIAN_SIGMA = 0.125  # of the tile edge
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile edge, step between tile starts and blending window."""
+    """Tile edge, step between tile starts, blending window, and the largest tile a plane
+    may be covered with (0: tiles stay ``tile``; see :func:`plane_tiles`)."""
 
     tile: int = 256
     step: int = 64
     window: str = "mean"
+    max_tile: int = 0
 
 
 PAPER_TILING = Tiling(256, 64, "mean")  # §2.9: 256 px tiles stepped by 64 px, averaged
-DEFAULT_TILING = Tiling(256, 192, "hann")  # `predict` default, chosen by benchmarks/bench_tiles.py
+# The default, chosen by benchmarks/bench_tiles.py and bench_engine.py: 256/192 Hann, and
+# planes covered by equal tiles of up to 512 px with the same 64 px overlap.
+DEFAULT_TILING = Tiling(256, 192, "hann", 512)
 # Generator input pixels per batch when the caller leaves the batch size to us (0): on the
 # CPU small batches stay in cache (a 16 × 256² batch of a ngf-16 ResNet is ~4× slower per
 # tile than 1–2 tiles, benchmarks/bench_engine.py); GPUs want large batches.
@@ -84,20 +88,29 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def plane_tiles(plane: Pair, tile: int, step: int, multiple: int = 1, minimum: int = 1
-                ) -> tuple[Pair, Pair]:
+def plane_tiles(plane: Pair, tile: int, step: int, multiple: int = 1, minimum: int = 1,
+                max_tile: int = 0) -> tuple[Pair, Pair]:
     """Per-axis (tile, step) for a plane: a tile never exceeds the plane it covers.
 
     Along an axis shorter than ``tile`` one tile of the plane's length (rounded up to the
     generator's size ``multiple``, at least ``minimum``) covers it, so a 37-px-deep plane
-    is not padded to 256. Longer axes keep the configured tile and step.
+    is not padded to 256. With ``max_tile`` a longer axis is covered by the fewest equal
+    tiles of at most ``max_tile`` that keep the configured overlap ``tile - step``: a 512 px
+    axis is one 512 px tile, 1024 px three of 384 (instead of 5 × 256, 1280 px), so no
+    generator pixel is spent on padding past the plane. Without it, ``tile``/``step``.
     """
     tiles, steps = [], []
+    overlap = tile - step
     for n in plane:
         if n < tile:
             t = min(tile, max(round_up(n, multiple), minimum))
             tiles.append(t)
             steps.append(t)
+        elif max_tile > tile:
+            k = max(1, math.ceil((n - overlap) / (max_tile - overlap)))
+            t = round_up(math.ceil((n + (k - 1) * overlap) / k), multiple)
+            tiles.append(t)
+            steps.append(t if k == 1 else t - overlap)
         else:
             tiles.append(tile)
             steps.append(step)

@@ -13,6 +13,7 @@ from hpcstain.tiles import (
     PAPER_TILING,
     WINDOWS,
     n_tiles,
+    padded_length,
     reflect_index,
     region_context,
     stain_image,
@@ -198,3 +199,22 @@ def test_bad_arguments_raise_clear_errors():
         stain_image(bad, tile_fn, tile=16, step=8)
     with pytest.raises(InputError, match="shape"):
         stain_image(img[0], tile_fn, tile=16, step=8)
+
+
+def test_plane_tiles_cover_long_planes_with_fewer_equal_tiles():
+    from hpcstain.tiles import grid_pixels, plane_tiles
+
+    # fixed tiles: 3 × 256 with the 192 step on a 512 px axis (2.25× the plane's pixels)
+    assert plane_tiles((512, 512), 256, 192) == ((256, 256), (192, 192))
+    assert plane_tiles((512, 512), 256, 192, 4, max_tile=512) == ((512, 512), (512, 512))
+    (t, _), (s, _) = plane_tiles((1024, 40), 256, 192, 4, max_tile=512)
+    assert (t, s) == (384, 320) and t - s == 64  # the configured overlap is kept
+    for n in (300, 700, 1000, 2048, 4099):
+        tile, step = plane_tiles((n, n), 256, 192, 4, max_tile=512)
+        assert tile[0] <= 512 + 3 and tile[0] % 4 == 0 and tile[0] - step[0] in (0, 64)
+        assert grid_pixels((n, n), tile, step) <= grid_pixels((n, n), (256, 256), (192, 192))
+        assert padded_length(n, tile[0], step[0]) - n < tile[0] - step[0] + 4
+    img = image(np.float32, (300, 200), channels=3)
+    tile, step = plane_tiles((300, 200), 64, 48, max_tile=128)
+    out = stain_image(img, lambda t: t.clone(), tile=tile, step=step, window="hann")
+    np.testing.assert_allclose(out, img, rtol=4e-6, atol=1e-7)

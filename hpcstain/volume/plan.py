@@ -50,6 +50,7 @@ class Plan:
     tile: int = 256
     step: int = 192
     window: str = "hann"
+    max_tile: int = 0
     sigma: float = 1.0
     truncate: float = 4.0
     bone_level: float = 30000.0
@@ -115,7 +116,7 @@ class Plan:
         from hpcstain.tiles import plane_tiles
 
         return plane_tiles(self.plane(axis), self.tile, self.step, self.size_multiple,
-                           minimum=min(16, self.tile))
+                           minimum=min(16, self.tile), max_tile=self.max_tile)
 
     def unit_block(self, axis: str) -> tuple[int, int]:
         """In-plane block edge (rows, cols) of the units of ``axis``: the whole plane unless
@@ -268,7 +269,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               voxel_size_um: tuple[float, float, float] | None = None,
               checkpoint: str | os.PathLike[str] | None = None,
               config: dict[str, Any] | None = None, truncate: float = 4.0,
-              max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none") -> Plan:
+              max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none",
+              max_tile: int = 0) -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
     ``levels`` is the raw ``(bone, background)``; when None they are estimated once here
@@ -276,7 +278,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     checkpoint's CT conventions (target levels, channels, size multiple) are recorded too;
     ``in_channels`` is only for runs without a checkpoint (a staining function given in
     code). ``autocast`` (``none``/``bf16``/``fp16``) runs the generator under torch autocast
-    (GPU throughput; it changes the output, so it is part of the plan).
+    (GPU throughput; it changes the output, so it is part of the plan). ``max_tile`` lets
+    planes be covered by fewer, larger equal tiles (:func:`hpcstain.tiles.plane_tiles`).
     """
     from hpcstain.volume.io import estimate_levels
 
@@ -302,7 +305,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     vox = voxel_size_um if voxel_size_um is not None else source.voxel_size_um
     return Plan(input=str(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
-                window=window, sigma=float(sigma), truncate=float(truncate),
+                window=window, max_tile=int(max_tile), sigma=float(sigma),
+                truncate=float(truncate),
                 bone_level=float(bone), background_level=float(background),
                 target_levels=(float(target[0]), float(target[1])), in_channels=channels,
                 size_multiple=multiple, max_unit_voxels=int(max_unit_voxels),
