@@ -346,6 +346,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
             epoch_means = {k: v / max(done, 1) for k, v in sums.items()}
             if val_set is not None and (epoch + 1) % cfg.train.val_every == 0:
                 epoch_means.update(validate(model, val_set, cfg, env.device))
+            if log is not None:  # TensorBoard: epoch means, learning rates, sample grid
+                log.epoch_end(step, epoch_means, {"G": sched_g.get_last_lr()[0],
+                              "D": sched_d.get_last_lr()[0]}, model,
+                              val_set if val_set is not None else dataset)
             epoch += 1
             batch_in_epoch = 0
             sums = {}

@@ -1,0 +1,131 @@
+"""Volume scoring (hpcstain/metrics/volume.py, `hpcstain score`): §2.5-normalised truth,
+masked SSIM/PSNR per plane family, stripe ratios per axis, outputs of the verb."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcstain.cli import main
+from hpcstain.metrics import volume as mv
+from hpcstain.metrics.similarity import ssim_batch
+from hpcstain.phantom import BONE_LABELS, LABELS, make_volume, write_volume_file
+
+SHAPE = (12, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_volume(SHAPE, "mg", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ref(phantom):
+    return mv.prepare_reference(SHAPE, phantom.stain, labels=phantom.labels, ct=phantom.ct)
+
+
+def z_stripes(rgb: np.ndarray, amplitude: int = 20) -> np.ndarray:
+    off = np.where(np.arange(rgb.shape[0]) % 2, amplitude, -amplitude).reshape(-1, 1, 1, 1)
+    return np.clip(rgb.astype(np.int16) + off, 0, 255).astype(np.uint8)
+
+
+def test_labels_constants_match_the_phantom() -> None:
+    assert mv.BONE_LABELS == BONE_LABELS
+    assert set(mv.OUTSIDE_LABELS) == {LABELS["background"], LABELS["tube"]}
+
+
+def test_reference_is_normalised_and_mask_from_labels(phantom, ref) -> None:
+    assert ref.info["normalised"] and ref.info["rois"] == "labels" and ref.info["mask"] == "labels"
+    assert np.array_equal(ref.mask, ~np.isin(phantom.labels, [0, 1]))
+    # §2.5: the background becomes (near) white, unlike the raw truth's (243, 241, 236)
+    bg = phantom.labels == LABELS["background"]
+    assert ref.rgb[bg].mean(axis=0).min() > 250
+    assert not np.array_equal(ref.rgb, phantom.stain)
+
+
+def test_truth_scores_perfectly(ref) -> None:
+    s = mv.score_volume(ref.rgb, ref).summary
+    assert s["stripe_ratio"] == {"z": 1.0, "y": 1.0, "x": 1.0}
+    assert s["psnr"] == "inf"
+    for fam, _ in mv.FAMILIES:
+        assert s["planes"][fam]["ssim"] == pytest.approx(1.0, abs=1e-12)
+        assert s["planes"][fam]["psnr"] == mv.PSNR_CAP
+
+
+def test_z_offsets_raise_the_z_stripe_ratio_only(ref) -> None:
+    s = mv.score_volume(z_stripes(ref.rgb), ref).summary
+    assert s["stripe_ratio"]["z"] > 1.5
+    assert abs(s["stripe_ratio"]["y"] - 1) < 0.1 and abs(s["stripe_ratio"]["x"] - 1) < 0.1
+    assert s["planes"]["xz"]["ssim"] < s["planes"]["xy"]["ssim"] < 1.0
+
+
+def test_without_reference_ratio_against_ct_anisotropy(phantom) -> None:
+    pred = mv.prepare_reference(SHAPE, phantom.stain, labels=phantom.labels).rgb
+    clean = mv.score_volume(pred, None, labels=phantom.labels, ct=phantom.ct).summary
+    striped = mv.score_volume(z_stripes(pred), None, labels=phantom.labels,
+                              ct=phantom.ct).summary
+    assert clean["stripe_ratio_against"] == "ct anisotropy"
+    assert striped["stripe_ratio"]["z"] > 1.5 * clean["stripe_ratio"]["z"]
+    # the anisotropy is scale-free: any linear map of the CT gives the same ratios
+    scaled = mv.score_volume(pred, None, labels=phantom.labels,
+                             ct=phantom.ct.astype(np.float32) * 3.5 - 1000).summary
+    for a in mv.AXES:
+        assert scaled["stripe_ratio"][a] == pytest.approx(clean["stripe_ratio"][a], rel=1e-5)
+
+
+def test_changes_outside_the_mask_do_not_change_scores(ref) -> None:
+    pred = z_stripes(ref.rgb, 10)
+    other = pred.copy()
+    rng = np.random.default_rng(0)
+    other[~ref.mask] = rng.integers(0, 256, size=(int((~ref.mask).sum()), 3), dtype=np.uint8)
+    assert mv.score_volume(pred, ref).summary == mv.score_volume(other, ref).summary
+    inside = pred.copy()
+    inside[ref.mask] = 255 - inside[ref.mask]
+    assert mv.score_volume(inside, ref).summary != mv.score_volume(pred, ref).summary
+
+
+def test_unmasked_ssim_equals_the_skimage_exact_slice_mean(ref) -> None:
+    pred = z_stripes(ref.rgb, 10)
+    mask = np.ones(SHAPE, dtype=bool)
+    for fam, axis in mv.FAMILIES:
+        got = mv.family_scores(pred, ref.rgb, mask, (255, 255, 255), axis)["ssim"]
+        want = ssim_batch(np.moveaxis(pred, axis, 0), np.moveaxis(ref.rgb, axis, 0)).mean()
+        assert got == pytest.approx(want, rel=1e-12), fam
+
+
+def test_channel_first_rgba_and_mask_from_ct(phantom, ref) -> None:
+    rgba = np.concatenate([ref.rgb, np.full((*SHAPE, 1), 7, np.uint8)], axis=-1)
+    assert np.array_equal(mv.as_rgb_volume(np.moveaxis(rgba, -1, 0)), ref.rgb)
+    mask, how = mv.sample_mask(SHAPE, ct=phantom.ct)
+    assert how.startswith("ct >") and 0.1 < mask.mean() < 0.9
+    # the air/resin around the sample is outside, bone inside
+    assert not mask[phantom.labels == LABELS["background"]].mean() > 0.5
+    assert mask[np.isin(phantom.labels, [LABELS["cortical_bone"]])].mean() > 0.9
+    assert mv.sample_mask(SHAPE)[0].all()
+
+
+def test_cli_writes_table_summary_and_profiles(tmp_path: Path, phantom, ref, capsys) -> None:
+    vol = write_volume_file(tmp_path / "vol.zarr", SHAPE, "mg", seed=3, chunk=8)
+    pred = tmp_path / "pred.npy"
+    np.save(pred, np.moveaxis(z_stripes(ref.rgb), -1, 0))     # channel-first
+    out = tmp_path / "score"
+    assert main(["score", str(pred), "--reference", str(vol), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "stripe ratio" in table and "XZ (y-slices)" in table
+    assert (out / "table.md").read_text() in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["labels"] == "from reference" and summary["mask"] == "labels"
+    assert summary["stripe_ratio"]["z"] > 1.5
+    assert math.isfinite(summary["psnr"]) and 0 < summary["planes"]["xy"]["ssim"] < 1
+    assert (out / "profiles.png").stat().st_size > 1000
+    # existing report refused; without a reference: ratios against the CT's anisotropy
+    assert main(["score", str(pred), "--reference", str(vol), "--out", str(out)]) == 2
+    out2 = tmp_path / "score-ct"
+    assert main(["score", str(pred), "--ct", f"{vol}:ct", "--out", str(out2)]) == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["stripe_ratio_against"] == "ct anisotropy" and s2["mask"].startswith("ct >")
+    assert (out2 / "profiles.png").is_file()
