@@ -21,6 +21,10 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
         view = np.asarray(Image.open(out / f"orthoview-{name}.png"))
         assert view.ndim == 3 and view.shape[2] == 3 and view.std() > 0
         assert np.isfinite(summary["stripe_index_z"][name])
+    for name in ("fused-consistency", "fused-mean", "slicewise-z"):
+        scores = summary["volume_scores"][name]
+        assert set(scores["stripe_ratio"]) == {"z", "y", "x"} and set(scores["ssim"]) == {
+            "xy", "xz", "yz"}
     assert (out / "evaluate/table.md").read_text().count("Raw CT") == 1
     assert (out / "evaluate/boxplots.png").is_file()
     assert (out / "stain/fused.ome.zarr/.zattrs").is_file() or \
