@@ -118,19 +118,17 @@ def find_pair_rois(ct: np.ndarray, rgb: np.ndarray) -> Rois:
 def find_ct_rois(ct: np.ndarray) -> Rois:
     """Bone and background ROIs from CT alone (no histology, e.g. at inference).
 
-    Three-class multi-Otsu on the CT (0.5–99.5 % clipped): background = the low class;
-    bone = the top class unless it holds under a quarter of the two upper classes (then it
-    is a metal screw or the tube wall, and bone is the middle class). CT outliers trimmed.
+    The levels come from the one CT-only estimator, :func:`hpcstain.levels.estimate_ct_levels`
+    (histogram classes; a metal screw, a homogeneous implant, the tube wall and cupping are
+    handled; docs/volume.md "CT levels"). Each ROI holds the voxels of its class within a
+    band centred on the estimated level, so ``ct_levels(ct, rois)`` gives the estimate. An
+    ambiguous estimate is an InputError naming the levels to pass instead.
     """
-    from skimage.filters import threshold_multiotsu
+    from hpcstain.levels import estimate_ct_levels, level_masks, require_confident
 
-    lo, hi = np.percentile(ct, [0.5, 99.5])
-    sample = np.clip(ct[::2, ::2], lo, hi)
-    t1, t2 = threshold_multiotsu(sample, classes=3)
-    low, mid, top = ct <= t1, (ct > t1) & (ct <= t2), ct > t2
-    bone = top if top.sum() >= 0.25 * (top.sum() + mid.sum()) else mid
-    return Rois(bone=trim_outliers(ct, bone), background=trim_outliers(ct, low),
-                method="auto-ct")
+    est = require_confident(estimate_ct_levels(np.asarray(ct), "CT"))
+    bone, background = level_masks(ct, est)
+    return Rois(bone=bone, background=background, method="auto-ct")
 
 
 def check_rois(rois: Rois, what: str) -> Rois:

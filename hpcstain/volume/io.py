@@ -15,7 +15,8 @@ replaced by ``nan_value`` (``nan_policy="replace"``).
 
 Intensity levels (bone, background) put the CT on the training convention of §2.5: a
 linear map sending mean bone to 30000 and mean background to 10000 (16-bit), then to
-[-1, 1]. :func:`estimate_levels` estimates both from a strided subsample of the volume.
+[-1, 1]. :func:`estimate_levels` estimates both from a strided subsample of the volume
+(:mod:`hpcstain.levels`, the one CT-only estimator).
 """
 
 from __future__ import annotations
@@ -520,18 +521,17 @@ def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
 
 
 def estimate_levels(source: VolumeSource, max_voxels: int = 2_000_000) -> tuple[float, float]:
-    """Estimate (bone, background) mean levels from a strided subsample of the volume.
+    """Estimate the raw (bone, background) levels from a strided subsample of the volume.
 
-    The subsample takes every k-th voxel along each axis (k chosen so at most
-    ``max_voxels`` are read). Otsu's threshold splits it into a dark class (background:
-    resin, air, soft tissue) and a bright class; the background level is the median of the
-    dark class. The bright class holds bone and possibly a metal screw, so the bone level
-    is the median of the bright voxels below their 95th percentile (metal is a small,
-    much brighter fraction). Pass the levels explicitly when the sample breaks these
-    assumptions.
+    Delegates to :func:`hpcstain.levels.volume_levels` (every k-th plane, k chosen so at
+    most ``max_voxels`` are read; classes from the histogram with metal, implants, tube
+    wall and cupping handled; see docs/volume.md "CT levels"). An ambiguous estimate, a
+    constant volume or one without bone is an InputError naming what was found and the
+    ``--bone-level``/``--background-level`` to pass.
     """
-    sample = subsample(source, max_voxels).astype(np.float64).ravel()
-    return levels_from_sample(sample, str(source.spec))
+    from hpcstain.levels import require_confident, volume_levels
+
+    return require_confident(volume_levels(source, max_voxels)).levels
 
 
 def subsample(source: VolumeSource, max_voxels: int) -> np.ndarray:
@@ -546,17 +546,9 @@ def subsample(source: VolumeSource, max_voxels: int) -> np.ndarray:
 
 
 def levels_from_sample(sample: np.ndarray, name: str) -> tuple[float, float]:
-    from skimage.filters import threshold_otsu
+    """(bone, background) of a sample array (any shape; 1D is read as one plane)."""
+    from hpcstain.levels import estimate_ct_levels, require_confident
 
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0 or sample.min() == sample.max():
-        raise InputError(f"{name}: cannot estimate bone/background levels from a constant "
-                         "volume; pass them explicitly")
-    t = float(threshold_otsu(sample))
-    dark, bright = sample[sample <= t], sample[sample > t]
-    bright = bright[bright <= np.percentile(bright, 95)]
-    background, bone = float(np.median(dark)), float(np.median(bright))
-    if bone <= background:
-        raise InputError(f"{name}: estimated bone level {bone} is not above background "
-                         f"{background}; pass the levels explicitly")
-    return bone, background
+    arr = np.asarray(sample, dtype=np.float64)
+    arr = arr.reshape(1, -1) if arr.ndim < 2 else arr
+    return require_confident(estimate_ct_levels(arr, name)).levels

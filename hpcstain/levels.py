@@ -1,0 +1,697 @@
+"""CT levels from the CT alone: the raw (bone, background) intensities of §2.5.
+
+Training finds bone with the histology's help (:func:`hpcstain.data.normalise.find_pair_rois`);
+staining a CT without histology (``predict``, ``stain``) needs the same two levels from the
+CT alone. :func:`estimate_ct_levels` is that one estimator, for a 2D slide or a (subsampled)
+3D volume, robust to a metal implant of any size, the sample tube wall, air, cupping and
+noise. The procedure (docs/volume.md, "CT levels"):
+
+1. **Classes.** The CT is smoothed in-plane (Gaussian, σ = 1–2 px, more for noisier data)
+   and its histogram split into modes (peaks between valleys, small or shallow ones merged).
+   Class *membership* uses the smoothed values; every *level* is a median of raw values.
+2. **Background** = the lowest mode holding ≥ 2 % of the voxels (air or resin); its level
+   is the raw median within its half maximum. Its half width is the noise unit ``w``.
+3. **Metal.** The densest mode T is metal when a *bone-like* mode A below it (contrast to
+   background ≥ ``BONE_CONTRAST`` w: soft tissue, PEEK and resin sit within a few w of the
+   background, bone far above) has at most half its contrast (Ti ≈ 2.5×, steel more; Mg ≈
+   1×, PEEK < 1×) and a deep valley separates them. Repeated for the next densest mode.
+   Metal voxels and a margin around them (partial volume) are left out.
+4. **Bone** = raw median of the voxels above the half-contrast threshold (halfway between
+   background and the 99th percentile of what is left), which is where the labelled bone of
+   a blurred CT lies. A homogeneous implant inside that range (Mg: a narrow peak no wider
+   than the background's) is found as solid blobs at its level and left out with a margin,
+   together with the degradation layer below it.
+5. **Confidence** in [0, 1]: the smallest margin of the decisions above (metal ratio and
+   gap, bone-likeness, masses). Below ``AMBIGUOUS`` the estimate is *ambiguous*: CT-only
+   paths refuse it with one line naming what was found and the ``--bone-level``/
+   ``--background-level`` to pass. A constant input or one without a bone-like class is an
+   :class:`~hpcstain.errors.InputError`.
+
+Pure functions over arrays; :func:`volume_levels` reads a strided subsample of a
+:class:`~hpcstain.volume.io.VolumeSource` (each full-resolution plane is smoothed before
+striding, so the classes see the same noise at any volume size).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from hpcstain.errors import InputError
+
+N_BINS = 512              # histogram bins over the 0.01–99.99 % range
+SMOOTH_BINS = 2.0         # Gaussian smoothing of the histogram, in bins
+MODE_MIN_MASS = 0.004     # a mode holds at least this fraction of the voxels ...
+MODE_MIN_RATIO = 1.25     # ... and its peak is this much above its higher valley
+BACKGROUND_MIN_MASS = 0.02
+BONE_CONTRAST = 15.0      # bone-like: contrast ≥ this many background half-widths (smoothed)
+MIN_CONTRAST = 6.0        # any bone (and a metal's reference class): at least this many
+METAL_RATIO = 2.0         # metal: contrast ≥ this × the bone-like mode's
+METAL_GAP = 0.35          # ... and valley ≤ this × the lower of the two peaks
+BETWEEN_MAX = 0.05        # ... and no class of this share of the voxels in between
+BONE_ALPHA = 0.5          # bone threshold: halfway between background and dense bone
+DEGRADATION_FROM = 0.3    # modes above this fraction of the bone contrast, below an implant
+NARROW_WIDTH = 1.4        # homogeneous (metal-like): FWHM ≤ this × the background's FWHM
+IMPLANT_WIDTH = 1.4       # homogeneous implant in the bone range: FWHM ≤ this × background's
+IMPLANT_MIN_MASS = 0.02   # a homogeneous implant in the bone range: ≥ 2 % of the voxels
+METAL_MARGIN = 2          # px (full resolution) left out around metal (partial volume)
+IMPLANT_MARGIN = 4        # px around a homogeneous implant (its degradation layer too)
+MIN_BONE_MASS = 0.01      # fewer bone voxels than this fraction: no bone
+AMBIGUOUS = 0.5           # confidence below this: the estimate is ambiguous
+LEVELS_FLAGS = "--bone-level {bone:.6g} --background-level {background:.6g}"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class LevelClass:
+    """One class of the CT histogram: its role, raw level, value window and share."""
+
+    name: str          # background | soft tissue | bone | implant | metal | other
+    level: float       # raw median (for background and bone: the estimated level)
+    lo: float          # window of (smoothed) values that belong to the class
+    hi: float
+    fraction: float    # share of all voxels
+    excluded: bool = False   # left out of the bone level (metal, implant)
+
+    def line(self) -> str:
+        ex = ", excluded" if self.excluded else ""
+        return (f"{self.name:<12} {self.level:>10.6g}   [{self.lo:.6g}, {self.hi:.6g}]  "
+                f"{100 * self.fraction:5.1f} %{ex}")
+
+
+@dataclass(frozen=True)
+class LevelEstimate:
+    """Estimated raw (bone, background) CT levels and how they were found."""
+
+    bone: float
+    background: float
+    classes: tuple[LevelClass, ...] = ()
+    thresholds: dict[str, float] = field(default_factory=dict)
+    confidence: float = 1.0
+    notes: tuple[str, ...] = ()
+    alternative: tuple[float, float] | None = None   # the other reading when ambiguous
+    name: str = "CT"
+    smoothing: float = 0.0
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.confidence < AMBIGUOUS
+
+    @property
+    def levels(self) -> tuple[float, float]:
+        return self.bone, self.background
+
+    def flags(self, levels: tuple[float, float] | None = None) -> str:
+        bone, background = levels or self.levels
+        return LEVELS_FLAGS.format(bone=bone, background=background)
+
+    def summary(self) -> str:
+        """One line: levels, confidence, and (when ambiguous) what to pass instead."""
+        text = (f"CT levels of {self.name}: bone {self.bone:.6g}, background "
+                f"{self.background:.6g} (confidence {self.confidence:.2f}")
+        text += ", AMBIGUOUS)" if self.ambiguous else ")"
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        if self.ambiguous:
+            text += f"; pass {self.flags()} to accept this reading"
+            if self.alternative is not None:
+                text += f", or {self.flags(self.alternative)} for the other"
+        return text
+
+    def lines(self) -> list[str]:
+        """The report printed by ``hpcstain levels`` and ``hpcstain stain --plan-only``."""
+        out = [f"levels: bone {self.bone:.6g}, background {self.background:.6g}  "
+               f"(confidence {self.confidence:.2f}{', AMBIGUOUS' if self.ambiguous else ''})",
+               f"flags:  {self.flags()}"]
+        if self.classes:
+            out.append(f"classes of {self.name} (in-plane smoothing σ = {self.smoothing:g} px):")
+            out += ["  " + c.line() for c in self.classes]
+        if self.thresholds:
+            out.append("thresholds: " + ", ".join(f"{k} {v:.6g}" for k, v in
+                                                  self.thresholds.items()))
+        out += [f"note: {n}" for n in self.notes]
+        if self.ambiguous and self.alternative is not None:
+            out.append(f"other reading: {self.flags(self.alternative)}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bone": self.bone, "background": self.background,
+                "confidence": self.confidence, "ambiguous": self.ambiguous,
+                "notes": list(self.notes), "thresholds": dict(self.thresholds),
+                "alternative": list(self.alternative) if self.alternative else None,
+                "classes": [c.__dict__ for c in self.classes]}
+
+
+def require_confident(est: LevelEstimate) -> LevelEstimate:
+    """``est`` unless it is ambiguous; then an InputError with the one-line summary."""
+    if est.ambiguous:
+        raise InputError(est.summary())
+    return est
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+@dataclass(frozen=True)
+class _Mode:
+    peak: float
+    lo: float
+    hi: float
+    mass: float
+    height: float
+    fwhm: float
+
+
+@dataclass
+class _Hist:
+    counts: np.ndarray
+    smooth: np.ndarray
+    edges: np.ndarray
+    total: int
+
+    @property
+    def width(self) -> float:
+        return float(self.edges[1] - self.edges[0])
+
+    def index(self, value: float) -> int:
+        return int(np.clip(np.searchsorted(self.edges, value) - 1, 0, self.smooth.size - 1))
+
+    def half_max(self, i: int, frac: float = 0.5) -> tuple[int, int]:
+        s, level = self.smooth, self.smooth[i] * frac
+        j = i
+        while j > 0 and s[j] > level:
+            j -= 1
+        k = i
+        while k < s.size - 1 and s[k] > level:
+            k += 1
+        return j, k
+
+    def first_below(self, a: float, b: float, level: float) -> float:
+        """First value above ``a`` (at most ``b``) where the smoothed count is <= ``level``."""
+        i0, i1 = self.index(a), self.index(b)
+        below = np.flatnonzero(self.smooth[i0:i1 + 1] <= level)
+        return float(self.edges[i0 + int(below[0])]) if below.size else float(b)
+
+    def sharp_below(self, m: _Mode, reach: float = 1.5, level: float = 0.35) -> bool:
+        """``reach`` FWHM below the peak of ``m`` the count is under ``level`` × the peak."""
+        i = self.index(m.peak)
+        a = max(i - max(round(reach * m.fwhm / self.width), 1), 0)
+        return bool(self.smooth[a] < level * self.smooth[i])
+
+    def valley(self, a: float, b: float) -> tuple[float, float]:
+        """Lowest smoothed count between values ``a`` < ``b``: (value, count)."""
+        i0, i1 = self.index(a), max(self.index(b), self.index(a) + 1)
+        i = i0 + int(np.argmin(self.smooth[i0:i1]))
+        return float(self.edges[i]), float(self.smooth[i])
+
+
+def _histogram(flat: np.ndarray) -> _Hist:
+    lo, hi = np.percentile(flat, [0.01, 99.99])
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    counts, edges = np.histogram(flat, bins=N_BINS, range=(lo, hi))
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), SMOOTH_BINS, mode="constant")
+    return _Hist(counts, smooth, edges, int(flat.size))
+
+
+def _modes(h: _Hist) -> list[_Mode]:
+    """Peaks of the smoothed histogram between valleys; weak ones merged into neighbours."""
+    s = h.smooth
+    left = np.concatenate([[-1.0], s[:-1]])
+    right = np.concatenate([s[1:], [-1.0]])
+    peaks = list(np.flatnonzero((s > left) & (s >= right))) or [int(np.argmax(s))]
+    bounds = [0] + [a + int(np.argmin(s[a:b + 1])) for a, b in itertools.pairwise(peaks)] + [s.size]
+    segs = [[bounds[i], bounds[i + 1], p] for i, p in enumerate(peaks)]
+
+    def strength(i: int) -> float:
+        lo, hi, p = segs[i]
+        vl = float(s[lo]) if i > 0 else 0.0
+        vr = float(s[hi]) if i < len(segs) - 1 else 0.0
+        mass = h.counts[lo:hi].sum() / h.total
+        return min(mass / MODE_MIN_MASS, (s[p] / max(vl, vr, 1e-12) - 1) / (MODE_MIN_RATIO - 1))
+
+    while len(segs) > 1:
+        scores = [strength(i) for i in range(len(segs))]
+        i = int(np.argmin(scores))
+        if scores[i] >= 1.0:
+            break
+        vl = float(s[segs[i][0]]) if i > 0 else -1.0
+        vr = float(s[segs[i][1]]) if i < len(segs) - 1 else -1.0
+        a, b = sorted((i, i - 1 if vl >= vr else i + 1))
+        p = segs[a][2] if s[segs[a][2]] >= s[segs[b][2]] else segs[b][2]
+        segs[a:b + 1] = [[segs[a][0], segs[b][1], p]]
+    centres = 0.5 * (h.edges[:-1] + h.edges[1:])
+    out = []
+    for lo, hi, p in segs:
+        j, k = h.half_max(p)
+        out.append(_Mode(float(centres[p]), float(h.edges[lo]), float(h.edges[hi]),
+                         float(h.counts[lo:hi].sum() / h.total), float(s[p]),
+                         (k - j) * h.width))
+    return out
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def noise_sigma(values: np.ndarray) -> float:
+    """Robust noise σ from differences of neighbours along the last axis."""
+    d = np.diff(np.asarray(values, np.float64), axis=-1)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
+
+
+SIGMAS = (0.0, 1.0, 2.0, 3.0)   # in-plane smoothing tried, px
+
+
+def smoothing_for(values: np.ndarray) -> float:
+    """First in-plane σ to try (px): 0 when the noise is under 1 % of the 1–99 % value range
+    (or the planes are tiny), 1 under 4 %, else 2; more is tried when classes do not separate."""
+    v = np.asarray(values, np.float64)
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        return 0.0
+    p1, p99 = np.percentile(finite, [1, 99])
+    ratio = noise_sigma(v) / max(float(p99 - p1), 1e-12)
+    want = min(0.0 if ratio < 0.01 else 1.0 if ratio < 0.04 else 2.0, max_smoothing(v.shape))
+    return max(x for x in SIGMAS if x <= want)
+
+
+def max_smoothing(shape: tuple[int, ...]) -> float:
+    """Largest in-plane σ worth trying on planes of ``shape``: 1/64 of the smaller edge."""
+    return min(shape[-2:]) / 64.0
+
+
+def smooth_planes(values: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing over the last two axes (NaN/Inf replaced by the median first)."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        v = np.where(bad, np.median(v[~bad]) if (~bad).any() else 0.0, v)
+    if sigma <= 0:
+        return v
+    return ndimage.gaussian_filter(v, sigma, axes=(v.ndim - 2, v.ndim - 1), mode="nearest")
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def _px(full_res_px: int, stride: int) -> int:
+    """A margin of ``full_res_px`` full-resolution px on a grid of spacing ``stride`` (≥ 1)."""
+    return max(1, math.ceil(full_res_px / max(int(stride), 1)))
+
+
+def _solid(v: np.ndarray, level: float, half: float, min_voxels: int) -> np.ndarray:
+    """Large solid blobs of ``|v - level| <= half`` (an opening removes thin structures)."""
+    core = ndimage.binary_opening(np.abs(v - level) <= half, iterations=2)
+    lab, n = ndimage.label(core)
+    if n == 0:
+        return core
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return np.isin(lab, np.flatnonzero(sizes >= min_voxels))
+
+
+def _margin(ratio: float, edge: float, span: float) -> float:
+    """0 at ``edge``, 1 at ``span`` (in log ratio) or more away from it."""
+    return float(min(abs(math.log(max(ratio, 1e-12) / edge)) / math.log(span), 1.0))
+
+
+def estimate_ct_levels(values: np.ndarray, name: str = "CT", *, stride: int = 1,
+                       smoothed: dict[float, np.ndarray] | None = None,
+                       sigma: float | None = None) -> LevelEstimate:
+    """Raw (bone, background) levels of a CT slide (H, W) or volume sample (Z, Y, X).
+
+    Classes are found on the in-plane smoothed CT: from σ = :func:`smoothing_for` up through
+    ``SIGMAS`` until an unambiguous reading is found (``sigma`` fixes one σ). ``smoothed``
+    maps σ → the smoothed CT when the caller made it (e.g. from full-resolution planes before
+    striding). ``stride`` is the voxel spacing of ``values`` in full-resolution px (margins
+    scale). Raises InputError for a constant input or one without a bone-like class; an
+    ambiguous result is returned with ``confidence < AMBIGUOUS`` (see
+    :func:`require_confident`).
+    """
+    raw = np.asarray(values, dtype=np.float64)
+    if raw.ndim not in (2, 3):
+        raise InputError(f"{name}: expected a 2D slide or a 3D volume, got {raw.ndim}D")
+    finite = np.isfinite(raw)
+    if finite.sum() < 64:
+        raise InputError(f"{name}: only {int(finite.sum())} finite value(s); cannot estimate "
+                         "CT levels")
+    lo_v, hi_v = float(raw[finite].min()), float(raw[finite].max())
+    if lo_v == hi_v:
+        raise InputError(f"{name}: constant CT ({lo_v:g} everywhere): no bone or "
+                         "background to find; pass --bone-level/--background-level")
+    if sigma is not None:
+        sigmas = [float(sigma)]
+    else:
+        start = smoothing_for(raw) if smoothed is None else min(smoothed)
+        top = max_smoothing(raw.shape) if smoothed is None else max(smoothed)
+        sigmas = [x for x in SIGMAS if start <= x <= max(top, start)]
+        if smoothed is not None:
+            sigmas = [x for x in sigmas if x in smoothed]
+    best: LevelEstimate | None = None
+    first_error: InputError | None = None
+    for sg in sigmas:
+        v = smoothed[sg] if smoothed is not None and sg in smoothed else smooth_planes(raw, sg)
+        try:
+            est = _estimate_once(raw, finite, v, name, stride, sg)
+        except InputError as exc:
+            first_error = first_error or exc
+            continue
+        if not est.ambiguous:
+            return est
+        best = est if best is None or est.confidence > best.confidence else best
+    if best is not None:
+        return best
+    assert first_error is not None
+    raise first_error
+
+
+def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, name: str,
+                   stride: int, sigma: float) -> LevelEstimate:
+    v = np.asarray(smoothed, dtype=np.float64)
+    flat = v[finite]
+    hist = _histogram(flat)
+    modes = _modes(hist)
+    notes: list[str] = []
+    conf: list[float] = [1.0]
+
+    # --- background
+    bg = next((m for m in modes if m.mass >= BACKGROUND_MIN_MASS), None)
+    if bg is None:
+        bg = max(modes, key=lambda m: m.mass)
+        notes.append(f"no mode holds {100 * BACKGROUND_MIN_MASS:g} % of the voxels; "
+                     "background is the largest one")
+        conf.append(0.6)
+    ip = hist.index(bg.peak)
+    j, _ = hist.half_max(ip)
+    w = max(ip - j, 1) * hist.width          # background half width: the noise unit
+    bg_win = finite & (v >= bg.peak - w) & (v <= bg.peak + w)
+    background = float(np.median(raw[bg_win]))
+    g_hi = bg.peak + 2 * w
+
+    def contrast(x: float) -> float:
+        return (x - bg.peak) / w
+
+    tissue = sorted((m for m in modes if m.peak > g_hi and m.mass >= MODE_MIN_MASS),
+                    key=lambda m: m.peak)
+    if not tissue or contrast(tissue[-1].peak) < MIN_CONTRAST:
+        top = f"{tissue[-1].peak:.6g}" if tissue else "none"
+        raise InputError(f"{name}: no bone found: no class lies well above the background "
+                         f"{background:.6g} (densest class: {top}); pass "
+                         "--bone-level/--background-level if the sample has bone")
+
+    # --- metal: densest modes far above a bone-like mode, across a deep valley
+    metal_t, metals = math.inf, []
+    alternative_cut: float | None = None
+    while len(tissue) >= 2:
+        top = tissue[-1]
+        likes = [m for m in tissue[:-1] if contrast(m.peak) >= MIN_CONTRAST
+                 and m.mass >= 0.01]
+        if not likes:
+            break
+        ref = max(likes, key=lambda m: m.mass)
+        between = max((m.mass for m in tissue if ref.peak < m.peak < top.peak), default=0.0)
+        ratio = (top.peak - bg.peak) / max(ref.peak - bg.peak, hist.width)
+        vx, vs = hist.valley(ref.peak, top.peak)
+        depth = vs / max(min(ref.height, top.height), 1e-12)
+        like = contrast(ref.peak) / BONE_CONTRAST
+        narrow = (2 * w * NARROW_WIDTH) / max(top.fwhm, hist.width)   # > 1: homogeneous
+        m_ratio = _margin(ratio, METAL_RATIO, 1.25)
+        m_depth = _margin(max(depth, 1e-3), METAL_GAP, 2.0)
+        m_like, m_narrow = _margin(like, 1.0, 1.5), _margin(narrow, 1.0, 1.25)
+        is_metal = (ratio >= METAL_RATIO and depth <= METAL_GAP and narrow >= 1
+                    and between < BETWEEN_MAX)
+        if is_metal:   # all gates; a reference that is not bone-like costs confidence
+            c = min(m_ratio, m_depth, m_narrow, 1.0 if like >= 1 else 0.6 + 0.4 * m_like)
+        else:          # one clear reason suffices
+            c = max(m_ratio if ratio < METAL_RATIO else 0.0,
+                    m_depth if depth > METAL_GAP else 0.0,
+                    m_narrow if narrow < 1 else 0.0,
+                    _margin(between, BETWEEN_MAX, 2.0) if between >= BETWEEN_MAX else 0.0)
+        conf.append(c)
+        if c < AMBIGUOUS:
+            what = "metal" if is_metal else "the densest tissue"
+            notes.append(f"class at {top.peak:.6g} read as {what} ({ratio:.2f}× the contrast "
+                         f"of {ref.peak:.6g}, valley {depth:.2f} of the peaks)")
+            alternative_cut = None if is_metal else vx
+        if not is_metal:
+            break
+        metals.append(top)
+        metal_t = hist.first_below(ref.peak, vx, vs + 0.02 * (min(ref.height, top.height) - vs))
+        tissue = [m for m in tissue if m.peak < metal_t]
+
+    bone, win, classes_extra, thr = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, metal_t,
+                                                 modes, tissue, stride, name, notes, conf)
+    alternative = None
+    if alternative_cut is not None or (metals and min(conf) < AMBIGUOUS):
+        cut = alternative_cut if alternative_cut is not None else math.inf
+        try:
+            alt_bone = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, cut, modes,
+                                   [m for m in tissue + metals if m.peak < cut], stride, name,
+                                   [], [])[0]
+            alternative = (alt_bone, background)
+        except InputError:
+            alternative = None
+
+    main = max((m for m in tissue if thr["bone"] < m.peak), key=lambda m: m.mass, default=None)
+    hidden = float(((flat > bg.peak + 4 * w) & (flat < bg.hi)).mean())
+    if (not metals and not classes_extra and main is not None
+            and main.fwhm <= NARROW_WIDTH * 2 * w and hidden > 0.05):
+        notes.append(f"the bone class ({main.peak:.6g}) is homogeneous like an implant while "
+                     f"{100 * hidden:.0f} % of the voxels trail the background unresolved")
+        conf.append(0.4)
+    classes = [LevelClass("background", background, bg.peak - w, bg.peak + w,
+                          float(bg_win.sum() / flat.size))]
+    for m in tissue:
+        if m.hi <= thr["bone"] and contrast(m.peak) < BONE_CONTRAST:
+            classes.append(LevelClass("soft tissue", _median_in(raw, v, finite, m.lo, m.hi),
+                                      m.lo, m.hi, m.mass))
+    classes.append(LevelClass("bone", bone, thr["bone"], min(metal_t, float(hist.edges[-1])),
+                              float(win.sum() / flat.size)))
+    classes += classes_extra
+    for m in metals:
+        classes.append(LevelClass("metal", _median_in(raw, v, finite, m.lo, m.hi), m.lo, m.hi,
+                                  m.mass, excluded=True))
+    thresholds = {"background_hi": bg.peak + w, "bone_lo": thr["bone"]}
+    if metals:
+        thresholds["metal_lo"] = metal_t
+    if bone <= background:
+        raise InputError(f"{name}: estimated bone level {bone:.6g} is not above the background "
+                         f"{background:.6g}; pass --bone-level/--background-level")
+    return LevelEstimate(bone=bone, background=background, classes=tuple(classes),
+                         thresholds=thresholds, confidence=round(float(min(conf)), 3),
+                         notes=tuple(notes), alternative=alternative, name=name,
+                         smoothing=float(sigma))
+
+
+def _median_in(raw: np.ndarray, v: np.ndarray, finite: np.ndarray, lo: float, hi: float
+               ) -> float:
+    sel = finite & (v >= lo) & (v < hi)
+    return float(np.median(raw[sel])) if sel.any() else float("nan")
+
+
+def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray, g: float,
+                w: float,
+                g_hi: float, metal_t: float, modes: list[_Mode], tissue: list[_Mode],
+                stride: int, name: str, notes: list[str], conf: list[float]
+                ) -> tuple[float, np.ndarray, list[LevelClass], dict[str, float]]:
+    """Raw median of the bone class below ``metal_t`` (and outside implants)."""
+    keep = finite & (v > g_hi) & (v < metal_t)
+    if math.isfinite(metal_t):
+        metal = (raw >= metal_t) & (v >= metal_t)
+        keep &= ~ndimage.binary_dilation(metal, iterations=_px(METAL_MARGIN, stride))
+    total = int(finite.sum())
+    if keep.sum() < max(MIN_BONE_MASS * total, 16):
+        raise InputError(f"{name}: no bone found below the metal at {metal_t:.6g}; pass "
+                         "--bone-level/--background-level")
+    p_top = float(np.percentile(v[keep], 99))
+    t = g + BONE_ALPHA * (p_top - g)
+    win = keep & (raw > t)
+    extra: list[LevelClass] = []
+    inside = [m for m in modes if t < m.peak < metal_t]
+    if inside:
+        sp = max(inside, key=lambda m: m.mass)
+        if sp.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(sp):
+            core = _solid(v, sp.peak, 1.5 * w, max(int(0.002 * total), 8))
+            ring = ndimage.binary_dilation(core, iterations=_px(IMPLANT_MARGIN, stride)) \
+                if core.any() else core
+            rest = win & ~ring
+            big = core.sum() >= IMPLANT_MIN_MASS * total
+            if big and rest.sum() >= 0.15 * win.sum() and rest.sum() >= MIN_BONE_MASS * total:
+                keep &= ~ring
+                extra.append(LevelClass("implant", float(np.median(raw[core])), sp.peak - w,
+                                        sp.peak + w, float(core.sum() / total), excluded=True))
+                for d in tissue:   # a degradation layer below the implant
+                    if sp.peak > d.peak > g + DEGRADATION_FROM * (p_top - g):
+                        t = max(t, hist.valley(d.peak, sp.peak)[0])
+                win = keep & (raw > t)
+            elif big:
+                notes.append(f"homogeneous class at {sp.peak:.6g} kept as bone (too little "
+                             "else above the bone threshold)")
+                conf.append(0.8)
+    n = int(win.sum())
+    if n < max(MIN_BONE_MASS * total, 16):
+        raise InputError(f"{name}: no bone found ({n} voxel(s) above the bone threshold "
+                         f"{t:.6g}); pass --bone-level/--background-level")
+    if n < 0.02 * total:
+        notes.append(f"bone is only {100 * n / total:.2f} % of the voxels")
+        conf.append(0.6)
+    return float(np.median(raw[win])), win, extra, {"bone": float(t)}
+
+
+# --------------------------------------------------------------------------- ROIs, volumes
+
+
+def level_masks(ct: np.ndarray, est: LevelEstimate, smoothed: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(bone, background) boolean masks of ``ct`` whose raw means are the estimated levels.
+
+    Each mask holds the voxels of the class (by smoothed value) whose raw value lies within
+    a band centred on the level, so its mean equals the level up to the asymmetry of the
+    distribution inside the band (≪ 1 %).
+    """
+    raw = np.asarray(ct, dtype=np.float64)
+    v = smooth_planes(raw, est.smoothing) if smoothed is None else smoothed
+    finite = np.isfinite(raw)
+    out = []
+    for level, lo, hi in ((est.bone, est.thresholds["bone_lo"],
+                           est.thresholds.get("metal_lo", np.inf)),
+                          (est.background, -np.inf, est.thresholds["background_hi"])):
+        cls = finite & (v > lo) & (v < hi)
+        dev = np.abs(raw - level)
+        half = float(np.percentile(dev[cls], 50)) if cls.any() else 0.0
+        out.append(cls & (dev <= max(half, 1e-9)))
+    bone, background = out
+    return bone & ~background, background & ~bone
+
+
+def subsample_stride(shape: tuple[int, ...], max_voxels: int) -> int:
+    """Stride k per axis so that every k-th voxel of ``shape`` is at most ``max_voxels``."""
+    total = float(np.prod(shape))
+    return max(1, math.ceil((total / max(int(max_voxels), 1)) ** (1 / 3)))
+
+
+def sample_source(source: Any, max_voxels: int = 2_000_000
+                  ) -> tuple[np.ndarray, dict[float, np.ndarray], int]:
+    """(raw sample, σ → smoothed sample, stride k) of a VolumeSource: every k-th plane.
+
+    Each plane is read whole, smoothed at full resolution (every σ that may be tried), then
+    strided by k, so the classes see the same noise whatever the stride.
+    """
+    k = subsample_stride(tuple(source.shape), max_voxels)
+    nz, ny, nx = (int(n) for n in source.shape)
+    raws: list[np.ndarray] = []
+    smooths: dict[float, list[np.ndarray]] = {}
+    for z0 in range(0, nz, k):
+        plane = np.asarray(source.read((slice(z0, z0 + 1), slice(0, ny), slice(0, nx)))[0],
+                           dtype=np.float64)
+        if not smooths:
+            start, top = smoothing_for(plane), max_smoothing(plane.shape)
+            smooths = {sg: [] for sg in SIGMAS if start <= sg <= max(top, start)}
+        raws.append(plane[::k, ::k])
+        for sg, out in smooths.items():
+            out.append(smooth_planes(plane, sg)[::k, ::k])
+    return np.stack(raws), {sg: np.stack(p) for sg, p in smooths.items()}, k
+
+
+def volume_levels(source: Any, max_voxels: int = 2_000_000) -> LevelEstimate:
+    """Levels of a VolumeSource from a strided sample (at most ``max_voxels`` voxels)."""
+    raw, smoothed, k = sample_source(source, max_voxels)
+    return estimate_ct_levels(raw, str(getattr(source, "spec", "volume")), stride=k,
+                              smoothed=smoothed)
+
+
+def volume_sample(spec: str | os.PathLike[str], max_voxels: int = 2_000_000,
+                  nan_value: float | None = None
+                  ) -> tuple[np.ndarray, dict[float, np.ndarray], int, str]:
+    """(raw, σ → smoothed, stride, name) of a volume spec, or of a 2D slide (.png/.tif...).
+
+    Volumes go through :func:`hpcstain.volume.io.open_volume`; a file it cannot open as a
+    volume but that reads as one 2D image is taken as a slide.
+    """
+    from hpcstain.volume.io import open_volume
+
+    try:
+        src = open_volume(spec, nan_policy="error" if nan_value is None else "replace",
+                          nan_value=nan_value or 0.0)
+    except InputError as exc:
+        from hpcstain.data.readers import read_image
+
+        try:
+            image = np.asarray(read_image(spec), dtype=np.float64)
+        except Exception:
+            raise exc from None
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            image = image[..., :3].mean(axis=-1)
+        if image.ndim != 2:
+            raise exc from None
+        if nan_value is not None:
+            image = np.where(np.isfinite(image), image, nan_value)
+        start, top = smoothing_for(image), max_smoothing(image.shape)
+        smoothed = {sg: smooth_planes(image, sg) for sg in SIGMAS
+                    if start <= sg <= max(top, start)}
+        return image, smoothed, 1, str(spec)
+    raw, smoothed, k = sample_source(src, max_voxels)
+    if raw.shape[0] == 1:   # a single plane: a slide
+        raw, smoothed = raw[0], {sg: v[0] for sg, v in smoothed.items()}
+    return raw, smoothed, k, str(src.spec)
+
+
+def _with(est: LevelEstimate, **changes: Any) -> LevelEstimate:
+    from dataclasses import replace
+
+    return replace(est, **changes)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_levels(values: np.ndarray, est: LevelEstimate, path: str | os.PathLike[str],
+                smoothed: np.ndarray | None = None) -> None:
+    """Histogram PNG (log counts) of the smoothed CT with the classes and levels marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = np.asarray(values, np.float64)
+    v = smooth_planes(raw, est.smoothing) if smoothed is None else smoothed
+    flat = v[np.isfinite(raw)]
+    lo, hi = np.percentile(flat, [0.01, 99.99])
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.hist(flat, bins=N_BINS, range=(lo, hi), color="0.35", histtype="stepfilled", log=True)
+    colours = {"background": "tab:blue", "soft tissue": "tab:cyan", "bone": "tab:purple",
+               "implant": "tab:olive", "metal": "tab:red"}
+    for c in est.classes:
+        a, b = max(c.lo, lo), min(c.hi, hi)
+        if b > a:
+            ax.axvspan(a, b, color=colours.get(c.name, "tab:gray"), alpha=0.15,
+                       label=f"{c.name} ({100 * c.fraction:.1f} %)")
+    for level, label, colour in ((est.background, "background", "tab:blue"),
+                                 (est.bone, "bone", "tab:purple")):
+        ax.axvline(level, color=colour, lw=2)
+        ax.annotate(f"{label} {level:.6g}", (level, 0.97), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=8)
+    for key, x in est.thresholds.items():
+        if lo <= x <= hi:
+            ax.axvline(x, color="k", lw=0.8, ls="--")
+            ax.annotate(key, (x, 0.03), xycoords=("data", "axes fraction"), rotation=90,
+                        va="bottom", ha="right", fontsize=7)
+    ax.set_xlabel("CT value (in-plane smoothed; levels are medians of raw values)")
+    ax.set_ylabel("voxels")
+    ax.set_title(f"{est.name}: confidence {est.confidence:.2f}"
+                 + (" (AMBIGUOUS)" if est.ambiguous else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
