@@ -39,7 +39,7 @@ def cmd_phantom_pairs(args: argparse.Namespace) -> int:
     from hpcstain.phantom import write_pairs
 
     manifest = write_pairs(args.outdir, args.n, args.seed, size=tuple(args.size),
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, orientation=args.orientation)
     print(f"wrote {manifest}")
     return 0
 
@@ -72,6 +72,12 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
                       nan_value=args.nan_value or 0.0)
+    if levels is None:  # [CT levels] estimated once here and printed (also with --plan-only)
+        from hpcstain.levels import require_confident, volume_levels
+
+        estimate = volume_levels(src)
+        print("\n".join(estimate.lines()))
+        levels = require_confident(estimate).levels
     chunk = args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
     plan = make_plan(src, chunk=chunk, axes=args.axes, tile=tiling.tile, step=tiling.step,
                      window=tiling.window, sigma=args.sigma, levels=levels,
@@ -154,6 +160,39 @@ def cmd_stain_or_clean(args: argparse.Namespace) -> int:
 
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def cmd_levels(args: argparse.Namespace) -> int:
+    """[CT levels] Estimate and print the raw (bone, background) levels of a CT."""
+    from hpcstain.levels import estimate_ct_levels, plot_levels, volume_sample
+
+    raw, smoothed, stride, name = volume_sample(args.input, args.max_voxels, args.nan_value)
+    est = estimate_ct_levels(raw, name, stride=stride, smoothed=smoothed)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else "\n".join(est.lines()))
+    if args.png:
+        plot_levels(raw, est, args.png, smoothed=smoothed.get(est.smoothing))
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+def _add_levels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("levels", help="estimate the CT's raw bone and background levels",
+                       description="Estimate the raw (bone, background) CT levels that stain "
+                       "and predict use (docs/volume.md, CT levels): prints the levels, the "
+                       "histogram classes, the thresholds and the confidence. An ambiguous "
+                       "estimate is marked AMBIGUOUS (stain/predict refuse it; pass "
+                       "--bone-level/--background-level). Exit 0 whenever levels were found.")
+    p.add_argument("input", help="x.zarr[:array] | x.h5[:/dataset] | stack.tif | folder/ | "
+                   "a 2D slide (.tif/.png)")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help="also write the histogram with the classes and levels marked "
+                   "(nothing is written without it)")
+    p.add_argument("--max-voxels", type=int, default=2_000_000,
+                   help="read every k-th plane/voxel so at most N voxels are used")
+    p.add_argument("--nan-value", type=float, default=None,
+                   help="replace NaN/Inf by this value (default: they are an error)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_levels)
 
 
 def _mpi_rank() -> int:
@@ -468,6 +507,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--n", type=int, default=10, help="number of pairs (Mg:Ti:PEEK ~ 7:1:2)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[512, 512])
+    pr.add_argument("--orientation", default="z", choices=("z", "y", "x", "mixed", "random"),
+                    help="plane of the sections: z (axial, default), y, x, mixed (cycles "
+                    "z, y, x) or random (a random plane per pair)")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_phantom_pairs)
 
@@ -498,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     _add_volume(sub)
+    _add_levels(sub)
     _add_predict_evaluate(sub)
 
     p = sub.add_parser("score", help="score a stained volume: SSIM/PSNR per plane family, "

@@ -38,6 +38,7 @@ class DataConfig:
     rescale_min: float = 0.9
     rescale_max: float = 1.1
     flips: bool = True
+    rot90: bool = False   # one of the 8 dihedral transforms (90° rotations, flips, transpose)
     brightness_jitter: float = 0.1
     contrast_jitter: float = 0.1
     min_mask_coverage: float = 0.0

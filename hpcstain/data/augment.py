@@ -4,6 +4,10 @@ Geometry: a random square source region of side ``round(patch / scale)`` (scale 
 [rescale_min, rescale_max], i.e. 90–110 %) is resampled to ``patch × patch`` — bilinear
 for CT and histology, nearest for the mask, at the same sample positions — then the same
 horizontal/vertical flips are applied to all three, so they stay aligned pixel for pixel.
+With ``rot90`` (``data.rot90``) the patch instead gets one of the 8 dihedral transforms
+(identity, 90°/180°/270° rotations, the two flips, transpose and anti-transpose), uniform:
+an optional transpose (swap of rows and columns) followed by the two optional flips, again
+identical for CT, histology and mask.
 
 Intensity (in the [0, 1] space ``u = (x + 1) / 2`` of the normalised images), brightness
 ``b`` and contrast ``k`` drawn uniformly in [1 - a, 1 + a] (a = 10 %):
@@ -27,13 +31,14 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Geometry:
-    """Source region ``[y0:y0+size, x0:x0+size]`` → patch, then optional flips."""
+    """Source region ``[y0:y0+size, x0:x0+size]`` → patch, then optional transpose, flips."""
 
     y0: int
     x0: int
     size: int
     flip_h: bool = False
     flip_v: bool = False
+    transpose: bool = False   # rows ↔ columns, applied before the flips
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,20 @@ class Jitter:
 
 
 def draw_geometry(rng: np.random.Generator, shape: tuple[int, int], patch: int,
-                  scale: tuple[float, float] = (1.0, 1.0), flips: bool = False) -> Geometry:
-    """A random crop of a slide of ``shape`` (H, W); region side = patch / scale."""
+                  scale: tuple[float, float] = (1.0, 1.0), flips: bool = False,
+                  rot90: bool = False) -> Geometry:
+    """A random crop of a slide of ``shape`` (H, W); region side = patch / scale.
+
+    ``rot90``: one of the 8 dihedral transforms, uniform (it includes the flips, so
+    ``flips`` is then moot); without it the draws are exactly those of ``flips`` alone.
+    """
     s = float(rng.uniform(scale[0], scale[1])) if scale[1] > scale[0] else float(scale[0])
     size = int(min(max(round(patch / s), 1), shape[0], shape[1]))
     y0 = int(rng.integers(0, shape[0] - size + 1))
     x0 = int(rng.integers(0, shape[1] - size + 1))
+    if rot90:
+        d = int(rng.integers(0, 8))
+        return Geometry(y0, x0, size, bool(d & 1), bool(d & 2), bool(d & 4))
     fh, fv = (bool(v) for v in rng.random(2) < 0.5) if flips else (False, False)
     return Geometry(y0, x0, size, fh, fv)
 
@@ -76,6 +89,8 @@ def apply_geometry(image: torch.Tensor, mask: torch.Tensor, g: Geometry, patch: 
                           mode="nearest-exact")[0, 0]
     img = img.float()
     m = m.to(torch.float32)[None]
+    if g.transpose:
+        img, m = img.transpose(-1, -2), m.transpose(-1, -2)
     dims = [d for d, on in ((-1, g.flip_h), (-2, g.flip_v)) if on]
     if dims:
         img, m = torch.flip(img, dims), torch.flip(m, dims)

@@ -162,9 +162,10 @@ class PairedPatchDataset(Dataset):
         cfg, shape = self.cfg, self.slides[k].shape
         scale = (cfg.rescale_min, cfg.rescale_max) if self.augment else (1.0, 1.0)
         flips = cfg.flips and self.augment
+        rot90 = cfg.rot90 and self.augment
         best, best_cov = None, -1.0
         for _ in range(self.mask_retries + 1):
-            g = draw_geometry(rng, shape, cfg.patch_size, scale, flips)
+            g = draw_geometry(rng, shape, cfg.patch_size, scale, flips, rot90)
             if cfg.min_mask_coverage <= 0:
                 return g
             region = self._masks[k][g.y0:g.y0 + g.size, g.x0:g.x0 + g.size]

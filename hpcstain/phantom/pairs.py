@@ -6,6 +6,11 @@ stain of a slightly oblique plane near it, rendered at ``SUPERSAMPLE``× resolut
 an affine + elastic warp (soft tissue moves most), box-downsampled, then given the
 section's preparation artefacts (cracks, saw striations, stain droplets, an optional
 missing region) and the microscope session's colour drift.
+
+Sections can lie along any plane (``orientation``): ``z`` (the default, an axial slice of
+the tomographic geometry), ``y`` or ``x`` (the slice a real scan of the sample shows
+across those axes, with the same CT forward model) or a random plane (the CT model
+evaluated on that plane, as an oblique slice resampled from a real volume would show it).
 """
 
 from __future__ import annotations
@@ -22,14 +27,39 @@ from skimage.morphology import convex_hull_image
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.errors import UsageError
-from hpcstain.phantom.render import PALETTE, render_slab, stain
-from hpcstain.phantom.sample import LABELS, MATERIALS, RIGID_LABELS, make_sample, tissue_at
+from hpcstain.phantom.render import (
+    BLUR_HALO,
+    BLUR_SIGMA,
+    CT_GAIN,
+    CUPPING,
+    NOISE_SIGMA,
+    PALETTE,
+    attenuation,
+    ct_artefacts_2d,
+    render_slab,
+    ring_profile,
+    slice_noise,
+    stain,
+    to_uint16,
+)
+from hpcstain.phantom.sample import (
+    LABELS,
+    MATERIALS,
+    RIGID_LABELS,
+    Sample,
+    Tissue,
+    make_sample,
+    tissue_at,
+)
 from hpcstain.phantom.volume import PHANTOM_VERSION, VOXEL_SIZE_UM
 
 MATERIAL_RATIO = {"mg": 7, "ti": 1, "peek": 2}     # the paper's Mg:Ti:PEEK
 SUPERSAMPLE = 2
 MANIFEST_COLUMNS = ("id", "material", "ct", "histology", "mask", "truth")
 PAIRS_PER_SESSION = 4                              # slides sharing one colour drift
+ORIENTATIONS = ("z", "y", "x", "mixed", "random")  # write_pairs(orientation=...)
+MIXED_CYCLE = ("z", "y", "x")                      # orientation "mixed": pair i → [i % 3]
+Z_DEPTH = 64                                       # slices of the volume a z-pair is cut from
 
 
 @dataclass
@@ -43,6 +73,246 @@ class Pair:
     labels: np.ndarray       # uint8 (H, W): labels of the CT slice
     histology_labels: np.ndarray   # uint8 (H, W): labels seen by the (warped) histology
     missing: np.ndarray      # bool (H, W): section lost in preparation
+    orientation: str = "z"   # "z", "y", "x" or "random": the plane of the CT section
+    section: Section | None = None   # where that plane lies in its volume
+
+
+@dataclass(frozen=True)
+class Section:
+    """Where a pair's CT slice lies, in voxel indices (z, y, x) of the volume it is cut from.
+
+    Image pixel ``(i, j)`` of the (H, W) slice sits at
+    ``centre + (i - (H-1)/2) * row + (j - (W-1)/2) * col``; ``normal`` is perpendicular
+    to the plane. Axis-aligned kinds have ``index``: the slice's index along their axis.
+    """
+
+    kind: str                                  # "z", "y", "x" or "random"
+    volume_shape: tuple[int, int, int]         # (Z, Y, X) of the scan: sets the sample
+    centre: tuple[float, float, float]
+    normal: tuple[float, float, float]
+    row: tuple[float, float, float]
+    col: tuple[float, float, float]
+    index: int | None = None
+
+    def points(self, rows: np.ndarray, cols: np.ndarray,
+               offsets: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """(z, y, x) float32 of image rows × cols (× ``offsets`` along the normal first)."""
+        k = np.zeros(1) if offsets is None else np.asarray(offsets, np.float64)
+        i = np.asarray(rows, np.float64)[None, :, None]
+        j = np.asarray(cols, np.float64)[None, None, :]
+        out = tuple((self.centre[d] + k[:, None, None] * self.normal[d] + i * self.row[d]
+                     + j * self.col[d]).astype(np.float32) for d in range(3))
+        return out if offsets is not None else tuple(a[0] for a in out)
+
+
+def check_orientation(orientation: str) -> str:
+    """One of ``ORIENTATIONS`` (case-insensitive) or a UsageError listing them."""
+    o = str(orientation).strip().lower()
+    if o not in ORIENTATIONS:
+        raise UsageError(f"pairs: unknown orientation {orientation!r}: choose one of "
+                         f"{', '.join(ORIENTATIONS)}")
+    return o
+
+
+def pair_orientation(orientation: str, index: int) -> str:
+    """The section kind of pair ``index``: ``mixed`` cycles z, y, x; others are as given."""
+    o = check_orientation(orientation)
+    return MIXED_CYCLE[index % len(MIXED_CYCLE)] if o == "mixed" else o
+
+
+def plan_section(kind: str, size: tuple[int, int], seed: int, index: int) -> Section:
+    """Place pair ``index``'s CT slice (deterministic from ``seed``, ``index``).
+
+    * ``z``: the middle slice of a ``Z_DEPTH`` × H × W volume (today's pairs).
+    * ``y``: a slice perpendicular to y of an H × D × W volume (D = min(H, W), so the
+      anatomy has the z-pairs' scale); rows are z, columns x (the volume engine's y-slice
+      layout); its y is drawn in [-0.5, 0.3] normalised units from the centre (across the
+      screw, from below the head to the shank).
+    * ``x``: a slice perpendicular to x of an H × W × D volume; rows z, columns y; x within
+      ±0.12 of the centre (along the screw axis, like z-slices but across the long bone).
+    * ``random``: a uniformly random unit normal and in-plane rotation, through a point
+      within ±0.1 (along the normal) of the centre of an S³ volume (S = min(H, W)).
+    """
+    h, w = size
+    d = min(h, w)
+    rf = d / 2.0
+    rng = np.random.default_rng([int(seed), 0x5EC7, int(index)])
+    e = np.eye(3)
+    if kind == "z":
+        z0 = Z_DEPTH // 2
+        return Section("z", (Z_DEPTH, h, w), (float(z0), (h - 1) / 2.0, (w - 1) / 2.0),
+                       (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), z0)
+    if kind == "y":
+        y0 = int(np.clip(round((d - 1) / 2.0 + rng.uniform(-0.5, 0.3) * rf), 0, d - 1))
+        return Section("y", (h, d, w), ((h - 1) / 2.0, float(y0), (w - 1) / 2.0),
+                       (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), y0)
+    if kind == "x":
+        x0 = int(np.clip(round((d - 1) / 2.0 + rng.uniform(-0.12, 0.12) * rf), 0, d - 1))
+        return Section("x", (h, w, d), ((h - 1) / 2.0, (w - 1) / 2.0, float(x0)),
+                       (0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), x0)
+    if kind != "random":
+        raise UsageError(f"pairs: unknown section kind {kind!r}")
+    n = rng.standard_normal(3)
+    while np.linalg.norm(n) < 1e-6:
+        n = rng.standard_normal(3)
+    n = n / np.linalg.norm(n)
+    u = np.cross(n, e[int(np.argmin(np.abs(n)))])
+    u /= np.linalg.norm(u)
+    v = np.cross(n, u)
+    phi = rng.uniform(0.0, 2 * np.pi)
+    row = np.cos(phi) * u + np.sin(phi) * v
+    col = np.cross(n, row)
+    centre = np.full(3, (d - 1) / 2.0) + rng.uniform(-0.1, 0.1) * rf * n
+    return Section("random", (d, d, d), _vec(centre), _vec(n), _vec(row), _vec(col))
+
+
+def _vec(a: np.ndarray) -> tuple[float, float, float]:
+    return float(a[0]), float(a[1]), float(a[2])
+
+
+def _swing(s: Sample, z: np.ndarray | int) -> np.ndarray | np.float32:
+    """Slow modulation of the ring amplitude along z (as in ``render.render_slab``)."""
+    if isinstance(z, int):
+        return np.float32(1.0 + 0.35 * np.sin(2 * np.pi * z / (2.1 * s.rf + 5) + s.seed % 7))
+    return (1.0 + 0.35 * np.sin(2 * np.pi * z.astype(np.float64) / (2.1 * s.rf + 5)
+                                + s.seed % 7)).astype(np.float32)
+
+
+def _calibrate(a: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    if gain != 1.0 or offset != 0.0:
+        a = a * np.float32(gain) + np.float32(offset / CT_GAIN)
+    return to_uint16(a)
+
+
+def _axis_section(s: Sample, sec: Section, gain: float, offset: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A y- or x-slice, bit-identical to that slice of ``make_volume(sec.volume_shape)``.
+
+    Only the slab the 3D blur needs is evaluated: all of z (plus the halo beyond the
+    volume, as ``render_slab`` does) × ``2 * BLUR_HALO + 1`` planes about the slice ×
+    the whole other axis; planes beyond the volume repeat its edge plane, which is what
+    the volume's ``mode="nearest"`` blur sees. Rings, cupping and the per-z-slice noise
+    are the rows (columns) of the z-slices' 2D maps that the slice cuts.
+    """
+    nz, ny, nx = sec.volume_shape
+    axis = 1 if sec.kind == "y" else 2
+    i0 = int(sec.index)  # type: ignore[arg-type]
+    hb = BLUR_HALO
+    window = np.clip(np.arange(i0 - hb, i0 + hb + 1), 0, sec.volume_shape[axis] - 1)
+    z = np.arange(-hb, nz + hb, dtype=np.float32).reshape(-1, 1, 1)
+    y = (window if axis == 1 else np.arange(ny)).astype(np.float32).reshape(1, -1, 1)
+    x = (window if axis == 2 else np.arange(nx)).astype(np.float32).reshape(1, 1, -1)
+    tissue = tissue_at(s, (z, y, x))
+    a = attenuation(tissue, s.material)
+    a = ndimage.gaussian_filter(a, BLUR_SIGMA, truncate=4.0, mode="nearest")
+    pick = (slice(hb, hb + nz), hb, slice(None)) if axis == 1 else \
+        (slice(hb, hb + nz), slice(None), hb)
+    a = np.ascontiguousarray(a[pick])
+    labels = np.ascontiguousarray(tissue.labels[pick])
+    rgb = stain(Tissue(labels, tissue.maturity[pick], tissue.texture[pick],
+                       tissue.hue[pick], tissue.pitting[pick]))
+    cup, rings = ct_artefacts_2d(s, ny, nx)
+
+    def line(m: np.ndarray) -> np.ndarray:
+        return m[i0, :] if axis == 1 else m[:, i0]
+
+    a -= line(cup)
+    rings_line = line(rings)
+    for k in range(nz):
+        a[k] += rings_line * _swing(s, k) + _noise_line(s, k, ny, nx, axis, i0)
+    return _calibrate(a, gain, offset), rgb, labels
+
+
+def _noise_line(s: Sample, z: int, ny: int, nx: int, axis: int, i0: int) -> np.ndarray:
+    """Row ``i0`` (axis 1) or column ``i0`` (axis 2) of ``render.slice_noise(s, z, ny, nx)``,
+    bit-identical (tested) but without generating or filtering the whole slice.
+
+    Mirrors ``slice_noise``: the slice's normals are drawn row by row (a prefix of rows is
+    a prefix of the draws) and filtered along y then x (σ 0.6, radius 2, wrap); only the
+    ±2 rows/columns about the line go through the filter whose output is kept.
+    """
+    rng = np.random.default_rng([s.seed, 0x7015E, z + 2**20])
+    near = np.arange(-2, 3)
+    if axis == 1:
+        rows = (i0 + near) % ny
+        raw = rng.standard_normal((int(rows.max()) + 1, nx), dtype=np.float32)
+        line = ndimage.gaussian_filter1d(raw[rows], 0.6, axis=0, mode="wrap")[2:3]
+        line = ndimage.gaussian_filter1d(line, 0.6, axis=1, mode="wrap")[0]
+    else:
+        raw = rng.standard_normal((ny, nx), dtype=np.float32)
+        block = ndimage.gaussian_filter1d(raw[:, (i0 + near) % nx], 0.6, axis=0, mode="wrap")
+        line = ndimage.gaussian_filter1d(block, 0.6, axis=1, mode="wrap")[:, 2]
+    return line * np.float32(NOISE_SIGMA / 0.4)
+
+
+def _interp_noise(s: Sample, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+                  ny: int, nx: int) -> np.ndarray:
+    """The volume's per-slice noise trilinearly resampled at points (as in an oblique reslice).
+
+    Slices are generated one at a time (memory stays two (ny, nx) slices); in y and x the
+    noise repeats with the slice (``grid-wrap``), so a plane reaching past the scanned
+    square still sees noise.
+    """
+    zf = np.floor(z).astype(np.int64)
+    t = (z - zf).astype(np.float32)
+    out = np.zeros(z.shape, np.float32)
+    nxt = None
+    for zi in range(int(zf.min()), int(zf.max()) + 1):
+        cur = nxt if nxt is not None else slice_noise(s, zi, ny, nx)
+        nxt = slice_noise(s, zi + 1, ny, nx)
+        sel = zf == zi
+        if not sel.any():
+            continue
+        pts = [y[sel], x[sel]]
+        v0 = ndimage.map_coordinates(cur, pts, order=1, mode="grid-wrap", output=np.float32)
+        v1 = ndimage.map_coordinates(nxt, pts, order=1, mode="grid-wrap", output=np.float32)
+        out[sel] = v0 + (v1 - v0) * t[sel]
+    return out
+
+
+def _oblique_section(s: Sample, sec: Section, size: tuple[int, int], gain: float,
+                     offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CT model on an arbitrary plane: a rotated (2·halo+1)-layer grid about the plane
+    is evaluated and blurred (the Gaussian PSF is isotropic, so blurring in the rotated
+    frame is the 3D blur); cupping and rings are evaluated at each pixel's radius from
+    the rotation axis, the ring swing at its z, and the per-z-slice noise is resampled
+    trilinearly, as reslicing a reconstructed volume would."""
+    h, w = size
+    hb = BLUR_HALO
+    rows = np.arange(-hb, h + hb) - (h - 1) / 2.0
+    cols = np.arange(-hb, w + hb) - (w - 1) / 2.0
+    pts = sec.points(rows, cols, np.arange(-hb, hb + 1))
+    tissue = tissue_at(s, pts)  # type: ignore[arg-type]
+    inner = (hb, slice(hb, hb + h), slice(hb, hb + w))
+    a = attenuation(tissue, s.material)
+    a = np.ascontiguousarray(
+        ndimage.gaussian_filter(a, BLUR_SIGMA, truncate=4.0, mode="nearest")[inner])
+    labels = np.ascontiguousarray(tissue.labels[inner])
+    rgb = stain(Tissue(labels, tissue.maturity[inner], tissue.texture[inner],
+                       tissue.hue[inner], tissue.pitting[inner]))
+    z, y, x = (np.ascontiguousarray(p[inner]) for p in pts)
+    _, ny, nx = sec.volume_shape
+    r = np.hypot(y - np.float32(s.centre[1]), x - np.float32(s.centre[2]))
+    r_out = np.float32((s.tube_r + s.tube_t) * s.rf)
+    cup = np.float32(CUPPING) * np.clip(1 - (r / r_out) ** 2, 0, 1)
+    radii, profile = ring_profile(s)
+    rings = np.interp(r, radii, profile).astype(np.float32)
+    a -= cup
+    a += rings * _swing(s, z) + _interp_noise(s, z, y, x, ny, nx)
+    return _calibrate(a, gain, offset), rgb, labels
+
+
+def render_section(s: Sample, sec: Section, size: tuple[int, int], gain: float = 1.0,
+                   offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CT (uint16), truth stain (uint8 RGB) and labels (uint8) of ``sec``, each (H, W)."""
+    if sec.kind == "z":
+        _, ny, nx = sec.volume_shape
+        i0 = int(sec.index)  # type: ignore[arg-type]
+        ct, rgb, labels = render_slab(s, i0, i0 + 1, ny, nx, gain=gain, offset=offset)
+        return ct[0], rgb[0], labels[0]
+    if sec.kind in ("y", "x"):
+        return _axis_section(s, sec, gain, offset)
+    return _oblique_section(s, sec, size, gain, offset)
 
 
 def allocate_materials(n: int, seed: int) -> list[str]:
@@ -187,23 +457,28 @@ def _session_drift(seed: int, session: int) -> dict[str, np.ndarray | float]:
 
 
 def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: int,
-                index: int) -> Pair:
-    """Render pair ``index`` of a set (``seed``) from its own sample seed."""
+                index: int, orientation: str = "z") -> Pair:
+    """Render pair ``index`` of a set (``seed``) from its own sample seed.
+
+    ``orientation`` is the plane of the section (see ``plan_section``; ``mixed`` cycles
+    z, y, x by ``index``); the histology is a slightly oblique plane near it.
+    """
     h, w = size
-    depth = 64
-    s = make_sample((depth, h, w), material, sample_seed)
+    kind = pair_orientation(orientation, index)
+    sec = plan_section(kind, (h, w), seed, index)
+    s = make_sample(sec.volume_shape, material, sample_seed)
     drift = _session_drift(seed, index // PAIRS_PER_SESSION)
     rng = np.random.default_rng([int(seed), 0x415, index])
-    z_ct = depth // 2
-    ct, truth, labels_ct = render_slab(s, z_ct, z_ct + 1, h, w, gain=drift["ct_gain"],
-                                       offset=drift["ct_offset"])
-    ct, truth, labels_ct = ct[0], truth[0], labels_ct[0]
+    ct, truth, labels_ct = render_section(s, sec, (h, w), gain=drift["ct_gain"],
+                                          offset=drift["ct_offset"])
 
     scale = min(h, w) / 512.0
-    e_y, e_x = _plane_basis(rng)
-    origin = np.array([z_ct + rng.uniform(-1.5, 1.5), (h - 1) / 2.0, (w - 1) / 2.0])
+    e_y, e_x = _plane_basis(rng)     # tilted in the frame (normal, row, col) of the section
+    frame = np.column_stack([sec.normal, sec.row, sec.col])
+    e_y, e_x = frame @ e_y, frame @ e_x
+    origin = np.asarray(sec.centre) + rng.uniform(-1.5, 1.5) * np.asarray(sec.normal)
     src_r, src_c = _warp(rng, labels_ct, scale)
-    dr, dc = src_r - np.float32(origin[1]), src_c - np.float32(origin[2])
+    dr, dc = src_r - np.float32((h - 1) / 2.0), src_c - np.float32((w - 1) / 2.0)
     pts = tuple((np.float32(origin[k]) + np.float32(e_y[k]) * dr + np.float32(e_x[k]) * dc)
                 for k in range(3))
     tissue = tissue_at(s, pts)  # type: ignore[arg-type]
@@ -224,7 +499,7 @@ def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: in
     hull_hist = _hull(np.isin(hist_labels, RIGID_LABELS) & ~missing)
     mask = np.where(hull_ct & hull_hist & ~missing, 255, 0).astype(np.uint8)
     return Pair(ct=ct, histology=histology, mask=mask, truth=truth, labels=labels_ct,
-                histology_labels=hist_labels, missing=missing)
+                histology_labels=hist_labels, missing=missing, orientation=kind, section=sec)
 
 
 def _hull(region: np.ndarray) -> np.ndarray:
@@ -262,25 +537,32 @@ def check_pair_args(n: int, size: tuple[int, int] | list[int]) -> tuple[int, tup
 
 
 def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (512, 512),
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, orientation: str = "z") -> Path:
     """Write ``n`` paired slides and ``manifest.csv`` into ``outdir``; return the manifest.
 
     Layout: ``ct/<id>.tif`` (uint16), ``histology/<id>.png``, ``mask/<id>.png`` (0/255),
     ``truth/<id>.png`` (exact stain of the CT slice), ``labels/<id>.png`` (CT labels),
     ``phantom.json`` (provenance). The directory appears only when complete.
+
+    ``orientation`` (``z``, ``y``, ``x``, ``mixed``, ``random``) sets the plane of each
+    section. Other than ``z`` (whose output is unchanged), the manifest gains an
+    ``orientation`` column (the pair's kind) and ``phantom.json`` an ``orientation`` key
+    and a ``sections`` list (each pair's volume shape, centre, normal, row/col axes).
     """
     outdir = Path(outdir)
     n, size = check_pair_args(n, size)
+    orientation = check_orientation(orientation)
     check_output(outdir, overwrite)
     materials = allocate_materials(n, seed)
     sample_seeds = np.random.default_rng([int(seed), 0x5EED]).integers(0, 2**62, size=n)
     rows = []
+    sections = []
     with atomic_output(outdir, overwrite) as tmp:
         for sub in ("ct", "histology", "mask", "truth", "labels"):
             (tmp / sub).mkdir(parents=True)
         for i, material in enumerate(materials):
             pid = f"pair_{i:03d}"
-            pair = render_pair(material, int(sample_seeds[i]), size, seed, i)
+            pair = render_pair(material, int(sample_seeds[i]), size, seed, i, orientation)
             files = {"ct": f"ct/{pid}.tif", "histology": f"histology/{pid}.png",
                      "mask": f"mask/{pid}.png", "truth": f"truth/{pid}.png"}
             (tmp / files["ct"]).write_bytes(_tiff_bytes(pair.ct))
@@ -288,9 +570,14 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             (tmp / files["mask"]).write_bytes(_png_bytes(pair.mask))
             (tmp / files["truth"]).write_bytes(_png_bytes(pair.truth))
             (tmp / f"labels/{pid}.png").write_bytes(_png_bytes(pair.labels))
-            rows.append({"id": pid, "material": material, **files})
+            row = {"id": pid, "material": material, **files}
+            if orientation != "z":
+                row["orientation"] = pair.orientation
+                sections.append({"id": pid, **_section_info(pair.section)})
+            rows.append(row)
+        columns = MANIFEST_COLUMNS if orientation == "z" else (*MANIFEST_COLUMNS, "orientation")
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         (tmp / "manifest.csv").write_text(buf.getvalue())
@@ -299,5 +586,19 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
                 "voxel_size_um": VOXEL_SIZE_UM, "labels": dict(LABELS),
                 "palette": {k: list(v) for k, v in PALETTE.items()},
                 "supersample": SUPERSAMPLE, "pairs_per_session": PAIRS_PER_SESSION}
+        if orientation != "z":
+            info.update({"orientation": orientation, "sections": sections})
         (tmp / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     return outdir / "manifest.csv"
+
+
+def _section_info(sec: Section | None) -> dict[str, object]:
+    """JSON form of a section (vectors rounded to 1e-6)."""
+    assert sec is not None
+    info: dict[str, object] = {
+        "orientation": sec.kind, "volume_shape_zyx": list(sec.volume_shape),
+        **{k: [round(float(v), 6) for v in getattr(sec, k)]
+           for k in ("centre", "normal", "row", "col")}}
+    if sec.index is not None:
+        info["index"] = int(sec.index)
+    return info
