@@ -325,7 +325,7 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                        description="Fuse every chunk complete on all axes; re-run as more "
                        "chunks complete. Exit code 3 when chunks are still missing.")
     p.add_argument("run_dir")
-    p.add_argument("--method", default="consistency",
+    p.add_argument("--method", default="mean",
                    choices=["mean", "median", "consistency"])
     p.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
                    help="the paper's slice-wise volume from one axis")
@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", default="slurm", help="cluster profile (local, slurm, maxwell)")
     t.add_argument("--tasks", type=int, default=4, help="array tasks (chunk groups)")
     t.add_argument("--fuse", action="store_true", help="also submit the dependent fuse job")
-    t.add_argument("--method", default="consistency",
+    t.add_argument("--method", default="mean",
                    choices=["mean", "median", "consistency"])
     t.add_argument("--wait", action="store_true")
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = ssub.add_parser("fuse", help="a CPU job fusing a stain run")
     t.add_argument("run_dir")
     t.add_argument("--profile", default="slurm")
-    t.add_argument("--method", default="consistency",
+    t.add_argument("--method", default="mean",
                    choices=["mean", "median", "consistency"])
     t.add_argument("--single-axis", choices=["z", "y", "x"], default=None)
     t.add_argument("--wait", action="store_true")

@@ -192,7 +192,7 @@ class FuseTask:
     """Fuse every chunk complete on all axes (a CPU job after the stain array)."""
 
     run_dir: str
-    method: str = "consistency"
+    method: str = "mean"
     single_axis: str | None = None
 
     def __call__(self) -> str:
@@ -218,7 +218,7 @@ def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: st
 
 
 def submit_fuse(run_dir: Path, cluster: ClusterConfig, after: list[Any] | None = None,
-                method: str = "consistency", single_axis: str | None = None) -> Any:
+                method: str = "mean", single_axis: str | None = None) -> Any:
     """Submit the fuse job; on SLURM it starts only after ``after`` succeeded (afterok)."""
     run_dir = run_dir.resolve()
     cpu = ClusterConfig(**{**cluster.__dict__, "gpus_per_node": 0, "tasks_per_node": 1,
