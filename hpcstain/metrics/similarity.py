@@ -33,7 +33,8 @@ def _as_nhwc(a: np.ndarray, b: np.ndarray, batched: bool) -> tuple[np.ndarray, n
     return a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
 
 
-def _ssim_group(x: np.ndarray, y: np.ndarray, data_range: float, win: int) -> np.ndarray:
+def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float, win: int) -> np.ndarray:
+    """Full SSIM map (N, H, W, C) of two float64 stacks (scikit-image's formula, no crop)."""
     size = (1, win, win, 1)
     ux, uy = uniform_filter(x, size), uniform_filter(y, size)
     uxx, uyy = uniform_filter(x * x, size), uniform_filter(y * y, size)
@@ -42,7 +43,11 @@ def _ssim_group(x: np.ndarray, y: np.ndarray, data_range: float, win: int) -> np
     vx, vy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+
+
+def _ssim_group(x: np.ndarray, y: np.ndarray, data_range: float, win: int) -> np.ndarray:
+    s = ssim_map(x, y, data_range, win)
     pad = (win - 1) // 2
     valid = s[:, pad:s.shape[1] - pad, pad:s.shape[2] - pad, :]
     return valid.mean(axis=(1, 2)).mean(axis=1)

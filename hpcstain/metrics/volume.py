@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from scipy.ndimage import uniform_filter
 
 from hpcstain.data.normalise import (
     Rois,
@@ -58,7 +57,7 @@ from hpcstain.data.normalise import (
     unit_to_rgb8,
 )
 from hpcstain.errors import InputError
-from hpcstain.metrics.similarity import K1, K2, WIN_SIZE
+from hpcstain.metrics.similarity import WIN_SIZE, ssim_map
 from hpcstain.phantom.sample import BONE_LABELS, LABELS
 
 AXES = ("z", "y", "x")
@@ -267,16 +266,7 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: floa
 def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float, win: int) -> np.ndarray:
     """Full SSIM map (N, H, W), channel mean, of two (N, H, W, C) float64 stacks (skimage
     formula, as :func:`hpcstain.metrics.similarity.ssim_batch` before its border crop)."""
-    size = (1, win, win, 1)
-    ux, uy = uniform_filter(x, size), uniform_filter(y, size)
-    uxx, uyy = uniform_filter(x * x, size), uniform_filter(y * y, size)
-    uxy = uniform_filter(x * y, size)
-    cov_norm = win * win / (win * win - 1)
-    vx, vy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.mean(axis=-1)
+    return ssim_map(x, y, data_range, win).mean(axis=-1)
 
 
 def family_scores(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray,
