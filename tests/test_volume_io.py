@@ -10,7 +10,6 @@ import zarr
 
 from hpcstain.errors import InputError, UsageError
 from hpcstain.volume.io import (
-    ct_to_unit,
     estimate_levels,
     open_volume,
     parse_spec,
@@ -121,7 +120,9 @@ def test_spec_parsing_splits_inner_paths():
 
 
 def test_ct_to_unit_maps_levels_to_training_convention():
-    out = ct_to_unit(np.array([100.0, 500.0, 900.0]), bone=500.0, background=100.0)
+    from hpcstain.inference import Conventions, ct_to_unit
+
+    out = ct_to_unit(np.array([100.0, 500.0, 900.0]), (500.0, 100.0), Conventions())
     np.testing.assert_allclose(out[:2], [10000 / 65535 * 2 - 1, 30000 / 65535 * 2 - 1],
                                rtol=1e-6)
     assert out[2] == pytest.approx(50000 / 65535 * 2 - 1, rel=1e-6)

@@ -13,10 +13,10 @@ reads only what a chunk asks for with :meth:`VolumeSource.read`. Non-finite valu
 :class:`~hpcstain.errors.InputError` naming the file (``nan_policy="error"``) or are
 replaced by ``nan_value`` (``nan_policy="replace"``).
 
-Intensity levels (bone, background) put the CT on the training convention of §2.5: a
-linear map sending mean bone to 30000 and mean background to 10000 (16-bit), then to
-[-1, 1]. :func:`estimate_levels` estimates both from a strided subsample of the volume
-(:mod:`hpcstain.levels`, the one CT-only estimator).
+Raw intensity levels (bone, background) put the CT on the checkpoint's §2.5 convention
+(:func:`hpcstain.inference.ct_to_unit`: mean bone and background onto the levels the model
+was trained with, then [-1, 1]). :func:`estimate_levels` estimates both from a strided
+subsample of the volume (:mod:`hpcstain.levels`, the one CT-only estimator).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ NanPolicy = Literal["error", "replace"]
 
 DEFAULT_H5_DATASET = "/entry/data/data"
 TIFF_SUFFIXES = (".tif", ".tiff")
-BONE_LEVEL = 30000.0
-BACKGROUND_LEVEL = 10000.0
 
 # Keys looked up (in this order) in zarr attributes / HDF5 attributes for the voxel size.
 _VOXEL_SIZE_KEYS = ("voxel_size_um", "voxel_size", "pixel_size_um", "resolution_um")
@@ -506,18 +504,6 @@ def voxel_size_from_attrs(attrs: dict[str, Any]) -> tuple[float, float, float] |
 
 
 # --------------------------------------------------------------------------- levels
-
-
-def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
-    """CT → [-1, 1] float32 exactly as in training (§2.5, :mod:`hpcstain.data.normalise`).
-
-    Linear map with ``bone → 30000`` and ``background → 10000`` on the 16-bit scale,
-    clipped to [0, 65535], then ``v / 65535 * 2 - 1``.
-    """
-    from hpcstain.data.normalise import ct16_to_unit, normalise_ct
-
-    return ct16_to_unit(normalise_ct(np.asarray(ct), bone, background, BONE_LEVEL,
-                                     BACKGROUND_LEVEL))
 
 
 def estimate_levels(source: VolumeSource, max_voxels: int = 2_000_000) -> tuple[float, float]:
