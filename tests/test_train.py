@@ -180,6 +180,21 @@ def test_rerunning_a_run_that_reached_max_steps_trains_no_further(pairs: Path,
     assert len(read_losses(tmp_path / "run")) == 2
 
 
+def test_max_steps_at_an_epoch_end_still_does_the_epoch_end_work(pairs: Path,
+                                                                   tmp_path: Path) -> None:
+    per_epoch = train(tiny(pairs, "train.epochs=1"), tmp_path / "one", progress=False).step
+    run = tmp_path / "run"
+    first = train(tiny(pairs, f"train.max_steps={per_epoch}"), run, progress=False)
+    assert first.status == "max_steps" and first.epoch == 1 and first.step == per_epoch
+    assert (run / "epochs.jsonl").read_text().count("\n") == 1
+    assert (run / "checkpoints" / "min-G_total.pt").is_file() and not (run / "DONE").exists()
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["epoch"] == 1
+    # the last step of the last epoch: the run finishes (DONE) rather than stopping short
+    last = train(tiny(pairs, f"train.max_steps={2 * per_epoch}"), run, progress=False)
+    assert last.status == "finished" and last.epoch == 2 and (run / "DONE").is_file()
+    assert (run / "epochs.jsonl").read_text().count("\n") == 2
+
+
 def test_min_checkpoints_hold_only_generators_and_latest_holds_pools_once(
         pairs: Path, tmp_path: Path) -> None:
     from hpcstain.models import build_model_from_architecture

@@ -333,8 +333,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
                     status = "preempted"
                     return TrainResult(status, epoch, step, run_dir, last)
                 if cfg.train.max_steps and step >= cfg.train.max_steps:
-                    write_latest("max_steps")
                     status = "max_steps"
+                    if batch_in_epoch >= batches_per_epoch:
+                        break  # the epoch is complete: do its end-of-epoch work first
+                    write_latest("max_steps")
                     return TrainResult(status, epoch, step, run_dir, last)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     write_latest("periodic")
@@ -366,6 +368,9 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
                         "step": step, "minima": {name: minima[name]},
                         "reason": f"minimum of {name}"})
             write_latest("epoch")
+            if status == "max_steps" and epoch < cfg.train.epochs:
+                return TrainResult(status, epoch, step, run_dir, last)
+            status = "finished"
         if env.is_main:
             write_text_atomic(run_dir / "DONE", dump_config(cfg))
         return TrainResult(status, epoch, step, run_dir, last)
