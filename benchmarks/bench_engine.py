@@ -15,8 +15,10 @@ Parts (each prints one table; numbers go to docs/benchmarks.md):
   with a real ResNet generator (modcyclegan-tiny architecture, ngf 8, 2 blocks).
 * ``memory``: peak RSS of an in-process ``hpcstain stain`` of a 64×1024×1024 uint16 volume
   (3 axes, ResNet ngf 4 / 1 block), in a child process.
-* ``fuse``: ``fuse`` (mean, 3 axes, 96×256×256) vs a plain zarr copy of the same RGB data
-  (read the three per-axis arrays, write one RGB array), and fuse with 2 dask workers.
+* ``fuse``: ``fuse`` (mean, 3 axes, 128×384×384, chunk 64, outside fill from the CT) with
+  and without the confidence image vs a plain zarr copy of the same RGB data (read the
+  three per-axis arrays, write one RGB array), and fuse with 2 dask workers; best of 3
+  interleaved repetitions.
 * ``peers``: slice-wise staining of a 32×512×512 volume with the same generator and tile
   size and the same pixels per generator call: hpcstain, MONAI
   ``sliding_window_inference`` (overlap 0.25, Gaussian blending), dask ``map_overlap``
@@ -189,15 +191,28 @@ def part_fuse(root: Path, quick: bool) -> None:
             blocks = [np.asarray(a[region]) for a in arrays]
             out[region] = blocks[0]
 
-    t = best_of(2, copy=copy,
-                fuse=lambda: fuse_run(run, method="mean", out=f"s{next(n)}.ome.zarr"),
-                parallel=lambda: fuse_run(run, method="mean", out=f"p{next(n)}.ome.zarr",
-                                          workers=2))
-    t_copy, t_fuse, t_par = t["copy"], t["fuse"], t["parallel"]
-    print("| volume | zarr copy s | fuse s | ratio | fuse, 2 workers s | speed-up |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {'×'.join(map(str, shape))} | {t_copy:.2f} | {t_fuse:.2f} | "
-          f"{t_fuse / t_copy:.2f} | {t_par:.2f} | {t_fuse / t_par:.2f} |")
+    runs = {"copy": copy,
+            "fuse": lambda: fuse_run(run, method="mean", out=f"s{next(n)}.ome.zarr"),
+            "bare": lambda: fuse_run(run, method="mean", out=f"b{next(n)}.ome.zarr",
+                                     confidence=False),
+            "parallel": lambda: fuse_run(run, method="mean", out=f"p{next(n)}.ome.zarr",
+                                         workers=2)}
+    wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
+    for _ in range(3):  # interleaved: every side sees the same load; best of 3 each
+        for name, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - t0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)  # this process, all threads
+    print("| volume | clock | zarr copy s | fuse s (ratio) | fuse --no-confidence s (ratio) "
+          "| confidence cost | fuse, 2 workers s (speed-up) |")
+    print("|---|---|---|---|---|---|---|")
+    for clock, t in (("wall", wall), ("CPU", cpu)):
+        par = (f"{t['parallel']:.2f} ({t['fuse'] / t['parallel']:.2f}×)" if clock == "wall"
+               else "–")
+        print(f"| {'×'.join(map(str, shape))} | {clock} | {t['copy']:.2f} | {t['fuse']:.2f} "
+              f"({t['fuse'] / t['copy']:.2f}×) | {t['bare']:.2f} ({t['bare'] / t['copy']:.2f}×)"
+              f" | {t['fuse'] / t['bare'] - 1:+.0%} | {par} |")
 
 
 def part_peers(root: Path, quick: bool) -> None:

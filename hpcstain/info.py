@@ -101,3 +101,183 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name}: " + (" ".join(f"{k}={v}" for k, v in val.items()) if val
                                     else "not detected"))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+TRAINING_DATA_KEYS = ("manifest", "n_folds", "fold", "n_test", "seed", "patch_size",
+                      "patches_per_pair", "batch_size")
+TRAINING_KEYS = ("epochs", "max_steps", "lr", "decay_epochs", "amp", "seed")
+
+
+def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint is: architecture, size and cost, conventions, training, hash.
+
+    Works on full training checkpoints (``latest.pt``), ``min-*.pt`` and a staining run's
+    pinned ``generator.pt``; loads with ``weights_only`` (never unpickles code).
+    """
+    from pathlib import Path
+
+    from hpcstain.inference import _generator_net, conventions_of
+    from hpcstain.models.flops import flops_per_pixel, parameter_count
+    from hpcstain.train.checkpoint import file_sha256, load_checkpoint
+
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    arch = ckpt.get("architecture")
+    if not isinstance(arch, dict):
+        from hpcstain.errors import InputError
+
+        raise InputError(f"{path}: checkpoint has no architecture record")
+    conv = conventions_of(ckpt)
+    gen = _generator_net(ckpt, "ct2hist", str(path), "cpu")
+    tile = 256 if arch.get("generator") == "unet256" else 64
+    model = ckpt.get("model") or {}
+    nets = {f"{group}/{name}": _state_parameters(state)
+            for group in ("generators", "discriminators")
+            for name, state in sorted((model.get(group) or {}).items())}
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    data = config.get("data") or {}
+    train = config.get("train") or {}
+    report: dict[str, Any] = {
+        "path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+        "kind": _checkpoint_kind(ckpt),
+        "architecture": dict(arch),
+        "generator": {"name": "ct2hist", "parameters": parameter_count(gen),
+                      "flops_per_pixel": flops_per_pixel(gen, conv.ct_channels, tile),
+                      "flops_tile": tile},
+        "networks": nets,
+        "conventions": conv.to_dict(),
+        "training": {
+            "profile": config.get("profile"),
+            "data": {k: data[k] for k in TRAINING_DATA_KEYS if k in data},
+            "train": {k: train[k] for k in TRAINING_KEYS if k in train},
+            "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+            "reason": ckpt.get("reason"), "minima": ckpt.get("minima") or {},
+            "pairs": _training_pairs(path, data),
+        },
+    }
+    if ckpt.get("pinned_from"):
+        report["pinned_from"] = _pinned_source(path, str(ckpt["pinned_from"]))
+    return report
+
+
+def _state_parameters(state: Any) -> int:
+    """Learned parameters in a network's state dict (norm running statistics excluded)."""
+    if not isinstance(state, dict):
+        return 0
+    skip = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(int(v.numel()) for k, v in state.items()
+               if hasattr(v, "numel") and not k.endswith(skip))
+
+
+def _checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    if ckpt.get("pinned_from"):
+        return "pinned generator (a staining run's generator.pt)"
+    if "opt_g" in ckpt:
+        return "training checkpoint (full state: networks, optimisers, RNG, pools)"
+    return "generators only (" + str(ckpt.get("reason") or "inference checkpoint") + ")"
+
+
+def _training_pairs(path: Any, data: dict[str, Any]) -> dict[str, Any] | None:
+    """Train/validation/test pair ids: the run's split.json, else recomputed from the
+    manifest and the fold settings (None when neither is available)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.parent.name == "checkpoints":
+        split = path.parent.parent / "split.json"
+        if split.is_file():
+            try:
+                ids = json.loads(split.read_text())
+                return {"source": str(split), **{k: list(ids.get(k, [])) for k in
+                                                 ("train_ids", "val_ids", "test_ids")}}
+            except (OSError, ValueError):
+                pass
+    manifest = data.get("manifest")
+    if not manifest or not Path(manifest).is_file():
+        return None
+    try:
+        from hpcstain.data.folds import make_folds, split_for_fold
+        from hpcstain.data.manifest import read_manifest
+
+        folds = make_folds(read_manifest(manifest), n_folds=int(data.get("n_folds", 5)),
+                           n_test=int(data.get("n_test", 3)), seed=int(data.get("seed", 0)))
+        train, val = split_for_fold(folds, int(data.get("fold", 0)))
+    except Exception:  # the manifest changed since: the split cannot be recomputed
+        return None
+    return {"source": f"recomputed from {manifest}", "train_ids": train, "val_ids": val,
+            "test_ids": list(folds.test_ids)}
+
+
+def _pinned_source(path: Any, source: str) -> dict[str, Any]:
+    """Where a pinned generator came from, checked against its run's plan.json."""
+    import json
+    from pathlib import Path
+
+    out: dict[str, Any] = {"checkpoint": source}
+    plan = Path(path).parent / "plan.json"
+    if plan.is_file():
+        try:
+            p = json.loads(plan.read_text())
+            out["checkpoint_sha256"] = p.get("checkpoint_sha256", "")
+            out["plan_generator_sha256"] = p.get("generator_sha256", "")
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def format_checkpoint(r: dict[str, Any]) -> str:
+    a, g, c, t = r["architecture"], r["generator"], r["conventions"], r["training"]
+    gen = f"{a.get('generator')} ngf {a.get('ngf')}"
+    if a.get("generator") == "resnet":
+        gen += f", {a.get('n_blocks')} blocks, {a.get('upsampling')} upsampling"
+    lines = [f"{r['path']}",
+             f"  sha256: {r['sha256']}  ({r['bytes'] / 2**20:.1f} MiB)",
+             f"  kind: {r['kind']}",
+             f"  model: {a.get('variant')}: {gen}, {a.get('norm')} norm; "
+             f"CT {a.get('ct_channels')} ch → histology {a.get('histology_channels')} ch",
+             f"  generator ct2hist: {g['parameters']:,} parameters, "
+             f"{g['flops_per_pixel'] / 1e6:.3g} MFLOP per output pixel "
+             f"(multiply-add = 2; counted on a {g['flops_tile']}² tile)"]
+    others = {k: v for k, v in r["networks"].items() if k != "generators/ct2hist"}
+    if others:
+        lines.append("  other networks: " + ", ".join(f"{k} {v:,}" for k, v in others.items()))
+    lines.append(f"  CT conventions: target levels bone {c['target_levels'][0]:g} / "
+                 f"background {c['target_levels'][1]:g} (16-bit), invert "
+                 f"{'yes' if c['invert_ct'] else 'no'}, stretch c {c['stretch_c'][0]:g} / "
+                 f"c' {c['stretch_c'][1]:g}, tiles multiple of {c['size_multiple']}")
+    d = t["data"]
+    if d:
+        folds = "no folds (all non-test pairs train)" if d.get("n_folds") == 0 else \
+            f"fold {d.get('fold')} of {d.get('n_folds')}"
+        lines.append(f"  trained on: {d.get('manifest') or '?'}, {folds}, {d.get('n_test')} "
+                     f"test pair(s), split seed {d.get('seed')}, {d.get('patch_size')}² "
+                     f"patches, batch {d.get('batch_size')}")
+    pairs = t["pairs"]
+    if pairs:
+        lines.append(f"  pairs: {len(pairs['train_ids'])} train, {len(pairs['val_ids'])} "
+                     f"validation, {len(pairs['test_ids'])} test ({pairs['source']})")
+    target = t["train"]
+    reached = f"  reached: epoch {t['epoch']}, step {t['step']}"
+    if target:
+        reached += f" (of {target.get('epochs')} epochs" + (
+            f", max_steps {target['max_steps']}" if target.get("max_steps") else "") + ")"
+    if t["reason"]:
+        reached += f"; written because: {t['reason']}"
+    lines.append(reached)
+    if t["minima"]:
+        lines.append("  minima: " + ", ".join(
+            f"{k} {v.get('value', float('nan')):.4g} @ epoch {int(v.get('epoch', 0))}"
+            for k, v in t["minima"].items() if isinstance(v, dict)))
+    if "pinned_from" in r:
+        pf = r["pinned_from"]
+        lines.append(f"  pinned from: {pf['checkpoint']}"
+                     + (f" (sha256 {pf['checkpoint_sha256'][:16]}…)"
+                        if pf.get("checkpoint_sha256") else ""))
+        if pf.get("plan_generator_sha256"):
+            ok = pf["plan_generator_sha256"] == r["sha256"]
+            lines.append("  run plan: " + ("this file's hash matches plan.json" if ok else
+                                           "HASH DIFFERS from plan.json (file changed)"))
+    return "\n".join(lines)

@@ -102,6 +102,10 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(
     assert result["status"] == "finished"
     log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
     assert "Requeued job" in log or "requeue" in log.lower()
+    from hpcstain.status import collect_status
+
+    status = collect_status(run)  # TrainJob.checkpoint recorded the requeue
+    assert status["requeues"] == 1 and status["state"] == "complete"
     straight, resumed = read_losses(tmp_path / "straight"), read_losses(run)
     assert len(straight) == len(resumed)
     for a, b in zip(straight, resumed, strict=True):

@@ -78,7 +78,28 @@ class TrainJob:
     def checkpoint(self) -> Any:
         import submitit
 
+        record_requeue(self.run_dir)
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
+
+
+def record_requeue(run_dir: str | os.PathLike[str]) -> None:
+    """Append one line to ``RUN_DIR/requeues.jsonl`` (what ``hpcstain status`` counts).
+
+    submitit calls ``checkpoint()`` on rank 0 only, right before it requeues the job.
+    """
+    import json
+    import socket
+    import time
+
+    from hpcstain.volume.markers import worker_identity
+
+    row = {"time": time.time(), "host": socket.gethostname(),
+           **{k: v for k, v in worker_identity().items() if k == "slurm"}}
+    try:
+        with open(Path(run_dir) / "requeues.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    except OSError:  # never stand in the way of the requeue itself
+        pass
 
 
 @dataclass
@@ -94,6 +115,7 @@ class CVTask:
     def checkpoint(self, index: int) -> Any:
         import submitit
 
+        record_requeue(self.runs[index][1])
         return submitit.helpers.DelayedSubmission(self, index)
 
 
@@ -152,7 +174,7 @@ def describe(job: Any) -> str:
     paths = job.paths
     lines = [f"submitted job {job.job_id}",
              f"  stdout: {paths.stdout}", f"  stderr: {paths.stderr}"]
-    if not str(job.job_id).isdigit() and "_" not in str(job.job_id):
+    if type(job).__name__ == "LocalJob":  # its id is a process id, not a SLURM job
         lines.append("  (local process; follow the log files above)")
     else:
         lines.append(f"  follow: squeue -j {job.job_id}; tail -f {paths.stdout}")

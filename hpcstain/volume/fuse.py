@@ -20,20 +20,41 @@ masks train it inside the sample only) and invents colour; those voxels get the 
 slide background (250, 250, 250) instead (``fill_outside``; the paper's §2.8 rule for 2D).
 ``single_axis`` copies one axis through unchanged (the paper's slice-wise volume).
 
+**Confidence** (on by default with two or more axes; ``confidence=False`` /
+``--no-confidence`` skips it): the per-voxel disagreement of the axes,
+
+    d = sqrt( mean over axes a and channels c of (P_a,c - F_c)² )
+
+where ``P_a`` is axis ``a``'s RGB and ``F`` the fused RGB written to the image (both uint8),
+rounded to uint8 in the same 0–255 colour units (0: every axis gave exactly the fused
+colour; never above 255). It is written as a one-channel image ``disagreement`` nested in
+the fused image (``fused.ome.zarr/disagreement``: its own NGFF ``multiscales``, the same
+levels, chunks, scale and translation as the RGBA), 0 outside the sample where the
+background is painted. It is computed in the same block task from the same reads.
+
 Fusion is a block task over the storage chunks of the output: a chunk is fused once every
 axis's work units (slabs) covering it are done; ``consistency`` also needs the voxels
 around it (its halo of ``r`` voxels), so its result does not depend on the chunking. Each
 chunk writes only its own level-0 storage chunk, then its completion record, so chunks
-fuse in parallel (``workers > 1``: a dask LocalCluster, or a given dask client); the
-pyramid levels are built after level 0, once per touched storage chunk. Re-running fuses
-only chunks without a record.
+fuse in parallel (``workers > 1``: a dask LocalCluster, or a given dask client). A task
+fuses a *group* of chunks (:func:`fuse_groups`: aligned blocks of 2×2×2 chunks or more,
+bounded by ``FUSE_GROUP_VOXELS``): it reads the CT for the outside test once over the
+group's box, and writes the level-1 storage chunks whose level-0 chunks all lie in the
+group from memory; the other level-1 chunks and the higher levels are built afterwards
+from the level below, once per touched storage chunk. A marker
+(``done/<image>/.pyramid-pending``) left by an interrupted pass makes the next one rebuild
+the whole pyramid. Re-running fuses only chunks without a record.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +63,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpcstain.errors import InputError, UsageError
-from hpcstain.geometry import Region, grow
+from hpcstain.geometry import Region, chunks_touched, grow, relative
 from hpcstain.metrics.stripes import stripe_index
 from hpcstain.volume import omezarr
 from hpcstain.volume.plan import (
@@ -62,6 +83,10 @@ CONSISTENCY_RADIUS = 2
 CONSISTENCY_EPS = 1.0
 OUTSIDE_HALO = 2          # voxels: the CT is averaged over (2·2 + 1)³ before the test
 OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
+DISAGREEMENT = "disagreement"  # the confidence image, nested in the fused image
+FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of uint16)
+PYRAMID_PENDING = ".pyramid-pending"  # in done/<image>/ while a pass has not built it
+IO_QUEUE = 4              # writes a fuse task lets wait before it fuses on
 
 
 # --------------------------------------------------------------------------- pure core
@@ -72,7 +97,10 @@ def fuse_mean(preds: np.ndarray) -> np.ndarray:
     total = preds[0].astype(np.uint16)
     for p in preds[1:]:
         total += p
-    return omezarr.rounded_mean(total, len(preds))
+    return mean_table(len(preds))[total]
+
+
+mean_table = omezarr.rounded_mean_table
 
 
 def fuse_median(preds: np.ndarray) -> np.ndarray:
@@ -117,8 +145,80 @@ def with_alpha(rgb: np.ndarray) -> np.ndarray:
     total = rgb[..., 0].astype(np.uint16)
     total += rgb[..., 1]
     total += rgb[..., 2]
-    alpha = omezarr.rounded_mean(total, 3)
+    alpha = mean_table(3)[total]
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+class Workspace:
+    """Scratch arrays reused from chunk to chunk, by name, shape and dtype.
+
+    Fresh memory is paid for in page faults on first touch (about as much as the
+    arithmetic here on some virtual machines); a fuse task's chunks mostly share a shape.
+    ``None`` instead of a workspace allocates as usual.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        key = (name, tuple(shape), np.dtype(dtype).str)
+        if key not in self._arrays:
+            if len(self._arrays) > 64:  # many edge shapes: start over rather than grow
+                self._arrays.clear()
+            self._arrays[key] = np.empty(shape, dtype)
+        return self._arrays[key]
+
+
+def _scratch(work: Workspace | None, name: str, shape: tuple[int, ...], dtype: Any
+             ) -> np.ndarray:
+    return np.empty(shape, dtype) if work is None else work.get(name, shape, dtype)
+
+
+def rgba_planes(rgb: np.ndarray, out: np.ndarray | None = None,
+                work: Workspace | None = None) -> np.ndarray:
+    """(Z, Y, X, 3) uint8 → (4, Z, Y, X) uint8 RGBA, channel first (the image's layout);
+    the same values as :func:`with_alpha`. ``out``: where to write it."""
+    if out is None:
+        out = np.empty((4, *rgb.shape[:-1]), np.uint8)
+    for c in range(3):
+        out[c] = rgb[..., c]
+    total = _scratch(work, "alpha-sum", rgb.shape[:-1], np.uint16)
+    np.add(out[0], out[1], out=total, dtype=np.uint16)
+    total += out[2]
+    np.take(mean_table(3), total, out=out[3])
+    return out
+
+
+def disagreement(preds: np.ndarray, fused: np.ndarray, out: np.ndarray | None = None,
+                 work: Workspace | None = None) -> np.ndarray:
+    """Per-voxel disagreement of the axes (A, Z, Y, X, 3) with the fused RGB (Z, Y, X, 3).
+
+    ``sqrt(mean over axes and RGB of (P - F)²)`` in uint8 colour units, rounded (0 where
+    every axis equals the fused colour; at most 255). Integer squares, one float32 division
+    and square root per voxel: the value does not depend on the block it is computed in.
+    ``out``: a (Z, Y, X) uint8 array to write it to.
+    """
+    f = _scratch(work, "fused16", fused.shape, np.int16)
+    f[...] = fused
+    d = _scratch(work, "diff16", fused.shape, np.int16)
+    per_channel = _scratch(work, "sse3", fused.shape, np.uint32)
+    per_channel.fill(0)
+    for p in preds:  # contiguous passes; the strided sum over channels once, at the end
+        np.subtract(p, f, out=d)
+        np.multiply(d, d, out=d)  # |d| <= 255: d² <= 65025 wraps in int16, exact as uint16
+        np.add(per_channel, d.view(np.uint16), out=per_channel)
+    sse = _scratch(work, "sse", fused.shape[:-1], np.uint32)
+    np.add(per_channel[..., 0], per_channel[..., 1], out=sse)
+    for c in range(2, fused.shape[-1]):
+        sse += per_channel[..., c]
+    ms = _scratch(work, "ms", sse.shape, np.float32)
+    np.divide(sse, np.float32(fused.shape[-1] * len(preds)), out=ms, dtype=np.float32)
+    np.sqrt(ms, out=ms)
+    np.rint(ms, out=ms)
+    if out is None:
+        return ms.astype(np.uint8)
+    out[...] = ms
+    return out
 
 
 def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndarray:
@@ -147,6 +247,90 @@ def fill_background(rgba: np.ndarray, outside: np.ndarray) -> np.ndarray:
     colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
     fill = np.array([*colour, with_alpha(colour[None])[0, 3]], np.uint8)
     return np.where(outside[..., None], fill, rgba)
+
+
+@functools.cache
+def background_rgba() -> tuple[int, int, int, int]:
+    """The normalised slide background as RGBA (alpha = mean of RGB, as everywhere)."""
+    from hpcstain.predict import NORMALISED_BACKGROUND
+
+    colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
+    return tuple(int(v) for v in with_alpha(colour[None])[0])  # type: ignore[return-value]
+
+
+def paint_outside(rgba: np.ndarray, conf: np.ndarray | None, outside: np.ndarray) -> None:
+    """In place: ``outside`` voxels of channel-first ``rgba`` get the slide background, of
+    ``conf`` 0 (bitwise select: no branch per voxel)."""
+    on = outside.view(np.uint8) * np.uint8(255)
+    off = ~on
+    for plane, value in zip(rgba, background_rgba(), strict=True):
+        plane &= off
+        plane |= on & np.uint8(value)
+    if conf is not None:
+        conf &= off
+
+
+def mirror_pad(data: np.ndarray, pad: list[tuple[int, int]], work: Workspace | None = None
+               ) -> np.ndarray:
+    """``np.pad(data, pad, mode="symmetric")`` as float32, in one allocation (the edge
+    voxel repeated, then its neighbours: scipy's "reflect")."""
+    if any(max(a, b) > n for (a, b), n in zip(pad, data.shape, strict=True)):
+        return np.pad(np.asarray(data, np.float32), pad, mode="symmetric")
+    out = _scratch(work, "padded", tuple(n + a + b for (a, b), n in
+                                         zip(pad, data.shape, strict=True)), np.float32)
+    out[tuple(slice(a, a + n) for (a, _), n in zip(pad, data.shape, strict=True))] = data
+    for axis, (a, b) in enumerate(pad):
+        n = out.shape[axis]
+        cut = [slice(None)] * out.ndim
+
+        def at(sl: slice, cut: list[slice] = cut, axis: int = axis) -> tuple[slice, ...]:
+            cut[axis] = sl
+            return tuple(cut)
+
+        if a:
+            out[at(slice(0, a))] = out[at(slice(2 * a - 1, a - 1, -1))]
+        if b:
+            stop = n - 2 * b - 1
+            out[at(slice(n - b, n))] = out[at(slice(n - b - 1, stop if stop >= 0 else None, -1))]
+    return out
+
+
+def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[float, float],
+                 halo: int = OUTSIDE_HALO, work: Workspace | None = None) -> np.ndarray:
+    """Outside-the-sample voxels of ``inner`` from raw CT read over ``grown`` (⊇ inner).
+
+    The test of :func:`outside_sample` on the (2·halo + 1)³ mean of the CT, with the block
+    mirrored where ``grown`` meets the volume border. The box sums are fixed-order sums of
+    float32 neighbours (exact for integer CT up to 16 bits), so a voxel's answer does not
+    depend on the box it is computed in; boxes entirely above (or below) the threshold are
+    answered from their minimum (maximum) alone.
+    """
+    bone, background = levels
+    threshold = background + OUTSIDE_FRACTION * (bone - background)
+    shape = tuple(s.stop - s.start for s in inner)
+    if raw.size and float(raw.min()) >= threshold:
+        return np.zeros(shape, bool)
+    if raw.size and float(raw.max()) < threshold:
+        return np.ones(shape, bool)
+    pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
+           for i, g in zip(inner, grown, strict=True)]
+    if any(a or b for a, b in pad):
+        data = mirror_pad(raw, pad, work)
+    else:
+        data = _scratch(work, "padded", raw.shape, np.float32)
+        data[...] = raw
+    width = 2 * halo + 1
+    for axis in range(3):
+        n = data.shape[axis] - 2 * halo
+        cut = [slice(None)] * 3
+        cut[axis] = slice(0, n)
+        acc = _scratch(work, f"box{axis}", data[tuple(cut)].shape, np.float32)
+        acc[...] = data[tuple(cut)]
+        for k in range(1, width):
+            cut[axis] = slice(k, k + n)
+            acc += data[tuple(cut)]
+        data = acc
+    return data < np.float32(threshold * width ** 3)
 
 
 def method_halo(method: str, n_axes: int) -> int:
@@ -218,10 +402,14 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
 
 @dataclass
 class FuseTask:
-    """The block task of fusion: fuse storage chunks into level 0, then their records.
+    """The block task of fusion: fuse a group of storage chunks, then their records.
 
     Picklable (executors ship it); the plan and opened arrays are cached per process and
-    dropped when pickled. Calling it with a list of chunk indices fuses them in order.
+    dropped when pickled. Calling it with a list of chunk indices (a group of
+    :func:`fuse_groups`) reads the CT for the outside test once over the group's box,
+    fuses the chunks into level 0 (RGBA and, with ``confidence``, the disagreement),
+    writes the level-1 storage chunks whose level-0 chunks are all in the group, and each
+    chunk's completion record once its level-0 data is written (:meth:`__call__`).
     """
 
     run_dir: str
@@ -230,6 +418,7 @@ class FuseTask:
     axes: tuple[str, ...]
     method: str
     fill_outside: bool = True
+    confidence: bool = False
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -240,57 +429,251 @@ class FuseTask:
 
         if not self._cache:
             run = Path(self.run_dir)
+            root = omezarr.open_image(self.image)
+            images = [root, *([root[DISAGREEMENT]] if self.confidence else [])]
             self._cache.update(
-                plan=load_plan(run), level0=omezarr.open_image(self.image)["0"],
+                plan=load_plan(run),
+                levels=[[img[k] for k in ("0", "1") if k in img] for img in images],
                 arrays={a: zarr.open_array(str(axis_store(run, a)), mode="r")
                         for a in self.axes})
         return self._cache
 
-    def rgba(self, index: int) -> np.ndarray:
-        """The fused RGBA (Z, Y, X, 4) of one storage chunk."""
-        c = self._opened()
-        region = c["plan"].write_region(index)
-        halo = method_halo(self.method, len(self.axes))
-        block, inner = read_axis_block(Path(self.run_dir), c["plan"], self.axes, region, halo,
-                                       c["arrays"])
-        rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in self.axes), self.method)
-        rgba = with_alpha(rgb[inner])
-        if self.fill_outside:
-            rgba = fill_background(rgba, self.outside(region))
-        return rgba
-
-    def outside(self, region: Region) -> np.ndarray:
-        """The outside-the-sample voxels of ``region`` (from the run's input CT)."""
+    def read_ct(self, box: Region) -> tuple[np.ndarray, Region]:
+        """The run's input CT over ``box`` + the outside test's halo (one read), and that
+        grown box."""
         from hpcstain.volume.io import open_volume
-        from hpcstain.volume.stain import smooth
 
         c = self._opened()
         plan = c["plan"]
         if "source" not in c:
             c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
+        grown = grow(box, OUTSIDE_HALO, plan.shape)
+        raw = c["source"].read(grown)
+        if plan.cupping:  # the outside test sees the CT the generator saw (docs/cupping.md)
+            from hpcstain.cupping import Cupping, apply_cupping
+
+            raw = np.rint(apply_cupping(raw, Cupping.from_dict(plan.cupping, "plan.json"),
+                                        (grown[1].start, grown[2].start)))
+        return raw, grown
+
+    def outside(self, region: Region, ct: tuple[np.ndarray, Region],
+                work: Workspace | None = None) -> np.ndarray:
+        """Outside-the-sample voxels of ``region`` from CT ``ct`` (read by :meth:`read_ct`
+        over a box holding ``region``)."""
+        plan = self._opened()["plan"]
+        raw, box = ct
         grown = grow(region, OUTSIDE_HALO, plan.shape)
-        ct = smooth(c["source"].read(grown), region, grown, OUTSIDE_HALO, 0.0, box=True)
-        return outside_sample(ct, (plan.bone_level, plan.background_level))
+        return outside_mask(raw[relative(grown, box)], region, grown,
+                            (plan.bone_level, plan.background_level), work=work)
+
+    def fuse_chunk(self, block: np.ndarray, halo: int, outside: np.ndarray | None,
+                   work: Workspace | None = None, outputs: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Channel-first RGBA (4, Z, Y, X) and disagreement (1, Z, Y, X) (None without
+        ``confidence``) of one chunk from its axis ``block`` (+ ``halo``); ``outside``
+        voxels painted. ``work``: scratch arrays; ``outputs(name, shape)``: the arrays to
+        return (else new ones)."""
+        shape = tuple(n - 2 * halo for n in block.shape[1:4])
+        if self.method == "mean" and len(self.axes) > 1:  # fuse_mean, in scratch memory
+            total = _scratch(work, "sum", block.shape[1:], np.uint16)
+            np.add(block[0], block[1], out=total, dtype=np.uint16)
+            for p in block[2:]:
+                total += p
+            rgb = _scratch(work, "rgb", block.shape[1:], np.uint8)
+            np.take(mean_table(len(block)), total, out=rgb)
+        else:
+            rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in self.axes), self.method)
+        if halo:
+            inner = (slice(None), *(slice(halo, n - halo) for n in block.shape[1:4]))
+            block, rgb = block[inner], rgb[inner[1:]]
+        new = outputs or (lambda name, shape: np.empty(shape, np.uint8))
+        rgba = rgba_planes(rgb, new("rgba", (4, *shape)), work)
+        conf = None
+        if self.confidence and len(self.axes) > 1:
+            conf = new("conf", (1, *shape))
+            disagreement(block, rgb, conf[0], work)
+        if outside is not None and outside.any():
+            paint_outside(rgba, conf, outside)
+        return rgba, conf
 
     def __call__(self, indices: list[int]) -> list[str]:
+        """Fuse chunks ``indices`` (a group); returns their names once recorded.
+
+        The CT is read once for the whole group. I/O goes by *blocks*: the 2×2×2 chunks
+        under a level-1 storage chunk whose chunks are all in the group (read with one call
+        per axis array, written with one call per level array, then that level-1 chunk
+        from memory), and single chunks for the rest. Chunks are fused one by one inside a
+        block (small, cache-friendly arrays). Reads of the next block and writes of the
+        last ones run in two threads (zarr's codecs, file I/O and fsync release the GIL)
+        while this one is fused. A chunk's record follows once its level-0 data is
+        written (its level-1 chunk may come later: the pending-pyramid marker covers a
+        crash in between).
+        """
+        if not indices:
+            return []
         c = self._opened()
-        plan, names = c["plan"], []
-        for index in indices:
-            region = plan.write_region(index)
-            c["level0"][(slice(None), *region)] = np.moveaxis(self.rgba(index), -1, 0)
+        plan, levels = c["plan"], c["levels"]
+        run = Path(self.run_dir)
+        regions = {i: plan.write_region(i) for i in indices}
+        halo = method_halo(self.method, len(self.axes))
+        parents = level1_parents(plan, levels[0][1], indices) if len(levels[0]) > 1 else []
+        blocks: list[tuple[Region, list[int], Region | None]] = [
+            (src, children, dst) for dst, src, children in parents]
+        covered = {i for _, children, _ in blocks for i in children}
+        blocks += [(regions[i], [i], None) for i in indices if i not in covered]
+        info = {"method": self.method if len(self.axes) > 1 else "single-axis"}
+        work = c.setdefault("work", Workspace())
+        rings: dict[tuple[int, tuple[int, ...]], list[np.ndarray]] = c.setdefault("rings", {})
+        busy: dict[int, Future[None]] = {}  # id(output array) → its level-0 write
+
+        def read(box: Region) -> np.ndarray:
+            return read_axis_block(run, plan, self.axes, box, halo, c["arrays"])[0]
+
+        def record(index: int) -> None:
             name = plan.chunk_name(index)
-            write_record(self.run_dir, self.task, name, {
-                "chunk": name, "method": self.method if len(self.axes) > 1 else "single-axis",
-                "time": time.time()})
-            names.append(name)
-        return names
+            write_record(self.run_dir, self.task, name, {"chunk": name, **info,
+                                                         "time": time.time()})
+
+        def output(j: int, shape: tuple[int, ...]) -> np.ndarray:
+            """Output arrays in rings of two: one filled while the other is written."""
+            ring = rings.setdefault((j, shape), [])
+            if len(ring) < 2:
+                ring.append(np.empty(shape, np.uint8))
+            else:
+                ring.append(ring.pop(0))
+                pending = busy.pop(id(ring[-1]), None)
+                if pending is not None:
+                    pending.result()
+            return ring[-1]
+
+        with ThreadPoolExecutor(max_workers=2) as io:
+            box = bounding_box(list(regions.values()))
+            ct_read = io.submit(self.read_ct, box) if self.fill_outside else None
+            ahead = io.submit(read, blocks[0][0])
+            writes: deque[Future[None]] = deque()
+            unrecorded: deque[tuple[list[int], list[Future[None]]]] = deque()
+            records: list[Future[None]] = []
+
+            def put(array: Any, region: Region, data: np.ndarray) -> Future[None]:
+                writes.append(io.submit(_write, array, region, data))
+                while len(writes) > IO_QUEUE:
+                    writes.popleft().result()
+                return writes[-1]
+
+            def flush(wait: bool = False) -> None:
+                while unrecorded and (wait or all(f.done() for f in unrecorded[0][1])):
+                    chunks, futures = unrecorded.popleft()
+                    for f in futures:
+                        f.result()  # a failed write raises here: no record for it
+                    records.extend(io.submit(record, i) for i in chunks)
+
+            ct = None if ct_read is None else ct_read.result()
+            for n, (box, children, dst) in enumerate(blocks):
+                preds = ahead.result()
+                if n + 1 < len(blocks):
+                    ahead = io.submit(read, blocks[n + 1][0])
+                shape = tuple(s.stop - s.start for s in box)
+                outs = [output(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(levels)]
+                for index in children:
+                    rel = relative(regions[index], box)
+                    block = preds[(slice(None), *(slice(r.start, r.stop + 2 * halo)
+                                                  for r in rel))]
+                    views = {"rgba": outs[0][(slice(None), *rel)],
+                             "conf": outs[-1][(slice(None), *rel)]}
+                    outside = None if ct is None else self.outside(regions[index], ct, work)
+                    self.fuse_chunk(block, halo, outside, work,
+                                    lambda name, _, views=views: views[name])
+                del preds
+                futures = [put(lv[0], box, data) for lv, data in zip(levels, outs, strict=True)]
+                busy.update((id(data), f) for data, f in zip(outs, futures, strict=True))
+                unrecorded.append((children, futures))
+                if dst is not None:  # the level-1 storage chunk above this block
+                    for lv, data in zip(levels, outs, strict=True):
+                        put(lv[1], dst, omezarr.downsample2(data))
+                flush()
+            while writes:
+                writes.popleft().result()
+            flush(wait=True)
+            for f in records:
+                f.result()
+        return [plan.chunk_name(i) for i in indices]
+
+
+def _write(array: Any, region: Region, data: np.ndarray) -> None:
+    array[(slice(None), *region)] = data
+
+
+def bounding_box(regions: list[Region]) -> Region:
+    """The smallest box holding every region."""
+    return tuple(slice(min(r[d].start for r in regions), max(r[d].stop for r in regions))
+                 for d in range(len(regions[0])))
+
+
+def level1_parents(plan: Plan, level1: Any, indices: list[int]
+                   ) -> list[tuple[Region, Region, list[int]]]:
+    """Level-1 storage chunks (of array ``level1``) whose level-0 voxels all come from
+    chunks ``indices``: (level-1 region, level-0 region below it, the chunks covering it).
+    """
+    if not indices:
+        return []
+    block, shape1 = omezarr.write_block(level1), tuple(level1.shape[1:])
+    group = set(indices)
+    touched: set[tuple[int, ...]] = set()
+    for i in indices:
+        half = tuple(slice(s.start // 2, (s.stop + 1) // 2) for s in plan.write_region(i))
+        touched.update(chunks_touched(half, block))
+    out = []
+    for coords in sorted(touched):
+        dst = tuple(slice(i * c, min(n, (i + 1) * c))
+                    for i, c, n in zip(coords, block, shape1, strict=True))
+        src = tuple(slice(2 * d.start, min(n, 2 * d.stop))
+                    for d, n in zip(dst, plan.shape, strict=True))
+        children = [plan.chunk_index(cc) for cc in chunks_touched(src, plan.chunk)]  # type: ignore[arg-type]
+        if group.issuperset(children):
+            out.append((dst, src, children))
+    return out
+
+
+def fuse_groups(plan: Plan, todo: list[int], min_groups: int = 1,
+                budget: int = FUSE_GROUP_VOXELS) -> list[list[int]]:
+    """``todo`` cut into the chunk groups of fuse tasks, in order.
+
+    A group is an aligned block of chunks, 2 chunks deep along z and an even number (or
+    all) along y and x, as large as ``budget`` CT voxels (with the outside test's halo)
+    allows, and small enough to give ``min_groups`` groups (parallel runs); blocks of
+    2×2×2 chunks hold whole level-1 storage chunks. Chunks larger than the budget fuse
+    one per group.
+    """
+    grid = plan.grid
+    margin = 2 * OUTSIDE_HALO
+
+    def voxels(b: list[int]) -> int:
+        return math.prod(min(k * c, n) + margin
+                         for k, c, n in zip(b, plan.chunk, plan.shape, strict=True))
+
+    def count(b: list[int]) -> int:
+        return math.prod(-(-g // k) for g, k in zip(grid, b, strict=True))
+
+    block = [2, grid[1] + grid[1] % 2, grid[2] + grid[2] % 2]
+    while (voxels(block) > budget or count(block) < min_groups) and max(block[1:]) > 2:
+        d = 1 if block[1] * plan.chunk[1] >= block[2] * plan.chunk[2] else 2
+        d = d if block[d] > 2 else 3 - d
+        block[d] = -(-block[d] // 4) * 2  # halve, staying even
+    if voxels(block) > budget:
+        block = [1, 1, 1]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in todo:
+        key = tuple(c // b for c, b in zip(plan.chunk_coords(i), block, strict=True))
+        groups.setdefault(key, []).append(i)
+    return [groups[k] for k in sorted(groups)]
 
 
 def _settings(plan: Plan, method: str, axes: tuple[str, ...],
-              voxel_size_um: tuple[float, float, float], n_levels: int, ngff: str
+              voxel_size_um: tuple[float, float, float] | None, n_levels: int, ngff: str
               ) -> dict[str, Any]:
     return {"method": method if len(axes) > 1 else "single-axis", "axes": list(axes),
-            "voxel_size_um": list(voxel_size_um), "levels": n_levels, "ngff": ngff,
+            "voxel_size_um": list(voxel_size_um) if voxel_size_um else None,
+            "levels": n_levels, "ngff": ngff,
             "plan_generator_sha256": plan.generator_sha256 or plan.checkpoint_sha256}
 
 
@@ -323,8 +706,8 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
-             client: Any = None, ngff: str = "0.4", fill_outside: bool = True
-             ) -> FuseReport:
+             client: Any = None, ngff: str = "0.4", fill_outside: bool = True,
+             confidence: bool = True) -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
@@ -334,7 +717,8 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     LocalCluster of ``workers`` processes; the pyramid is built afterwards. ``ngff`` picks
     the output format: NGFF 0.4 (zarr v2) or 0.5 (zarr v3, one shard per storage chunk).
     ``fill_outside`` paints voxels outside the sample (from the input CT) with the
-    normalised background colour.
+    normalised background colour. ``confidence`` (with two or more axes) also writes the
+    axes' per-voxel disagreement, ``<image>/disagreement`` (module docstring).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -350,34 +734,65 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
         axes = plan.axes
     notes = []
     if voxel_size_um is None:
-        if plan.voxel_size_um is not None:
-            voxel_size_um = plan.voxel_size_um
-        else:
-            voxel_size_um = (1.0, 1.0, 1.0)
-            notes.append("voxel size unknown (no input metadata, no --voxel-size): using 1 µm")
+        voxel_size_um = plan.voxel_size_um
+    if voxel_size_um is None:  # NGFF: scale 1 per voxel and no unit (docs/volume.md)
+        notes.append("voxel size unknown (no input metadata, no --voxel-size): scale 1 per "
+                     "voxel, no unit")
     n_levels = levels or omezarr.default_levels(plan.shape)
     name = out or ("fused.ome.zarr" if single_axis is None else f"slicewise-{single_axis}.ome.zarr")
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
-    settings = _settings(plan, method, axes, tuple(voxel_size_um), n_levels, ngff)  # type: ignore[arg-type]
+    settings = _settings(plan, method, axes, voxel_size_um, n_levels, ngff)
     settings["fill_outside"] = fill_outside
+    settings["confidence"] = bool(confidence and len(axes) > 1)
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)
-    fuse = FuseTask(str(run_dir), str(image), task, axes, method, fill_outside)
-    if todo and (workers > 1 or client is not None):
-        report.fused = _fuse_on_dask(fuse, todo, workers, client, progress)
-    else:
-        report.fused = [n for i in _progress(todo, progress, "fuse") for n in fuse([i])]
+    fuse = FuseTask(str(run_dir), str(image), task, axes, method, fill_outside,
+                    settings["confidence"])
+    pending = run_dir / "done" / task / PYRAMID_PENDING
+    rebuild = pending.is_file()  # an earlier pass stopped before its pyramid was built
+    parallel = workers > 1 or client is not None
+    groups = fuse_groups(plan, todo, min_groups=4 * max(workers, 2) if parallel else 1)
     if todo:
-        omezarr.build_pyramid(omezarr.open_image(image), [plan.write_region(i) for i in todo])
+        pending.touch()
+    if todo and parallel:
+        report.fused = _fuse_on_dask(fuse, groups, workers, client, progress)
+    else:
+        report.fused = _fuse_serial(fuse, groups, progress)
+    if todo or rebuild:
+        root = omezarr.open_image(image)
+        images = [root, *([root[DISAGREEMENT]] if settings["confidence"] else [])]
+        recorded = done_names(run_dir, task) if rebuild else set()
+        fused = todo if not rebuild else [i for i in range(plan.n_chunks)
+                                          if plan.chunk_name(i) in recorded]
+        skip: dict[int, set[tuple[int, ...]]] = {}
+        if "1" in root:  # level-1 chunks the tasks wrote from memory
+            block1 = omezarr.write_block(root["1"])
+            skip[1] = {tuple(d.start // b for d, b in zip(dst, block1, strict=True))
+                       for g in groups for dst, _, _ in level1_parents(plan, root["1"], g)}
+        for img in images:
+            omezarr.build_pyramid(img, [plan.write_region(i) for i in fused], skip=skip)
+        pending.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _fuse_on_dask(fuse: FuseTask, todo: list[int], workers: int, client: Any,
-                  progress: bool, per_task: int = 8) -> list[str]:
-    """Fuse ``todo`` on dask, ``per_task`` chunks per task (amortises opening the arrays)."""
+def _fuse_serial(fuse: FuseTask, groups: list[list[int]], progress: bool) -> list[str]:
+    bar = _bar(sum(map(len, groups)), progress)
+    names = []
+    for group in groups:
+        names += fuse(group)
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return names
+
+
+def _fuse_on_dask(fuse: FuseTask, groups: list[list[int]], workers: int, client: Any,
+                  progress: bool) -> list[str]:
+    """Fuse the chunk ``groups`` on dask, one task per group."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -387,10 +802,17 @@ def _fuse_on_dask(fuse: FuseTask, todo: list[int], workers: int, client: Any,
         own = Client(cluster)
     try:
         c = client or own
-        groups = [todo[k:k + per_task] for k in range(0, len(todo), per_task)]
         futures = [c.submit(fuse, g, pure=False) for g in groups]
-        done = as_completed(futures)
-        return sorted(n for f in _progress(done, progress, "fuse") for n in f.result())
+        bar = _bar(sum(map(len, groups)), progress)
+        names = []
+        for f in as_completed(futures):
+            done = f.result()
+            names += done
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return sorted(names)
     finally:
         if cluster is not None:
             own.close()
@@ -414,18 +836,19 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
     if overwrite:
         shutil.rmtree(run_dir / "done" / task, ignore_errors=True)
     omezarr.create_image(image, plan.shape, plan.chunk, settings["levels"],
-                         tuple(settings["voxel_size_um"]), {"hpcstain": settings},
+                         tuple(settings["voxel_size_um"] or ()) or None, {"hpcstain": settings},
                          name=name.removesuffix(".zarr").removesuffix(".ome"),
-                         overwrite=overwrite, version=settings["ngff"])
+                         overwrite=overwrite, version=settings["ngff"],
+                         scalars=(DISAGREEMENT,) if settings.get("confidence") else ())
     (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
 
 
-def _progress(items: Any, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return items
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled or not total:
+        return None
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="chunk")
+    return tqdm(total=total, desc="fuse", unit="chunk")
 
 
 __all__ = ["METHODS", "FuseReport", "fuse_block", "fuse_consistency", "fuse_mean",

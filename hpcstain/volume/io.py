@@ -4,6 +4,8 @@ An input spec names the file and, where the format has them, the array inside it
 
 * ``sample.zarr`` (a single array, or a group holding a ``ct`` array, or a group holding
   exactly one array) or ``sample.zarr:path/in/group``
+* ``image.ome.zarr`` (an OME-Zarr image group, NGFF 0.4/0.5: its level 0; axes z, y, x
+  plus optional channel/time axes of length 1)
 * ``scan.h5`` (dataset ``/entry/data/data``, the NeXus convention) or ``scan.h5:/some/ds``
 * ``stack.tif`` (a multipage TIFF: one page per z slice, or one 3D page) or a folder of
   2D slices (``*.tif``/``*.tiff``, sorted by name)
@@ -12,6 +14,10 @@ An input spec names the file and, where the format has them, the array inside it
 reads only what a chunk asks for with :meth:`VolumeSource.read`. Non-finite values are an
 :class:`~hpcstain.errors.InputError` naming the file (``nan_policy="error"``) or are
 replaced by ``nan_value`` (``nan_policy="replace"``).
+
+The physical voxel size (µm, z/y/x) is searched in the format's metadata when the volume
+is opened (:mod:`hpcstain.volume.voxelsize`): :attr:`VolumeSource.voxel_size_um`, with
+where it was found in :attr:`VolumeSource.voxel_size_from`.
 
 Raw intensity levels (bone, background) put the CT on the checkpoint's §2.5 convention
 (:func:`hpcstain.inference.ct_to_unit`: mean bone and background onto the levels the model
@@ -32,15 +38,14 @@ from typing import Any, Literal
 import numpy as np
 
 from hpcstain.errors import HpcstainError, InputError, UsageError
+from hpcstain.volume import voxelsize
+from hpcstain.volume.voxelsize import VoxelSize
 
 Region = tuple[slice, slice, slice]
 NanPolicy = Literal["error", "replace"]
 
 DEFAULT_H5_DATASET = "/entry/data/data"
 TIFF_SUFFIXES = (".tif", ".tiff")
-
-# Keys looked up (in this order) in zarr attributes / HDF5 attributes for the voxel size.
-_VOXEL_SIZE_KEYS = ("voxel_size_um", "voxel_size", "pixel_size_um", "resolution_um")
 
 
 # --------------------------------------------------------------------------- specs
@@ -143,21 +148,30 @@ class _Reader:
     shape: tuple[int, ...]
     dtype: np.dtype
     attrs: dict[str, Any]
+    voxel: VoxelSize | None = None
+    voxel_notes: list[str]
 
     def read(self, region: Region) -> np.ndarray:
         raise NotImplementedError
 
 
 class _ZarrReader(_Reader):
+    """A zarr array, a group's ``ct``/only array, or an OME-Zarr image's level 0.
+
+    Axes of length 1 that an OME-Zarr image puts before z, y, x (channel, time) are
+    indexed away, so the volume is always 3D.
+    """
+
     def __init__(self, spec: VolumeSpec) -> None:
         import zarr
 
         if not spec.path.exists():
             raise InputError(f"{spec.path}: no such zarr store")
         try:
-            node = zarr.open(store=str(spec.path), mode="r")
+            root = zarr.open(store=str(spec.path), mode="r")
         except Exception as exc:  # zarr raises several types for unreadable stores
             raise InputError(f"{spec.path}: not a readable zarr store ({exc})") from None
+        node = root
         if spec.key:
             if not isinstance(node, zarr.Group):
                 raise InputError(f"{spec.path}: is an array, not a group; drop ':{spec.key}'")
@@ -167,18 +181,30 @@ class _ZarrReader(_Reader):
                 raise InputError(f"{spec.path}: no array {spec.key!r} in the group "
                                  f"(arrays: {sorted(node.array_keys())})") from None
         if isinstance(node, zarr.Group):
-            node = _pick_group_array(spec.path, node)
+            node = _pick_group_array(spec, node)
         if not isinstance(node, zarr.Array):
             raise InputError(f"{spec}: not an array")
         self.spec = spec
         self.array = node
-        self.shape = tuple(node.shape)
+        parents = _zarr_parents(root, node)
+        image = _ngff_parent(node, parents)
+        self.keep = _ngff_spatial(spec, node, image[1]) if image else list(range(node.ndim))
+        self.shape = tuple(int(node.shape[d]) for d in self.keep)
         self.dtype = np.dtype(node.dtype)
         self.attrs = dict(node.attrs)
+        self.voxel, self.voxel_notes = voxelsize.search(
+            lambda notes: _zarr_voxel(spec, node, parents, notes))
+
+    def _index(self, region: Region) -> tuple[Any, ...]:
+        """A 3D region → an index of the stored array (0 on the dropped length-1 axes)."""
+        out: list[Any] = [0] * self.array.ndim
+        for d, s in zip(self.keep, region, strict=True):
+            out[d] = s
+        return tuple(out)
 
     def read(self, region: Region) -> np.ndarray:
         try:
-            return np.asarray(self.array[region])
+            return np.asarray(self.array[self._index(region)])
         except _PASS_THROUGH:
             raise
         except Exception as exc:  # codecs raise RuntimeError/ValueError/... on bad bytes
@@ -186,14 +212,18 @@ class _ZarrReader(_Reader):
 
     def _damage(self, region: Region, exc: BaseException) -> InputError:
         """Name the storage chunk (file) whose bytes do not decode."""
-        grid = getattr(self.array, "shards", None) or self.array.chunks
-        found = locate_damage(lambda r: self.array[r], region, self.shape, tuple(grid))
+        full = tuple(getattr(self.array, "shards", None) or self.array.chunks)
+        grid = tuple(full[d] for d in self.keep)
+        found = locate_damage(lambda r: self.array[self._index(r)], region, self.shape, grid)
         if found is None:
             return damaged_input(str(self.spec), region, exc)
         idx, sub, chunk_exc = found
+        full_idx = [0] * self.array.ndim
+        for d, i in zip(self.keep, idx, strict=True):
+            full_idx[d] = i
         file: Path | None = None
         try:
-            key = self.array.metadata.encode_chunk_key(idx)
+            key = self.array.metadata.encode_chunk_key(tuple(full_idx))
             file = self.spec.path / self.array.path / key if self.array.path else \
                 self.spec.path / key
         except Exception:  # an unusual store layout: name the chunk by its index only
@@ -202,7 +232,21 @@ class _ZarrReader(_Reader):
                              chunk="storage chunk " + ",".join(str(i) for i in idx), file=file)
 
 
-def _pick_group_array(path: Path, group: Any) -> Any:
+def _pick_group_array(spec: VolumeSpec, group: Any) -> Any:
+    """The array a group stands for: OME-Zarr level 0, its ``ct`` array, or its only one."""
+    path = spec.path
+    meta = voxelsize.ngff_metadata(dict(group.attrs))
+    if meta is None and "bioformats2raw.layout" in dict(group.attrs) and "0" in group:
+        group = group["0"]  # bioformats2raw: the first image sits in group 0
+        meta = voxelsize.ngff_metadata(dict(group.attrs))
+    if meta is not None:
+        datasets = meta.get("datasets") or []
+        level0 = str(datasets[0].get("path", "")) if datasets else ""
+        try:
+            return group[level0]
+        except KeyError:
+            raise InputError(f"{spec}: OME-Zarr image without its level-0 array "
+                             f"{level0!r}") from None
     names = sorted(group.array_keys())
     if "ct" in names:
         return group["ct"]
@@ -210,6 +254,66 @@ def _pick_group_array(path: Path, group: Any) -> Any:
         return group[names[0]]
     raise InputError(f"{path}: group holds {len(names)} arrays {names} and no 'ct'; "
                      f"name one as {path}:ARRAY")
+
+
+def _zarr_parents(root: Any, node: Any) -> list[Any]:
+    """The groups above ``node`` in its store, nearest first."""
+    if node is root or not node.path:
+        return []
+    parts = node.path.strip("/").split("/")[:-1]
+    out = [root]
+    for k in range(len(parts)):
+        try:
+            out.append(root["/".join(parts[:k + 1])])
+        except Exception:  # a path that does not open as a group: stop climbing
+            break
+    return out[::-1]
+
+
+def _ngff_parent(node: Any, parents: list[Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(group, multiscale) when ``node`` is a dataset of its parent's OME-Zarr multiscale."""
+    if not parents:
+        return None
+    meta = voxelsize.ngff_metadata(dict(parents[0].attrs))
+    name = node.path.strip("/").split("/")[-1]
+    if meta and any(str(d.get("path")) == name for d in meta.get("datasets") or []):
+        return parents[0], meta
+    return None
+
+
+def _ngff_spatial(spec: VolumeSpec, node: Any, meta: dict[str, Any]) -> list[int]:
+    """The array dimensions of z, y, x; every other axis must have length 1."""
+    axes = voxelsize.ngff_axes(meta)
+    names = [str(a.get("name")) for a in axes]
+    if len(names) != node.ndim:
+        raise InputError(f"{spec}: OME-Zarr metadata names {len(names)} axes {names} for a "
+                         f"{node.ndim}D array")
+    if [n for n in names if n in ("z", "y", "x")] != ["z", "y", "x"]:
+        raise InputError(f"{spec}: OME-Zarr image has axes {names}; a CT volume needs z, y, x "
+                         "(in this order)")
+    extra = [(n, node.shape[d]) for d, n in enumerate(names)
+             if n not in ("z", "y", "x") and node.shape[d] != 1]
+    if extra:
+        shown = ", ".join(f"{n}={k}" for n, k in extra)
+        raise InputError(f"{spec}: OME-Zarr image has {shown}; hpcstain stains one "
+                         "single-channel CT volume (other axes must have length 1)")
+    return [names.index(a) for a in ("z", "y", "x")]
+
+
+def _zarr_voxel(spec: VolumeSpec, node: Any, parents: list[Any], notes: list[str]
+                ) -> VoxelSize | None:
+    """The array's attributes, its OME-Zarr scale, then each parent group's attributes."""
+    found = voxelsize.from_attrs(dict(node.attrs), str(spec), notes)
+    image = _ngff_parent(node, parents)
+    if found is None and image is not None:
+        name = node.path.strip("/").split("/")[-1]
+        found = voxelsize.from_multiscales(image[1], name, str(spec.path), notes)
+    for group in parents:
+        if found is not None:
+            break
+        where = f"{spec.path}:{group.path}" if group.path else f"{spec.path} (group)"
+        found = voxelsize.from_attrs(dict(group.attrs), where, notes)
+    return found
 
 
 class _H5Reader(_Reader):
@@ -232,6 +336,8 @@ class _H5Reader(_Reader):
                 self.shape = tuple(ds.shape)
                 self.dtype = np.dtype(ds.dtype)
                 self.attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+                self.voxel, self.voxel_notes = voxelsize.search(
+                    lambda notes: voxelsize.from_hdf5(fh, self.key, notes))
         except OSError as exc:
             raise InputError(f"{spec.path}: not a readable HDF5 file ({exc})") from None
         self._file: Any = None
@@ -308,6 +414,8 @@ class _TiffReader(_Reader):
                 self.dtype = np.dtype(series.dtype)
                 self.n_pages = len(series.pages)
                 self.attrs = _tiff_attrs(tf)
+                self.voxel, self.voxel_notes = voxelsize.search(
+                    lambda notes: voxelsize.from_tiff(tf, str(spec.path), notes))
         except _PASS_THROUGH:
             raise
         except Exception as exc:  # TiffFileError, OSError, IndexError, struct.error...
@@ -362,6 +470,8 @@ class _TiffFolderReader(_Reader):
             with tifffile.TiffFile(self.files[0]) as tf:
                 first = tf.series[0]
                 plane_shape, self.dtype = tuple(first.shape), np.dtype(first.dtype)
+                self.voxel, self.voxel_notes = voxelsize.search(
+                    lambda notes: voxelsize.from_tiff(tf, str(self.files[0]), notes))
         except _PASS_THROUGH:
             raise
         except Exception as exc:  # TiffFileError, OSError, IndexError, struct.error...
@@ -419,11 +529,28 @@ class VolumeSource:
     nan_value: float = 0.0
     attrs: dict[str, Any] = field(default_factory=dict)
     _reader: _Reader | None = field(default=None, repr=False)
+    voxel: VoxelSize | None = None
+    voxel_notes: tuple[str, ...] = ()
 
     @property
     def voxel_size_um(self) -> tuple[float, float, float] | None:
         """The voxel size recorded in the input's metadata, if any (µm, z/y/x)."""
+        if self.voxel is not None:
+            return self.voxel.zyx_um
         return voxel_size_from_attrs(self.attrs)
+
+    @property
+    def voxel_size_from(self) -> str:
+        """Where the voxel size was found (field, value and unit as stored), or ''."""
+        if self.voxel is not None:
+            return self.voxel.source
+        return "attributes" if voxel_size_from_attrs(self.attrs) else ""
+
+    def voxel_size_note(self) -> str | None:
+        """The one-line note for a volume whose metadata holds no usable voxel size."""
+        if self.voxel_size_um is not None:
+            return None
+        return voxelsize.absent_note(str(self.spec), self.voxel_notes)
 
     def read(self, region: Region) -> np.ndarray:
         """The voxels in ``region`` (slices with explicit, in-bounds start/stop)."""
@@ -463,7 +590,8 @@ def open_volume(spec: str | os.PathLike[str], nan_policy: NanPolicy = "error",
     if nan_policy == "replace" and not np.isfinite(nan_value):
         raise UsageError(f"nan_value must be finite, got {nan_value}")
     source = VolumeSource(parsed, shape, dtype, nan_policy, float(nan_value),  # type: ignore[arg-type]
-                          dict(reader.attrs), reader)
+                          dict(reader.attrs), reader, voxel=reader.voxel,
+                          voxel_notes=tuple(reader.voxel_notes))
     if scan and dtype.kind == "f" and nan_policy == "error":
         for _ in source.iter_slabs():
             pass
@@ -488,19 +616,9 @@ def apply_nan_policy(data: np.ndarray, policy: NanPolicy, value: float, spec: An
 
 
 def voxel_size_from_attrs(attrs: dict[str, Any]) -> tuple[float, float, float] | None:
-    """A (z, y, x) voxel size in µm from common metadata keys, or None."""
-    for key in _VOXEL_SIZE_KEYS:
-        if key in attrs:
-            value = attrs[key]
-            try:
-                if isinstance(value, int | float):
-                    return (float(value),) * 3  # type: ignore[return-value]
-                vals = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                continue
-            if len(vals) == 3:
-                return vals  # type: ignore[return-value]
-    return None
+    """A (z, y, x) voxel size in µm from a dict of attributes (units honoured), or None."""
+    found = voxelsize.from_attrs(attrs, "attributes", [])
+    return found.zyx_um if found is not None else None
 
 
 # --------------------------------------------------------------------------- levels

@@ -3,15 +3,20 @@
 Layout (what napari-ome-zarr and ome-zarr-py read; validated in the tests with
 ome-zarr-models): ``multiscales`` with axes ``c`` (channel), ``z``/``y``/``x`` (space,
 micrometer) and one dataset per level (``0``, ``1`` …); each level halves z, y and x
-(rounding up) and carries its ``scale`` and the ``translation`` of its voxel centres.
-``omero`` names the channels R, G, B, A. Arrays are uint8 ``(4, Z, Y, X)``.
+(rounding up) and carries its ``scale`` (the voxel size in µm × 2^level) and the
+``translation`` of its voxel centres. Without a known voxel size the scale is 1 per voxel
+and the space axes carry no ``unit`` (NGFF makes it optional: viewers then show voxels,
+not a made-up length).
+``omero`` names the channels R, G, B, A. Arrays are uint8 ``(4, Z, Y, X)``, zstd level 1.
+Scalar images (fuse's ``disagreement``) nest inside as one-channel images of their own,
+``<image>/<name>``, with the same levels, chunks and transforms (``create_image(scalars=)``).
 
 * NGFF 0.4: a zarr v2 group, the metadata at the top of its attributes, chunks
   ``(4, cz, cy, cx)`` with "/"-separated keys.
 * NGFF 0.5: a zarr v3 group, the metadata under ``attributes["ome"]``; each array is
   **sharded**: one shard per storage chunk of the plan ``(4, cz, cy, cx)`` holding inner
   chunks of half its edge (fewer files for large volumes, small reads for viewers). One
-  writer per shard: a fuse task owns exactly one shard.
+  writer per shard: a fuse task owns whole shards.
 
 Pyramid levels are mean-downsampled from the level below, voxel block by voxel block, so
 any region can be refreshed after its level-0 voxels change (:func:`build_pyramid`), and
@@ -20,6 +25,7 @@ the final pyramid does not depend on the order regions were written in.
 
 from __future__ import annotations
 
+import functools
 import os
 from itertools import product
 from pathlib import Path
@@ -53,24 +59,27 @@ def default_levels(shape: tuple[int, int, int], min_edge: int = 16, max_levels: 
     return n
 
 
-def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float],
+def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float] | None,
                          name: str = "image", version: str = NGFF_VERSION) -> dict[str, Any]:
     """NGFF ``multiscales`` + ``omero`` attributes for an RGBA (c, z, y, x) image.
 
     0.4: the two keys at the top of the attributes, each with a ``version``; 0.5: both
-    under ``ome`` (with one ``version`` there).
+    under ``ome`` (with one ``version`` there). ``voxel_size_um`` None: scale 1 per voxel,
+    no unit on the space axes.
     """
+    size = (1.0, 1.0, 1.0) if voxel_size_um is None else tuple(float(v) for v in voxel_size_um)
+    unit = {} if voxel_size_um is None else {"unit": "micrometer"}
     datasets = []
     for k in range(n_levels):
         f = 2 ** k
-        scale = [1.0, *(v * f for v in voxel_size_um)]
-        shift = [0.0, *(v * (f - 1) / 2 for v in voxel_size_um)]
+        scale = [1.0, *(v * f for v in size)]
+        shift = [0.0, *(v * (f - 1) / 2 for v in size)]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
         if k > 0:
             transforms.append({"type": "translation", "translation": shift})
         datasets.append({"path": str(k), "coordinateTransformations": transforms})
     axes = [{"name": "c", "type": "channel"}] + [
-        {"name": a, "type": "space", "unit": "micrometer"} for a in ("z", "y", "x")]
+        {"name": a, "type": "space", **unit} for a in ("z", "y", "x")]
     meta = {
         "multiscales": [{
             "version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,
@@ -98,10 +107,14 @@ def inner_chunk(chunk: tuple[int, ...]) -> tuple[int, ...]:
 
 def create_image(path: str | os.PathLike[str], shape: tuple[int, int, int],
                  chunk: tuple[int, int, int], n_levels: int,
-                 voxel_size_um: tuple[float, float, float], extra_attrs: dict[str, Any],
+                 voxel_size_um: tuple[float, float, float] | None, extra_attrs: dict[str, Any],
                  name: str = "image", overwrite: bool = False,
-                 version: str = NGFF_VERSION) -> Path:
-    """Create an empty RGBA OME-Zarr image (metadata only) atomically at ``path``."""
+                 version: str = NGFF_VERSION, scalars: tuple[str, ...] = ()) -> Path:
+    """Create an empty RGBA OME-Zarr image (metadata only) atomically at ``path``.
+
+    ``scalars`` names one-channel uint8 images nested in it (``path/<name>``, each with its
+    own NGFF metadata and the same levels, chunks, scale and translation: :func:`scalar_metadata`).
+    """
     import zarr
 
     if version not in NGFF_VERSIONS:
@@ -111,19 +124,50 @@ def create_image(path: str | os.PathLike[str], shape: tuple[int, int, int],
                          f"got {version!r}")
     with atomic_output(path, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2 if version == "0.4" else 3)
-        for k, lshape in enumerate(level_shapes(shape, n_levels)):
-            lchunk = tuple(min(c, n) for c, n in zip(chunk, lshape, strict=True))
-            if version == "0.4":
-                root.create_array(str(k), shape=(4, *lshape), chunks=(4, *lchunk),
-                                  dtype="uint8", fill_value=0,
-                                  chunk_key_encoding={"name": "v2", "separator": "/"})
-            else:
-                root.create_array(str(k), shape=(4, *lshape), shards=(4, *lchunk),
-                                  chunks=(4, *inner_chunk(lchunk)), dtype="uint8",
-                                  fill_value=0, dimension_names=["c", "z", "y", "x"])
-        root.attrs.update({**multiscales_metadata(n_levels, voxel_size_um, name, version),
-                           **extra_attrs})
+        meta = multiscales_metadata(n_levels, voxel_size_um, name, version)
+        _create_levels(root, shape, chunk, n_levels, version, len(CHANNELS))
+        root.attrs.update({**meta, **extra_attrs})
+        for sub in scalars:
+            group = root.create_group(sub)
+            _create_levels(group, shape, chunk, n_levels, version, 1)
+            group.attrs.update(scalar_metadata(meta, sub))
     return Path(path)
+
+
+def _create_levels(root: Any, shape: tuple[int, int, int], chunk: tuple[int, int, int],
+                   n_levels: int, version: str, channels: int) -> None:
+    """The level arrays ``0`` … of an image: uint8, zstd level 1 (several times smaller
+    than zarr v2's default Blosc-LZ4 and faster to write; benchmarks/bench_engine.py)."""
+    from numcodecs import Zstd
+    from zarr.codecs import ZstdCodec
+
+    for k, lshape in enumerate(level_shapes(shape, n_levels)):
+        lchunk = tuple(min(c, n) for c, n in zip(chunk, lshape, strict=True))
+        if version == "0.4":
+            root.create_array(str(k), shape=(channels, *lshape), chunks=(channels, *lchunk),
+                              dtype="uint8", fill_value=0, compressors=Zstd(level=1),
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+        else:
+            root.create_array(str(k), shape=(channels, *lshape), shards=(channels, *lchunk),
+                              chunks=(channels, *inner_chunk(lchunk)), dtype="uint8",
+                              fill_value=0, compressors=ZstdCodec(level=1),
+                              dimension_names=["c", "z", "y", "x"])
+
+
+def scalar_metadata(meta: dict[str, Any], name: str, window: tuple[int, int] = (0, 64)
+                    ) -> dict[str, Any]:
+    """NGFF attributes of a one-channel image nested in an RGBA image with attributes
+    ``meta``: the same axes, levels and transforms; one grey channel ``name`` shown over
+    ``window`` (viewers' default contrast)."""
+    import copy
+
+    out = copy.deepcopy(meta)
+    ngff = out.get("ome", out)
+    ngff["multiscales"][0]["name"] = name
+    ngff["omero"].update(name=name, rdefs={"model": "greyscale"}, channels=[{
+        "label": name, "color": "FFFFFF", "active": True,
+        "window": {"start": window[0], "end": window[1], "min": 0, "max": 255}}])
+    return out
 
 
 def open_image(path: str | os.PathLike[str], mode: str = "r+") -> Any:
@@ -168,6 +212,13 @@ def rounded_mean(sums: np.ndarray, counts: np.ndarray | int) -> np.ndarray:
     return (q + up).astype(np.uint8)
 
 
+@functools.cache
+def rounded_mean_table(n: int) -> np.ndarray:
+    """:func:`rounded_mean` of every possible sum of ``n`` uint8 values: indexing this
+    table with the sums gives the same values at a fraction of the cost."""
+    return rounded_mean(np.arange(255 * n + 1, dtype=np.int64), n)
+
+
 def downsample2(block: np.ndarray) -> np.ndarray:
     """2×2×2 block mean over the last three axes (partial blocks at the end), uint8."""
     c, z, y, x = block.shape
@@ -175,7 +226,7 @@ def downsample2(block: np.ndarray) -> np.ndarray:
         sums = np.zeros((c, z // 2, y // 2, x // 2), np.uint16)
         for dz, dy, dx in product((0, 1), repeat=3):  # 8 strided adds beat a reshape-sum
             sums += block[:, dz::2, dy::2, dx::2]
-        return rounded_mean(sums, 8)
+        return rounded_mean_table(8)[sums]
     pad = [(0, 0)] + [(0, n % 2) for n in (z, y, x)]
     vals = np.pad(block.astype(np.uint16), pad)
     ones = np.pad(np.ones((z, y, x), np.uint16), pad[1:])
@@ -185,11 +236,14 @@ def downsample2(block: np.ndarray) -> np.ndarray:
     return rounded_mean(sums, counts)
 
 
-def build_pyramid(root: Any, regions: list[Region]) -> None:
+def build_pyramid(root: Any, regions: list[Region],
+                  skip: dict[int, set[tuple[int, ...]]] | None = None) -> None:
     """Recompute levels above 0 over changed level-0 ``regions``, each storage chunk once.
 
     Level k is computed from level k-1 per level-k storage chunk touched by the regions
     (so a chunk shared by several changed regions is written once, by one writer).
+    ``skip`` maps a level to the grid coordinates of its storage chunks already written
+    (by the fuse tasks, from memory); the levels above still see them as changed.
     """
     shapes = level_shapes(tuple(root["0"].shape[1:]), n_levels_of(root))
     for k in range(1, len(shapes)):
@@ -199,6 +253,7 @@ def build_pyramid(root: Any, regions: list[Region]) -> None:
         touched: set[tuple[int, ...]] = set()
         for r in regions:
             touched.update(chunks_touched(r, chunk))
+        touched -= (skip or {}).get(k, set())
         below = shapes[k - 1]
         for coords in sorted(touched):
             dst = tuple(slice(i * c, min(n, (i + 1) * c))

@@ -1,0 +1,92 @@
+"""In-progress and failure markers of work units (what ``hpcstain status`` reads).
+
+Beside the completion records (``RUN_DIR/done/<task>/<unit>.json``, written only once a
+unit's data is durable) the engine keeps two kinds of marker:
+
+* ``RUN_DIR/running/<task>/<unit>.json``: written when a worker starts computing a unit,
+  removed when it finishes or raises. A marker left behind means the worker died without
+  unwinding (SIGKILL, out-of-memory kill, node failure, SLURM cancel). It names the worker
+  (host, pid, SLURM job / array ids, start time), so ``status`` can tell whether that
+  worker still exists.
+* ``RUN_DIR/failed/<task>/<unit>.json``: written when computing a unit raised an
+  exception (with the error's first line); removed when the unit later succeeds.
+
+Neither changes what is computed: a unit is done exactly when its completion record
+exists, and every executor re-runs units without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcstain.atomic import write_text_atomic
+
+RUNNING = "running"
+FAILED = "failed"
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID")
+
+
+def marker_path(run_dir: str | os.PathLike[str], kind: str, task: str, name: str) -> Path:
+    return Path(run_dir) / kind / task / f"{name}.json"
+
+
+def worker_identity(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Who is working: host, pid, SLURM ids (when under SLURM) and the time."""
+    env = dict(os.environ) if env is None else env
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                             "time": time.time()}
+    slurm = {k.removeprefix("SLURM_").lower(): env[k] for k in SLURM_IDS if env.get(k)}
+    if slurm:
+        ident["slurm"] = slurm
+    return ident
+
+
+def mark_running(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
+    write_text_atomic(marker_path(run_dir, RUNNING, task, name),
+                      json.dumps({"unit": name, **worker_identity()}) + "\n")
+
+
+def clear_running(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
+    marker_path(run_dir, RUNNING, task, name).unlink(missing_ok=True)
+
+
+def mark_failed(run_dir: str | os.PathLike[str], task: str, name: str,
+                exc: BaseException) -> None:
+    """Record that computing ``name`` raised ``exc`` (best effort: never masks ``exc``)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    with contextlib.suppress(OSError):
+        write_text_atomic(marker_path(run_dir, FAILED, task, name), json.dumps(
+            {"unit": name, "error": f"{type(exc).__name__}: {first}".rstrip(": "),
+             **worker_identity()}) + "\n")
+
+
+def clear_failed(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
+    marker_path(run_dir, FAILED, task, name).unlink(missing_ok=True)
+
+
+def read_markers(run_dir: str | os.PathLike[str], kind: str, task: str
+                 ) -> dict[str, dict[str, Any]]:
+    """Every marker of ``kind`` for ``task``, by unit name (unreadable ones as ``{}``)."""
+    return read_json_folder(Path(run_dir) / kind / task)
+
+
+def read_json_folder(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every ``*.json`` record in ``folder`` by file stem (unreadable ones as ``{}``)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not folder.is_dir():
+        return out
+    for path in folder.iterdir():
+        if path.suffix != ".json" or path.name.startswith("."):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        out[path.stem] = data if isinstance(data, dict) else {}
+    return out
