@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from hpcstain.config import Config, load_config
+from hpcstain.train.trainer import StopFlag
 
 MICRO = ["data.patch_size=32", "data.patches_per_pair=4", "data.batch_size=2",
          "data.n_folds=0", "data.n_test=0", "model.ngf=4", "model.ndf=4", "model.n_blocks=1"]
@@ -13,3 +15,34 @@ MICRO = ["data.patch_size=32", "data.patches_per_pair=4", "data.batch_size=2",
 def micro_config(manifest: str | Path, *extra: str) -> Config:
     """``modcyclegan-tiny`` shrunk further; ``extra`` overrides win."""
     return load_config("modcyclegan-tiny", [f"data.manifest={manifest}", *MICRO, *extra])
+
+
+def untrained_generator_checkpoint(path: Path) -> Path:
+    """A tiny untrained generator (ngf 4, 1 block) saved like a ``min-*.pt``."""
+    from hpcstain.config import to_dict
+    from hpcstain.models import architecture_of, build_model
+    from hpcstain.train.checkpoint import save_checkpoint
+
+    cfg = Config()
+    cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1
+    model = build_model(cfg.model, cfg.loss, "cpu", seed=0)
+    return save_checkpoint(path, {"architecture": architecture_of(cfg.model),
+                                  "config": to_dict(cfg), "model": model.generator_state_dict()})
+
+
+
+class StopAfter(StopFlag):
+    """A stop flag that trips after ``n`` polls (one poll per training step), like SIGUSR1."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.polls, self.signum = n, 0, signal.SIGUSR1
+
+    @property  # type: ignore[override]
+    def requested(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.n
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass

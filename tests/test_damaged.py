@@ -26,16 +26,9 @@ LEVELS = ["--bone-level", "30000", "--background-level", "10000"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained generator saved like a ``min-*.pt`` (generators only)."""
-    from hpcstain.config import Config, to_dict
-    from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
+    from micro import untrained_generator_checkpoint
 
-    cfg = Config()
-    cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1
-    model = build_model(cfg.model, cfg.loss, "cpu", seed=0)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "g.pt", {
-        "architecture": architecture_of(cfg.model), "config": to_dict(cfg),
-        "model": model.generator_state_dict()})
+    return untrained_generator_checkpoint(tmp_path_factory.mktemp("ckpt") / "g.pt")
 
 
 def phantom(path: Path) -> Path:

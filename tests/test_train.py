@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from micro import micro_config
+from micro import StopAfter, micro_config
 
 from hpcstain.config import Config, save_config
 from hpcstain.errors import InputError
 from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
-from hpcstain.train.trainer import EXIT_PREEMPTED, StopFlag, train
+from hpcstain.train.trainer import EXIT_PREEMPTED, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -32,25 +32,6 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny(manifest: Path, *extra: str) -> Config:
     return micro_config(manifest, "train.epochs=2", "train.checkpoint_every=0", *extra)
-
-
-class StopAfter(StopFlag):
-    """A stop flag that trips after ``n`` polls, i.e. after n training steps."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-        self.polls = 0
-        self.signum = signal.SIGUSR1
-
-    @property  # type: ignore[override]
-    def requested(self) -> bool:
-        self.polls += 1
-        return self.polls >= self.n
-
-    @requested.setter
-    def requested(self, value: bool) -> None:
-        pass
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

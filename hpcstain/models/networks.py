@@ -19,7 +19,7 @@ from hpcstain.errors import ConfigError, InputError
 
 NORMS = ("instance", "batch")
 UPSAMPLINGS = ("transpose", "resize")
-GENERATORS = ("resnet", "unet256")
+GENERATORS = ("resnet", "unet256", "s2dnet", "dsresnet")
 
 # --------------------------------------------------------------------------- layer factories
 
@@ -265,6 +265,11 @@ def build_generator(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn
                                cfg.upsampling, cfg.use_dropout)
     if cfg.generator == "unet256":
         return UnetGenerator(in_channels, out_channels, cfg.ngf, 8, cfg.norm, cfg.use_dropout)
+    if cfg.generator in ("s2dnet", "dsresnet"):  # distillation students (models/students.py)
+        from hpcstain.models.students import build_student
+
+        return build_student(cfg.generator, in_channels, out_channels, cfg.ngf, cfg.n_blocks,
+                             cfg.norm)
     raise ConfigError(f"model.generator: must be one of {list(GENERATORS)}, "
                       f"got {cfg.generator!r}")
 

@@ -140,6 +140,10 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     from hpcstain.data.manifest import read_manifest
     from hpcstain.data.sampler import PairedPatchDataset, load_slides
 
+    if cfg.model.variant == "distill":  # teacher-labelled CT of pairs and volumes
+        from hpcstain.distill import build_distill_data
+
+        return build_distill_data(cfg, run_dir, env)
     if not cfg.data.manifest:
         raise InputError("data.manifest: no pair manifest given (data.manifest=PATH)")
     pairs = read_manifest(cfg.data.manifest)
@@ -207,6 +211,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     from hpcstain.models.gans import build_model, check_architecture
 
     run_dir = Path(run_dir)
+    if cfg.model.variant == "distill":  # the student takes the teacher's CT conventions
+        from hpcstain.distill import adopt_teacher
+
+        cfg = adopt_teacher(cfg)
     env = distributed.setup(cfg.train.device)
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest.pt"
