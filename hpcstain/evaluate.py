@@ -233,7 +233,12 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                   min_coverage: float = MIN_COVERAGE, lpips: LPIPS | None = None,
                   pixel_size_um: float | None = None, batch_size: int = 0) -> PairResult:
     """Stain one pair's CT, score every comparison, measure the seam index."""
-    output = predict_slide(data.ct, stainer.fn, stainer.in_channels, rois=data.rois,
+    ct = data.ct
+    if stainer.conventions.cupping == "radial":  # the checkpoint's CT preprocessing
+        from hpcstain.cupping import correct_slide
+
+        ct = correct_slide(ct, name=f"ct {data.id}")
+    output = predict_slide(ct, stainer.fn, stainer.in_channels, rois=data.rois,
                            tiling=tiling, target=stainer.levels, batch_size=batch_size,
                            size_multiple=stainer.conventions.size_multiple)
     images = {"model": output, "histology": data.histology, "raw_ct": data.raw_ct}

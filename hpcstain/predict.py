@@ -247,6 +247,10 @@ def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None 
                              stretch_c=stainer.stretch_c, batch_size=batch_size,
                              size_multiple=stainer.conventions.size_multiple)
     ct = as_ct(data, f"ct {spec}")
+    if stainer.conventions.cupping == "radial":  # the checkpoint's CT preprocessing
+        from hpcstain.cupping import correct_slide
+
+        ct = correct_slide(ct, name=f"ct {spec}")
     m = read_mask(mask, ct.shape) if mask else None
     try:
         return predict_slide(ct, stainer.fn, stainer.in_channels, levels=levels, tiling=tiling,

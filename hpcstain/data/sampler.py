@@ -14,7 +14,7 @@ patches do not depend on the epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +90,22 @@ def pair_rois(pair: Pair, ct: np.ndarray, rgb: np.ndarray) -> Rois:
     return check_rois(rois, "ROIs")
 
 
-def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None) -> Slide:
-    """Read, normalise (§2.5) and mask (§2.8) one pair."""
+def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
+               cupping: Any = None) -> Slide:
+    """Read, normalise (§2.5) and mask (§2.8) one pair.
+
+    Under ``data.cupping: radial`` the CT is cupping-corrected first with ``cupping`` (a
+    :class:`~hpcstain.cupping.Cupping` fitted on the whole set, see :func:`load_slides`),
+    or, without one, with a fit on this slide alone.
+    """
     try:
         images = read_pair(pair)
+        if cfg.cupping == "radial":  # the checkpoint records it (inference.Conventions)
+            from hpcstain.cupping import apply_cupping, correct_slide
+
+            ct = apply_cupping(images.ct, cupping) if cupping is not None else \
+                correct_slide(images.ct, name=f"ct {pair.id}")
+            images = replace(images, ct=ct)
         rois = pair_rois(pair, images.ct, images.histology)
         bone, background = ct_levels(images.ct, rois)
         ct16 = normalise_ct(images.ct, bone, background, cfg.ct_bone_level,
@@ -113,7 +125,32 @@ def load_slides(pairs: list[Pair], cfg: DataConfig, cache_dir: str | Path | None
     """Every pair normalised in memory; masks cached under ``cache_dir`` when given."""
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return [load_slide(p, cfg, cache_dir) for p in pairs]
+    fits = set_cupping(pairs) if cfg.cupping == "radial" else {}
+    return [load_slide(p, cfg, cache_dir, fits.get(p.id)) for p in pairs]
+
+
+def set_cupping(pairs: list[Pair]) -> dict[str, Any]:
+    """One cupping fit per group of equally sized CT slides (axial sections of one
+    acquisition share the scanner's cupping; one slide alone holds too few voxels for a
+    stable fit): pair id → :class:`~hpcstain.cupping.Cupping`."""
+    from hpcstain.cupping import MAX_FIT_VOXELS, fit_cupping
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in pairs:
+        try:
+            shapes[p.id] = tuple(read_pair(p).ct.shape)
+        except InputError as exc:
+            raise InputError(f"{p.source or p.id} (id {p.id}): {exc}") from None
+    out: dict[str, Any] = {}
+    for shape in sorted(set(shapes.values())):
+        ids = [p for p in pairs if shapes[p.id] == shape]
+        step = max(1, int(np.ceil(np.sqrt(len(ids) * shape[0] * shape[1] / MAX_FIT_VOXELS))))
+        stack = np.stack([read_pair(p).ct[::step, ::step] for p in ids])
+        fit = fit_cupping(stack, np.arange(0, shape[0], step), np.arange(0, shape[1], step),
+                          plane=(shape[0], shape[1]),
+                          name=f"{len(ids)} CT slides of {shape[0]}×{shape[1]}")
+        out.update({p.id: fit for p in ids})
+    return out
 
 
 class PairedPatchDataset(Dataset):

@@ -26,6 +26,7 @@ from hpcstain.models.networks import (
     init_weights,
 )
 from hpcstain.models.pool import ImagePool, pool_seed
+from hpcstain.models.registration import build_registration, smoothness, warp
 
 AutocastFactory = Callable[[], AbstractContextManager[Any]]
 
@@ -33,6 +34,7 @@ ARCHITECTURE_KEYS = ("variant", "generator", "ct_channels", "histology_channels"
                      "n_blocks", "n_layers_d", "upsampling", "norm", "use_dropout")
 CYCLEGAN_VARIANTS = ("modcyclegan", "cyclegan")
 STATE_PARTS = ("generators", "discriminators", "pools")
+REGISTRATION = "registration"  # model.align's net, kept with the generators (training only)
 
 
 def architecture_of(cfg: ModelConfig) -> dict[str, Any]:
@@ -67,6 +69,35 @@ class GanModel:
 
     def _new_pool(self, index: int) -> ImagePool:
         return ImagePool(self.model_cfg.pool_size, pool_seed(self._seed, self._rank, index))
+
+    def _add_registration(self, supervised: bool, what: str) -> None:
+        """With ``model.align``, add the registration net as ``generators["registration"]``.
+
+        It is optimised with the generators (``opt_g``), wrapped and saved with them;
+        inference builds only ``ct2hist``/``hist2ct`` and never needs it. ``supervised``
+        says whether the paired pixel loss ``what`` it serves is on.
+        """
+        if not self.model_cfg.align:
+            return
+        if not supervised:
+            raise ConfigError(f"model.align: aligns the paired pixel loss, but {what} is 0 "
+                              f"(set {what} > 0 or model.align=false)")
+        net = build_registration(self.model_cfg.histology_channels, self.model_cfg.align_width,
+                                 self._init_rng)
+        self.generators[REGISTRATION] = net.to(self.device)
+
+    def _register(self, out: dict[str, Tensor], hist: Tensor) -> None:
+        """``out["disp"]``: the field warping ``out["fake_hist"]`` onto ``hist`` (align on).
+
+        The registration net sees the generator's output detached: the generator learns
+        only through the warped pixel loss, never by steering the field.
+        """
+        if REGISTRATION in self._run_g:
+            out["disp"] = self._run_g[REGISTRATION](out["fake_hist"].detach(), hist)
+
+    def _align_weights(self) -> dict[str, float]:
+        return {"align_smooth": float(self.model_cfg.align_smooth)} if self.model_cfg.align \
+            else {}
 
     def _finish_init(self) -> None:
         """Nets used for backward start as the raw nets; :meth:`wrap` replaces them."""
@@ -245,6 +276,7 @@ class CycleGAN(GanModel):
 
     Loss terms (each ℓ1 masked): GAN both ways (Eq. 2), cycle (Eq. 1), identity (Eq. 3),
     pixelwise supervision both ways (Eq. 5), greyscale of F(hist) (Eq. 6, 3-channel CT).
+    With ``model.align`` the pixel terms compare outputs warped by the registration net.
     """
 
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig,
@@ -260,6 +292,7 @@ class CycleGAN(GanModel):
         self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg, c_hist)),
                                "ct": self._new_net(build_discriminator(model_cfg, c_ct))}
         self.pools = {"hist": self._new_pool(0), "ct": self._new_pool(1)}
+        self._add_registration(loss_cfg.lambda_px > 0, "loss.lambda_px")
         self._finish_init()
 
     @torch.no_grad()
@@ -274,7 +307,7 @@ class CycleGAN(GanModel):
                 "cycle_ct": lam("lambda_cyc"), "cycle_hist": lam("lambda_cyc"),
                 "identity_ct": lam("lambda_id"), "identity_hist": lam("lambda_id"),
                 "pixel_ct2hist": lam("lambda_px"), "pixel_hist2ct": lam("lambda_px"),
-                "greyscale": lam("lambda_gs")}
+                "greyscale": lam("lambda_gs"), **self._align_weights()}
 
     def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         g, f = self._run_g["ct2hist"], self._run_g["hist2ct"]
@@ -286,6 +319,8 @@ class CycleGAN(GanModel):
         if self._lam("lambda_id") > 0:
             out["idt_ct"] = f(ct)
             out["idt_hist"] = g(hist)
+        if self._lam("lambda_px") > 0:
+            self._register(out, hist)
         return out
 
     def _generator_losses(self, batch: dict[str, Tensor],
@@ -303,8 +338,12 @@ class CycleGAN(GanModel):
             terms["identity_ct"] = masked_l1(fakes["idt_ct"], ct, m)
             terms["identity_hist"] = masked_l1(fakes["idt_hist"], hist, m)
         if lam("lambda_px") > 0:
-            terms["pixel_ct2hist"] = masked_l1(fakes["fake_hist"], hist, m)
-            terms["pixel_hist2ct"] = masked_l1(fakes["fake_ct"], ct, m)
+            fake_hist, fake_ct = fakes["fake_hist"], fakes["fake_ct"]
+            if "disp" in fakes:  # model.align: G(ct) onto the histology, F(hist) back
+                fake_hist, fake_ct = warp(fake_hist, fakes["disp"]), warp(fake_ct, -fakes["disp"])
+                terms["align_smooth"] = smoothness(fakes["disp"])
+            terms["pixel_ct2hist"] = masked_l1(fake_hist, hist, m)
+            terms["pixel_hist2ct"] = masked_l1(fake_ct, ct, m)
         if lam("lambda_gs") > 0 and self.model_cfg.ct_channels == 3:
             terms["greyscale"] = greyscale_loss(fakes["fake_ct"], m)
         return terms
@@ -335,6 +374,7 @@ class Pix2Pix(GanModel):
         self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg,
                                                                          c_ct + c_hist))}
         self.pools = {"hist": self._new_pool(0)}
+        self._add_registration(loss_cfg.lambda_l1 > 0, "loss.lambda_l1")
         self._finish_init()
 
     def unstain(self, hist: Tensor) -> Tensor:
@@ -342,10 +382,14 @@ class Pix2Pix(GanModel):
                          "(modcyclegan/cyclegan) checkpoint")
 
     def _generator_weights(self) -> dict[str, float]:
-        return {"G_gan_ct2hist": 1.0, "pixel_ct2hist": self._lam("lambda_l1")}
+        return {"G_gan_ct2hist": 1.0, "pixel_ct2hist": self._lam("lambda_l1"),
+                **self._align_weights()}
 
     def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"fake_hist": self._run_g["ct2hist"](batch["ct"])}
+        out = {"fake_hist": self._run_g["ct2hist"](batch["ct"])}
+        if self._lam("lambda_l1") > 0:
+            self._register(out, batch["histology"])
+        return out
 
     def _generator_losses(self, batch: dict[str, Tensor],
                           fakes: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -354,6 +398,9 @@ class Pix2Pix(GanModel):
         terms = {"G_gan_ct2hist": gan_loss(self.discriminators["hist"](pair), True,
                                            self.loss_cfg.gan_mode)}
         if self._lam("lambda_l1") > 0:
+            if "disp" in fakes:  # model.align: the output warped onto the histology
+                terms["align_smooth"] = smoothness(fakes["disp"])
+                fake = warp(fake, fakes["disp"])
             terms["pixel_ct2hist"] = masked_l1(fake, batch["histology"], batch.get("mask"))
         return terms
 
@@ -376,7 +423,12 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, device: str | torc
         return CycleGAN(model_cfg, loss_cfg, device, seed, rank)
     if model_cfg.variant == "pix2pix":
         return Pix2Pix(model_cfg, loss_cfg, device, seed, rank)
-    raise ConfigError(f"model.variant: must be one of {[*CYCLEGAN_VARIANTS, 'pix2pix']}, "
+    if model_cfg.variant == "distill":  # a student learning a teacher (hpcstain/distill.py)
+        from hpcstain.distill import DistillModel
+
+        return DistillModel(model_cfg, loss_cfg, device, seed, rank)
+    raise ConfigError(f"model.variant: must be one of "
+                      f"{[*CYCLEGAN_VARIANTS, 'pix2pix', 'distill']}, "
                       f"got {model_cfg.variant!r}")
 
 

@@ -101,13 +101,27 @@ def ring_profile(s: Sample) -> tuple[np.ndarray, np.ndarray]:
     return radii.astype(np.float32), profile.astype(np.float32)
 
 
+def cupping_depth(s: Sample) -> float:
+    """Attenuation lost to cupping at the rotation axis (the sample's, else ``CUPPING``)."""
+    return float(CUPPING if s.cupping is None else s.cupping)
+
+
+def cupping_truth(s: Sample) -> dict[str, object]:
+    """The CT's true cupping in grey values: ``ct -= depth_ct * max(0, 1 - (r / radius)²)``,
+    ``r`` the in-slice distance (voxels) from ``centre_yx`` (the rotation axis, along z)."""
+    return {"model": "parabolic", "depth": cupping_depth(s),
+            "depth_ct": cupping_depth(s) * CT_GAIN,
+            "radius": float((s.tube_r + s.tube_t) * s.rf),
+            "centre_yx": [float(s.centre[1]), float(s.centre[2])]}
+
+
 def ct_artefacts_2d(s: Sample, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
     """In-slice cupping (float32 (ny, nx)) and ring map (float32 (ny, nx)) about the z axis."""
     y = (np.arange(ny, dtype=np.float32) - np.float32(s.centre[1]))[:, None]
     x = (np.arange(nx, dtype=np.float32) - np.float32(s.centre[2]))[None, :]
     r = np.sqrt(y * y + x * x)
     r_out = np.float32((s.tube_r + s.tube_t) * s.rf)
-    cup = np.float32(CUPPING) * np.clip(1 - (r / r_out) ** 2, 0, 1)
+    cup = np.float32(cupping_depth(s)) * np.clip(1 - (r / r_out) ** 2, 0, 1)
     radii, profile = ring_profile(s)
     rings = np.interp(r, radii, profile).astype(np.float32)
     return cup, rings

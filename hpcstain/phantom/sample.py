@@ -70,6 +70,7 @@ class Sample:
     vessel_cell: float                   # voxels between candidate canals
     keys: tuple[int, ...]                # seeds of the noise streams
     screw_scale: float = 1.0             # screw radii (crest, thread depth, head) × this
+    cupping: float | None = None         # attenuation lost at the axis; None: render.CUPPING
 
     def lattice(self, key: int, spacing_norm: float, minimum: float = 3.0) -> Lattice:
         """A noise lattice whose spacing is given in normalised units (>= ``minimum`` vox)."""
@@ -103,12 +104,34 @@ def check_screw_scale(screw_scale: float) -> float:
     return v
 
 
+CUPPING_RANGE = (0.0, 0.5)   # attenuation units lost at the rotation axis
+
+
+def check_cupping(cupping: float | None) -> float | None:
+    """A cupping depth in ``CUPPING_RANGE`` (None: the renderer's default) or a UsageError."""
+    from hpcstain.errors import UsageError
+
+    if cupping is None:
+        return None
+    lo, hi = CUPPING_RANGE
+    try:
+        v = float(cupping)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not lo <= v <= hi:
+        raise UsageError(f"cupping {cupping!r}: expected a depth in [{lo:g}, {hi:g}] "
+                         "attenuation units (0.05 is the default, 1 = dense bone)")
+    return v
+
+
 def make_sample(shape: tuple[int, int, int], material: str, seed: int,
-                screw_scale: float = 1.0) -> Sample:
+                screw_scale: float = 1.0, cupping: float | None = None) -> Sample:
     """Draw a sample for a volume of ``shape``; the anatomy depends only on the seed.
 
     ``screw_scale`` multiplies the screw's radii (crest radius, thread depth, head); 1 is
-    the M2-like default, and the rest of the sample does not change with it.
+    the M2-like default, and the rest of the sample does not change with it. ``cupping``
+    is the CT's cupping depth (attenuation units at the rotation axis; None: the
+    renderer's ``CUPPING``); it changes the CT only.
     """
     rng = np.random.default_rng([int(seed), 0x5A3])
     u = rng.uniform
@@ -134,7 +157,7 @@ def make_sample(shape: tuple[int, int, int], material: str, seed: int,
         corrosion=u(0.025, 0.06), swell=u(0.012, 0.025), new_bone_w=u(0.025, 0.045),
         shaft_yz=(shaft_y, u(-0.1, 0.1)), shaft_ro=shaft_ro, shaft_ri=shaft_ro - shaft_t,
         trab_thr=u(0.36, 0.46), vessel_cell=max(7.0, 0.035 * rf), keys=keys,
-        screw_scale=scale,
+        screw_scale=scale, cupping=check_cupping(cupping),
     )
 
 

@@ -12,10 +12,11 @@ import numpy as np
 from hpcstain import __version__
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.errors import UsageError
-from hpcstain.phantom.render import CT_GAIN, CT_OFFSET, PALETTE, render_slab
+from hpcstain.phantom.render import CT_GAIN, CT_OFFSET, PALETTE, cupping_truth, render_slab
 from hpcstain.phantom.sample import (
     LABELS,
     Sample,
+    check_cupping,
     check_material,
     check_screw_scale,
     make_sample,
@@ -40,6 +41,7 @@ class PhantomVolume:
     seed: int
     voxel_size_um: float = VOXEL_SIZE_UM
     screw_scale: float = 1.0
+    cupping: dict[str, object] | None = None   # the CT's true cupping (render.cupping_truth)
 
 
 def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
@@ -55,8 +57,9 @@ def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
 
 
 def metadata(shape: tuple[int, int, int], material: str, seed: int,
-             screw_scale: float = 1.0) -> dict[str, object]:
-    """Attributes stored with every volume (provenance and the label/colour key)."""
+             screw_scale: float = 1.0, cupping: float | None = None) -> dict[str, object]:
+    """Attributes stored with every volume (provenance, the label/colour key and the CT's
+    true cupping: ``cupping`` = render.cupping_truth)."""
     return {
         "generator": "hpcstain.phantom", "generator_version": PHANTOM_VERSION,
         "hpcstain_version": __version__, "material": material, "seed": int(seed),
@@ -64,6 +67,7 @@ def metadata(shape: tuple[int, int, int], material: str, seed: int,
         "shape_zyx": list(shape), "axes": "zyx", "voxel_size_um": VOXEL_SIZE_UM,
         "labels": dict(LABELS), "palette": {k: list(v) for k, v in PALETTE.items()},
         "ct_air": CT_OFFSET, "ct_dense_bone": CT_OFFSET + CT_GAIN,
+        "cupping": cupping_truth(make_sample(shape, material, seed, screw_scale, cupping)),
     }
 
 
@@ -78,11 +82,11 @@ def _render_into(s: Sample, z0: int, z1: int, ny: int, nx: int,
 
 
 def iter_slabs(shape: tuple[int, int, int], material: str, seed: int,
-               slab: int = 64, screw_scale: float = 1.0
+               slab: int = 64, screw_scale: float = 1.0, cupping: float | None = None
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(z0, ct, stain, labels)`` for consecutive slabs of ``slab`` slices."""
     nz, ny, nx = check_shape(shape)
-    s = make_sample((nz, ny, nx), check_material(material), seed, screw_scale)
+    s = make_sample((nz, ny, nx), check_material(material), seed, screw_scale, cupping)
     for z0 in range(0, nz, max(1, int(slab))):
         z1 = min(nz, z0 + max(1, int(slab)))
         ct = np.empty((z1 - z0, ny, nx), np.uint16)
@@ -93,20 +97,21 @@ def iter_slabs(shape: tuple[int, int, int], material: str, seed: int,
 
 
 def make_volume(shape: tuple[int, int, int], material: str, seed: int,
-                screw_scale: float = 1.0) -> PhantomVolume:
+                screw_scale: float = 1.0, cupping: float | None = None) -> PhantomVolume:
     """The whole volume in memory (tests, small demos); equals what the writers store.
 
-    ``screw_scale`` multiplies the screw's radii (1: the default M2-like screw).
+    ``screw_scale`` multiplies the screw's radii (1: the default M2-like screw);
+    ``cupping`` is the CT's cupping depth (attenuation units at the axis; None: 0.05).
     """
     nz, ny, nx = check_shape(shape)
     material = check_material(material)
-    s = make_sample((nz, ny, nx), material, seed, screw_scale)
+    s = make_sample((nz, ny, nx), material, seed, screw_scale, cupping)
     ct = np.empty((nz, ny, nx), np.uint16)
     rgb = np.empty((nz, ny, nx, 3), np.uint8)
     lab = np.empty((nz, ny, nx), np.uint8)
     _render_into(s, 0, nz, ny, nx, ct, rgb, lab)
     return PhantomVolume(ct=ct, stain=rgb, labels=lab, material=material, seed=int(seed),
-                         screw_scale=s.screw_scale)
+                         screw_scale=s.screw_scale, cupping=cupping_truth(s))
 
 
 def volume_format(out: Path) -> str:
@@ -128,7 +133,7 @@ def tiff_truth_paths(out: Path) -> tuple[Path, Path]:
 
 def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: str, seed: int,
                       overwrite: bool = False, chunk: int = 64,
-                      screw_scale: float = 1.0) -> Path:
+                      screw_scale: float = 1.0, cupping: float | None = None) -> Path:
     """Stream a phantom volume to ``out`` (.zarr group, NeXus-like .h5, or TIFF stacks).
 
     All arguments are checked before anything is written; the output appears only once
@@ -139,6 +144,7 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
     dims = check_shape(shape)
     material = check_material(material)
     screw_scale = check_screw_scale(screw_scale)
+    cupping = check_cupping(cupping)
     if int(chunk) <= 0:
         raise UsageError(f"chunk {chunk!r}: expected a positive integer")
     chunk = int(chunk)
@@ -146,8 +152,9 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
     targets = [out, *tiff_truth_paths(out)] if fmt == "tiff" else [out]
     for path in targets:
         check_output(path, overwrite)
-    attrs = metadata(dims, material, seed, screw_scale)
-    slabs = iter_slabs(dims, material, seed, slab=chunk, screw_scale=screw_scale)
+    attrs = metadata(dims, material, seed, screw_scale, cupping)
+    slabs = iter_slabs(dims, material, seed, slab=chunk, screw_scale=screw_scale,
+                       cupping=cupping)
     if fmt == "zarr":
         with atomic_output(out, overwrite) as tmp:
             _write_zarr(tmp, dims, chunk, attrs, slabs)

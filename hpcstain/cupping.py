@@ -1,0 +1,430 @@
+"""Self-calibrated cupping correction: a radial grey-value trend fitted on the CT itself.
+
+Cupping (beam hardening, scatter) lowers a reconstruction's grey values towards the
+rotation axis. The volume's z axis is the rotation axis; the correction is a low-order
+even polynomial in the in-slice distance ``r`` from the axis centre ``(cy, cx)``::
+
+    corrected = raw + sum_k a_k * (1 - min(r / R, 1) ** (2 k)),   k = 1 .. order
+
+zero at and beyond ``R`` (by default the reconstruction circle, half the smaller in-plane
+edge, centred on the plane), largest on the axis. Only the shape is identifiable from the
+data: a constant offset is absorbed by the §2.5 level estimate that follows.
+
+**Fit (no calibration scan).** The criterion is the seed's "bone grey value should not
+depend on the radius", applied to every grey-level class the CT holds (bone, soft tissue,
+resin/air, implant): the coefficients are those that remove the radial trend *within* the
+classes. Procedure (:func:`fit_cupping`):
+
+1. in-slice Gaussian smoothing (σ 1 px for the flatness test, σ 2 px for the classes);
+   only *flat* voxels are used (in-plane gradient below its median inside ``R``), which
+   keeps partial-volume voxels at edges out;
+2. classes = the modes of the histogram of the (currently corrected) σ-2 values, cut at
+   its clear valleys (both neighbouring peaks ≥ ``VALLEY_RATIO`` × the valley), modes
+   under 2 % of the voxels merged into a neighbour; only class *interiors* count (no
+   voxel of another class within ``CLASS_ERODE`` px in-plane: thin layers such as an
+   implant's degradation zone do not leak into the class they border);
+3. per class, the radial profile (median per 1-voxel ring, then a 5-ring running median
+   that removes ring artefacts) is fitted by weighted least squares with the polynomial
+   plus a constant; each class gives coefficient updates and their standard errors;
+4. the update is the inverse-variance-weighted *median* over the classes (a class whose
+   grey value varies with radius for anatomical reasons — cortical bone outside
+   trabecular bone — is outvoted by the others), added to the coefficients; steps 2–4
+   repeat until the update is under 2 grey values (at most ``iterations`` times; without
+   a fixed point, the state whose classes asked for the smallest change is returned).
+
+Everything here is a pure function of arrays and global coordinates: the correction of a
+block depends only on the block's values and where it lies, so a chunked application
+equals the whole-volume one (tested). A volume run fits once at plan time and records
+the parameters in ``plan.json`` (:mod:`hpcstain.volume.plan`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from hpcstain.errors import InputError, UsageError
+
+MODEL = "radial-even-poly"
+MODES = ("none", "radial")       # the preprocessing conventions a checkpoint can record
+FLAT_QUANTILE = 0.5              # flat voxels: in-plane gradient below this quantile
+CLASS_SIGMA = 2.0                # px, smoothing of the values the classes are cut from
+EDGE_SIGMA = 1.0                 # px, smoothing before the flatness test
+MIN_CLASS_MASS = 0.02            # histogram modes holding less are merged
+MIN_CLASS_VOXELS = 500
+CLASS_ERODE = 2                  # px; class voxels this close to another class are left out
+VALLEY_RATIO = 1.25              # a class boundary: both neighbouring peaks ≥ this × valley
+MIN_RING_VOXELS = 10             # a ring (1-voxel radial bin) of a class needs this many
+RING_MEDIAN = 5                  # rings; running median over the radial profile
+MAX_ORDER = 3
+MAX_FIT_VOXELS = 4_000_000       # the fit reads at most this many voxels (strided planes)
+
+
+@dataclass(frozen=True)
+class Cupping:
+    """Fitted radial correction (all lengths in voxels of the full-resolution volume)."""
+
+    centre_yx: tuple[float, float]
+    radius: float
+    coeffs: tuple[float, ...]
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def order(self) -> int:
+        return len(self.coeffs)
+
+    @property
+    def depth(self) -> float:
+        """Grey values added on the axis (the correction's maximum for positive coeffs)."""
+        return float(sum(self.coeffs))
+
+    def profile(self, r: np.ndarray | float) -> np.ndarray:
+        """Correction (grey values, float64) at in-slice distances ``r`` from the axis."""
+        rho = np.minimum(np.asarray(r, np.float64) / self.radius, 1.0)
+        out = np.zeros(rho.shape)
+        for k, a in enumerate(self.coeffs, start=1):
+            out += a * (1.0 - rho ** (2 * k))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": MODEL, "centre_yx": [float(c) for c in self.centre_yx],
+                "radius": float(self.radius), "coeffs": [float(a) for a in self.coeffs],
+                "depth": round(self.depth, 3), "info": dict(self.info)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Cupping:
+        try:
+            if data.get("model") != MODEL:
+                raise ValueError(f"model {data.get('model')!r}, expected {MODEL!r}")
+            cy, cx = (float(v) for v in data["centre_yx"])
+            c = cls((cy, cx), float(data["radius"]),
+                    tuple(float(a) for a in data["coeffs"]), dict(data.get("info", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{source}: bad cupping record ({exc})") from None
+        check_cupping(c, source)
+        return c
+
+
+def check_cupping(c: Cupping, source: str = "cupping") -> Cupping:
+    if not (c.radius > 0 and math.isfinite(c.radius) and all(map(math.isfinite, c.centre_yx))
+            and all(map(math.isfinite, c.coeffs)) and 1 <= c.order <= MAX_ORDER):
+        raise InputError(f"{source}: bad cupping parameters (radius {c.radius}, centre "
+                         f"{c.centre_yx}, {c.order} coefficients)")
+    return c
+
+
+def check_mode(mode: str) -> str:
+    m = str(mode).strip().lower()
+    if m not in MODES:
+        raise UsageError(f"cupping mode {mode!r}: choose one of {', '.join(MODES)}")
+    return m
+
+
+def default_geometry(plane: tuple[int, int]) -> tuple[tuple[float, float], float]:
+    """Reconstruction centre and circle of an (ny, nx) plane: the centre of the plane and
+    half its smaller edge."""
+    ny, nx = plane
+    return ((ny - 1) / 2.0, (nx - 1) / 2.0), min(ny, nx) / 2.0
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def correction_map(c: Cupping, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The correction (float32 (len(ys), len(xs))) at global voxel rows ``ys``, cols ``xs``."""
+    dy = np.asarray(ys, np.float64)[:, None] - c.centre_yx[0]
+    dx = np.asarray(xs, np.float64)[None, :] - c.centre_yx[1]
+    return c.profile(np.sqrt(dy * dy + dx * dx)).astype(np.float32)
+
+
+def apply_cupping(block: np.ndarray, c: Cupping | None, origin_yx: tuple[int, int] = (0, 0)
+                  ) -> np.ndarray:
+    """Corrected float32 copy of ``block`` (…, Y, X) whose first voxel sits at global
+    ``origin_yx`` (a pure function of the values and the global coordinates)."""
+    data = np.asarray(block, np.float32)
+    if c is None:
+        return data
+    ny, nx = data.shape[-2:]
+    cmap = correction_map(c, np.arange(origin_yx[0], origin_yx[0] + ny),
+                          np.arange(origin_yx[1], origin_yx[1] + nx))
+    return data + cmap
+
+
+def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Corrected float values back to the input's dtype (rounded and clipped for integers)."""
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return np.clip(np.rint(values), info.min, info.max).astype(dt)
+    return values.astype(dt)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _basis(rho: np.ndarray, order: int) -> np.ndarray:
+    r = np.minimum(rho, 1.0)
+    return np.stack([1.0 - r ** (2 * k) for k in range(1, order + 1)], axis=-1)
+
+
+def _class_cuts(values: np.ndarray, bins: int = 256, min_mass: float = MIN_CLASS_MASS
+                ) -> np.ndarray:
+    """Class boundaries: the clear valleys of the smoothed histogram (both neighbouring
+    peaks at least ``VALLEY_RATIO`` × the valley), modes under ``min_mass`` merged."""
+    lo, hi = np.percentile(values, [0.2, 99.8])
+    if not hi > lo:
+        return np.zeros(0)
+    hist, edges = np.histogram(values, bins, (lo, hi))
+    h = ndimage.gaussian_filter1d(hist.astype(np.float64), 2.0)
+    valleys = [i for i in range(1, bins - 1) if h[i] < h[i - 1] and h[i] <= h[i + 1]]
+    while valleys:   # drop the shallowest valley until every one left is clear
+        bounds = [0, *valleys, bins]
+        ratio = [min(h[bounds[j]:v + 1].max(), h[v:bounds[j + 2]].max()) / max(h[v], 1e-12)
+                 for j, v in enumerate(valleys)]
+        j = int(np.argmin(ratio))
+        if ratio[j] >= VALLEY_RATIO:
+            break
+        valleys.pop(j)
+    cuts = [float(edges[i + 1]) for i in valleys]
+    while cuts:
+        mass = np.bincount(np.searchsorted(cuts, values), minlength=len(cuts) + 1) / values.size
+        j = int(np.argmin(mass))
+        if mass[j] >= min_mass:
+            break
+        if j == 0:
+            cuts.pop(0)
+        elif j == len(cuts):
+            cuts.pop()
+        else:
+            cuts.pop(j - 1 if mass[j - 1] < mass[j + 1] else j)
+    return np.asarray(cuts)
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(x)
+    cw = np.cumsum(w[order])
+    return float(x[order][np.searchsorted(cw, cw[-1] / 2.0)])
+
+
+def _class_update(values: np.ndarray, rings: np.ndarray, radius: float, order: int
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(coefficient update, standard errors) from one class's radial profile, or None."""
+    n_rings = int(rings.max()) + 1
+    idx = np.argsort(rings, kind="stable")
+    rs, vs = rings[idx], values[idx]
+    starts = np.searchsorted(rs, np.arange(n_rings))
+    ends = np.searchsorted(rs, np.arange(n_rings), side="right")
+    counts = ends - starts
+    ok = np.flatnonzero(counts >= MIN_RING_VOXELS)
+    if ok.size < RING_MEDIAN + order + 2:
+        return None
+    prof = np.array([np.median(vs[starts[i]:ends[i]]) for i in ok])
+    h = RING_MEDIAN // 2
+    prof = np.array([np.median(prof[max(0, j - h):j + h + 1]) for j in range(ok.size)])
+    x = np.column_stack([np.ones(ok.size), _basis((ok + 0.5) / radius, order)])
+    w = np.sqrt(counts[ok].astype(np.float64))
+    xw = x * w[:, None]
+    beta, *_ = np.linalg.lstsq(xw, prof * w, rcond=None)
+    res = prof - x @ beta
+    dof = max(1, ok.size - order - 1)
+    s2 = float(np.sum((w * res) ** 2) / dof)
+    cov = np.linalg.pinv(xw.T @ xw) * s2
+    se = np.sqrt(np.maximum(np.diag(cov)[1:], 1e-12))
+    # the CT lost ``a (1 - rho^2k)``: its profile has -a on the basis
+    return -beta[1:], se
+
+
+def fit_cupping(sample: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray | None = None,
+                *, plane: tuple[int, int] | None = None,
+                centre_yx: tuple[float, float] | None = None, radius: float | None = None,
+                order: int = 1, iterations: int = 12, name: str = "CT") -> Cupping:
+    """Fit the radial correction to a CT sample (Z, Y, X) (or one (Y, X) slide).
+
+    ``ys``/``xs`` are the global voxel rows/columns of the sample's grid (default
+    ``arange``: the sample is whole planes); ``plane`` is the full volume's (ny, nx) (the
+    default centre and radius come from it; default: the sample's own extent).
+    ``centre_yx`` and ``radius`` override the reconstruction centre/circle.
+    """
+    v = np.asarray(sample, np.float32)
+    if v.ndim == 2:
+        v = v[None]
+    if v.ndim != 3 or min(v.shape) < 1:
+        raise InputError(f"{name}: cupping fit needs a (Z, Y, X) volume or a 2D slide, got "
+                         f"shape {np.shape(sample)}")
+    if not 1 <= int(order) <= MAX_ORDER:
+        raise UsageError(f"cupping order {order!r}: expected 1..{MAX_ORDER}")
+    if not np.all(np.isfinite(v)):
+        raise InputError(f"{name}: NaN/Inf in the CT; replace them before fitting cupping")
+    _, ny, nx = v.shape
+    ys = np.arange(ny, dtype=np.float64) if ys is None else np.asarray(ys, np.float64)
+    xs = np.arange(nx, dtype=np.float64) if xs is None else np.asarray(xs, np.float64)
+    centre0, radius0 = default_geometry(plane or (ny, nx))
+    centre = tuple(float(c) for c in (centre_yx or centre0))
+    radius = float(radius or radius0)
+    if not radius > 0:
+        raise UsageError(f"cupping radius {radius!r}: expected > 0 voxels")
+    step = float(ys[1] - ys[0]) if ys.size > 1 else 1.0   # px of the sample in voxels
+    r = np.sqrt((ys[:, None] - centre[0]) ** 2 + (xs[None, :] - centre[1]) ** 2)
+    inside2d = r < radius
+    zero = Cupping((centre[0], centre[1]), radius, (0.0,) * int(order))
+    edge = ndimage.gaussian_filter(v, (0, EDGE_SIGMA, EDGE_SIGMA))
+    grad = np.hypot(ndimage.sobel(edge, axis=1), ndimage.sobel(edge, axis=2))
+    inside = np.broadcast_to(inside2d, v.shape)
+    if not inside.any():
+        return _with_info(zero, "no voxels inside the reconstruction circle", 0, [])
+    flat = (grad < np.quantile(grad[inside], FLAT_QUANTILE)) & inside
+    if flat.sum() < MIN_CLASS_VOXELS:
+        return _with_info(zero, "no flat regions (constant CT)", 0, [])
+    smooth_full = ndimage.gaussian_filter(v, (0, CLASS_SIGMA, CLASS_SIGMA))
+    smooth = smooth_full[flat].astype(np.float64)
+    basis2d = _basis(r / radius, int(order))
+    raw = v[flat].astype(np.float64)
+    rr = np.broadcast_to(r, v.shape)[flat]
+    rings = np.floor(rr / step).astype(np.int64)          # 1-px rings of the sample grid
+    basis = _basis(rr / radius, int(order))
+    coeffs = np.zeros(int(order))
+    classes: list[dict[str, float]] = []
+    best: tuple[float, np.ndarray, list[dict[str, float]]] | None = None
+    it = 0
+    for it in range(1, iterations + 1):
+        corr = basis @ coeffs
+        cls_values = smooth + corr
+        cuts = _class_cuts(cls_values)
+        cls = np.searchsorted(cuts, cls_values)
+        if CLASS_ERODE > 0:   # class interiors only: no voxel within CLASS_ERODE px of another
+            full = np.searchsorted(cuts, smooth_full + (basis2d @ coeffs).astype(np.float32))
+            k = (1, 2 * CLASS_ERODE + 1, 2 * CLASS_ERODE + 1)
+            interior = (ndimage.minimum_filter(full, k) == ndimage.maximum_filter(full, k))[flat]
+        else:
+            interior = np.ones(cls.shape, bool)
+        updates, weights, classes = [], [], []
+        for i in range(len(cuts) + 1):
+            m = (cls == i) & interior
+            if m.sum() < MIN_CLASS_VOXELS:
+                continue
+            got = _class_update(raw[m] + corr[m], rings[m], radius / step, int(order))
+            if got is None:
+                continue
+            updates.append(got[0])
+            weights.append(1.0 / got[1] ** 2)
+            classes.append({"level": round(float(np.median(cls_values[m])), 1),
+                            "voxels": int(m.sum()), "update": round(float(got[0][0]), 2),
+                            "se": round(float(got[1][0]), 2)})
+        if not updates:
+            return _with_info(zero, "no grey-level class spans enough radii", it, [])
+        u, w = np.asarray(updates), np.asarray(weights)
+        delta = np.array([_weighted_median(u[:, k], w[:, k]) for k in range(int(order))])
+        size = float(np.max(np.abs(delta)))
+        if best is None or size < best[0]:
+            best = (size, coeffs.copy(), classes)
+        coeffs = coeffs + delta
+        if size < 2.0:
+            break
+    else:   # no fixed point (the classes flip between states): the most self-consistent
+        assert best is not None  # state seen, i.e. the one whose classes asked least change
+        coeffs, classes = best[1], best[2]
+    noise = float(1.4826 * np.median(np.abs(np.diff(v, axis=-1))) / math.sqrt(2.0))
+    out = Cupping((centre[0], centre[1]), radius, tuple(float(a) for a in coeffs))
+    return _with_info(out, "fitted", it, classes, noise=noise, voxels=int(flat.sum()),
+                      converged=bool(best is not None and best[0] < 2.0))
+
+
+def _with_info(c: Cupping, status: str, iterations: int, classes: list[dict[str, float]],
+               **extra: Any) -> Cupping:
+    info = {"status": status, "iterations": iterations, "classes": classes, **extra}
+    return Cupping(c.centre_yx, c.radius, c.coeffs, info)
+
+
+def correct_slide(ct: np.ndarray, order: int = 1, name: str = "CT") -> np.ndarray:
+    """A 2D axial (z) slide fitted and corrected on its own (float32): training and
+    ``predict`` under the ``radial`` convention. The slide's centre is the axis."""
+    c = fit_cupping(ct, order=order, name=name)
+    return apply_cupping(ct, c)
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def fit_sample_planes(shape: tuple[int, int, int], max_voxels: int = MAX_FIT_VOXELS
+                      ) -> tuple[int, int]:
+    """(z stride, in-plane stride) so that a fit reads at most ``max_voxels`` voxels."""
+    nz, ny, nx = shape
+    s = max(1, math.ceil(math.sqrt(ny * nx / max_voxels)))
+    per_plane = math.ceil(ny / s) * math.ceil(nx / s)
+    planes = max(1, max_voxels // per_plane)
+    return max(1, math.ceil(nz / planes)), s
+
+
+def fit_source(source: Any, *, centre_yx: tuple[float, float] | None = None,
+               radius: float | None = None, order: int = 1,
+               max_voxels: int = MAX_FIT_VOXELS) -> Cupping:
+    """Fit on a :class:`~hpcstain.volume.io.VolumeSource` (strided planes of the volume)."""
+    nz, ny, nx = source.shape
+    zs, s = fit_sample_planes((nz, ny, nx), max_voxels)
+    planes = [np.asarray(source.read((slice(z, z + 1), slice(0, ny), slice(0, nx))),
+                         np.float32)[0, ::s, ::s] for z in range(zs // 2, nz, zs)]
+    c = fit_cupping(np.stack(planes), np.arange(0, ny, s), np.arange(0, nx, s),
+                    plane=(ny, nx), centre_yx=centre_yx, radius=radius, order=order,
+                    name=str(getattr(source, "spec", "CT")))
+    return Cupping(c.centre_yx, c.radius, c.coeffs,
+                   {**c.info, "z_stride": zs, "plane_stride": s})
+
+
+class CorrectedSource:
+    """A volume source whose reads are cupping-corrected (float32); everything else is
+    the wrapped source's."""
+
+    def __init__(self, source: Any, cupping: Cupping) -> None:
+        self._source = source
+        self.cupping = cupping
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def read(self, region: Any) -> np.ndarray:
+        region = tuple(region)
+        block = self._source.read(region)
+        return apply_cupping(block, self.cupping, (region[1].start or 0, region[2].start or 0))
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def write_corrected(source: Any, out: str | Any, cupping: Cupping, *, chunk: int = 64,
+                    overwrite: bool = False) -> Any:
+    """Write the corrected CT as a zarr v3 group ``out`` (array ``ct``, the input's dtype,
+    rounded and clipped; attrs: the correction and the input), slab by slab, atomically."""
+    from pathlib import Path
+
+    import zarr
+
+    from hpcstain.atomic import atomic_output, check_output
+
+    out = Path(out)
+    if out.suffix.lower() != ".zarr":
+        raise UsageError(f"{out}: the corrected volume is written as zarr (name it *.zarr)")
+    if int(chunk) < 1:
+        raise UsageError(f"chunk {chunk!r}: expected a positive integer")
+    check_output(out, overwrite)
+    nz, ny, nx = (int(n) for n in source.shape)
+    dtype = np.dtype(getattr(source, "dtype", np.float32))
+    c = tuple(min(int(chunk), n) for n in (nz, ny, nx))
+    attrs: dict[str, Any] = {"hpcstain": "cupping-corrected", "source": str(source.spec),
+                             "cupping": cupping.to_dict()}
+    vox = getattr(source, "voxel_size_um", None)
+    if vox is not None:
+        attrs["voxel_size_um"] = [float(v) for v in vox]
+    with atomic_output(out, overwrite) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs.update(attrs)
+        arr = group.create_array("ct", shape=(nz, ny, nx), chunks=c, dtype=dtype,
+                                 fill_value=0, dimension_names=("z", "y", "x"))
+        for z0 in range(0, nz, c[0]):
+            z1 = min(nz, z0 + c[0])
+            block = source.read((slice(z0, z1), slice(0, ny), slice(0, nx)))
+            arr[z0:z1] = to_dtype(apply_cupping(block, cupping), dtype)
+    return out

@@ -1,0 +1,191 @@
+"""Learned alignment (model.align): the registration net, the warp, paired training with it,
+and the phantom's misalignment knob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from micro import micro_config
+from PIL import Image
+from scipy import ndimage
+
+from hpcstain.config import LossConfig, ModelConfig
+from hpcstain.errors import ConfigError, UsageError
+from hpcstain.inference import load_generator
+from hpcstain.models import build_model
+from hpcstain.models.gans import REGISTRATION
+from hpcstain.models.registration import build_registration, smoothness, warp
+from hpcstain.phantom import write_pairs
+from hpcstain.phantom.pairs import SUPERSAMPLE, _warp
+from hpcstain.predict import predict_files
+from hpcstain.tiles import Tiling
+from hpcstain.train.checkpoint import load_checkpoint
+from hpcstain.train.trainer import train
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def smooth_image(seed: int, size: int = 48, channels: int = 3) -> np.ndarray:
+    """A smooth random (C, H, W) image in about [-1, 1]: blobs a few pixels wide."""
+    rng = np.random.default_rng(seed)
+    a = ndimage.gaussian_filter(rng.standard_normal((channels, size, size)), (0, 2.5, 2.5),
+                                mode="wrap")
+    return (a / np.abs(a).max()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- warp and net
+
+
+def test_zero_field_is_the_identity_warp() -> None:
+    img = torch.from_numpy(smooth_image(0))[None]
+    out = warp(img, torch.zeros(1, 2, 48, 48))
+    assert torch.allclose(out, img, atol=1e-6)
+
+
+def test_a_constant_field_samples_that_many_pixels_away() -> None:
+    img = torch.from_numpy(smooth_image(1))[None]
+    d = torch.zeros(1, 2, 48, 48)
+    d[:, 0], d[:, 1] = 2.0, -3.0            # out(y, x) = img(y + 2, x - 3)
+    out = warp(img, d)
+    assert torch.allclose(out[..., 5:40, 5:40], img[..., 7:42, 2:37], atol=1e-5)
+
+
+def test_registration_net_starts_at_zero_displacement() -> None:
+    net = build_registration(3, 8, torch.Generator().manual_seed(0))
+    a, b = (torch.from_numpy(smooth_image(s))[None] for s in (2, 3))
+    disp = net(a, b)
+    assert disp.shape == (1, 2, 48, 48)
+    assert torch.count_nonzero(disp) == 0
+    assert torch.equal(warp(a, disp), warp(a, torch.zeros_like(disp)))
+    # not a dead net: the hidden layers are initialised, only the output conv is zero
+    assert all(p.abs().sum() > 0 for n, p in net.named_parameters()
+               if n.endswith("weight") and not n.startswith("flow"))
+
+
+def test_smoothness_is_zero_for_a_constant_field_and_grows_with_its_gradient() -> None:
+    const = torch.full((2, 2, 16, 16), 1.5)
+    assert smoothness(const).item() == 0.0
+    ramp = torch.arange(16.0).expand(2, 2, 16, 16)      # slope 1 px/px along x
+    assert smoothness(ramp).item() == pytest.approx(1.0)
+    assert smoothness(2 * ramp).item() == pytest.approx(4.0)
+
+
+def test_registration_recovers_a_known_shift() -> None:
+    """fixed(p) = moving(p + u): a few Adam steps on this one pair drive the field to u."""
+    torch.manual_seed(0)
+    u = (1.5, -1.0)
+    moving_np = smooth_image(4)
+    fixed_np = ndimage.shift(moving_np, (0, -u[0], -u[1]), order=3, mode="wrap")
+    moving, fixed = torch.from_numpy(moving_np)[None], torch.from_numpy(fixed_np)[None]
+    net = build_registration(3, 8, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    inner = (..., slice(8, 40), slice(8, 40))          # away from the border padding
+
+    def error() -> float:
+        with torch.no_grad():
+            return (warp(moving, net(moving, fixed)) - fixed)[inner].abs().mean().item()
+
+    before = error()
+    for _ in range(25):
+        opt.zero_grad()
+        disp = net(moving, fixed)
+        loss = (warp(moving, disp) - fixed)[inner].abs().mean() + 0.1 * smoothness(disp)
+        loss.backward()
+        opt.step()
+    after = error()
+    with torch.no_grad():
+        mean = net(moving, fixed)[inner].mean(dim=(-2, -1))[0]
+    assert after < 0.25 * before, (before, after)
+    assert mean[0].item() == pytest.approx(u[0], abs=0.3)
+    assert mean[1].item() == pytest.approx(u[1], abs=0.3)
+
+
+# --------------------------------------------------------------------------- in the GANs
+
+
+def tiny_cfg(variant: str = "modcyclegan", **kw: object) -> ModelConfig:
+    return ModelConfig(variant=variant, generator="resnet", ngf=4, ndf=4, n_blocks=1,  # type: ignore[arg-type]
+                       align=True, align_width=8, **kw)  # type: ignore[arg-type]
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"ct": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+            "histology": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+            "mask": torch.ones(2, 1, 32, 32)}
+
+
+@pytest.mark.parametrize("variant", ["modcyclegan", "pix2pix"])
+def test_align_step_trains_the_registration_net_with_the_generators(variant: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(variant), LossConfig(), "cpu", seed=0)
+    reg = model.generators[REGISTRATION]
+    assert {id(p) for p in reg.parameters()} <= {id(p) for p in model.parameters_g()}
+    opt_g = torch.optim.Adam(model.parameters_g(), lr=1e-3)
+    opt_d = torch.optim.Adam(model.parameters_d(), lr=1e-3)
+    losses = model.train_step(batch(), opt_g, opt_d)
+    assert losses["align_smooth"] == 0.0                 # identity field at the first step
+    assert reg.flow.weight.abs().sum() > 0               # ... but the net received gradient
+    losses = model.train_step(batch(1), opt_g, opt_d)
+    assert losses["align_smooth"] > 0.0
+    assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_align_without_the_pixel_loss_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model.align.*lambda_px"):
+        build_model(tiny_cfg(), LossConfig(lambda_px=0.0, lambda_gs=0.0), "cpu")
+
+
+def test_align_off_builds_no_registration_net() -> None:
+    model = build_model(ModelConfig(ngf=4, ndf=4, n_blocks=1), LossConfig(), "cpu")
+    assert REGISTRATION not in model.generators
+
+
+def test_aligned_training_checkpoint_loads_for_predict(tmp_path: Path) -> None:
+    manifest = write_pairs(tmp_path / "pairs", n=2, seed=5, size=(64, 64), misalignment=3.0)
+    cfg = micro_config(manifest, "train.max_steps=2", "train.checkpoint_every=0",
+                       "model.align=true", "model.align_width=8")
+    result = train(cfg, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert REGISTRATION in ckpt["model"]["generators"]   # training state keeps it (resume)
+    assert "align" not in ckpt["architecture"]           # inference never needs it
+    stainer = load_generator(result.checkpoint)          # the generator alone
+    out = stainer.fn(torch.zeros(1, 3, 32, 32))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    ct = Path(manifest).parent / "ct" / "pair_000.tif"
+    paths = predict_files([str(ct)], result.checkpoint, tmp_path / "out",
+                          tiling=Tiling(32, 16, "hann"))
+    with Image.open(paths[0]) as img:
+        assert np.asarray(img).shape == (64, 64, 3)
+
+
+# --------------------------------------------------------------------------- phantom knob
+
+
+def warp_displacement(strength: float) -> np.ndarray:
+    labels = np.zeros((64, 64), np.uint8)
+    src_r, src_c = _warp(np.random.default_rng(7), labels, 64 / 512, strength)
+    grid = (np.arange(64 * SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE - 0.5
+    r, c = np.meshgrid(grid, grid, indexing="ij")
+    return np.hypot(src_r - r, src_c - c)
+
+
+def test_misalignment_zero_is_no_warp_and_the_warp_grows_with_strength() -> None:
+    assert np.abs(warp_displacement(0.0)).max() < 1e-4
+    one, three = warp_displacement(1.0).mean(), warp_displacement(3.0).mean()
+    assert one > 0.05
+    assert three == pytest.approx(3 * one, rel=0.05)   # linear but for the rotation's sine
+
+
+def test_misalignment_is_recorded_and_bad_values_are_refused(tmp_path: Path) -> None:
+    write_pairs(tmp_path / "m3", n=1, seed=2, size=(32, 32), misalignment=3)
+    assert json.loads((tmp_path / "m3" / "phantom.json").read_text())["misalignment"] == 3.0
+    write_pairs(tmp_path / "m1", n=1, seed=2, size=(32, 32))
+    assert "misalignment" not in json.loads((tmp_path / "m1" / "phantom.json").read_text())
+    with pytest.raises(UsageError, match="misalignment"):
+        write_pairs(tmp_path / "bad", n=1, seed=2, size=(32, 32), misalignment=-1)
+    assert not (tmp_path / "bad").exists()
