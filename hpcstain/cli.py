@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hpcstain import __version__
 from hpcstain.errors import HpcstainError, UsageError
@@ -18,11 +19,26 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from hpcstain.info import collect, format_report
+    from hpcstain.info import checkpoint_report, collect, format_checkpoint, format_report
 
+    if args.checkpoint:
+        report = checkpoint_report(args.checkpoint)
+        print(json.dumps(report, indent=2) if args.json else format_checkpoint(report))
+        return 0
     report = collect()
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hpcstain.status import collect_status, format_status, watch
+
+    if args.watch is not None:
+        return watch(args.run_dir, args.watch, as_json=args.json,
+                     require_fused=args.require_fused)
+    report = collect_status(args.run_dir, require_fused=args.require_fused)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return int(report["exit_code"])
 
 
 def cmd_phantom_volume(args: argparse.Namespace) -> int:
@@ -30,7 +46,7 @@ def cmd_phantom_volume(args: argparse.Namespace) -> int:
 
     out = write_volume_file(args.out, tuple(args.shape), args.material, args.seed,
                             overwrite=args.overwrite, chunk=args.chunk,
-                            screw_scale=args.screw_scale)
+                            screw_scale=args.screw_scale, cupping=args.cupping)
     print(f"wrote {out}")
     return 0
 
@@ -39,16 +55,23 @@ def cmd_phantom_pairs(args: argparse.Namespace) -> int:
     from hpcstain.phantom import write_pairs
 
     manifest = write_pairs(args.outdir, args.n, args.seed, size=tuple(args.size),
-                           overwrite=args.overwrite, orientation=args.orientation)
+                           overwrite=args.overwrite, orientation=args.orientation,
+                           misalignment=args.misalignment)
     print(f"wrote {manifest}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hpcstain.train.runs import resolve_run_config
+
+    return _train_and_report(resolve_run_config(Path(args.out), args.config, args.overrides),
+                             args)
+
+
+def _train_and_report(cfg: Any, args: argparse.Namespace) -> int:
+    """Run (or resume) a training run; one line on how it ended, 75 when preempted."""
     from hpcstain.train.trainer import EXIT_PREEMPTED, train
 
-    cfg = resolve_run_config(Path(args.out), args.config, args.overrides)
     result = train(cfg, args.out, progress=not args.no_progress)
     if result.status == "preempted":
         print(f"stopped by signal at epoch {result.epoch}, step {result.step}; checkpoint "
@@ -56,6 +79,59 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     print(f"{result.status} at epoch {result.epoch}, step {result.step}: {result.checkpoint}")
     return 0
+
+
+def _distill_config(args: argparse.Namespace, run_over: list[str]) -> Any:
+    """The run config of `distill` / `submit distill`: student profile + teacher + data."""
+    from hpcstain.distill import teacher_overrides
+    from hpcstain.train.runs import resolve_run_config
+
+    out = Path(args.out)
+    if args.teacher is None and not (out / "config.yaml").exists():
+        raise UsageError(f"{out}: no distillation run here to resume; give --teacher CKPT "
+                         "and --config student-PROFILE")
+    over = teacher_overrides(args.teacher) if args.teacher else []
+    if args.volume:
+        specs = [v.partition(":") for v in args.volume]  # PATH[:dataset]
+        over.append("distill.volumes=" + json.dumps([str(Path(p).resolve()) + c + d
+                                                     for p, c, d in specs]))
+    if args.pairs:
+        over.append(f"data.manifest={json.dumps(str(Path(args.pairs).resolve()))}")
+    cfg = resolve_run_config(out, args.config, [*over, *run_over])
+    if cfg.model.variant != "distill":
+        raise UsageError(f"{args.config or out}: not a student profile (model.variant is "
+                         f"{cfg.model.variant!r}, distillation needs 'distill'; e.g. "
+                         "--config student-fast)")
+    return cfg
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _train_and_report(_distill_config(args, args.overrides), args)
+
+
+def cmd_submit_distill(args: argparse.Namespace) -> int:
+    from hpcstain.launch.profiles import load_cluster
+    from hpcstain.launch.submit import describe, submit_train
+
+    run_over, cluster_over = _split_overrides(args.overrides)
+    cluster = load_cluster(args.profile, cluster_over)
+    job = submit_train(_distill_config(args, run_over), Path(args.out), cluster)
+    print(describe(job))
+    if args.wait:
+        print(f"job {job.job_id} finished: {job.results()[0]}")
+    return 0
+
+
+def _add_distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="the trained checkpoint to learn from (a new run needs it)")
+    p.add_argument("--config", "-c", default=None,
+                   help="student profile (student-fast, student-small) or YAML; omit to resume")
+    p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--volume", action="append", default=[], metavar="VOL",
+                   help="target volume whose slices the teacher labels (repeatable)")
+    p.add_argument("--pairs", default=None, metavar="MANIFEST",
+                   help="pair manifest whose training CT the teacher labels (data.manifest)")
 
 
 def _plan_from_args(args: argparse.Namespace) -> Path:
@@ -72,28 +148,52 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
                       nan_value=args.nan_value or 0.0)
+    cupping = _stain_cupping(args, src)
     if levels is None:  # [CT levels] estimated once here and printed (also with --plan-only)
+        from hpcstain.cupping import CorrectedSource
         from hpcstain.levels import require_confident, volume_levels
 
-        estimate = volume_levels(src)
+        estimate = volume_levels(CorrectedSource(src, cupping) if cupping else src)
         print("\n".join(estimate.lines()))
         levels = require_confident(estimate).levels
     chunk = args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
     plan = make_plan(src, chunk=chunk, axes=args.axes, tile=tiling.tile, step=tiling.step,
                      window=tiling.window, sigma=args.sigma, levels=levels,
-                     voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
+                     voxel_size_um=args.voxel_size,  # "Z,Y,X" / Z Y X / S, parsed there
                      checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels,
-                     autocast=args.autocast, max_tile=tiling.max_tile)
+                     autocast=args.autocast, max_tile=tiling.max_tile,
+                     cupping=cupping or "none", cupping_override=args.cupping_override)
     run = init_run(args.out, plan, overwrite=args.overwrite)
     tiles = ", ".join(f"{a} {t[0]}x{t[1]}" for a in plan.axes
                       for t in [plan.plane_tiling(a)[0]])
     print(f"plan: {plan.n_units} slab unit(s) over axes {','.join(plan.axes)}, storage chunk "
           f"{plan.chunk}, tiles {tiles} ({plan.window}), levels "
           f"bone={plan.bone_level:g} background={plan.background_level:g}")
+    if plan.voxel_size_um is not None:
+        from hpcstain.volume.voxelsize import format_zyx
+
+        print(f"voxel size: {format_zyx(plan.voxel_size_um)} µm (z, y, x) from "
+              f"{plan.voxel_size_from}")
+    else:
+        print(f"note: {src.voxel_size_note()}")  # with the plan (stderr: errors only)
     note = checkpoint_changed(run)
     if note:
         print(f"note: {note}", file=sys.stderr)
     return Path(run)
+
+
+def _stain_cupping(args: argparse.Namespace, src: object) -> object:
+    """[cupping] The run's correction (fitted once, printed) or None; the mode follows the
+    checkpoint unless --cupping says otherwise (a mismatch is refused, see plan.py)."""
+    from hpcstain.volume.plan import resolve_cupping
+
+    fitted = resolve_cupping(src, args.cupping, args.checkpoint, args.cupping_override)
+    if fitted is not None:
+        centre = ", ".join(f"{v:.1f}" for v in fitted.centre_yx)
+        print(f"cupping: +{fitted.depth:.0f} grey values on the axis (y, x = {centre}), "
+              f"0 at r >= {fitted.radius:.1f} voxels; coefficients "
+              f"{', '.join(f'{a:.1f}' for a in fitted.coeffs)}")
+    return fitted
 
 
 def _plan_on_rank0(args: argparse.Namespace) -> Path:
@@ -175,6 +275,57 @@ def cmd_levels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cupping(args: argparse.Namespace) -> int:
+    """[cupping] Fit the CT's radial cupping correction; print it; write the corrected CT."""
+    from hpcstain.cupping import fit_source, write_corrected
+    from hpcstain.volume import open_volume
+
+    src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
+                      nan_value=args.nan_value or 0.0)
+    if args.out:
+        from hpcstain.atomic import check_output
+
+        check_output(args.out, args.overwrite)  # before the fit: nothing is half-done
+    fitted = fit_source(src, centre_yx=tuple(args.centre) if args.centre else None,
+                        radius=args.radius, order=args.order)
+    record = fitted.to_dict()
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        centre = ", ".join(f"{v:.1f}" for v in fitted.centre_yx)
+        print(f"cupping of {args.input}: +{fitted.depth:.1f} grey values on the axis "
+              f"(y, x = {centre}), 0 at r >= {fitted.radius:.1f} voxels; coefficients "
+              f"{', '.join(f'{a:.2f}' for a in fitted.coeffs)} ({fitted.info.get('status')}, "
+              f"{len(fitted.info.get('classes', []))} grey-level classes, "
+              f"{fitted.info.get('iterations')} iterations)")
+    if args.out:
+        out = write_corrected(src, args.out, fitted, chunk=args.chunk, overwrite=args.overwrite)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _add_cupping(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cupping", help="fit the CT's cupping correction; write the corrected CT",
+                       description="Fit a radial cupping correction (an even polynomial in "
+                       "the distance from the rotation axis = the volume's z axis) on the CT "
+                       "itself: the coefficients that remove the radial trend within its "
+                       "grey-level classes (docs/cupping.md). Prints the fit; with --out "
+                       "also writes the corrected volume (zarr, array 'ct').")
+    p.add_argument("input", help="x.zarr[:array] | x.h5[:/dataset] | stack.tif | folder/")
+    p.add_argument("--out", "-o", default=None, help="corrected volume (*.zarr)")
+    p.add_argument("--centre", type=float, nargs=2, default=None, metavar=("Y", "X"),
+                   help="rotation axis in voxels (default: the centre of the slice plane)")
+    p.add_argument("--radius", type=float, default=None, metavar="R",
+                   help="correction is 0 at r >= R voxels (default: half the smaller edge)")
+    p.add_argument("--order", type=int, default=1, help="polynomial order in r² (1-3)")
+    p.add_argument("--chunk", type=int, default=64, help="storage chunk edge of --out")
+    p.add_argument("--nan-value", type=float, default=None,
+                   help="replace NaN/Inf by this value (default: they are an error)")
+    p.add_argument("--json", action="store_true", help="print the fit as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_cupping)
+
+
 def _add_levels(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("levels", help="estimate the CT's raw bone and background levels",
                        description="Estimate the raw (bone, background) CT levels that stain "
@@ -217,31 +368,36 @@ def cmd_submit_cv(args: argparse.Namespace) -> int:
         print(f"  {job.job_id}: {run_dir}")
     print(describe(jobs[0]))
     if args.wait:
-        for job in jobs:
-            print(job.results()[0])
+        from hpcstain.launch.watch import wait_train
+
+        outcomes = wait_train(jobs, [run_dir for _, run_dir in runs])
+        for o in outcomes:
+            if o.ok:
+                print(o.result)
+        return 1 if not all(o.ok for o in outcomes) else 0
     return 0
 
 
 def cmd_submit_stain(args: argparse.Namespace) -> int:
     from hpcstain.launch.profiles import load_cluster
     from hpcstain.launch.submit import describe, submit_fuse, submit_stain
+    from hpcstain.launch.watch import quiet_submitit, wait_stain
 
     cluster = load_cluster(args.profile, args.overrides)
     run = _plan_from_args(args)
+    quiet_submitit()  # repeated scheduler/accounting warnings: one line each
     jobs = submit_stain(run, cluster, args.tasks, device=args.device,
                         batch_size=args.batch_size)
     print(f"stain array: {len(jobs)} task(s)")
     print(describe(jobs[0]))
     fuse_job = None
-    if args.fuse:
+    # Local processes have no dependencies: with --wait the fuse job follows the array.
+    if args.fuse and not (args.wait and cluster.executor != "slurm"):
         fuse_job = submit_fuse(run, cluster, after=jobs, method=args.method)
         print("fuse job (afterok):")
         print(describe(fuse_job))
     if args.wait:
-        for job in jobs:
-            job.result()
-        if fuse_job is not None:
-            print(fuse_job.result())
+        return wait_stain(run, cluster, jobs, fuse_job, fuse=args.fuse, method=args.method)
     return 0
 
 
@@ -254,18 +410,27 @@ def cmd_submit_fuse(args: argparse.Namespace) -> int:
                       single_axis=args.single_axis)
     print(describe(job))
     if args.wait:
-        print(job.result())
+        from hpcstain.launch.watch import print_summary, quiet_submitit, wait_for_jobs
+
+        filt = quiet_submitit()
+        report = wait_for_jobs([job], "fuse")
+        print_summary(report, filt)
+        if report.failed:
+            return 1
+        print(report.outcomes[0].result)
     return 0
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from hpcstain.volume import fuse_run
+    from hpcstain.volume.voxelsize import parse_voxel_size
 
     report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
-                      voxel_size_um=tuple(args.voxel_size) if args.voxel_size else None,
+                      voxel_size_um=parse_voxel_size(args.voxel_size) if args.voxel_size
+                      else None,
                       levels=args.levels, out=args.out, overwrite=args.overwrite,
                       progress=not args.no_progress, workers=args.workers, ngff=args.ngff,
-                      fill_outside=not args.no_fill)
+                      fill_outside=not args.no_fill, confidence=not args.no_confidence)
     print(report.summary())
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
@@ -292,11 +457,18 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--background-level", type=float, default=None)
     p.add_argument("--nan-value", type=float, default=None,
                    help="replace NaN/Inf with this value (default: error)")
-    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
-                   help="voxel size in µm (default: from input metadata)")
+    p.add_argument("--voxel-size", nargs="+", metavar="Z,Y,X", default=None,
+                   help="voxel size in µm, z,y,x or one isotropic value (default: from the "
+                   "input's metadata: NeXus, zarr/OME-Zarr, TIFF tags)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="tiles per generator call (0: by device, ~2 tiles of 256² on a CPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cupping", default=None, choices=["auto", "none"],
+                   help="cupping correction (docs/cupping.md): auto fits it once on this CT "
+                   "and records it in the plan, none skips it (default: as the checkpoint "
+                   "was trained, data.cupping)")
+    p.add_argument("--cupping-override", action="store_true",
+                   help="allow a --cupping other than the checkpoint's training convention")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -329,7 +501,8 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    choices=["mean", "median", "consistency"])
     p.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
                    help="the paper's slice-wise volume from one axis")
-    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None)
+    p.add_argument("--voxel-size", nargs="+", metavar="Z,Y,X", default=None,
+                   help="voxel size in µm, z,y,x or one value (default: the plan's)")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: auto)")
     p.add_argument("--out", default=None, help="image name inside RUN_DIR")
     p.add_argument("--workers", type=int, default=1,
@@ -339,6 +512,9 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fill", action="store_true",
                    help="keep the generator's colours outside the sample (resin, air) "
                    "instead of the slide background")
+    p.add_argument("--no-confidence", action="store_true",
+                   help="skip the axes' disagreement image (IMAGE/disagreement, written by "
+                   "default with 2+ axes)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fuse)
@@ -471,8 +647,12 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
     job = submit_train(cfg, Path(args.out), cluster)
     print(describe(job))
     if args.wait:
-        results = job.results()  # one per task (rank)
-        print(f"job {job.job_id} finished: {results[0]}")
+        from hpcstain.launch.watch import wait_train
+
+        outcome = wait_train([job], [Path(args.out)])[0]
+        if not outcome.ok:
+            return 1
+        print(f"job {job.job_id} finished: {outcome.result}")
     return 0
 
 
@@ -500,6 +680,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--chunk", type=int, default=64, help="storage chunk edge (voxels)")
     v.add_argument("--screw-scale", type=float, default=1.0, metavar="F",
                    help="screw radii × F, 0.25–2 (default 1: the M2-like screw)")
+    v.add_argument("--cupping", type=float, default=None, metavar="D",
+                   help="CT cupping depth at the rotation axis, attenuation units 0–0.5 "
+                   "(default 0.05; 1 = dense bone; 0: none); recorded in the attrs")
     v.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     v.set_defaults(func=cmd_phantom_volume)
     pr = psub.add_parser("pairs", help="paired CT / histology whole slides + manifest.csv")
@@ -507,9 +690,14 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--n", type=int, default=10, help="number of pairs (Mg:Ti:PEEK ~ 7:1:2)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[512, 512])
-    pr.add_argument("--orientation", default="z", choices=("z", "y", "x", "mixed", "random"),
+    pr.add_argument("--orientation", default="z",
+                    choices=("z", "y", "x", "mixed", "random", "volume"),
                     help="plane of the sections: z (axial, default), y, x, mixed (cycles "
-                    "z, y, x) or random (a random plane per pair)")
+                    "z, y, x), random (a random plane per pair) or volume (z, y, x slices "
+                    "anywhere in the sample, not only through the implant)")
+    pr.add_argument("--misalignment", type=float, default=1.0, metavar="S",
+                    help="strength of the histology's in-plane affine + elastic warp, 0-5 "
+                    "(0 none, 1 default, 3 strong)")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_phantom_pairs)
 
@@ -522,9 +710,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpcstain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="versions, devices, SLURM/MPI context")
+    p = sub.add_parser("info", help="versions, devices, SLURM/MPI context; or a checkpoint",
+                       description="Without options: library versions, devices and the "
+                       "SLURM/MPI context. With --checkpoint: a model's architecture, "
+                       "parameters, FLOPs per pixel, CT conventions, training data and hash.")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="describe a checkpoint (latest.pt, min-*.pt or a run's generator.pt)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("status", help="how far a staining or training run is",
+                       description="Progress of RUN_DIR (a staining run with plan.json or a "
+                       "training run): units per axis, fused chunks, running/stale/failed "
+                       "units, throughput and ETA; or epoch, step, losses, latest.pt, "
+                       "requeues. Exit code: 0 complete, 3 in progress, 1 failed or stale "
+                       "work units.")
+    p.add_argument("run_dir")
+    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=None,
+                   metavar="SECONDS", help="refresh every SECONDS (default 10) until the "
+                   "run is complete or has failed work")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--require-fused", action="store_true",
+                   help="a staining run counts as complete only once fused")
+    p.set_defaults(func=cmd_status)
 
     _add_phantom(sub)
 
@@ -539,8 +747,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("distill", help="train a small student generator on a teacher's output",
+                       description="Knowledge distillation (docs/distillation.md): the student "
+                       "learns the teacher's CT→stain output on the CT of training pairs and "
+                       "on slices of target volumes along z, y, x. Same trainer as `train` "
+                       "(DDP, resume, signals); the result is an ordinary checkpoint.")
+    _add_distill_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_distill)
+
     _add_volume(sub)
     _add_levels(sub)
+    _add_cupping(sub)
     _add_predict_evaluate(sub)
 
     p = sub.add_parser("score", help="score a stained volume: SSIM/PSNR per plane family, "
@@ -580,6 +799,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=cmd_submit_train)
+
+    t = ssub.add_parser("distill", help="one DDP distillation job (see `distill`)")
+    _add_distill_args(t)
+    t.add_argument("--profile", default="slurm",
+                   help="cluster profile in configs/clusters/ (local, slurm, maxwell) or YAML")
+    t.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    t.set_defaults(func=cmd_submit_distill)
 
     t = ssub.add_parser("cv", help="k-fold cross-validation x model variants as a job array",
                         description="One training run per (variant, fold) in OUT/<variant>/"

@@ -48,6 +48,9 @@ class DataConfig:
     stretch_c: float = 0.0
     stretch_c_prime: float = 0.0
     invert_ct: bool = False
+    # CT preprocessing before §2.5 (hpcstain/cupping.py): none, or radial = each CT slide's
+    # cupping fitted and removed (axial slides; the axis at the slide centre)
+    cupping: Literal["none", "radial"] = "none"
     # §2.4 folds
     n_folds: int = 5
     fold: int = 0
@@ -59,8 +62,8 @@ class DataConfig:
 class ModelConfig:
     """Networks of §2.6: ResNet/U-Net generators, 70×70 PatchGAN, image pool."""
 
-    variant: Literal["modcyclegan", "cyclegan", "pix2pix"] = "modcyclegan"
-    generator: Literal["resnet", "unet256"] = "resnet"
+    variant: Literal["modcyclegan", "cyclegan", "pix2pix", "distill"] = "modcyclegan"
+    generator: Literal["resnet", "unet256", "s2dnet", "dsresnet"] = "resnet"
     ct_channels: int = 3
     histology_channels: int = 3
     ngf: int = 64
@@ -68,10 +71,14 @@ class ModelConfig:
     n_blocks: int = 9
     n_layers_d: int = 3
     upsampling: Literal["transpose", "resize"] = "transpose"
-    norm: Literal["instance", "batch"] = "instance"
+    norm: Literal["instance", "batch", "none"] = "instance"  # none: student generators only
     use_dropout: bool = False
     init_gain: float = 0.02
     pool_size: int = 50
+    # learned alignment of misaligned pairs (models/registration.py; training only)
+    align: bool = False        # warp G's output onto the histology before the pixel loss
+    align_smooth: float = 0.5  # weight of the displacement field's smoothness term
+    align_width: int = 16      # registration net width
 
 
 @dataclass
@@ -84,6 +91,7 @@ class LossConfig:
     lambda_px: float = 6.0
     lambda_gs: float = 1.0
     lambda_l1: float = 20.0
+    lambda_kd_gan: float = 0.0  # distill: conditional patch-GAN term (0: L1 to the teacher only)
 
 
 @dataclass
@@ -107,6 +115,20 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (variant ``distill``, docs/distillation.md): what the teacher
+    labels. The student always takes the teacher's CT conventions (data.ct_*, cupping...)."""
+
+    teacher: str = ""
+    volumes: list[str] = field(default_factory=list)  # target volumes whose slices it labels
+    axes: str = "z,y,x"
+    slices_per_axis: int = 16  # evenly spaced, per volume and axis
+    sigma: float = 1.0         # the stain engine's 3D Gaussian (hpcstain stain --sigma)
+    use_pairs: bool = True     # also the CT of data.manifest's training pairs
+    mask_margin: int = 8       # px the sample mask is grown by (outside is not learned)
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run; saved beside every output."""
 
@@ -115,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --------------------------------------------------------------------------- profiles

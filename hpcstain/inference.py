@@ -32,7 +32,7 @@ from hpcstain.errors import InputError, UsageError
 
 TileFn = Callable[[torch.Tensor], torch.Tensor]
 CONVENTION_KEYS = ("ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime",
-                   "invert_ct")
+                   "invert_ct", "cupping")
 MIN_TILE = 16  # the ResNet's 7×7 reflection padding needs a few pixels after downsampling
 
 
@@ -46,6 +46,7 @@ class Conventions:
     histology_channels: int = 3
     stretch_c: tuple[float, float] = (0.0, 0.0)
     size_multiple: int = 4
+    cupping: str = "none"  # CT preprocessing trained with: none | radial (hpcstain.cupping)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,7 +96,8 @@ def conventions_of(ckpt: dict[str, Any]) -> Conventions:
         invert_ct=bool(get["invert_ct"]), ct_channels=int(arch["ct_channels"]),
         histology_channels=int(arch["histology_channels"]),
         stretch_c=(float(get["stretch_c"]), float(get["stretch_c_prime"])),
-        size_multiple=256 if arch.get("generator") == "unet256" else 4)
+        size_multiple=256 if arch.get("generator") == "unet256" else 4,
+        cupping=str(get["cupping"]))
 
 
 def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:

@@ -115,6 +115,31 @@ def test_random_sections_are_unit_planes_with_exact_truth() -> None:
     assert pair_digest(again) == pair_digest(pair)
 
 
+def test_volume_sections_are_axis_slices_anywhere_in_the_sample() -> None:
+    from hpcstain.phantom.pairs import VOLUME_SPREAD
+
+    d = 48
+    offsets = {0: [], 1: [], 2: []}
+    for index in range(12):
+        sec = plan_section("volume", (d, d), seed=4, index=index)
+        axis = index % 3
+        assert sec.kind == "volume" and sec.volume_shape == (d, d, d)
+        assert sec.normal[axis] == 1.0 and sum(map(abs, sec.normal)) == 1.0
+        # rows/cols in the volume engine's layout: z-slices (y, x), y (z, x), x (z, y)
+        in_plane = [a for a in range(3) if a != axis]
+        assert sec.row[in_plane[0]] == 1.0 and sec.col[in_plane[1]] == 1.0
+        off = (sec.centre[axis] - (d - 1) / 2) / (d / 2)
+        assert abs(off) <= VOLUME_SPREAD
+        offsets[axis].append(off)
+    # not only the centre: the sections spread over the sample along each axis
+    assert all(max(v) - min(v) > 0.3 for v in offsets.values())
+    pair = render_pair("mg", 9, (d, d), seed=4, index=0, orientation="volume")
+    s = make_sample((d, d, d), "mg", 9)
+    tissue = tissue_at(s, pair.section.points(np.arange(d) - (d - 1) / 2,
+                                              np.arange(d) - (d - 1) / 2))
+    assert np.array_equal(pair.labels, tissue.labels) and pair.mask.any()
+
+
 def test_oblique_renderer_agrees_with_the_axis_renderer_on_an_axis_plane() -> None:
     """A "random" plane that happens to be a y-slice gives that y-slice (blur order aside)."""
     sec = plan_section("y", SIZE, seed=3, index=0)

@@ -5,7 +5,8 @@ CT forward model; the truth is the exact stain of that same slice. The histology
 stain of a slightly oblique plane near it, rendered at ``SUPERSAMPLE``× resolution through
 an affine + elastic warp (soft tissue moves most), box-downsampled, then given the
 section's preparation artefacts (cracks, saw striations, stain droplets, an optional
-missing region) and the microscope session's colour drift.
+missing region) and the microscope session's colour drift. The warp's size is one knob,
+``misalignment`` (0 none, 1 the default, 3 strong), for measuring learned alignment.
 
 Sections can lie along any plane (``orientation``): ``z`` (the default, an axial slice of
 the tomographic geometry), ``y`` or ``x`` (the slice a real scan of the sample shows
@@ -57,9 +58,11 @@ MATERIAL_RATIO = {"mg": 7, "ti": 1, "peek": 2}     # the paper's Mg:Ti:PEEK
 SUPERSAMPLE = 2
 MANIFEST_COLUMNS = ("id", "material", "ct", "histology", "mask", "truth")
 PAIRS_PER_SESSION = 4                              # slides sharing one colour drift
-ORIENTATIONS = ("z", "y", "x", "mixed", "random")  # write_pairs(orientation=...)
+ORIENTATIONS = ("z", "y", "x", "mixed", "random", "volume")  # write_pairs(orientation=)
 MIXED_CYCLE = ("z", "y", "x")                      # orientation "mixed": pair i → [i % 3]
+VOLUME_SPREAD = 0.65  # orientation "volume": |offset| ≤ 0.65 r (the sample spans ~±0.67 r)
 Z_DEPTH = 64                                       # slices of the volume a z-pair is cut from
+MAX_MISALIGNMENT = 5.0                             # write_pairs(misalignment=...) upper bound
 
 
 @dataclass
@@ -132,6 +135,10 @@ def plan_section(kind: str, size: tuple[int, int], seed: int, index: int) -> Sec
       ±0.12 of the centre (along the screw axis, like z-slices but across the long bone).
     * ``random``: a uniformly random unit normal and in-plane rotation, through a point
       within ±0.1 (along the normal) of the centre of an S³ volume (S = min(H, W)).
+    * ``volume``: a z, y or x slice (cycled by ``index``, in the volume engine's row/column
+      layout) of an S³ volume, anywhere within ±``VOLUME_SPREAD`` of the centre: the
+      off-centre slices a whole-volume stain meets, which sections through the implant
+      never show (docs/results.md "Why 3D scores below 2D").
     """
     h, w = size
     d = min(h, w)
@@ -150,6 +157,12 @@ def plan_section(kind: str, size: tuple[int, int], seed: int, index: int) -> Sec
         x0 = int(np.clip(round((d - 1) / 2.0 + rng.uniform(-0.12, 0.12) * rf), 0, d - 1))
         return Section("x", (h, w, d), ((h - 1) / 2.0, (w - 1) / 2.0, float(x0)),
                        (0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), x0)
+    if kind == "volume":  # a z, y or x slice (by index) anywhere in an S³ volume
+        axis = index % 3
+        row, col = {0: (e[1], e[2]), 1: (e[0], e[2]), 2: (e[0], e[1])}[axis]
+        centre = np.full(3, (d - 1) / 2.0)
+        centre[axis] += rng.uniform(-VOLUME_SPREAD, VOLUME_SPREAD) * rf
+        return Section("volume", (d, d, d), _vec(centre), _vec(e[axis]), _vec(row), _vec(col))
     if kind != "random":
         raise UsageError(f"pairs: unknown section kind {kind!r}")
     n = rng.standard_normal(3)
@@ -345,19 +358,26 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return (f - f.mean()) / max(float(f.std()), 1e-6)
 
 
-def _warp(rng: np.random.Generator, labels_ct: np.ndarray,
-          scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Source-plane (row, col) for each fine output pixel: affine + tissue-weighted elastic."""
+def _warp(rng: np.random.Generator, labels_ct: np.ndarray, scale: float,
+          strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Source-plane (row, col) for each fine output pixel: affine + tissue-weighted elastic.
+
+    ``strength`` (the misalignment knob) multiplies every deviation from the identity:
+    rotation, scale, shear, translation and the elastic amplitude. The random draws do not
+    depend on it, so slides of one seed differ between strengths only in their warp; 1 is
+    the default phantom (bit-identical), 0 no in-plane misalignment at all.
+    """
     h, w = labels_ct.shape
     hs, ws = h * SUPERSAMPLE, w * SUPERSAMPLE
     rows = (np.arange(hs, dtype=np.float32) + 0.5) / SUPERSAMPLE - 0.5
     cols = (np.arange(ws, dtype=np.float32) + 0.5) / SUPERSAMPLE - 0.5
     r, c = np.meshgrid(rows, cols, indexing="ij")
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    ang = np.deg2rad(rng.uniform(-2.0, 2.0))
-    sy, sx = 1 + rng.uniform(-0.03, 0.03, size=2)
-    shear = rng.uniform(-0.02, 0.02)
-    ty, tx = rng.uniform(-3.0, 3.0, size=2) * scale
+    k = float(strength)
+    ang = np.deg2rad(rng.uniform(-2.0, 2.0)) * k
+    sy, sx = 1 + rng.uniform(-0.03, 0.03, size=2) * k
+    shear = rng.uniform(-0.02, 0.02) * k
+    ty, tx = rng.uniform(-3.0, 3.0, size=2) * scale * k
     a = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) \
         @ np.array([[sy, shear], [0.0, sx]])
     dr, dc = r - cy, c - cx
@@ -367,7 +387,7 @@ def _warp(rng: np.random.Generator, labels_ct: np.ndarray,
     soft = ~np.isin(labels_ct, RIGID_LABELS)
     weight = ndimage.gaussian_filter(np.where(soft, 1.0, 0.15).astype(np.float32), 3.0)
     sigma = max(2.0, 0.04 * min(h, w))
-    amp = 5.0 * scale
+    amp = 5.0 * scale * k
     fields = [_smooth_field(rng, (h, w), sigma) * weight * np.float32(amp) for _ in range(2)]
     up = [ndimage.map_coordinates(f, [r, c], order=1, mode="nearest") for f in fields]
     return (src_r + up[0]).astype(np.float32), (src_c + up[1]).astype(np.float32)
@@ -457,11 +477,12 @@ def _session_drift(seed: int, session: int) -> dict[str, np.ndarray | float]:
 
 
 def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: int,
-                index: int, orientation: str = "z") -> Pair:
+                index: int, orientation: str = "z", misalignment: float = 1.0) -> Pair:
     """Render pair ``index`` of a set (``seed``) from its own sample seed.
 
     ``orientation`` is the plane of the section (see ``plan_section``; ``mixed`` cycles
     z, y, x by ``index``); the histology is a slightly oblique plane near it.
+    ``misalignment`` scales its in-plane affine + elastic warp (see ``_warp``).
     """
     h, w = size
     kind = pair_orientation(orientation, index)
@@ -477,7 +498,7 @@ def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: in
     frame = np.column_stack([sec.normal, sec.row, sec.col])
     e_y, e_x = frame @ e_y, frame @ e_x
     origin = np.asarray(sec.centre) + rng.uniform(-1.5, 1.5) * np.asarray(sec.normal)
-    src_r, src_c = _warp(rng, labels_ct, scale)
+    src_r, src_c = _warp(rng, labels_ct, scale, misalignment)
     dr, dc = src_r - np.float32((h - 1) / 2.0), src_c - np.float32((w - 1) / 2.0)
     pts = tuple((np.float32(origin[k]) + np.float32(e_y[k]) * dr + np.float32(e_x[k]) * dc)
                 for k in range(3))
@@ -536,8 +557,21 @@ def check_pair_args(n: int, size: tuple[int, int] | list[int]) -> tuple[int, tup
     return n_int, (dims[0], dims[1])
 
 
+def check_misalignment(strength: float) -> float:
+    """A finite misalignment strength in [0, MAX_MISALIGNMENT] or a UsageError naming it."""
+    try:
+        k = float(strength)
+    except (TypeError, ValueError):
+        raise UsageError(f"pairs: --misalignment {strength!r} is not a number") from None
+    if not (0.0 <= k <= MAX_MISALIGNMENT):
+        raise UsageError(f"pairs: --misalignment {strength!r} must be between 0 and "
+                         f"{MAX_MISALIGNMENT:g}")
+    return k
+
+
 def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (512, 512),
-                overwrite: bool = False, orientation: str = "z") -> Path:
+                overwrite: bool = False, orientation: str = "z",
+                misalignment: float = 1.0) -> Path:
     """Write ``n`` paired slides and ``manifest.csv`` into ``outdir``; return the manifest.
 
     Layout: ``ct/<id>.tif`` (uint16), ``histology/<id>.png``, ``mask/<id>.png`` (0/255),
@@ -548,10 +582,15 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
     section. Other than ``z`` (whose output is unchanged), the manifest gains an
     ``orientation`` column (the pair's kind) and ``phantom.json`` an ``orientation`` key
     and a ``sections`` list (each pair's volume shape, centre, normal, row/col axes).
+
+    ``misalignment`` multiplies the histology's in-plane affine + elastic warp (0: none;
+    1: the default phantom, unchanged output; 3: strong); other than 1 it is recorded as
+    ``misalignment`` in ``phantom.json``.
     """
     outdir = Path(outdir)
     n, size = check_pair_args(n, size)
     orientation = check_orientation(orientation)
+    misalignment = check_misalignment(misalignment)
     check_output(outdir, overwrite)
     materials = allocate_materials(n, seed)
     sample_seeds = np.random.default_rng([int(seed), 0x5EED]).integers(0, 2**62, size=n)
@@ -562,7 +601,8 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             (tmp / sub).mkdir(parents=True)
         for i, material in enumerate(materials):
             pid = f"pair_{i:03d}"
-            pair = render_pair(material, int(sample_seeds[i]), size, seed, i, orientation)
+            pair = render_pair(material, int(sample_seeds[i]), size, seed, i, orientation,
+                               misalignment)
             files = {"ct": f"ct/{pid}.tif", "histology": f"histology/{pid}.png",
                      "mask": f"mask/{pid}.png", "truth": f"truth/{pid}.png"}
             (tmp / files["ct"]).write_bytes(_tiff_bytes(pair.ct))
@@ -588,6 +628,8 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
                 "supersample": SUPERSAMPLE, "pairs_per_session": PAIRS_PER_SESSION}
         if orientation != "z":
             info.update({"orientation": orientation, "sections": sections})
+        if misalignment != 1.0:
+            info["misalignment"] = misalignment
         (tmp / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     return outdir / "manifest.csv"
 

@@ -63,10 +63,13 @@ class Plan:
     nan_policy: str = "error"
     nan_value: float = 0.0
     voxel_size_um: tuple[float, float, float] | None = None
+    voxel_size_from: str = ""
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     generator_sha256: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    # the CT's cupping correction, fitted once here ({}: none; hpcstain.cupping.Cupping)
+    cupping: dict[str, Any] = field(default_factory=dict)
     format: str = PLAN_FORMAT
 
     # ----------------------------------------------------------------- geometry
@@ -270,7 +273,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               checkpoint: str | os.PathLike[str] | None = None,
               config: dict[str, Any] | None = None, truncate: float = 4.0,
               max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none",
-              max_tile: int = 0) -> Plan:
+              max_tile: int = 0, cupping: Any = None, cupping_override: bool = False) -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
     ``levels`` is the raw ``(bone, background)``; when None they are estimated once here
@@ -280,6 +283,9 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     code). ``autocast`` (``none``/``bf16``/``fp16``) runs the generator under torch autocast
     (GPU throughput; it changes the output, so it is part of the plan). ``max_tile`` lets
     planes be covered by fewer, larger equal tiles (:func:`hpcstain.tiles.plane_tiles`).
+    ``cupping`` (``None``: as the checkpoint was trained, ``"auto"``/``"none"``, or a fitted
+    :class:`~hpcstain.cupping.Cupping`) is resolved by :func:`resolve_cupping`; the levels
+    are then estimated on the corrected CT.
     """
     from hpcstain.volume.io import estimate_levels
 
@@ -292,6 +298,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
     sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
+    trained: str | None = None
     if checkpoint:
         from hpcstain.inference import conventions_of
         from hpcstain.train.checkpoint import file_sha256, load_checkpoint
@@ -300,9 +307,14 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
             raise InputError(f"{checkpoint}: checkpoint not found")
         conv = conventions_of(load_checkpoint(checkpoint))
         sha, target = file_sha256(checkpoint), conv.target_levels
-        channels, multiple = conv.ct_channels, conv.size_multiple
+        channels, multiple, trained = conv.ct_channels, conv.size_multiple, conv.cupping
+    fitted = resolve_cupping(source, cupping, checkpoint, cupping_override, trained=trained)
+    if levels is None and fitted is not None:
+        from hpcstain.cupping import CorrectedSource
+
+        levels = estimate_levels(CorrectedSource(source, fitted))  # type: ignore[arg-type]
     bone, background = levels if levels is not None else estimate_levels(source)
-    vox = voxel_size_um if voxel_size_um is not None else source.voxel_size_um
+    vox, vox_from = voxel_size_of(source, voxel_size_um)
     return Plan(input=str(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
                 window=window, max_tile=int(max_tile), sigma=float(sigma),
@@ -312,9 +324,69 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 size_multiple=multiple, max_unit_voxels=int(max_unit_voxels),
                 autocast=autocast,
                 nan_policy=source.nan_policy, nan_value=source.nan_value,
-                voxel_size_um=tuple(float(v) for v in vox) if vox else None,  # type: ignore[arg-type]
+                voxel_size_um=vox, voxel_size_from=vox_from,
                 checkpoint=str(checkpoint or ""), checkpoint_sha256=sha,
-                config=dict(config or {}))
+                config=dict(config or {}),
+                cupping=fitted.to_dict() if fitted is not None else {})
+
+
+def checkpoint_cupping(checkpoint: str | os.PathLike[str] | None) -> str | None:
+    """The CT preprocessing a checkpoint was trained with (``none``/``radial``), or None."""
+    if not checkpoint:
+        return None
+    from hpcstain.inference import conventions_of
+    from hpcstain.train.checkpoint import load_checkpoint
+
+    if not Path(checkpoint).is_file():
+        raise InputError(f"{checkpoint}: checkpoint not found")
+    return conventions_of(load_checkpoint(checkpoint)).cupping
+
+
+def resolve_cupping(source: Any, cupping: Any, checkpoint: str | os.PathLike[str] | None,
+                    override: bool = False, trained: str | None = None) -> Any:
+    """The run's cupping correction (a fitted :class:`~hpcstain.cupping.Cupping`) or None.
+
+    ``cupping``: None follows the checkpoint (``radial`` → fit, else none); ``"auto"``
+    fits, ``"none"`` does not; a Cupping is used as given. Staining with a preprocessing
+    other than the checkpoint's is refused (the generator would see CT it was never
+    trained on) unless ``override``.
+    """
+    from hpcstain.cupping import Cupping, fit_source
+
+    if trained is None:  # not given by a caller that already loaded the checkpoint
+        trained = checkpoint_cupping(checkpoint)
+    if cupping is None:
+        want = "radial" if trained == "radial" else "none"
+    elif isinstance(cupping, Cupping):
+        want = "radial"
+    elif str(cupping).strip().lower() in ("auto", "radial", "none"):
+        want = "none" if str(cupping).strip().lower() == "none" else "radial"
+    else:
+        raise UsageError(f"cupping {cupping!r}: choose auto or none")
+    if trained is not None and want != trained and not override:
+        asked = "auto" if want == "radial" else "none"
+        raise UsageError(f"{checkpoint}: trained with cupping correction {trained!r} "
+                         f"(data.cupping) but this run asks for --cupping {asked}; the "
+                         "generator would see CT preprocessed differently from its training "
+                         "data. Drop --cupping to follow the checkpoint, or pass "
+                         "--cupping-override to stain anyway")
+    if want == "none":
+        return None
+    return cupping if isinstance(cupping, Cupping) else fit_source(source)
+
+
+def voxel_size_of(source: Any, override: Any = None
+                  ) -> tuple[tuple[float, float, float] | None, str]:
+    """The run's voxel size in µm (z, y, x) and where it came from: ``override`` (the
+    ``--voxel-size`` flag), else the input's metadata, else (None, "")."""
+    from hpcstain.volume.voxelsize import parse_voxel_size
+
+    if override is not None:
+        return parse_voxel_size(override), "--voxel-size"
+    vox = getattr(source, "voxel_size_um", None)
+    if vox is None:
+        return None, ""
+    return tuple(float(v) for v in vox), getattr(source, "voxel_size_from", "")  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- run dir
@@ -336,7 +408,7 @@ def load_plan(run_dir: str | os.PathLike[str]) -> Plan:
 
 
 # Hashes are not compared: a run keeps its pinned generator even if the source file changed.
-UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256")
+UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256", "voxel_size_from")
 
 
 def plan_differences(old: Plan, new: Plan) -> list[str]:

@@ -198,7 +198,8 @@ def _lookup(d: dict[str, Any], key: str) -> Any:
 
 def clear_run(run_dir: Path) -> None:
     """Remove a run's outputs (plan, records, per-axis and fused arrays)."""
-    for path in [*run_dir.glob("axis-*.zarr"), *run_dir.glob("*.ome.zarr"), run_dir / "done"]:
+    for path in [*run_dir.glob("axis-*.zarr"), *run_dir.glob("*.ome.zarr"), run_dir / "done",
+                 run_dir / "running", run_dir / "failed"]:
         shutil.rmtree(path, ignore_errors=True)
     plan_path(run_dir).unlink(missing_ok=True)
     generator_path(run_dir).unlink(missing_ok=True)
@@ -249,11 +250,17 @@ class UnitResult:
 
 
 def prepared_ct(source: VolumeSource, box: Region, plan: Plan) -> np.ndarray:
-    """Normalised, smoothed CT over ``box`` (float32 in [-1, 1])."""
+    """Normalised, smoothed CT over ``box`` (float32 in [-1, 1]), cupping-corrected first
+    when the plan records a correction."""
     from hpcstain.inference import Conventions, ct_to_unit
 
     grown = grow(box, plan.halo, plan.shape)
     raw = source.read(grown)
+    if plan.cupping:  # fitted once at plan time; a pure function of global (y, x)
+        from hpcstain.cupping import Cupping, apply_cupping
+
+        raw = apply_cupping(raw, Cupping.from_dict(plan.cupping, "plan.json"),
+                            (grown[1].start, grown[2].start))
     ct = smooth(raw, box, grown, plan.halo, plan.sigma)
     return ct_to_unit(ct, (plan.bone_level, plan.background_level),
                       Conventions(target_levels=plan.target_levels))
@@ -287,19 +294,30 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
 def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
                  plan: Plan, batch_size: int = 0, device: str = "cpu") -> UnitResult:
     """The generator half: stain the slab, write it, then its completion record."""
+    from hpcstain.volume import markers
+
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
-    rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
-                     counter, device)
-    write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
-    voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
-    seconds = time.perf_counter() - t0
-    write_record(run_dir, unit.task, unit.name, {
-        "unit": unit.name, "index": loaded.index, "axis": unit.axis,
-        "write_region": [[s.start, s.stop] for s in loaded.write],
-        "generator_pixels": counter[0], "voxels": voxels, "seconds": round(seconds, 3),
-        "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    markers.mark_running(run_dir, unit.task, unit.name)  # left behind only if we die
+    try:
+        rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
+                         counter, device)
+        write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
+        voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
+        seconds = time.perf_counter() - t0
+        write_record(run_dir, unit.task, unit.name, {
+            "unit": unit.name, "index": loaded.index, "axis": unit.axis,
+            "write_region": [[s.start, s.stop] for s in loaded.write],
+            "generator_pixels": counter[0], "voxels": voxels, "seconds": round(seconds, 3),
+            "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+            **{k: v for k, v in markers.worker_identity().items() if k == "slurm"}})
+    except Exception as exc:
+        markers.mark_failed(run_dir, unit.task, unit.name, exc)
+        raise
+    finally:
+        markers.clear_running(run_dir, unit.task, unit.name)
+    markers.clear_failed(run_dir, unit.task, unit.name)
     return UnitResult(loaded.index, unit.name, unit.axis, seconds, counter[0], voxels)
 
 
