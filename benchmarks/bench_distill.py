@@ -21,8 +21,8 @@ For a trained teacher checkpoint and its training manifest this script
    fp32), with a memory-traffic floor for nets whose FLOPs are too few to bound them.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_distill.py \\
-        --teacher /work/artifacts/demo/train/checkpoints/latest.pt \\
-        --pairs /work/artifacts/demo/pairs/manifest.csv --work /work/artifacts/distill/bench
+        --teacher demo-out/train/checkpoints/latest.pt \\
+        --pairs demo-out/pairs/manifest.csv --work bench-out/distill
 
 Stages already done in ``--work`` are reused (delete a folder to redo it).
 """
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, type=Path)
     p.add_argument("--pairs", required=True, type=Path, help="the teacher's training manifest")
-    p.add_argument("--work", type=Path, default=Path("/work/artifacts/distill/bench"))
+    p.add_argument("--work", type=Path, default=Path("bench-out/distill"))
     p.add_argument("--profiles", default="student-fast,student-small",
                    help="comma list of student profiles")
     p.add_argument("--epochs", type=int, default=20)
