@@ -111,14 +111,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_submit_distill(args: argparse.Namespace) -> int:
     from hpcstain.launch.profiles import load_cluster
-    from hpcstain.launch.submit import describe, submit_train
 
     run_over, cluster_over = _split_overrides(args.overrides)
     cluster = load_cluster(args.profile, cluster_over)
-    job = submit_train(_distill_config(args, run_over), Path(args.out), cluster)
+    return _submit_training(_distill_config(args, run_over), args, cluster)
+
+
+def _submit_training(cfg: Any, args: argparse.Namespace, cluster: Any) -> int:
+    """Submit one training (or distillation) job; with --wait, one progress line, exit 0/1."""
+    from hpcstain.launch.submit import describe, submit_train
+
+    job = submit_train(cfg, Path(args.out), cluster)
     print(describe(job))
     if args.wait:
-        print(f"job {job.job_id} finished: {job.results()[0]}")
+        from hpcstain.launch.watch import wait_train
+
+        outcome = wait_train([job], [Path(args.out)])[0]
+        if not outcome.ok:
+            return 1
+        print(f"job {job.job_id} finished: {outcome.result}")
     return 0
 
 
@@ -638,22 +649,12 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
     from hpcstain.launch.profiles import load_cluster
-    from hpcstain.launch.submit import describe, submit_train
     from hpcstain.train.runs import resolve_run_config
 
     run_over, cluster_over = _split_overrides(args.overrides)
     cluster = load_cluster(args.profile, cluster_over)
-    cfg = resolve_run_config(Path(args.out), args.config, run_over)
-    job = submit_train(cfg, Path(args.out), cluster)
-    print(describe(job))
-    if args.wait:
-        from hpcstain.launch.watch import wait_train
-
-        outcome = wait_train([job], [Path(args.out)])[0]
-        if not outcome.ok:
-            return 1
-        print(f"job {job.job_id} finished: {outcome.result}")
-    return 0
+    return _submit_training(resolve_run_config(Path(args.out), args.config, run_over), args,
+                            cluster)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -216,7 +216,8 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
         remaining_voxels += sum(v for n, v in size.items() if n not in done)
         row = {"done": len(done & set(size)), "total": len(units), "running": 0, "stale": 0,
                "failed": 0}
-        for name, m in sorted(read_markers(run, RUNNING, task).items()):
+        running_now = read_markers(run, RUNNING, task)
+        for name, m in sorted(running_now.items()):
             if name in done:
                 continue
             if not live_checked and (m.get("slurm") or {}).get("job_id"):
@@ -231,8 +232,9 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                 running.append(entry)
                 row["running"] += 1
         for name, m in sorted(read_markers(run, FAILED, task).items()):
-            if name in done:
-                continue
+            retry = running_now.get(name, {})
+            if name in done or (retry.get("time") or 0) > (m.get("time") or 0):
+                continue  # done since, or a retry started after the failure
             failed.append({"task": task, "unit": name, "worker": _worker_text(m),
                            "time": m.get("time"), "error": m.get("error", "?")})
             row["failed"] += 1
@@ -246,7 +248,8 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
     n_done = sum(a["done"] for a in axes.values())
     n_units = sum(a["total"] for a in axes.values())
     stained = n_done == n_units
-    fuse_done = all(f["done"] == f["total"] for f in fused) and (fused or not require_fused)
+    fuse_done = all(f["done"] == f["total"] and not f["pyramid_pending"] for f in fused) \
+        and (fused or not require_fused)
     if stale or failed:
         state, code = "failed", EXIT_FAILED
     elif stained and fuse_done:
@@ -278,7 +281,11 @@ def _fused_status(run: Path, n_chunks: int) -> list[dict[str, Any]]:
     if done_dir.is_dir():
         tasks |= {p.name for p in done_dir.iterdir() if p.is_dir()
                   and not p.name.startswith(("axis-", "."))}
-    return [{"image": f"{t}.ome.zarr", "done": len(done_names(run, t)), "total": n_chunks}
+    from hpcstain.volume.fuse import PYRAMID_PENDING
+
+    # pyramid_pending: a pass died after its chunk records but before building the pyramid
+    return [{"image": f"{t}.ome.zarr", "done": len(done_names(run, t)), "total": n_chunks,
+             "pyramid_pending": (done_dir / t / PYRAMID_PENDING).exists()}
             for t in sorted(tasks)]
 
 
@@ -460,7 +467,9 @@ def _format_stain(r: dict[str, Any]) -> str:
     if r["fused"]:
         for f in r["fused"]:
             lines.append(f"  {f['image']}: {bar(f['done'], f['total'])} {f['done']}/"
-                         f"{f['total']} chunks fused")
+                         f"{f['total']} chunks fused"
+                         + (" (pyramid not built yet: run fuse again)"
+                            if f["pyramid_pending"] else ""))
     else:
         lines.append("  fused: not started (hpcstain fuse RUN_DIR)")
     rate = r["throughput"]

@@ -33,6 +33,7 @@ from hpcstain.status import (
     watch,
 )
 from hpcstain.volume import fuse_run
+from hpcstain.volume.fuse import PYRAMID_PENDING
 from hpcstain.volume.io import open_volume
 from hpcstain.volume.markers import FAILED, RUNNING, marker_path, read_markers
 from hpcstain.volume.plan import load_plan, make_plan
@@ -133,8 +134,39 @@ def test_done_missing_stale_failed_and_running_units_then_complete(tmp_path: Pat
     assert collect_status(run, require_fused=True)["exit_code"] == EXIT_IN_PROGRESS
     fuse_run(run)
     fused = collect_status(run, require_fused=True)
-    assert fused["fused"] == [{"image": "fused.ome.zarr", "done": 2 * 2 * 2, "total": 8}]
+    assert fused["fused"] == [{"image": "fused.ome.zarr", "done": 2 * 2 * 2, "total": 8,
+                               "pyramid_pending": False}]
     assert fused["exit_code"] == EXIT_COMPLETE
+    # a fuse pass that died after its chunk records, before the pyramid: not complete
+    (run / "done" / "fused" / PYRAMID_PENDING).touch()
+    pending = collect_status(run, require_fused=True)
+    assert pending["fused"][0]["pyramid_pending"] and pending["exit_code"] == EXIT_IN_PROGRESS
+    assert "pyramid not built yet" in format_status(pending)
+
+
+def test_a_retry_after_a_failure_is_running_not_failed(tmp_path: Path,
+                                                       volume_path: Path) -> None:
+    run = new_run(tmp_path / "run", volume_path, axes="z")
+    failed = marker_path(run, FAILED, "axis-z", "s0000")
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_text(json.dumps({"unit": "s0000", "error": "RuntimeError: boom",
+                                  "time": time.time() - 60}))
+    assert collect_status(run)["exit_code"] == EXIT_FAILED
+    put_marker(run, "axis-z", "s0000", host=socket.gethostname(), pid=os.getpid())
+    retry = collect_status(run)
+    assert retry["failed"] == [] and retry["axes"]["z"]["running"] == 1
+    assert retry["exit_code"] == EXIT_IN_PROGRESS
+
+
+def test_a_worker_clears_only_its_own_running_marker(tmp_path: Path) -> None:
+    from hpcstain.volume.markers import clear_running, mark_running
+
+    put_marker(tmp_path, "axis-z", "s0000", host=socket.gethostname(), pid=dead_pid())
+    clear_running(tmp_path, "axis-z", "s0000")  # a second worker took the unit since
+    assert "s0000" in read_markers(tmp_path, RUNNING, "axis-z")
+    mark_running(tmp_path, "axis-z", "s0000")
+    clear_running(tmp_path, "axis-z", "s0000")
+    assert not read_markers(tmp_path, RUNNING, "axis-z")
 
 
 def test_worker_killed_mid_unit_leaves_a_stale_unit(tmp_path: Path, volume_path: Path) -> None:

@@ -85,6 +85,8 @@ OUTSIDE_HALO = 2          # voxels: the CT is averaged over (2·2 + 1)³ before 
 OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
 DISAGREEMENT = "disagreement"  # the confidence image, nested in the fused image
 FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of uint16)
+# settings added after images were first written, with the value those images have
+SETTING_DEFAULTS: dict[str, Any] = {"confidence": False}
 PYRAMID_PENDING = ".pyramid-pending"  # in done/<image>/ while a pass has not built it
 IO_QUEUE = 4              # writes a fuse task lets wait before it fuses on
 
@@ -238,15 +240,6 @@ def outside_sample(ct: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
     """Voxels of (smoothed) raw CT at or below the embedding medium: resin, air."""
     bone, background = levels
     return ct < background + OUTSIDE_FRACTION * (bone - background)
-
-
-def fill_background(rgba: np.ndarray, outside: np.ndarray) -> np.ndarray:
-    """RGBA with ``outside`` voxels set to the normalised slide background."""
-    from hpcstain.predict import NORMALISED_BACKGROUND
-
-    colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
-    fill = np.array([*colour, with_alpha(colour[None])[0, 3]], np.uint8)
-    return np.where(outside[..., None], fill, rgba)
 
 
 @functools.cache
@@ -827,6 +820,7 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
             old = omezarr.open_image(image, mode="r").attrs.get("hpcstain", {})
         except Exception as exc:
             raise InputError(f"{image}: unreadable fused image ({exc}); pass overwrite") from None
+        old = {**SETTING_DEFAULTS, **old}  # images fused before a setting existed
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)

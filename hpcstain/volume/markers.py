@@ -53,7 +53,15 @@ def mark_running(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
 
 
 def clear_running(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
-    marker_path(run_dir, RUNNING, task, name).unlink(missing_ok=True)
+    """Remove this worker's running marker (not one a second worker wrote since)."""
+    path = marker_path(run_dir, RUNNING, task, name)
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        owner = {}
+    if owner and (owner.get("host"), owner.get("pid")) != (socket.gethostname(), os.getpid()):
+        return
+    path.unlink(missing_ok=True)
 
 
 def mark_failed(run_dir: str | os.PathLike[str], task: str, name: str,
