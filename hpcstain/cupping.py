@@ -385,6 +385,12 @@ class CorrectedSource:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
+    def iter_slabs(self, depth: int = 16) -> Any:
+        """Corrected z slabs (the wrapped source's own would read uncorrected)."""
+        from hpcstain.volume.io import VolumeSource
+
+        return VolumeSource.iter_slabs(self, depth)  # type: ignore[arg-type]
+
     def read(self, region: Any) -> np.ndarray:
         region = tuple(region)
         block = self._source.read(region)

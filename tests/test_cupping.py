@@ -92,6 +92,8 @@ def test_chunked_application_equals_the_whole_volume() -> None:
     src = CorrectedSource(ArraySource(ct), c)
     region = (slice(2, 5), slice(10, 40), slice(33, 80))
     np.testing.assert_array_equal(src.read(region), whole[region])
+    slabs = list(src.iter_slabs(depth=4))  # scans see the corrected CT too
+    np.testing.assert_array_equal(np.concatenate([b for _, b in slabs]), whole)
 
 
 def test_stained_slabs_see_the_whole_volume_correction(tmp_path) -> None:
