@@ -30,6 +30,20 @@ FUSIONS = (("z", "single"), ("z,y", "mean"), ("z,y", "median"), ("z,y", "consist
            ("z,y,x", "mean"), ("z,y,x", "median"), ("z,y,x", "consistency"))
 
 
+def stain_axes(run_dir: Path, plan: Any) -> tuple[dict[str, np.ndarray], float]:
+    """Stain ``plan`` along its axes in-process: the per-axis RGB volumes, seconds per axis."""
+    import zarr
+
+    from hpcstain.volume import init_run, run_stain
+    from hpcstain.volume.plan import axis_store
+
+    run = init_run(run_dir, plan, overwrite=True)
+    t0 = time.perf_counter()
+    run_stain(run, executor="local", progress=False)
+    per_axis_s = (time.perf_counter() - t0) / len(plan.axes)
+    return ({a: zarr.open_array(str(axis_store(run, a)), mode="r")[:] for a in plan.axes},
+            per_axis_s)
+
 def train_and_evaluate(variant: str, manifest: Path, out: Path, epochs: int, patch: int
                        ) -> dict[str, Any]:
     from hpcstain.config import load_config
@@ -54,9 +68,8 @@ def volume_study(checkpoint: Path, out: Path, shape: tuple[int, int, int]) -> di
 
     from hpcstain.metrics.volume import prepare_reference, score_volume
     from hpcstain.phantom import write_volume_file
-    from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+    from hpcstain.volume import make_plan, open_volume
     from hpcstain.volume.fuse import fuse_block
-    from hpcstain.volume.plan import axis_store
 
     vol = out / "volume.zarr"
     if not vol.exists():
@@ -73,11 +86,7 @@ def volume_study(checkpoint: Path, out: Path, shape: tuple[int, int, int]) -> di
     plan = make_plan(open_volume(f"{vol}:ct"), chunk=64, axes="z,y,x", tile=tile, step=step,
                      window="hann", sigma=1.0,
                      checkpoint=str(checkpoint))
-    run = init_run(out / "stain", plan, overwrite=True)
-    t0 = time.perf_counter()
-    run_stain(run, executor="local", progress=False)
-    per_axis_s = (time.perf_counter() - t0) / 3
-    preds = {a: zarr.open_array(str(axis_store(run, a)), mode="r")[:] for a in "zyx"}
+    preds, per_axis_s = stain_axes(out / "stain", plan)
     rows = []
     for axes_text, method in FUSIONS:
         axes = tuple(axes_text.split(","))

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from paper_study import stain_axes
 
 FUSIONS = [("z", "single"), ("z,y", "mean"), ("z,y,x", "mean"), ("z,y,x", "median"),
            ("z,y,x", "consistency"), ("y", "single"), ("x", "single")]
@@ -33,9 +33,8 @@ def study_volume(checkpoint: Path, out: Path, material: str, seed: int,
     from hpcstain.metrics.volume import prepare_reference, score_volume
     from hpcstain.phantom import write_volume_file
     from hpcstain.tiles import DEFAULT_TILING
-    from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+    from hpcstain.volume import make_plan, open_volume
     from hpcstain.volume.fuse import fuse_block
-    from hpcstain.volume.plan import axis_store
 
     name = f"{material}-{seed}"
     vol = out / f"{name}.zarr"
@@ -48,11 +47,7 @@ def study_volume(checkpoint: Path, out: Path, material: str, seed: int,
     plan = make_plan(open_volume(f"{vol}:ct"), chunk=64, axes="z,y,x", tile=t.tile,
                      step=t.step, window=t.window, max_tile=t.max_tile, sigma=1.0,
                      checkpoint=str(checkpoint))
-    run = init_run(out / f"{name}-stain", plan, overwrite=True)
-    t0 = time.perf_counter()
-    run_stain(run, executor="local", progress=False)
-    per_axis_s = (time.perf_counter() - t0) / 3
-    preds = {a: zarr.open_array(str(axis_store(run, a)), mode="r")[:] for a in "zyx"}
+    preds, per_axis_s = stain_axes(out / f"{name}-stain", plan)
     rows = []
     for axes_text, method in FUSIONS:
         axes = tuple(axes_text.split(","))
