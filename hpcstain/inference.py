@@ -18,6 +18,7 @@ directory); :func:`load_pinned` refuses a file whose hash differs from the recor
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -98,6 +99,21 @@ def conventions_of(ckpt: dict[str, Any]) -> Conventions:
         stretch_c=(float(get["stretch_c"]), float(get["stretch_c_prime"])),
         size_multiple=256 if arch.get("generator") == "unet256" else 4,
         cupping=str(get["cupping"]))
+
+
+def checkpoint_conventions(checkpoint: str | os.PathLike[str]) -> Conventions:
+    """The conventions of a checkpoint file, read once per file version (a plan, the cupping
+    check and distillation all ask; a large ``latest.pt`` is not re-read and re-verified)."""
+    path = Path(checkpoint)
+    st = path.stat()
+    return _conventions_of_file(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _conventions_of_file(path: str, mtime_ns: int, size: int) -> Conventions:
+    from hpcstain.train.checkpoint import load_checkpoint
+
+    return conventions_of(load_checkpoint(path))
 
 
 def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:

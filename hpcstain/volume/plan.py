@@ -300,12 +300,12 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
     trained: str | None = None
     if checkpoint:
-        from hpcstain.inference import conventions_of
-        from hpcstain.train.checkpoint import file_sha256, load_checkpoint
+        from hpcstain.inference import checkpoint_conventions
+        from hpcstain.train.checkpoint import file_sha256
 
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: checkpoint not found")
-        conv = conventions_of(load_checkpoint(checkpoint))
+        conv = checkpoint_conventions(checkpoint)
         sha, target = file_sha256(checkpoint), conv.target_levels
         channels, multiple, trained = conv.ct_channels, conv.size_multiple, conv.cupping
     fitted = resolve_cupping(source, cupping, checkpoint, cupping_override, trained=trained)
@@ -334,12 +334,11 @@ def checkpoint_cupping(checkpoint: str | os.PathLike[str] | None) -> str | None:
     """The CT preprocessing a checkpoint was trained with (``none``/``radial``), or None."""
     if not checkpoint:
         return None
-    from hpcstain.inference import conventions_of
-    from hpcstain.train.checkpoint import load_checkpoint
+    from hpcstain.inference import checkpoint_conventions
 
     if not Path(checkpoint).is_file():
         raise InputError(f"{checkpoint}: checkpoint not found")
-    return conventions_of(load_checkpoint(checkpoint)).cupping
+    return checkpoint_conventions(checkpoint).cupping
 
 
 def resolve_cupping(source: Any, cupping: Any, checkpoint: str | os.PathLike[str] | None,
