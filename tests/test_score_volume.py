@@ -129,3 +129,22 @@ def test_cli_writes_table_summary_and_profiles(tmp_path: Path, phantom, ref, cap
     s2 = json.loads((out2 / "summary.json").read_text())
     assert s2["stripe_ratio_against"] == "ct anisotropy" and s2["mask"].startswith("ct >")
     assert (out2 / "profiles.png").is_file()
+
+
+def test_calibrated_psnr_forgives_a_colour_cast_but_not_structure(ref) -> None:
+    """A per-channel gain/offset cast costs plain PSNR but not the calibrated one; a
+    structural error (one tissue painted another colour) costs both."""
+    m = ref.mask
+    cast = np.clip(ref.rgb.astype(np.float64) * [0.8, 0.9, 0.7] + [10, 5, 30], 0, 255)
+    cast = np.rint(cast).astype(np.uint8)
+    s = mv.score_volume(cast, ref).summary
+    assert s["psnr"] < 30
+    # the only residual is the uint8 rounding of the cast (|e| ≤ 0.5 / gain ≤ 0.72 levels)
+    assert s["psnr_calibrated"] > 45
+    assert s["colour_calibration"]["gain"] == pytest.approx([1 / 0.8, 1 / 0.9, 1 / 0.7], rel=0.01)
+    swapped = ref.rgb.copy()
+    bone = m & (ref.rgb.mean(axis=-1) < np.median(ref.rgb[m].mean(axis=-1)))
+    swapped[bone] = ref.rgb[m].max(axis=0)
+    s2 = mv.score_volume(swapped, ref).summary
+    assert s2["psnr_calibrated"] < 25
+    assert s2["psnr_calibrated"] >= s2["psnr"] - 1e-9  # least squares never loses to identity
