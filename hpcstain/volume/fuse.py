@@ -15,9 +15,11 @@ Methods (all per voxel, over the staining axes of the run):
 
 Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result is
 rounded to uint8. Outside the sample (CT averaged over 5³ voxels below the background
-level + 8 % of the bone–background gap: resin, air) the generator was never trained (§2.8
-masks train it inside the sample only) and invents colour; those voxels get the normalised
-slide background (250, 250, 250) instead (``fill_outside``; the paper's §2.8 rule for 2D).
+level + 8 % of the bone–background gap: resin, air; and inside voxels farther than 8
+voxels from a full 7³ cube of inside: thin detached walls, the sample tube) the generator
+was never trained (§2.8 masks train it inside the sample only) and invents colour; those
+voxels get the normalised slide background (250, 250, 250) instead (``fill_outside``; the
+paper's §2.8 rule for 2D; :func:`outside_opened`).
 ``single_axis`` copies one axis through unchanged (the paper's slice-wise volume).
 
 **Confidence** (on by default with two or more axes; ``confidence=False`` /
@@ -83,6 +85,10 @@ CONSISTENCY_RADIUS = 2
 CONSISTENCY_EPS = 1.0
 OUTSIDE_HALO = 2          # voxels: the CT is averaged over (2·2 + 1)³ before the test
 OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
+OUTSIDE_ERODE = 3         # voxels: inside needs a whole (2·3 + 1)³ cube of inside nearby …
+OUTSIDE_KEEP = 8          # … within this many voxels (thin detached walls: tube → outside)
+OUTSIDE_REACH = OUTSIDE_HALO + OUTSIDE_ERODE + OUTSIDE_KEEP  # CT voxels read around a chunk
+OUTSIDE_TEST = "box5-erode3-keep8"  # the rule's name, stored in the image's settings
 DISAGREEMENT = "disagreement"  # the confidence image, nested in the fused image
 FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of uint16)
 # settings added after images were first written, with the value those images have
@@ -326,6 +332,115 @@ def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[fl
     return data < np.float32(threshold * width ** 3)
 
 
+def _run(flat: np.ndarray, step: int, width: int, op: Any) -> np.ndarray:
+    """``op`` (``np.logical_and``/``or``: idempotent) over ``flat[i + k·step]``, k < width,
+    for every ``i`` where that fits ((width - 1)·step shorter): by doubling, then one
+    overlapping step (about log2(width) + 1 passes over contiguous memory)."""
+    have, acc = 1, flat
+    while 2 * have <= width:
+        acc = op(acc[:-have * step], acc[have * step:])
+        have *= 2
+    if have < width:
+        m = flat.size - (width - 1) * step
+        acc = op(acc[:m], acc[(width - have) * step:(width - have) * step + m])
+    return acc
+
+
+def thick_inside(inside: np.ndarray, erode: int = OUTSIDE_ERODE, keep: int = OUTSIDE_KEEP
+                 ) -> np.ndarray:
+    """Voxels within ``keep`` (chessboard distance) of a full (2·erode + 1)³ cube of
+    ``inside``: an erosion then a larger dilation, both by cubes, on ``inside`` given
+    ``erode + keep`` voxels beyond the wanted box on every side (valid positions only, so
+    the answer is the box's own and not its edge's).
+
+    ANDed with ``inside``, it drops inside structures thinner than ``2·erode + 1`` voxels
+    that lie more than ``keep - erode`` voxels from a thicker one (the sample tube's
+    wall), and keeps every voxel of a thick structure (``keep >= erode`` restores what the
+    erosion took from its rim and corners). Each pass runs along the flattened array (a
+    step of one plane, row or voxel): positions whose cube wraps around a row or plane
+    are garbage and fall in the margin cut off at the end.
+    """
+    shape = inside.shape
+    flat = np.ascontiguousarray(inside).reshape(-1)
+    steps = (shape[1] * shape[2], shape[2], 1)
+    for step in steps:
+        flat = _run(flat, step, 2 * erode + 1, np.logical_and)
+    for step in steps:
+        flat = _run(flat, step, 2 * keep + 1, np.logical_or)
+    out = np.zeros(inside.size, bool)
+    out[:flat.size] = flat
+    r = erode + keep
+    return out.reshape(shape)[tuple(slice(0, n - 2 * r) for n in shape)]
+
+
+def inside_sample(raw: np.ndarray, box: Region, grown: Region, levels: tuple[float, float],
+                  tile: int = 64, work: Workspace | None = None) -> np.ndarray:
+    """Inside voxels of ``box`` by the box-mean test (the complement of
+    :func:`outside_mask`), from raw CT read over ``grown`` = ``box`` + :data:`OUTSIDE_HALO`
+    (clipped at the volume border), ``tile``³ voxels at a time (cache-sized float arrays;
+    a voxel's answer does not depend on its tile)."""
+    out = np.empty(tuple(s.stop - s.start for s in box), bool)
+    starts = [range(s.start, s.stop, tile) for s in box]
+    for z0 in starts[0]:
+        for y0 in starts[1]:
+            for x0 in starts[2]:
+                t = tuple(slice(o, min(o + tile, s.stop))
+                          for o, s in zip((z0, y0, x0), box, strict=True))
+                tg = tuple(slice(max(g.start, s.start - OUTSIDE_HALO),
+                                 min(g.stop, s.stop + OUTSIDE_HALO))
+                           for s, g in zip(t, grown, strict=True))
+                out[relative(t, box)] = ~outside_mask(raw[relative(tg, grown)], t, tg,
+                                                      levels, work=work)
+    return out
+
+
+def opened_outside(inside: np.ndarray, inner: Region, mid: Region) -> np.ndarray:
+    """Outside voxels of ``inner`` from the box-mean ``inside`` mask over ``mid`` =
+    ``inner`` + ``OUTSIDE_ERODE + OUTSIDE_KEEP`` voxels (clipped at the volume border):
+    inside only within :data:`OUTSIDE_KEEP` voxels of a full (2·:data:`OUTSIDE_ERODE` +
+    1)³ cube of inside (:func:`thick_inside`; the mask mirrored at the volume border)."""
+    core = relative(inner, mid)
+    if inside.all():
+        return np.zeros(inside[core].shape, bool)
+    if not inside[core].any():
+        return np.ones(inside[core].shape, bool)
+    reach = OUTSIDE_ERODE + OUTSIDE_KEEP
+    pad = [(reach - (i.start - m.start), reach - (m.stop - i.stop))
+           for i, m in zip(inner, mid, strict=True)]
+    padded = np.pad(inside, pad, mode="symmetric") if any(a or b for a, b in pad) else inside
+    return ~(inside[core] & thick_inside(padded, OUTSIDE_ERODE, OUTSIDE_KEEP))
+
+
+def outside_opened(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[float, float],
+                   work: Workspace | None = None) -> np.ndarray:
+    """Outside-the-sample voxels of ``inner`` from raw CT read over ``grown`` =
+    ``inner`` + :data:`OUTSIDE_REACH` voxels (clipped at the volume border).
+
+    Inside is the box-mean test of :func:`outside_mask`, kept only within
+    :data:`OUTSIDE_KEEP` voxels of a (2·:data:`OUTSIDE_ERODE` + 1)³ cube of inside
+    (:func:`thick_inside`): thin structures detached from the sample (the wall of the
+    sample tube, denser than the resin) are outside too. The inside mask is mirrored
+    (symmetric) at the volume border, as the CT is for the box mean, so a voxel's answer
+    is the whole volume's, whatever box it is computed in. (Fusion computes the two steps
+    apart: :func:`inside_sample` once per task, :func:`opened_outside` per chunk.)
+    """
+    bone, background = levels
+    threshold = background + OUTSIDE_FRACTION * (bone - background)
+    shape = tuple(s.stop - s.start for s in inner)
+    if raw.size and float(raw.min()) >= threshold:
+        return np.zeros(shape, bool)
+    if raw.size and float(raw.max()) < threshold:
+        return np.ones(shape, bool)
+    mid = grow_within(inner, OUTSIDE_ERODE + OUTSIDE_KEEP, grown)
+    return opened_outside(inside_sample(raw, mid, grown, levels, work=work), inner, mid)
+
+
+def grow_within(region: Region, by: int, limit: Region) -> Region:
+    """``region`` grown by ``by`` voxels, clipped to the box ``limit``."""
+    return tuple(slice(max(lim.start, r.start - by), min(lim.stop, r.stop + by))
+                 for r, lim in zip(region, limit, strict=True))
+
+
 def method_halo(method: str, n_axes: int) -> int:
     """Voxels of neighbouring data a method needs around a chunk."""
     return max(1, CONSISTENCY_RADIUS) if method == "consistency" and n_axes > 1 else 0
@@ -440,7 +555,7 @@ class FuseTask:
         plan = c["plan"]
         if "source" not in c:
             c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
-        grown = grow(box, OUTSIDE_HALO, plan.shape)
+        grown = grow(box, OUTSIDE_REACH, plan.shape)
         raw = c["source"].read(grown)
         if plan.cupping:  # the outside test sees the CT the generator saw (docs/cupping.md)
             from hpcstain.cupping import Cupping, apply_cupping
@@ -449,15 +564,29 @@ class FuseTask:
                                         (grown[1].start, grown[2].start)))
         return raw, grown
 
-    def outside(self, region: Region, ct: tuple[np.ndarray, Region],
-                work: Workspace | None = None) -> np.ndarray:
-        """Outside-the-sample voxels of ``region`` from CT ``ct`` (read by :meth:`read_ct`
-        over a box holding ``region``)."""
+    def inside(self, box: Region, ct: tuple[np.ndarray, Region],
+               work: Workspace | None = None) -> tuple[np.ndarray, Region]:
+        """The box-mean inside mask (:func:`inside_sample`) over ``box`` + the opening's
+        reach, from CT ``ct`` read by :meth:`read_ct` over ``box``; and that grown box."""
         plan = self._opened()["plan"]
-        raw, box = ct
-        grown = grow(region, OUTSIDE_HALO, plan.shape)
-        return outside_mask(raw[relative(grown, box)], region, grown,
-                            (plan.bone_level, plan.background_level), work=work)
+        raw, grown = ct
+        levels = (plan.bone_level, plan.background_level)
+        inner = grow(box, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
+        shape = tuple(s.stop - s.start for s in inner)
+        threshold = levels[1] + OUTSIDE_FRACTION * (levels[0] - levels[1])
+        if float(raw.min()) >= threshold:  # all inside (or all outside): no box sums
+            return np.ones(shape, bool), inner
+        if float(raw.max()) < threshold:
+            return np.zeros(shape, bool), inner
+        return inside_sample(raw, inner, grown, levels, work=work), inner
+
+    def outside(self, region: Region, inside: tuple[np.ndarray, Region]) -> np.ndarray:
+        """Outside-the-sample voxels of ``region`` (:func:`opened_outside`) from the mask
+        :meth:`inside` computed over a box holding ``region``."""
+        plan = self._opened()["plan"]
+        mask, box = inside
+        mid = grow(region, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
+        return opened_outside(mask[relative(mid, box)], region, mid)
 
     def fuse_chunk(self, block: np.ndarray, halo: int, outside: np.ndarray | None,
                    work: Workspace | None = None, outputs: Any = None
@@ -561,6 +690,9 @@ class FuseTask:
                     records.extend(io.submit(record, i) for i in chunks)
 
             ct = None if ct_read is None else ct_read.result()
+            # the box-mean test once over the group (+ the opening's reach), then the CT goes
+            inside = None if ct is None else self.inside(box, ct, work)
+            del ct
             for n, (box, children, dst) in enumerate(blocks):
                 preds = ahead.result()
                 if n + 1 < len(blocks):
@@ -573,7 +705,7 @@ class FuseTask:
                                                   for r in rel))]
                     views = {"rgba": outs[0][(slice(None), *rel)],
                              "conf": outs[-1][(slice(None), *rel)]}
-                    outside = None if ct is None else self.outside(regions[index], ct, work)
+                    outside = None if inside is None else self.outside(regions[index], inside)
                     self.fuse_chunk(block, halo, outside, work,
                                     lambda name, _, views=views: views[name])
                 del preds
@@ -638,7 +770,7 @@ def fuse_groups(plan: Plan, todo: list[int], min_groups: int = 1,
     one per group.
     """
     grid = plan.grid
-    margin = 2 * OUTSIDE_HALO
+    margin = 2 * OUTSIDE_REACH
 
     def voxels(b: list[int]) -> int:
         return math.prod(min(k * c, n) + margin
@@ -737,6 +869,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     task = name.removesuffix(".zarr").removesuffix(".ome")
     settings = _settings(plan, method, axes, voxel_size_um, n_levels, ngff)
     settings["fill_outside"] = fill_outside
+    settings["outside_test"] = OUTSIDE_TEST if fill_outside else "none"
     settings["confidence"] = bool(confidence and len(axes) > 1)
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
@@ -821,6 +954,8 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
         except Exception as exc:
             raise InputError(f"{image}: unreadable fused image ({exc}); pass overwrite") from None
         old = {**SETTING_DEFAULTS, **old}  # images fused before a setting existed
+        # before the opening (thin detached walls kept): the box-mean test alone
+        old.setdefault("outside_test", "box5" if old.get("fill_outside", True) else "none")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
