@@ -9,7 +9,9 @@ default tiling; every fusion of axis subsets is then computed from those per-axi
 and scored with :mod:`hpcstain.metrics.volume` against the §2.5-normalised truth inside the
 sample mask: PSNR, SSIM per plane family and the stripe ratio per axis (1 = no excess
 stripes). Orthoview PNGs of the truth and of every configuration go to ``--out``; the
-markdown table is printed and written to ``--out/table.md``.
+markdown table is printed and written to ``--out/table.md``. A 2.5D checkpoint
+(``model.context_slices`` k > 1) is fed its k planes per slice by the engine (the plan
+takes k from the checkpoint), so the same command scores it.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def cmd_phantom_pairs(args: argparse.Namespace) -> int:
 
     manifest = write_pairs(args.outdir, args.n, args.seed, size=tuple(args.size),
                            overwrite=args.overwrite, orientation=args.orientation,
-                           misalignment=args.misalignment)
+                           misalignment=args.misalignment, ct_slab=args.ct_slab)
     print(f"wrote {manifest}")
     return 0
 
@@ -540,7 +540,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     paths = predict_files(args.inputs, args.checkpoint, args.out, masks=args.mask,
                           tiling=tiling, device=args.device, reverse=args.reverse,
-                          overwrite=args.overwrite, levels=levels, batch_size=args.batch_size)
+                          overwrite=args.overwrite, levels=levels, batch_size=args.batch_size,
+                          cupping_fit=args.cupping_fit,
+                          log=lambda message: print(message, file=sys.stderr))
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -555,7 +557,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.manifest, args.checkpoint, args.out, split=args.split, fold=args.fold,
         ids=args.ids, tiling=tiling, patch=args.patch, min_coverage=args.min_coverage,
         lpips_path=args.lpips, pixel_size_um=args.pixel_size, device=args.device,
-        batch_size=args.batch_size, overwrite=args.overwrite,
+        batch_size=args.batch_size, overwrite=args.overwrite, cupping_fit=args.cupping_fit,
         log=lambda message: print(message, file=sys.stderr))
     print(report.table, end="")
     print(f"wrote {report.out_dir}")
@@ -596,6 +598,7 @@ def _add_predict_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bone-level", type=float, default=None, help="raw CT bone level")
     p.add_argument("--background-level", type=float, default=None,
                    help="raw CT background level")
+    _add_cupping_fit_arg(p, "given slides")
     _add_tiling_args(p, "default")
     p.set_defaults(func=cmd_predict)
 
@@ -618,8 +621,18 @@ def _add_predict_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="local LPIPS-SqueezeNet weights (see docs/metrics.md)")
     p.add_argument("--pixel-size", type=float, default=None,
                    help="pixel size in µm, to report FRC in µm (paper: 5)")
+    _add_cupping_fit_arg(p, "evaluated pairs")
     _add_tiling_args(p, "paper")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_cupping_fit_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--cupping-fit", default="checkpoint", choices=["checkpoint", "set", "slide"],
+                   help="cupping correction of a data.cupping=radial checkpoint "
+                   "(docs/cupping.md): checkpoint = the training set's stored fit for slides "
+                   f"of a trained size, else one fit over the {what} of each size (noted); "
+                   f"set = one fit over the {what} of each size (the training rule); slide = "
+                   "each slide fitted alone (default: checkpoint)")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -699,6 +712,10 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--misalignment", type=float, default=1.0, metavar="S",
                     help="strength of the histology's in-plane affine + elastic warp, 0-5 "
                     "(0 none, 1 default, 3 strong)")
+    pr.add_argument("--ct-slab", type=int, default=0, metavar="K",
+                    help="also write the K (odd) CT planes about each section, one voxel "
+                    "apart (ct_slab/<id>.tif, manifest column ct_slab) for 2.5D models "
+                    "(model.context_slices); 0: none (default)")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_phantom_pairs)
 

@@ -79,6 +79,17 @@ class ModelConfig:
     align: bool = False        # warp G's output onto the histology before the pixel loss
     align_smooth: float = 0.5  # weight of the displacement field's smoothness term
     align_width: int = 16      # registration net width
+    align_start: int = 0       # warm start: steps with the identity warp and R frozen first
+    align_ngf: float = 0.0     # weight of an edge term (warped CT vs histology) training R
+    # 2.5D input: k (odd) neighbouring CT planes as the CT→histology generator's channels,
+    # the centre one stained (needs a ct_slab per pair); 1 = one slice (docs/models.md)
+    context_slices: int = 1
+
+    def __post_init__(self) -> None:
+        k = self.context_slices
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ConfigError(f"model.context_slices: must be an odd integer >= 1 (1 = one "
+                              f"slice, 3 = the slice and its two neighbours), got {k!r}")
 
 
 @dataclass

@@ -35,12 +35,15 @@ classes. Procedure (:func:`fit_cupping`):
 Everything here is a pure function of arrays and global coordinates: the correction of a
 block depends only on the block's values and where it lies, so a chunked application
 equals the whole-volume one (tested). A volume run fits once at plan time and records
-the parameters in ``plan.json`` (:mod:`hpcstain.volume.plan`).
+the parameters in ``plan.json`` (:mod:`hpcstain.volume.plan`). Sets of 2D slides get one
+fit per slide size (:func:`fit_slides`); training stores its fits in the checkpoint
+(:func:`fits_record`) and ``predict``/``evaluate`` apply them (:func:`slide_fits`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,8 +343,9 @@ def _with_info(c: Cupping, status: str, iterations: int, classes: list[dict[str,
 
 
 def correct_slide(ct: np.ndarray, order: int = 1, name: str = "CT") -> np.ndarray:
-    """A 2D axial (z) slide fitted and corrected on its own (float32): training and
-    ``predict`` under the ``radial`` convention. The slide's centre is the axis."""
+    """A 2D axial (z) slide fitted and corrected on its own (float32): ``predict`` /
+    ``evaluate --cupping-fit slide`` (training and the default fit slide *sets*, see
+    :func:`fit_slides`, :func:`slide_fits`). The slide's centre is the axis."""
     c = fit_cupping(ct, order=order, name=name)
     return apply_cupping(ct, c)
 
@@ -434,3 +438,120 @@ def write_corrected(source: Any, out: str | Any, cupping: Cupping, *, chunk: int
             block = source.read((slice(z0, z1), slice(0, ny), slice(0, nx)))
             arr[z0:z1] = to_dtype(apply_cupping(block, cupping), dtype)
     return out
+
+
+# --------------------------------------------------------------------------- slide sets
+
+Shape = tuple[int, int]
+FIT_CHOICES = ("checkpoint", "slide", "set")   # predict/evaluate --cupping-fit
+
+
+def check_fit_choice(choice: str) -> str:
+    c = str(choice).strip().lower()
+    if c not in FIT_CHOICES:
+        raise UsageError(f"--cupping-fit {choice!r}: choose one of {', '.join(FIT_CHOICES)}")
+    return c
+
+
+def fit_slides(cts: Sequence[np.ndarray], order: int = 1) -> dict[Shape, Cupping]:
+    """The training rule: **one** fit per group of equally sized 2D axial CT slides, on all
+    of the group's slides together (strided to ≤ ``MAX_FIT_VOXELS``): shape → fit.
+
+    Axial sections of one acquisition share the scanner's cupping, and one slide alone
+    holds too few voxels for a stable fit. ``info["slides"]`` counts the group's slides.
+    """
+    groups: dict[Shape, list[int]] = {}
+    for i, ct in enumerate(cts):
+        if np.ndim(ct) != 2:
+            raise InputError(f"CT slide {i}: cupping fit of slides needs 2D slides, got shape "
+                             f"{np.shape(ct)}")
+        groups.setdefault((int(ct.shape[0]), int(ct.shape[1])), []).append(i)
+    out: dict[Shape, Cupping] = {}
+    for (ny, nx), idx in sorted(groups.items()):
+        step = max(1, math.ceil(math.sqrt(len(idx) * ny * nx / MAX_FIT_VOXELS)))
+        stack = np.stack([np.asarray(cts[i])[::step, ::step] for i in idx])
+        c = fit_cupping(stack, np.arange(0, ny, step), np.arange(0, nx, step), plane=(ny, nx),
+                        order=order, name=f"{len(idx)} CT slides of {ny}×{nx}")
+        out[(ny, nx)] = Cupping(c.centre_yx, c.radius, c.coeffs,
+                                {**c.info, "slides": len(idx), "plane_stride": step})
+    return out
+
+
+def fits_record(fits: Mapping[Shape, Cupping]) -> list[dict[str, Any]]:
+    """Plain (checkpoint- and JSON-safe) record of per-shape fits: ``[{"shape": [ny, nx],
+    "slides": n, "fit": Cupping.to_dict()}, …]``."""
+    import json
+
+    rows = [{"shape": [int(s) for s in shape], "slides": int(c.info.get("slides", 0)),
+             "fit": c.to_dict()} for shape, c in sorted(fits.items())]
+    return json.loads(json.dumps(rows))   # plain Python types only (weights_only loading)
+
+
+def fits_from_record(record: Any, source: str = "checkpoint") -> dict[Shape, Cupping]:
+    """Inverse of :func:`fits_record`; a damaged record is one InputError naming ``source``."""
+    if record is None:
+        return {}
+    out: dict[Shape, Cupping] = {}
+    try:
+        for row in record:
+            ny, nx = (int(v) for v in row["shape"])
+            out[(ny, nx)] = Cupping.from_dict(row["fit"], source)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{source}: bad stored cupping fits ({exc})") from None
+    return out
+
+
+def describe_fit(c: Cupping) -> str:
+    """``+2688 grey values on the axis (16 slides, curvature 0.164 grey/px²)``."""
+    n = c.info.get("slides")
+    who = f"{n} slide{'s' if n != 1 else ''}, " if n else ""
+    return (f"{c.depth:+.0f} grey values on the axis ({who}curvature "
+            f"{c.coeffs[0] / c.radius ** 2:.3f} grey/px²)")
+
+
+def slide_fits(read: Callable[[int], np.ndarray], n: int, stored: Mapping[Shape, Cupping],
+               choice: str = "checkpoint", names: Sequence[str] | None = None
+               ) -> tuple[list[Cupping], str | None]:
+    """The correction of each of ``n`` CT slides (``read(i)`` → (H, W)) and one note line
+    (None when there is nothing to say) — how ``predict`` and ``evaluate`` apply a
+    ``radial`` checkpoint:
+
+    * ``checkpoint`` (default): a slide of a shape the model was trained on takes the
+      training set's stored fit (exactly the training preprocessing); slides of other shapes
+      (or every slide, for a checkpoint without stored fits) get the training *rule*: one
+      fit over all the given slides of that shape — noted;
+    * ``set``: the training rule on the given slides, ignoring the stored fits;
+    * ``slide``: every slide fitted alone (the old behaviour; unstable on small slides).
+
+    Only the slides that are set-fitted are kept in memory until the fit.
+    """
+    choice = check_fit_choice(choice)
+    names = list(names) if names is not None else [f"CT slide {i}" for i in range(n)]
+    out: list[Cupping | None] = [None] * n
+    pending: dict[int, np.ndarray] = {}
+    for i in range(n):
+        ct = np.asarray(read(i))
+        shape = (int(ct.shape[0]), int(ct.shape[1])) if ct.ndim == 2 else (-1, -1)
+        if choice == "slide":
+            out[i] = fit_cupping(ct, name=names[i])
+        elif choice == "checkpoint" and shape in stored:
+            out[i] = stored[shape]
+        else:
+            pending[i] = ct
+    fitted = fit_slides(list(pending.values())) if pending else {}
+    for i, ct in pending.items():
+        out[i] = fitted[(int(ct.shape[0]), int(ct.shape[1]))]
+    final = [c for c in out if c is not None]
+    assert len(final) == n
+    if not fitted:
+        return final, None
+    done = "; ".join(f"{ny}×{nx}: {describe_fit(c)}" for (ny, nx), c in fitted.items())
+    if choice == "set":
+        why = "--cupping-fit set"
+    elif not stored:
+        why = "the checkpoint stores no training fit (trained before fits were recorded)"
+    else:
+        trained = ", ".join(f"{ny}×{nx}" for ny, nx in sorted(stored))
+        why = f"no training fit for this slide size (the checkpoint has {trained})"
+    return final, (f"cupping: {why}; fitted one correction over the given slides of each "
+                   f"size: {done}")

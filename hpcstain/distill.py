@@ -79,6 +79,10 @@ def teacher_settings(path: str) -> dict[str, Any]:
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     arch, default = ckpt["architecture"], DataConfig()
+    if int(arch.get("context_slices", 1)) != 1:
+        raise UsageError(f"{path}: a 2.5D teacher (model.context_slices="
+                         f"{arch['context_slices']}) cannot be distilled yet: distillation "
+                         "labels single CT planes")
     out: dict[str, Any] = {f"data.{k}": data.get(k, getattr(default, k))
                            for k in CONVENTION_KEYS}
     out["model.ct_channels"] = int(arch["ct_channels"])
@@ -464,6 +468,9 @@ class DistillModel(GanModel):
         from hpcstain.models.students import STUDENT_GENERATORS, init_student
 
         super().__init__(model_cfg, loss_cfg, device, seed, rank)
+        if model_cfg.context_slices != 1:
+            raise ConfigError("model.context_slices: a distilled student takes one CT plane; "
+                              "set model.context_slices=1")
         c_ct, c_hist = model_cfg.ct_channels, model_cfg.histology_channels
         student = build_generator(model_cfg, c_ct, c_hist)
         if model_cfg.generator in STUDENT_GENERATORS:

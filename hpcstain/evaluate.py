@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
-from hpcstain.data.manifest import Pair, read_manifest, read_pair
+from hpcstain.data.manifest import Pair, read_ct_slab, read_manifest, read_pair
 from hpcstain.data.masks import load_or_compute_mask
 from hpcstain.data.normalise import (
     Rois,
@@ -100,12 +100,14 @@ class PairImagesNormalised:
 
     id: str
     material: str
-    ct: np.ndarray              # raw CT (H, W) float32
+    ct: np.ndarray              # raw (radial checkpoint: cupping-corrected) CT (H, W) float32
     histology: np.ndarray       # normalised histology, uint8 (H, W, 3)
     truth: np.ndarray | None    # normalised exact stain, uint8 (H, W, 3)
     raw_ct: np.ndarray          # normalised CT as grey RGB, uint8 (H, W, 3)
     mask: np.ndarray            # (H, W) bool
     rois: Rois
+    cupping: Any = None         # the hpcstain.cupping.Cupping applied to ``ct``, if any
+    ct_slab: np.ndarray | None = None  # raw (k, H, W) CT planes about ``ct`` (2.5D model)
 
 
 @dataclass
@@ -185,10 +187,62 @@ def select_pairs(pairs: Sequence[Pair], ids: Sequence[str] | None, source: str
 # --------------------------------------------------------------------------- per pair
 
 
-def load_pair(pair: Pair, stainer: Stainer) -> PairImagesNormalised:
-    """Read a pair and bring it into the evaluation's spaces (§2.5, §2.8)."""
+def pair_cuppings(pairs: Sequence[Pair], stainer: Stainer, choice: str = "checkpoint",
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """pair id → the cupping correction of its CT under a ``radial`` checkpoint (empty
+    otherwise); ``choice`` as :func:`hpcstain.cupping.slide_fits` (``checkpoint``: the
+    training set's stored fit for slides of its size; ``set``: one fit over these pairs'
+    equally sized slides, the training rule; ``slide``: each alone). A fallback is said in
+    one ``log`` line. Reads each pair's CT once here."""
+    from hpcstain.cupping import check_fit_choice, slide_fits
+    from hpcstain.data.manifest import as_ct
+    from hpcstain.data.readers import read_image
+
+    check_fit_choice(choice)
+    if stainer.conventions.cupping != "radial":
+        return {}
+
+    def read_ct(i: int) -> np.ndarray:
+        p = pairs[i]
+        try:
+            return as_ct(read_image(p.ct), f"ct {p.ct}")
+        except InputError as exc:
+            raise InputError(f"{p.source or p.id} (id {p.id}): {exc}") from None
+
+    fits, note = slide_fits(read_ct, len(pairs), stainer.conventions.stored_fits, choice,
+                            [f"ct {p.id}" for p in pairs])
+    if note and log is not None:
+        log(note)
+    return {p.id: c for p, c in zip(pairs, fits, strict=True)}
+
+
+def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNormalised:
+    """Read a pair and bring it into the evaluation's spaces (§2.5, §2.8).
+
+    Under a ``radial`` checkpoint the CT is cupping-corrected first, as in training (ROIs,
+    levels, mask and the raw-CT baseline all see the corrected CT): with ``cupping`` (see
+    :func:`pair_cuppings`), else the checkpoint's stored fit for the slide's size, else a
+    fit on this slide alone.
+    """
     try:
         images = read_pair(pair, with_truth=True)
+        if stainer.conventions.cupping == "radial":
+            from dataclasses import replace
+
+            from hpcstain.cupping import apply_cupping, slide_fits
+
+            if cupping is None:
+                (cupping,), _ = slide_fits(lambda _: images.ct, 1,
+                                           stainer.conventions.stored_fits,
+                                           names=[f"ct {pair.id}"])
+            images = replace(images, ct=apply_cupping(images.ct, cupping))
+        slab = None
+        if stainer.context_slices > 1:  # a 2.5D model: the pair's CT planes, corrected alike
+            slab = read_ct_slab(pair, stainer.context_slices, images.ct.shape)
+            if cupping is not None:
+                from hpcstain.cupping import apply_cupping
+
+                slab = np.stack([apply_cupping(p, cupping) for p in slab])
         rois = pair_rois(pair, images.ct, images.histology)
         bone, background = ct_levels(images.ct, rois)
         ct16 = normalise_ct(images.ct, bone, background, *stainer.levels)
@@ -202,7 +256,7 @@ def load_pair(pair: Pair, stainer: Stainer) -> PairImagesNormalised:
     raw_ct = unit_to_rgb8(np.repeat(ct16_to_unit(ct16)[..., None], 3, axis=-1))
     return PairImagesNormalised(pair.id, pair.material, images.ct,
                                 unit_to_rgb8(apply_stretch(images.histology, stretch)),
-                                truth, raw_ct, mask, rois)
+                                truth, raw_ct, mask, rois, cupping, slab)
 
 
 def seam_of(rgb: np.ndarray, tiling: Tiling) -> float | None:
@@ -233,14 +287,10 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                   min_coverage: float = MIN_COVERAGE, lpips: LPIPS | None = None,
                   pixel_size_um: float | None = None, batch_size: int = 0) -> PairResult:
     """Stain one pair's CT, score every comparison, measure the seam index."""
-    ct = data.ct
-    if stainer.conventions.cupping == "radial":  # the checkpoint's CT preprocessing
-        from hpcstain.cupping import correct_slide
-
-        ct = correct_slide(ct, name=f"ct {data.id}")
+    ct = data.ct   # cupping-corrected by load_pair under a radial checkpoint
     output = predict_slide(ct, stainer.fn, stainer.in_channels, rois=data.rois,
                            tiling=tiling, target=stainer.levels, batch_size=batch_size,
-                           size_multiple=stainer.conventions.size_multiple)
+                           size_multiple=stainer.conventions.size_multiple, slab=data.ct_slab)
     images = {"model": output, "histology": data.histology, "raw_ct": data.raw_ct}
     if data.truth is not None:
         images["truth"] = data.truth
@@ -382,11 +432,14 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
                       lpips_path: str | os.PathLike[str] | None = None,
                       pixel_size_um: float | None = None, device: str = "cpu",
                       batch_size: int = 0, overwrite: bool = False,
+                      cupping_fit: str = "checkpoint",
                       log: Callable[[str], None] = print) -> EvaluationReport:
     """Evaluate a checkpoint on a manifest's pairs and write the report folder ``out_dir``.
 
     ``split``: a run folder, ``split.json`` or ``folds.json`` assigning pairs to
     train/val/test (others: ``unassigned``); without it every pair is in split ``all``.
+    ``cupping_fit``: how a ``radial`` checkpoint's cupping correction is chosen
+    (:func:`pair_cuppings`); the corrections used are recorded in ``summary.json``.
     """
     out_dir = check_output(out_dir, overwrite)
     check_tiling(tiling.tile, tiling.step, tiling.window)
@@ -396,6 +449,7 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
     pairs = select_pairs(read_manifest(manifest), ids, str(manifest))
     assignment = read_splits(split, fold) if split is not None else {}
     stainer = load_stainer(checkpoint, device)
+    cuppings = pair_cuppings(pairs, stainer, cupping_fit, log)
     lpips, message = try_load_lpips(lpips_path)
     if lpips is None:
         log(str(message))
@@ -405,12 +459,16 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
                 "split_file": None if split is None else str(split), "fold": fold,
                 "tiling": {"tile": tiling.tile, "step": tiling.step, "window": tiling.window},
                 "patch": patch, "min_coverage": min_coverage, "pixel_size_um": pixel_size_um}
+    if cuppings:
+        settings["cupping"] = {"fit": cupping_fit, "depth": {
+            i: round(c.depth, 1) for i, c in cuppings.items()}}
     with atomic_output(out_dir, overwrite) as tmp:
         (tmp / "slides").mkdir(parents=True)
         results = []
         for pair in pairs:
             name = assignment.get(pair.id, "unassigned") if split is not None else "all"
-            result = evaluate_pair(load_pair(pair, stainer), stainer, name, tiling=tiling,
+            data = load_pair(pair, stainer, cuppings.get(pair.id))
+            result = evaluate_pair(data, stainer, name, tiling=tiling,
                                    patch=patch, min_coverage=min_coverage, lpips=lpips,
                                    pixel_size_um=pixel_size_um, batch_size=batch_size)
             write_png(tmp / "slides" / f"{pair.id}.png", result.slide)

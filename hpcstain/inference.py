@@ -7,8 +7,13 @@ A checkpoint holds the whole GAN; inference needs one generator (CT→histology,
   ``ct_background_level`` on the 16-bit scale), then ``v / 65535 * 2 - 1``;
 * whether the CT is inverted before the generator (``data.invert_ct``);
 * the number of CT and histology channels, the histology stretch margins;
+* ``context_slices`` k: a 2.5D generator sees the k CT planes about the slice it stains
+  (``model.context_slices``; checkpoints without the record read as 1);
 * the generator's size multiple (tiles must be multiples of it: 4 for the ResNet,
-  256 for the U-Net-256).
+  256 for the U-Net-256);
+* the CT cupping correction (``data.cupping``) and, for ``radial``, the training set's
+  fit per slide size (checkpoint key ``cupping_fits``, :func:`hpcstain.cupping.fits_record`),
+  which ``predict``/``evaluate`` apply to slides of those sizes.
 
 :func:`load_generator` builds only the generator that is asked for (no discriminators, no
 pools, no reverse generator). :func:`pin_generator` writes that generator and its
@@ -48,9 +53,26 @@ class Conventions:
     stretch_c: tuple[float, float] = (0.0, 0.0)
     size_multiple: int = 4
     cupping: str = "none"  # CT preprocessing trained with: none | radial (hpcstain.cupping)
+    # radial: the training set's fit per slide size ((ny, nx), Cupping), sorted by size
+    cupping_fits: tuple[tuple[tuple[int, int], Any], ...] = ()
+    context_slices: int = 1  # k CT planes about the slice as the generator's input (2.5D)
+
+    @property
+    def generator_channels(self) -> int:
+        """Input channels of the CT→histology generator: k planes, or the slice repeated."""
+        return self.context_slices if self.context_slices > 1 else self.ct_channels
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        from hpcstain.cupping import fits_record
+
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["cupping_fits"] = fits_record(dict(self.cupping_fits))
+        return out
+
+    @property
+    def stored_fits(self) -> dict[tuple[int, int], Any]:
+        """Slide shape → the training set's :class:`~hpcstain.cupping.Cupping`."""
+        return dict(self.cupping_fits)
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,12 @@ class Stainer:
     @property
     def in_channels(self) -> int:
         c = self.conventions
-        return c.histology_channels if self.reverse else c.ct_channels
+        return c.histology_channels if self.reverse else c.generator_channels
+
+    @property
+    def context_slices(self) -> int:
+        """CT planes the generator sees per stained slice (1 unless a 2.5D model)."""
+        return 1 if self.reverse else self.conventions.context_slices
 
     @property
     def out_channels(self) -> int:
@@ -83,9 +110,11 @@ class Stainer:
         return self.conventions.stretch_c
 
 
-def conventions_of(ckpt: dict[str, Any]) -> Conventions:
-    """The input conventions recorded in a loaded checkpoint (config.data + architecture)."""
+def conventions_of(ckpt: dict[str, Any], source: str = "checkpoint") -> Conventions:
+    """The input conventions recorded in a loaded checkpoint (config.data + architecture,
+    and the stored cupping fits; a checkpoint from before they were stored has none)."""
     from hpcstain.config import DataConfig
+    from hpcstain.cupping import fits_from_record
 
     config = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
     data = config.get("data", {}) if isinstance(config.get("data"), dict) else {}
@@ -98,7 +127,9 @@ def conventions_of(ckpt: dict[str, Any]) -> Conventions:
         histology_channels=int(arch["histology_channels"]),
         stretch_c=(float(get["stretch_c"]), float(get["stretch_c_prime"])),
         size_multiple=256 if arch.get("generator") == "unet256" else 4,
-        cupping=str(get["cupping"]))
+        cupping=str(get["cupping"]),
+        cupping_fits=tuple(sorted(fits_from_record(ckpt.get("cupping_fits"), source).items())),
+        context_slices=int(arch.get("context_slices", 1)))
 
 
 def checkpoint_conventions(checkpoint: str | os.PathLike[str]) -> Conventions:
@@ -113,7 +144,7 @@ def checkpoint_conventions(checkpoint: str | os.PathLike[str]) -> Conventions:
 def _conventions_of_file(path: str, mtime_ns: int, size: int) -> Conventions:
     from hpcstain.train.checkpoint import load_checkpoint
 
-    return conventions_of(load_checkpoint(path))
+    return conventions_of(load_checkpoint(path), path)
 
 
 def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:
@@ -124,8 +155,9 @@ def _generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) ->
     arch = ckpt["architecture"]
     cfg = model_config_of(arch, source)
     c_ct, c_hist = int(arch["ct_channels"]), int(arch["histology_channels"])
+    k = int(arch.get("context_slices", 1))
     net = build_generator(cfg, c_hist, c_ct) if name == "hist2ct" else \
-        build_generator(cfg, c_ct, c_hist)
+        build_generator(cfg, k if k > 1 else c_ct, c_hist)
     saved = ckpt.get("model", {}).get("generators", {})
     if name not in saved:
         raise InputError(f"{source}: no generator {name!r} in the checkpoint "
@@ -155,7 +187,7 @@ def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
     if reverse and arch.get("variant") == "pix2pix":
         raise UsageError(f"{checkpoint}: a pix2pix checkpoint has no histology→CT generator; "
                          "--reverse needs a CycleGAN (modcyclegan/cyclegan) checkpoint")
-    conv = conventions_of(ckpt)
+    conv = conventions_of(ckpt, str(checkpoint))
     net = _generator_net(ckpt, "hist2ct" if reverse else "ct2hist", str(checkpoint), device)
     return Stainer(fn=_tile_fn(net, conv, reverse, device, autocast), conventions=conv,
                    reverse=reverse, source=str(checkpoint), architecture=dict(arch))
@@ -202,6 +234,7 @@ def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[st
         "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
         "reason": f"generator pinned from {checkpoint}",
         "pinned_from": str(checkpoint),
+        **({"cupping_fits": ckpt["cupping_fits"]} if ckpt.get("cupping_fits") else {}),
     }
     save_checkpoint(dest, payload)
     return file_sha256(dest)

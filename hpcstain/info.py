@@ -162,6 +162,21 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     return report
 
 
+def _cupping_line(c: dict[str, Any]) -> str:
+    """``cupping: radial; training fit 128×128: +2688 grey values on the axis (…)``."""
+    from hpcstain.cupping import describe_fit, fits_from_record
+
+    mode = c.get("cupping", "none")
+    if mode != "radial":
+        return f"cupping: {mode}"
+    fits = fits_from_record(c.get("cupping_fits"))
+    if not fits:
+        return ("cupping: radial; no stored training fit (older checkpoint: predict/evaluate "
+                "fit one correction over the given slides of each size)")
+    return "cupping: radial; training fit " + "; ".join(
+        f"{ny}×{nx}: {describe_fit(f)}" for (ny, nx), f in fits.items())
+
+
 def _state_parameters(state: Any) -> int:
     """Learned parameters in a network's state dict (norm running statistics excluded)."""
     if not isinstance(state, dict):
@@ -248,6 +263,7 @@ def format_checkpoint(r: dict[str, Any]) -> str:
                  f"background {c['target_levels'][1]:g} (16-bit), invert "
                  f"{'yes' if c['invert_ct'] else 'no'}, stretch c {c['stretch_c'][0]:g} / "
                  f"c' {c['stretch_c'][1]:g}, tiles multiple of {c['size_multiple']}")
+    lines.append("  " + _cupping_line(c))
     d = t["data"]
     if d:
         folds = "no folds (all non-test pairs train)" if d.get("n_folds") == 0 else \

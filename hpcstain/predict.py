@@ -15,12 +15,13 @@ Pix2Pix checkpoints have no such generator (``UsageError``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.cupping import Cupping, apply_cupping, check_fit_choice, slide_fits
 from hpcstain.data.manifest import as_ct, as_mask, as_rgb
 from hpcstain.data.normalise import (
     Rois,
@@ -129,14 +130,27 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
                   levels: tuple[float, float] | None = None, rois: Rois | None = None,
                   tiling: Tiling = DEFAULT_TILING, mask: np.ndarray | None = None,
                   target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 0,
-                  size_multiple: int = 1) -> np.ndarray:
+                  size_multiple: int = 1, slab: np.ndarray | None = None) -> np.ndarray:
     """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid.
 
     Tiles never exceed the slide (see :func:`hpcstain.tiles.plane_tiles`); sizes are
-    rounded up to the generator's ``size_multiple``.
+    rounded up to the generator's ``size_multiple``. A 2.5D generator (``ct_channels`` =
+    its k input planes) takes ``slab``, the raw (k, H, W) CT planes about the slice, each
+    normalised with the slice's levels.
     """
-    ct16, _ = normalised_ct(np.asarray(ct, np.float32), target, levels, rois)
-    image = _channels(ct16_to_unit(ct16), ct_channels)
+    ct = np.asarray(ct, np.float32)
+    if slab is None:
+        ct16, _ = normalised_ct(ct, target, levels, rois)
+        image = _channels(ct16_to_unit(ct16), ct_channels)
+    else:
+        slab = np.asarray(slab, np.float32)
+        if slab.ndim != 3 or slab.shape[0] != ct_channels or slab.shape[1:] != ct.shape:
+            raise InputError(f"CT slab of shape {slab.shape}: the generator takes "
+                             f"{ct_channels} planes of {ct.shape[0]}×{ct.shape[1]}")
+        if levels is None:
+            levels = ct_levels(ct, check_rois(rois if rois is not None else find_ct_rois(ct),
+                                              "CT"))
+        image = ct16_to_unit(normalise_ct(slab, levels[0], levels[1], target[0], target[1]))
     out = _stain(image, fn, tiling, batch_size, size_multiple)
     rgb = unit_to_rgb8(out, channel_axis=0)
     if mask is None:
@@ -236,9 +250,14 @@ def write_image(path: Path, image: np.ndarray, overwrite: bool = False) -> Path:
 
 
 def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None = None,
-                  levels: tuple[float, float] | None = None, batch_size: int = 0
-                  ) -> np.ndarray:
-    """Read one slide and stain it (or unstain it, for a reverse stainer)."""
+                  levels: tuple[float, float] | None = None, batch_size: int = 0,
+                  cupping: Cupping | None = None) -> np.ndarray:
+    """Read one slide and stain it (or unstain it, for a reverse stainer).
+
+    A ``radial`` checkpoint's CT is cupping-corrected first with ``cupping`` (see
+    :func:`slide_cuppings`); without one, with the checkpoint's stored fit for the
+    slide's size, else with a fit on this slide (the set of one slide given).
+    """
     data = read_image(spec)
     if stainer.reverse:
         rgb = as_rgb(data, f"histology {spec}")
@@ -246,30 +265,74 @@ def predict_image(spec: str, stainer: Stainer, tiling: Tiling, mask: str | None 
         return unstain_slide(rgb, stainer.fn, stainer.in_channels, tiling=tiling, mask=m,
                              stretch_c=stainer.stretch_c, batch_size=batch_size,
                              size_multiple=stainer.conventions.size_multiple)
-    ct = as_ct(data, f"ct {spec}")
+    slab = context_planes(data, stainer.context_slices, f"ct {spec}")
+    ct = as_ct(data if slab is None else slab[len(slab) // 2], f"ct {spec}")
     if stainer.conventions.cupping == "radial":  # the checkpoint's CT preprocessing
-        from hpcstain.cupping import correct_slide
-
-        ct = correct_slide(ct, name=f"ct {spec}")
+        if cupping is None:
+            (cupping,), _ = slide_fits(lambda _: ct, 1, stainer.conventions.stored_fits,
+                                       names=[f"ct {spec}"])
+        ct = apply_cupping(ct, cupping)
+        if slab is not None:
+            slab = np.stack([apply_cupping(p, cupping) for p in slab])
     m = read_mask(mask, ct.shape) if mask else None
     try:
         return predict_slide(ct, stainer.fn, stainer.in_channels, levels=levels, tiling=tiling,
                              mask=m, target=stainer.levels, batch_size=batch_size,
-                             size_multiple=stainer.conventions.size_multiple)
+                             size_multiple=stainer.conventions.size_multiple, slab=slab)
     except InputError as exc:
         raise InputError(f"ct {spec}: {exc}") from None
+
+
+def context_planes(data: np.ndarray, k: int, what: str) -> np.ndarray | None:
+    """The centre ``k`` planes (float32) of a (K, H, W) CT stack for a 2.5D model; None for
+    k = 1. A single slice (or an even stack) given to a k > 1 model is one InputError."""
+    if k <= 1:
+        return None
+    a = np.asarray(data)
+    if a.ndim != 3 or a.shape[0] % 2 == 0 or a.shape[0] < k or a.shape[-1] in (3, 4):
+        raise InputError(f"{what}: this 2.5D model (context_slices={k}) needs the {k} CT "
+                         f"planes about the slice: give a (K, H, W) stack with odd K >= {k} "
+                         f"(multi-page TIFF, .npy, zarr), got shape {a.shape}")
+    c = a.shape[0] // 2
+    return a[c - k // 2:c + k // 2 + 1].astype(np.float32)
+
+
+def slide_cuppings(inputs: Sequence[str], stainer: Stainer, choice: str = "checkpoint",
+                   log: Callable[[str], None] | None = None) -> list[Cupping | None]:
+    """Each CT input's cupping correction under a ``radial`` checkpoint (None for every
+    input otherwise): ``choice`` as :func:`hpcstain.cupping.slide_fits` (``checkpoint``: the
+    training set's stored fit for slides of its size). A fallback is said in one ``log``
+    line. Reads each CT once here (and again when it is stained)."""
+    if stainer.reverse or stainer.conventions.cupping != "radial":
+        check_fit_choice(choice)
+        return [None] * len(inputs)
+    k = stainer.context_slices
+
+    def read_ct(i: int) -> np.ndarray:
+        data, what = read_image(inputs[i]), f"ct {inputs[i]}"
+        slab = context_planes(data, k, what)
+        return as_ct(data if slab is None else slab[k // 2], what)
+
+    fits, note = slide_fits(read_ct,
+                            len(inputs), stainer.conventions.stored_fits, choice,
+                            [f"ct {s}" for s in inputs])
+    if note and log is not None:
+        log(note)
+    return list(fits)
 
 
 def predict_files(inputs: Sequence[str], checkpoint: str | os.PathLike[str],
                   out: str | os.PathLike[str], *, masks: str | Sequence[str] | None = None,
                   tiling: Tiling = DEFAULT_TILING, device: str = "cpu", reverse: bool = False,
                   overwrite: bool = False, levels: tuple[float, float] | None = None,
-                  batch_size: int = 0) -> list[Path]:
+                  batch_size: int = 0, cupping_fit: str = "checkpoint",
+                  log: Callable[[str], None] | None = None) -> list[Path]:
     """Stain every input slide (TIFF/PNG/``.h5:/ds``/``.zarr:arr``); return the written paths.
 
     ``out`` is a file (one input; ``.png``/``.tif``) or a folder (``<stem>.png``, reverse
     ``<stem>.tif`` uint16 CT). Every output is checked before any work, and each is written
-    whole or not at all.
+    whole or not at all. ``cupping_fit`` (``checkpoint``/``set``/``slide``) chooses the
+    cupping correction of a ``radial`` checkpoint (:func:`slide_cuppings`).
     """
     check_tiling(tiling.tile, tiling.step, tiling.window)
     if reverse and levels is not None:
@@ -279,7 +342,8 @@ def predict_files(inputs: Sequence[str], checkpoint: str | os.PathLike[str],
     for path in paths:
         check_output(path, overwrite)
     stainer = load_stainer(checkpoint, device, reverse)
-    for spec, mask, path in zip(inputs, mask_specs, paths, strict=True):
-        image = predict_image(spec, stainer, tiling, mask, levels, batch_size)
+    cuppings = slide_cuppings(list(inputs), stainer, cupping_fit, log)
+    for spec, mask, path, cup in zip(inputs, mask_specs, paths, cuppings, strict=True):
+        image = predict_image(spec, stainer, tiling, mask, levels, batch_size, cup)
         write_image(path, image, overwrite)
     return paths

@@ -187,15 +187,40 @@ def throughput(records: list[dict[str, Any]], window: int = THROUGHPUT_WINDOW
             "median_unit_s": statistics.median(float(r.get("seconds", 0.0)) for r in timed)}
 
 
+_PLANS: dict[str, tuple[tuple[int, int, int], Any]] = {}
+
+
+def cached_plan(run_dir: str | os.PathLike[str]) -> Any:
+    """The run's :class:`~hpcstain.volume.plan.Plan`, parsed once per version of its
+    ``plan.json`` (inode, mtime, size): polls (``status --watch``, ``submit --wait``) do not
+    re-read and re-validate it, nor rebuild its unit list, every round. ``plan.json`` is
+    only ever replaced atomically (a new inode), so a changed plan is always seen."""
+    from hpcstain.volume.plan import load_plan, plan_path
+
+    path = plan_path(run_dir)
+    try:
+        st = path.stat()
+    except OSError:
+        return load_plan(run_dir)  # its own error: not a run directory
+    key, name = (st.st_ino, st.st_mtime_ns, st.st_size), str(path.absolute())
+    hit = _PLANS.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan = load_plan(run_dir)
+    if len(_PLANS) >= 16:
+        _PLANS.clear()
+    _PLANS[name] = (key, plan)
+    return plan
+
+
 def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                  live_jobs: LiveJobs | None = None, require_fused: bool = False
                  ) -> dict[str, Any]:
     """Progress of a staining run: units per axis, fused chunks, stale/failed, rate, ETA."""
     from hpcstain.volume.markers import FAILED, RUNNING, read_markers
-    from hpcstain.volume.plan import load_plan
 
     run = Path(run_dir)
-    plan = load_plan(run)
+    plan = cached_plan(run)
     now = time.time() if now is None else now
     host = socket.gethostname()
     live_fn = live_jobs or squeue_jobs

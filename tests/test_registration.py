@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro import micro_config
+from micro import StopAfter, micro_config
 from PIL import Image
 from scipy import ndimage
 
@@ -18,12 +18,13 @@ from hpcstain.errors import ConfigError, UsageError
 from hpcstain.inference import load_generator
 from hpcstain.models import build_model
 from hpcstain.models.gans import REGISTRATION
-from hpcstain.models.registration import build_registration, smoothness, warp
+from hpcstain.models.registration import build_registration, edge_misfit, smoothness, warp
 from hpcstain.phantom import write_pairs
 from hpcstain.phantom.pairs import SUPERSAMPLE, _warp
 from hpcstain.predict import predict_files
 from hpcstain.tiles import Tiling
 from hpcstain.train.checkpoint import load_checkpoint
+from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -108,8 +109,9 @@ def test_registration_recovers_a_known_shift() -> None:
 
 
 def tiny_cfg(variant: str = "modcyclegan", **kw: object) -> ModelConfig:
+    kw = {"align": True, **kw}
     return ModelConfig(variant=variant, generator="resnet", ngf=4, ndf=4, n_blocks=1,  # type: ignore[arg-type]
-                       align=True, align_width=8, **kw)  # type: ignore[arg-type]
+                       align_width=8, **kw)  # type: ignore[arg-type]
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -161,6 +163,116 @@ def test_aligned_training_checkpoint_loads_for_predict(tmp_path: Path) -> None:
                           tiling=Tiling(32, 16, "hann"))
     with Image.open(paths[0]) as img:
         assert np.asarray(img).shape == (64, 64, 3)
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def _copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["modcyclegan", "pix2pix"])
+def test_before_align_start_training_is_align_off_and_r_gets_no_gradient(variant: str) -> None:
+    """Warm start: the first align_start steps are the unaligned recipe bit for bit (the
+    registration net is built after the other nets, so they start from the same weights),
+    with R untouched; at the start step R receives gradient and the field moves."""
+    models = {on: build_model(tiny_cfg(variant, align=on, align_start=2), LossConfig(), "cpu",
+                              seed=0) for on in (True, False)}
+    opts = {on: (torch.optim.Adam(m.parameters_g(), lr=1e-3),
+                 torch.optim.Adam(m.parameters_d(), lr=1e-3)) for on, m in models.items()}
+    reg = models[True].generators[REGISTRATION]
+    r0 = _copy(reg)
+    for step in range(2):
+        assert not models[True].aligning
+        losses = {on: m.train_step(batch(step), *opts[on]) for on, m in models.items()}
+        assert losses[True].pop("align_smooth") == 0.0        # logged: the identity field
+        assert losses[True] == losses[False]
+        assert all(p.grad is None for p in reg.parameters())
+    for name in ("ct2hist", "hist2ct"):
+        if name in models[False].generators:
+            a, b = (_copy(models[on].generators[name]) for on in (True, False))
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert all(torch.equal(v, r0[k]) for k, v in reg.state_dict().items())
+    assert not any(id(p) in {id(q) for q in reg.parameters()} for p in opts[True][0].state)
+    assert models[True].aligning                               # step 3: the warp is on
+    models[True].train_step(batch(2), *opts[True])
+    assert reg.flow.weight.abs().sum() > 0
+    assert models[True].train_step(batch(3), *opts[True])["align_smooth"] > 0.0
+
+
+def test_a_bad_align_start_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model.align_start"):
+        build_model(tiny_cfg(align_start=-1), LossConfig(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def misaligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "m3", n=2, seed=5, size=(64, 64),
+                       misalignment=3.0)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.align_ngf=1.0"]])
+def test_resume_across_align_start_equals_the_uninterrupted_run(
+        misaligned: Path, tmp_path: Path, extra: list[str]) -> None:
+    """Stopped before the start step and resumed, the run switches the warp on at the same
+    step as the run that never stopped (the trainer restores the step count)."""
+    cfg = micro_config(misaligned, "train.epochs=2", "train.checkpoint_every=0",
+                       "model.align=true", "model.align_width=8", "model.align_start=3",
+                       *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    first = train(cfg, tmp_path / "b", stop=StopAfter(2), progress=False)
+    assert first.status == "preempted" and first.step == 2
+    second = train(cfg, tmp_path / "b", progress=False)
+    assert second.step == straight.step > 3
+    la, lb = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    # R first runs at step 4 (identity output: its last layer starts at zero), moved by 5
+    assert [r["align_smooth"] for r in la[:4]] == [0.0] * 4 and la[4]["align_smooth"] > 0
+    keys = [k for k in la[0] if k not in ("data_wait_s", "step_s")]
+    assert [[r[k] for k in keys] for r in la] == [[r[k] for k in keys] for r in lb]
+    wa, wb = (load_checkpoint(t / "checkpoints" / "latest.pt")["model"]["generators"]
+              for t in (tmp_path / "a", tmp_path / "b"))
+    for net in wa:
+        assert all(torch.equal(wa[net][k], wb[net][k]) for k in wa[net]), net
+
+
+# --------------------------------------------------------------------------- edge term
+
+
+def test_edge_misfit_ignores_contrast_and_sees_a_shift() -> None:
+    img = torch.from_numpy(smooth_image(5))[None]
+    other = -0.5 * img.flip(1) + 0.2                # another rendering of the same edges
+    shifted = torch.roll(other, 3, dims=-1)
+    same, moved = edge_misfit(img, other).item(), edge_misfit(img, shifted).item()
+    assert same == pytest.approx(edge_misfit(img, img).item(), abs=1e-5)  # contrast-blind
+    # not 0 for equal images (ε damps weak gradients); 3 px off is 0.13 worse here
+    assert moved > same + 0.1, (same, moved)
+    assert edge_misfit(torch.zeros(1, 3, 16, 16), img[..., :16, :16]).item() == \
+        pytest.approx(1.0)                            # a flat image: no edges to match
+
+
+def test_edge_misfit_registers_a_known_shift_across_modalities() -> None:
+    """fixed = a contrast-inverted, recoloured moving, displaced by u: R trained on the edge
+    term alone finds u (the photometric ℓ1 could not: the intensities disagree)."""
+    torch.manual_seed(0)
+    u = (1.5, -1.0)
+    moving_np = smooth_image(6)
+    fixed_np = ndimage.shift(-0.7 * moving_np[::-1] + 0.1, (0, -u[0], -u[1]), order=3,
+                             mode="wrap").astype(np.float32)
+    moving, fixed = torch.from_numpy(moving_np)[None], torch.from_numpy(fixed_np)[None]
+    net = build_registration(3, 8, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    inner = (..., slice(8, 40), slice(8, 40))
+    for _ in range(40):
+        opt.zero_grad()
+        disp = net(moving, fixed)
+        loss = edge_misfit(warp(moving, disp)[inner], fixed[inner]) + 0.1 * smoothness(disp)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        mean = net(moving, fixed)[inner].mean(dim=(-2, -1))[0]
+    assert mean[0].item() == pytest.approx(u[0], abs=0.3)
+    assert mean[1].item() == pytest.approx(u[1], abs=0.3)
 
 
 # --------------------------------------------------------------------------- phantom knob

@@ -290,3 +290,59 @@ def test_training_run_status(pairs: Path, tmp_path: Path,
     done = json.loads(capsys.readouterr().out)
     assert done["done"] and done["finished_by"] == "DONE" and done["epoch"] == 2
     assert done["step"] == final.step == 2 * per_epoch and done["eta_s"] is None
+
+
+def test_a_damaged_input_chunk_fails_its_unit_and_status_reports_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Reading the input fails (a storage chunk's bytes garbled on disk) when resuming a
+    run through the CLI: exit 2 with one line, the unit's failed marker names the damage,
+    `status` reports the unit failed; once the chunk is restored the rerun clears it."""
+    from micro import untrained_generator_checkpoint
+
+    ckpt = untrained_generator_checkpoint(tmp_path / "g.pt")
+    vol = np.clip(np.random.default_rng(1).normal(20000, 6000, SHAPE), 0, 65535)
+    path = tmp_path / "ct.zarr"
+    zarr.create_array(str(path), data=vol.astype(np.uint16), chunks=(8, 8, 8))
+    run = tmp_path / "run"
+    args = ["stain", str(path), "--checkpoint", str(ckpt), "--out", str(run), "--axes", "z",
+            "--chunk", "10", "13", "15", "--tile", "16", "--step", "8", "--bone-level",
+            "30000", "--background-level", "9000", "--no-progress"]
+    assert main([*args, "--plan-only"]) == 0
+    chunk = path / "c" / "1" / "0" / "0"  # z 8:16: read by slab s0000 (z 0:10 + halo)
+    good = chunk.read_bytes()
+    chunk.write_bytes(np.random.default_rng(0).integers(0, 256, 200, np.uint8).tobytes())
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "damaged data" in err and str(chunk) in err
+    marker = read_markers(run, FAILED, "axis-z")["s0000"]
+    assert marker["error"].startswith("InputError: ") and str(chunk) in marker["error"]
+    assert "damaged data" in marker["error"] and marker["pid"] == os.getpid()
+    assert main(["status", str(run)]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "failed: axis-z/s0000: InputError: " in out and "damaged data" in out
+    chunk.write_bytes(good)  # restored: the rerun stains it and clears the marker
+    assert main(args) == 0
+    assert not read_markers(run, FAILED, "axis-z")
+    assert main(["status", str(run)]) == EXIT_COMPLETE
+
+
+def test_polls_parse_the_plan_once_per_plan_file_version(
+        tmp_path: Path, volume_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import hpcstain.volume.plan as plan_module
+    from hpcstain.launch.watch import unit_counts
+    from hpcstain.status import cached_plan
+    from hpcstain.volume.plan import save_plan
+
+    run = new_run(tmp_path / "run", volume_path)
+    real, calls = plan_module.load_plan, []
+    monkeypatch.setattr(plan_module, "load_plan", lambda d: calls.append(d) or real(d))
+    for _ in range(3):  # three rounds of `submit --wait` and of `status --watch`
+        assert unit_counts(run)["units"] == (0, 4)
+        assert collect_status(run)["units"] == {"done": 0, "total": 4}
+    assert len(calls) == 1
+    save_plan(run, dataclasses.replace(real(run), axes=("z",)))  # a new plan.json
+    assert cached_plan(run).axes == ("z",) and unit_counts(run)["units"] == (0, 2)
+    assert len(calls) == 2

@@ -2,7 +2,9 @@
 
 CSV columns (header required): ``id, material, ct, histology`` and optionally ``mask``
 (the correspondence mask; computed when empty), ``truth`` (exact stain, phantoms only),
-``extra_masks`` (``;``-separated, AND-ed into the mask), ``bone_roi`` and
+``extra_masks`` (``;``-separated, AND-ed into the mask), ``ct_slab`` (K odd CT planes
+about the slice, one voxel apart, centre = the slice: multi-page TIFF, ``.npy``, zarr or
+HDF5 (K, H, W); 2.5D models, ``model.context_slices``), ``bone_roi`` and
 ``background_roi`` (boxes ``y0:y1,x0:x1``, several separated by ``;``). Unknown columns are
 kept in :attr:`Pair.extra`. The YAML form is a list of mappings with the same keys (under
 ``pairs:`` or at the top level); ``extra_masks`` and ROIs may be lists there. Paths are
@@ -29,7 +31,7 @@ from hpcstain.errors import InputError
 
 MATERIALS = ("mg", "ti", "peek")
 REQUIRED = ("id", "material", "ct", "histology")
-OPTIONAL = ("mask", "truth", "extra_masks", "bone_roi", "background_roi")
+OPTIONAL = ("mask", "truth", "extra_masks", "bone_roi", "background_roi", "ct_slab")
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 
@@ -49,12 +51,13 @@ class Pair:
     background_roi: tuple[Box, ...] = ()
     source: str = ""  # "manifest.csv row 3", for messages
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    ct_slab: str | None = None  # (K, H, W) CT planes about the slice (2.5D input)
 
     @property
     def files(self) -> tuple[str, ...]:
         """Every image spec this pair reads (cache keys, existence checks)."""
         out = [self.ct, self.histology, *self.extra_masks]
-        out += [s for s in (self.mask, self.truth) if s]
+        out += [s for s in (self.mask, self.truth, self.ct_slab) if s]
         return tuple(out)
 
 
@@ -157,6 +160,7 @@ def _pair_from_row(row: dict[str, Any], base: Path, source: str) -> Pair:
         background_roi=parse_boxes(row.get("background_roi"), "background_roi"),
         source=source,
         extra={k: str(v) for k, v in row.items() if k not in REQUIRED + OPTIONAL},
+        ct_slab=spec("ct_slab"),
     )
 
 
@@ -250,12 +254,45 @@ def read_pair(pair: Pair, with_truth: bool = False) -> PairImages:
     return PairImages(ct, hist, mask, extras, truth)
 
 
+def read_ct_slab(pair: Pair, planes: int | None = None,
+                 shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The pair's CT slab as float32 (K, H, W), or its centre ``planes`` planes.
+
+    Refused (one InputError naming the file) when the pair has none, it is not a 3D stack
+    of an odd number of planes, holds fewer than ``planes``, its planes differ in shape
+    from the CT (``shape``), or it is empty, non-finite or constant.
+    """
+    if not pair.ct_slab:
+        raise InputError(f"{pair.ct}: a {planes or 'multi'}-slice (2.5D) model needs the CT "
+                         f"planes about this slice: give the pair a ct_slab column")
+    what = f"ct_slab {pair.ct_slab}"
+    a = read_image(pair.ct_slab)
+    if a.ndim != 3 or a.shape[0] % 2 == 0:
+        raise InputError(f"{what}: expected an odd number of CT planes (K, H, W), got shape "
+                         f"{a.shape}")
+    _check_finite(a, what)
+    if shape is not None and tuple(a.shape[1:]) != tuple(shape[:2]):
+        raise InputError(f"{what}: planes {a.shape[1]}×{a.shape[2]} do not match the CT "
+                         f"{shape[0]}×{shape[1]}")
+    if planes is not None:
+        if planes > a.shape[0]:
+            raise InputError(f"{what}: {a.shape[0]} plane(s), the model needs {planes} "
+                             "(model.context_slices)")
+        c = a.shape[0] // 2
+        a = a[c - planes // 2:c + planes // 2 + 1]
+    if a.min() == a.max():
+        raise InputError(f"{what}: CT slab is constant")
+    return a.astype(np.float32, copy=False)
+
+
 def check_pair(pair: Pair) -> None:
     """Raise InputError for the first problem of ``pair`` (missing files first)."""
     for spec in pair.files:
         if not spec_file(spec).exists():
             raise InputError(f"{spec}: file not found")
-    read_pair(pair, with_truth=True)
+    images = read_pair(pair, with_truth=True)
+    if pair.ct_slab:
+        read_ct_slab(pair, shape=images.ct.shape)
 
 
 # --------------------------------------------------------------------------- entry point

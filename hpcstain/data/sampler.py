@@ -31,7 +31,7 @@ from hpcstain.data.augment import (
     jitter_ct,
     jitter_histology,
 )
-from hpcstain.data.manifest import Pair, read_pair
+from hpcstain.data.manifest import Pair, read_ct_slab, read_pair
 from hpcstain.data.masks import load_or_compute_mask
 from hpcstain.data.normalise import (
     Rois,
@@ -61,6 +61,8 @@ class Slide:
     ct_means: tuple[float, float] = (0.0, 0.0)  # raw CT (bone, background) means
     stretch: Stretch | None = None
     roi_method: str = "manifest"
+    cupping: Any = None  # the hpcstain.cupping.Cupping the CT was corrected with, if any
+    context: np.ndarray | None = None  # (K, H, W) CT planes about the slice (2.5D input)
 
     @property
     def ct(self) -> np.ndarray:
@@ -91,15 +93,16 @@ def pair_rois(pair: Pair, ct: np.ndarray, rgb: np.ndarray) -> Rois:
 
 
 def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
-               cupping: Any = None) -> Slide:
+               cupping: Any = None, images: Any = None) -> Slide:
     """Read, normalise (§2.5) and mask (§2.8) one pair.
 
     Under ``data.cupping: radial`` the CT is cupping-corrected first with ``cupping`` (a
     :class:`~hpcstain.cupping.Cupping` fitted on the whole set, see :func:`load_slides`),
-    or, without one, with a fit on this slide alone.
+    or, without one, with a fit on this slide alone. ``images``: the pair already read
+    (:func:`~hpcstain.data.manifest.read_pair`), so it is not read again.
     """
     try:
-        images = read_pair(pair)
+        images = read_pair(pair) if images is None else images
         if cfg.cupping == "radial":  # the checkpoint records it (inference.Conventions)
             from hpcstain.cupping import apply_cupping, correct_slide
 
@@ -117,52 +120,114 @@ def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
     image = np.empty((4, *images.ct.shape), dtype=np.float32)
     image[0] = ct16_to_unit(ct16)
     image[1:4] = np.moveaxis(apply_stretch(images.histology, stretch), -1, 0)
-    return Slide(pair.id, pair.material, image, mask, (bone, background), stretch, rois.method)
+    return Slide(pair.id, pair.material, image, mask, (bone, background), stretch,
+                 rois.method, cupping if cfg.cupping == "radial" else None)
 
 
-def load_slides(pairs: list[Pair], cfg: DataConfig, cache_dir: str | Path | None = None
-                ) -> list[Slide]:
-    """Every pair normalised in memory; masks cached under ``cache_dir`` when given."""
+def load_slides(pairs: list[Pair], cfg: DataConfig, cache_dir: str | Path | None = None,
+                cupping_fits: dict[tuple[int, int], Any] | None = None) -> list[Slide]:
+    """Every pair normalised in memory; masks cached under ``cache_dir`` when given.
+
+    Under ``data.cupping: radial`` each pair is read once: one fit per group of equally
+    sized slides (:func:`~hpcstain.cupping.fit_slides`), except for slide sizes that
+    ``cupping_fits`` (shape → fit; e.g. the training set's, for validation) already has.
+    Each slide records the fit it was corrected with (``Slide.cupping``).
+    """
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    fits = set_cupping(pairs) if cfg.cupping == "radial" else {}
-    return [load_slide(p, cfg, cache_dir, fits.get(p.id)) for p in pairs]
+    if cfg.cupping != "radial":
+        return [load_slide(p, cfg, cache_dir) for p in pairs]
+    images = [_read(p) for p in pairs]
+    fits = _set_fits([im.ct for im in images], cupping_fits or {})
+    slides = []
+    for i, p in enumerate(pairs):
+        im, images[i] = images[i], None   # keep only the slides still to be normalised
+        slides.append(load_slide(p, cfg, cache_dir, fits[tuple(im.ct.shape)], im))
+    return slides
+
+
+def _read(pair: Pair) -> Any:
+    try:
+        return read_pair(pair)
+    except InputError as exc:
+        raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
+
+
+def _set_fits(cts: list[np.ndarray], known: dict[tuple[int, int], Any]
+              ) -> dict[tuple[int, int], Any]:
+    from hpcstain.cupping import fit_slides
+
+    todo = [ct for ct in cts if tuple(ct.shape) not in known]
+    return {**fit_slides(todo), **known}
 
 
 def set_cupping(pairs: list[Pair]) -> dict[str, Any]:
     """One cupping fit per group of equally sized CT slides (axial sections of one
     acquisition share the scanner's cupping; one slide alone holds too few voxels for a
-    stable fit): pair id → :class:`~hpcstain.cupping.Cupping`."""
-    from hpcstain.cupping import MAX_FIT_VOXELS, fit_cupping
+    stable fit): pair id → :class:`~hpcstain.cupping.Cupping`. Each CT is read once."""
+    cts = [_read(p).ct for p in pairs]
+    fits = _set_fits(cts, {})
+    return {p.id: fits[tuple(ct.shape)] for p, ct in zip(pairs, cts, strict=True)}
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for p in pairs:
+
+def training_fits(slides: list[Slide]) -> dict[tuple[int, int], Any]:
+    """Slide shape → the cupping fit its slides were corrected with (empty without)."""
+    return {s.shape: s.cupping for s in slides if s.cupping is not None}
+
+
+def with_context(slides: list[Slide], pairs: list[Pair], cfg: DataConfig, planes: int
+                 ) -> list[Slide]:
+    """Slides with their ``planes`` (odd) CT planes about the slice (``Slide.context``,
+    (k, H, W) in [-1, 1]) for a 2.5D model; ``planes`` 1 returns ``slides`` unchanged.
+
+    Every plane is normalised exactly like the slice: the slide's cupping fit (under
+    ``data.cupping: radial``) and its §2.5 levels (measured on the slice's ROIs).
+    """
+    if planes <= 1:
+        return slides
+    by_id = {p.id: p for p in pairs}
+    out = []
+    for s in slides:
+        pair = by_id[s.id]
         try:
-            shapes[p.id] = tuple(read_pair(p).ct.shape)
+            slab = read_ct_slab(pair, planes, s.shape)
         except InputError as exc:
-            raise InputError(f"{p.source or p.id} (id {p.id}): {exc}") from None
-    out: dict[str, Any] = {}
-    for shape in sorted(set(shapes.values())):
-        ids = [p for p in pairs if shapes[p.id] == shape]
-        step = max(1, int(np.ceil(np.sqrt(len(ids) * shape[0] * shape[1] / MAX_FIT_VOXELS))))
-        stack = np.stack([read_pair(p).ct[::step, ::step] for p in ids])
-        fit = fit_cupping(stack, np.arange(0, shape[0], step), np.arange(0, shape[1], step),
-                          plane=(shape[0], shape[1]),
-                          name=f"{len(ids)} CT slides of {shape[0]}×{shape[1]}")
-        out.update({p.id: fit for p in ids})
+            raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
+        if getattr(s, "cupping", None) is not None:
+            from hpcstain.cupping import apply_cupping
+
+            slab = np.stack([apply_cupping(p, s.cupping) for p in slab])
+        bone, background = s.ct_means
+        ct16 = normalise_ct(slab, bone, background, cfg.ct_bone_level, cfg.ct_background_level)
+        out.append(replace(s, context=ct16_to_unit(ct16).astype(np.float32, copy=False)))
     return out
+
+
+def jitter_slab(slab: torch.Tensor, centre: torch.Tensor, brightness: float,
+                contrast: float) -> torch.Tensor:
+    """:func:`~hpcstain.data.augment.jitter_ct` of the centre slice applied to every plane
+    (one mapping, from the centre's mean): the centre plane comes out bit for bit as the
+    jittered slice."""
+    m = ((centre + 1.0) * 0.5).mean()
+    u = (slab + 1.0) * 0.5
+    u = (u - m) * contrast + m * brightness
+    return (u * 2.0 - 1.0).clamp_(-1.0, 1.0)
 
 
 class PairedPatchDataset(Dataset):
     """Random, augmented, aligned CT/histology/mask patches from in-memory slides.
+
+    With ``context_slices`` k > 1 items also hold ``"ct_context": (k, P, P)``, the slide's
+    CT planes (:func:`with_context`) cropped, resampled, flipped, rotated and jittered
+    exactly like the slice (and inverted with ``data.invert_ct``).
 
     Items: ``{"ct": (ct_channels, P, P), "histology": (3, P, P)`` float32 in [-1, 1],
     ``"mask": (1, P, P)`` float32 in {0, 1}, ``"pair": int`` (index into ``slides``)}.
     """
 
     def __init__(self, slides: list[Slide], cfg: DataConfig, ct_channels: int = 3,
-                 seed: int = 0, augment: bool = True, mask_retries: int = MASK_RETRIES
-                 ) -> None:
+                 seed: int = 0, augment: bool = True, mask_retries: int = MASK_RETRIES,
+                 context_slices: int = 1) -> None:
         if not slides:
             raise InputError("no slides to sample patches from")
         if ct_channels < 1:
@@ -183,6 +248,15 @@ class PairedPatchDataset(Dataset):
         self.epoch = 0
         self._images = [torch.from_numpy(s.image) for s in slides]
         self._masks = [torch.from_numpy(s.mask.astype(np.uint8)) for s in slides]
+        self.context_slices = int(context_slices)
+        if self.context_slices > 1:
+            k = self.context_slices
+            bad = [s.id for s in slides if s.context is None or s.context.shape[0] < k]
+            if bad:
+                raise InputError(f"context_slices={k}: slides without {k} CT planes "
+                                 f"(see with_context): {', '.join(bad)}")
+            self._images = [torch.cat([im, torch.from_numpy(_centre_planes(s.context, k))])
+                            for im, s in zip(self._images, slides, strict=True)]
 
     def __len__(self) -> int:
         return len(self.slides) * self.cfg.patches_per_pair
@@ -222,12 +296,24 @@ class PairedPatchDataset(Dataset):
         g = self._geometry(rng, k)
         image, mask = apply_geometry(self._images[k], self._masks[k], g, self.cfg.patch_size)
         ct, hist = image[0:1], image[1:4]
+        slab = image[4:] if self.context_slices > 1 else None
         if self.augment and (self.cfg.brightness_jitter > 0 or self.cfg.contrast_jitter > 0):
             j = draw_jitter(rng, self.cfg.brightness_jitter, self.cfg.contrast_jitter)
+            if slab is not None:
+                slab = jitter_slab(slab, ct, j.ct_brightness, j.ct_contrast)
             ct = jitter_ct(ct, j.ct_brightness, j.ct_contrast)
             hist = jitter_histology(hist, j.hist_brightness, j.hist_contrast)
         if self.cfg.invert_ct:
             ct = -ct
-        return {"ct": ct.expand(self.ct_channels, -1, -1).contiguous(),
+            slab = -slab if slab is not None else None
+        item = {"ct": ct.expand(self.ct_channels, -1, -1).contiguous(),
                 "histology": hist.contiguous(), "mask": mask, "pair": k}
+        if slab is not None:
+            item["ct_context"] = slab.contiguous()
+        return item
+
+
+def _centre_planes(planes: np.ndarray, k: int) -> np.ndarray:
+    c = planes.shape[0] // 2
+    return np.ascontiguousarray(planes[c - k // 2:c + k // 2 + 1], np.float32)
 

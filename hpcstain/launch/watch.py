@@ -108,9 +108,10 @@ class WaitReport:
 
 def unit_counts(run_dir: str | Path) -> dict[str, tuple[int, int]]:
     """(done, total) of a staining run's work units and of its fused chunks."""
-    from hpcstain.volume.plan import done_names, load_plan
+    from hpcstain.status import cached_plan
+    from hpcstain.volume.plan import done_names
 
-    plan = load_plan(run_dir)
+    plan = cached_plan(run_dir)  # parsed once per plan.json version, not every poll
     done = sum(len(done_names(run_dir, f"axis-{a}")) for a in plan.axes)
     out = {"units": (min(done, plan.n_units), plan.n_units)}
     fused = Path(run_dir) / "done" / "fused"

@@ -26,7 +26,7 @@ from hpcstain.models.networks import (
     init_weights,
 )
 from hpcstain.models.pool import ImagePool, pool_seed
-from hpcstain.models.registration import build_registration, smoothness, warp
+from hpcstain.models.registration import build_registration, edge_misfit, smoothness, warp
 
 AutocastFactory = Callable[[], AbstractContextManager[Any]]
 
@@ -38,8 +38,21 @@ REGISTRATION = "registration"  # model.align's net, kept with the generators (tr
 
 
 def architecture_of(cfg: ModelConfig) -> dict[str, Any]:
-    """The keys of ``cfg`` that fix the networks' shapes (saved in every checkpoint)."""
-    return {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS}
+    """The keys of ``cfg`` that fix the networks' shapes (saved in every checkpoint).
+
+    ``context_slices`` is recorded only when it is not 1 (older checkpoints, which lack
+    it, read as 1; a k = 1 checkpoint stays as it was).
+    """
+    arch = {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS}
+    if cfg.context_slices != 1:
+        arch["context_slices"] = cfg.context_slices
+    return arch
+
+
+def generator_in_channels(cfg: ModelConfig) -> int:
+    """Input channels of the CT→histology generator: the k planes of a 2.5D model
+    (``model.context_slices`` > 1), else ``model.ct_channels`` copies of the one slice."""
+    return cfg.context_slices if cfg.context_slices > 1 else cfg.ct_channels
 
 
 def set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
@@ -61,6 +74,7 @@ class GanModel:
         self.discriminators: dict[str, nn.Module] = {}
         self.pools: dict[str, ImagePool] = {}
         self._seed, self._rank = seed, rank
+        self.steps_done = 0  # train_step calls so far; the trainer sets it on resume
 
     # -- construction helpers
     def _new_net(self, net: nn.Module) -> nn.Module:
@@ -82,9 +96,25 @@ class GanModel:
         if not supervised:
             raise ConfigError(f"model.align: aligns the paired pixel loss, but {what} is 0 "
                               f"(set {what} > 0 or model.align=false)")
+        start = self.model_cfg.align_start
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ConfigError(f"model.align_start: must be an integer >= 0 (training steps "
+                              f"before the warp is switched on), got {start!r}")
+        if self.model_cfg.align_ngf < 0:
+            raise ConfigError(f"model.align_ngf: must be >= 0, got {self.model_cfg.align_ngf}")
         net = build_registration(self.model_cfg.histology_channels, self.model_cfg.align_width,
                                  self._init_rng)
         self.generators[REGISTRATION] = net.to(self.device)
+
+    @property
+    def aligning(self) -> bool:
+        """Whether this step warps: ``model.align`` on and ``model.align_start`` steps done.
+
+        Before the start (warm start) the pixel loss compares the unwarped output, exactly
+        as without alignment, and the registration net is not run, so it gets no gradient
+        and Adam leaves it (and its moments) untouched.
+        """
+        return bool(self.model_cfg.align) and self.steps_done >= self.model_cfg.align_start
 
     def _register(self, out: dict[str, Tensor], hist: Tensor) -> None:
         """``out["disp"]``: the field warping ``out["fake_hist"]`` onto ``hist`` (align on).
@@ -92,12 +122,32 @@ class GanModel:
         The registration net sees the generator's output detached: the generator learns
         only through the warped pixel loss, never by steering the field.
         """
-        if REGISTRATION in self._run_g:
+        if REGISTRATION in self._run_g and self.aligning:
             out["disp"] = self._run_g[REGISTRATION](out["fake_hist"].detach(), hist)
 
+    def _align_terms(self, batch: dict[str, Tensor], disp: Tensor | None) -> dict[str, Tensor]:
+        """The field's own loss terms (align on): smoothness, and with ``model.align_ngf``
+        the edge term of the warped CT against the histology (:func:`edge_misfit`).
+
+        Before ``model.align_start`` (no field yet) they are logged as 0, the values of
+        the identity field, so every step of a run writes the same loss columns.
+        """
+        if disp is None:
+            zero = torch.zeros((), device=self.device)
+            return {k: zero for k in self._align_weights()}
+        terms = {"align_smooth": smoothness(disp)}
+        if self.model_cfg.align_ngf > 0:
+            terms["align_ngf"] = edge_misfit(warp(batch["ct"], disp), batch["histology"],
+                                             batch.get("mask"))
+        return terms
+
     def _align_weights(self) -> dict[str, float]:
-        return {"align_smooth": float(self.model_cfg.align_smooth)} if self.model_cfg.align \
-            else {}
+        if not self.model_cfg.align:
+            return {}
+        weights = {"align_smooth": float(self.model_cfg.align_smooth)}
+        if self.model_cfg.align_ngf > 0:
+            weights["align_ngf"] = float(self.model_cfg.align_ngf)
+        return weights
 
     def _finish_init(self) -> None:
         """Nets used for backward start as the raw nets; :meth:`wrap` replaces them."""
@@ -159,6 +209,7 @@ class GanModel:
         if scaler is not None:
             scaler.update()
 
+        self.steps_done += 1
         terms = {**g_terms, "G_total": g_total, **d_terms}
         values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
         return dict(zip(terms, values, strict=True))
@@ -166,9 +217,23 @@ class GanModel:
     # -- inference
     @torch.no_grad()
     def stain(self, ct: Tensor) -> Tensor:
-        """CT → histology with the raw generator in eval mode (no dropout), no grad."""
-        self._check_channels(ct, self.model_cfg.ct_channels, "CT")
+        """CT → histology with the raw generator in eval mode (no dropout), no grad.
+
+        ``ct`` is the generator's input: the k-plane slab of a 2.5D model (a batch's
+        ``ct_context``), else the one slice (``ct``); :func:`generator_input` picks it.
+        """
+        self._check_channels(ct, generator_in_channels(self.model_cfg), "CT")
         return _run_eval(self.generators["ct2hist"], ct)
+
+    def _g_input(self, x: Tensor) -> Tensor:
+        """An image without neighbouring planes (a fake CT, the identity term's histology)
+        as the CT→histology generator's input: unchanged when its channels fit (always
+        for k = 1, and for k = 3 with 3-channel images), else its channel mean repeated k
+        times, a slab constant along the stacking axis."""
+        k = self.model_cfg.context_slices
+        if k == 1 or x.shape[1] == k:
+            return x
+        return x.mean(1, keepdim=True).expand(-1, k, -1, -1)
 
     def unstain(self, hist: Tensor) -> Tensor:
         raise NotImplementedError
@@ -258,6 +323,12 @@ class GanModel:
                 raise InputError(f"training batch: no {key!r} entry (has {sorted(batch)})")
         self._check_channels(batch["ct"], self.model_cfg.ct_channels, "CT")
         self._check_channels(batch["histology"], self.model_cfg.histology_channels, "histology")
+        k = self.model_cfg.context_slices
+        if k > 1:
+            if "ct_context" not in batch:
+                raise InputError(f"training batch: model.context_slices={k} needs the CT "
+                                 "slab ('ct_context'); the pairs need a ct_slab column")
+            self._check_channels(batch["ct_context"], k, "CT slab")
         return batch
 
     def _check_channels(self, x: Tensor, channels: int, what: str) -> None:
@@ -287,7 +358,8 @@ class CycleGAN(GanModel):
             raise ConfigError(f"loss.lambda_id: the identity loss needs model.ct_channels "
                               f"({c_ct}) == model.histology_channels ({c_hist}); set "
                               "loss.lambda_id=0")
-        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_ct, c_hist)),
+        c_in = generator_in_channels(model_cfg)
+        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_in, c_hist)),
                            "hist2ct": self._new_net(build_generator(model_cfg, c_hist, c_ct))}
         self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg, c_hist)),
                                "ct": self._new_net(build_discriminator(model_cfg, c_ct))}
@@ -312,13 +384,13 @@ class CycleGAN(GanModel):
     def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         g, f = self._run_g["ct2hist"], self._run_g["hist2ct"]
         ct, hist = batch["ct"], batch["histology"]
-        out = {"fake_hist": g(ct), "fake_ct": f(hist)}
+        out = {"fake_hist": g(generator_input(batch)), "fake_ct": f(hist)}
         if self._lam("lambda_cyc") > 0:
             out["rec_ct"] = f(out["fake_hist"])
-            out["rec_hist"] = g(out["fake_ct"])
+            out["rec_hist"] = g(self._g_input(out["fake_ct"]))
         if self._lam("lambda_id") > 0:
             out["idt_ct"] = f(ct)
-            out["idt_hist"] = g(hist)
+            out["idt_hist"] = g(self._g_input(hist))
         if self._lam("lambda_px") > 0:
             self._register(out, hist)
         return out
@@ -341,7 +413,8 @@ class CycleGAN(GanModel):
             fake_hist, fake_ct = fakes["fake_hist"], fakes["fake_ct"]
             if "disp" in fakes:  # model.align: G(ct) onto the histology, F(hist) back
                 fake_hist, fake_ct = warp(fake_hist, fakes["disp"]), warp(fake_ct, -fakes["disp"])
-                terms["align_smooth"] = smoothness(fakes["disp"])
+            if self.model_cfg.align:
+                terms.update(self._align_terms(batch, fakes.get("disp")))
             terms["pixel_ct2hist"] = masked_l1(fake_hist, hist, m)
             terms["pixel_hist2ct"] = masked_l1(fake_ct, ct, m)
         if lam("lambda_gs") > 0 and self.model_cfg.ct_channels == 3:
@@ -370,7 +443,8 @@ class Pix2Pix(GanModel):
                  device: str | torch.device, seed: int = 0, rank: int = 0) -> None:
         super().__init__(model_cfg, loss_cfg, device, seed, rank)
         c_ct, c_hist = model_cfg.ct_channels, model_cfg.histology_channels
-        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_ct, c_hist))}
+        c_in = generator_in_channels(model_cfg)
+        self.generators = {"ct2hist": self._new_net(build_generator(model_cfg, c_in, c_hist))}
         self.discriminators = {"hist": self._new_net(build_discriminator(model_cfg,
                                                                          c_ct + c_hist))}
         self.pools = {"hist": self._new_pool(0)}
@@ -386,7 +460,7 @@ class Pix2Pix(GanModel):
                 **self._align_weights()}
 
     def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {"fake_hist": self._run_g["ct2hist"](batch["ct"])}
+        out = {"fake_hist": self._run_g["ct2hist"](generator_input(batch))}
         if self._lam("lambda_l1") > 0:
             self._register(out, batch["histology"])
         return out
@@ -398,8 +472,9 @@ class Pix2Pix(GanModel):
         terms = {"G_gan_ct2hist": gan_loss(self.discriminators["hist"](pair), True,
                                            self.loss_cfg.gan_mode)}
         if self._lam("lambda_l1") > 0:
+            if self.model_cfg.align:
+                terms.update(self._align_terms(batch, fakes.get("disp")))
             if "disp" in fakes:  # model.align: the output warped onto the histology
-                terms["align_smooth"] = smoothness(fakes["disp"])
                 fake = warp(fake, fakes["disp"])
             terms["pixel_ct2hist"] = masked_l1(fake, batch["histology"], batch.get("mask"))
         return terms
@@ -435,7 +510,8 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, device: str | torc
 def check_architecture(saved: dict[str, Any], model_cfg: ModelConfig,
                        source: str = "checkpoint") -> None:
     """Raise InputError naming every architecture key where ``saved`` and the config differ."""
-    expected = architecture_of(model_cfg)
+    expected = {**architecture_of(model_cfg), "context_slices": model_cfg.context_slices}
+    saved = {"context_slices": 1, **saved}  # older checkpoints: one slice
     diffs = [f"{k}: {source} has {saved.get(k, '<missing>')!r}, config has {v!r}"
              for k, v in expected.items() if saved.get(k, "<missing>") != v]
     if diffs:
@@ -466,6 +542,12 @@ def build_model_from_architecture(arch: dict[str, Any], device: str | torch.devi
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def generator_input(batch: dict[str, Tensor]) -> Tensor:
+    """What the CT→histology generator sees of a batch: the k-plane slab ``ct_context``
+    of a 2.5D model when the batch has one, else the slice ``ct``."""
+    return batch["ct_context"] if "ct_context" in batch else batch["ct"]
 
 
 def _backward(loss: Tensor, opt: torch.optim.Optimizer,

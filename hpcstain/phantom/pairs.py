@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +328,50 @@ def render_section(s: Sample, sec: Section, size: tuple[int, int], gain: float =
     return _oblique_section(s, sec, size, gain, offset)
 
 
+def shifted_section(sec: Section, offset: int) -> Section:
+    """``sec`` moved ``offset`` voxels along its normal (the neighbouring CT plane).
+
+    Axis-aligned sections keep an integer index (mirrored at the volume's border, edge not
+    repeated, as the stain engine mirrors its context slices), so each plane is exactly a
+    slice of the volume the section is cut from; oblique ones move their centre.
+    """
+    if offset == 0:
+        return sec
+    if sec.index is None:
+        centre = tuple(c + offset * n for c, n in zip(sec.centre, sec.normal, strict=True))
+        return replace(sec, centre=centre)  # type: ignore[arg-type]
+    axis = {"z": 0, "y": 1, "x": 2}[sec.kind]
+    size = sec.volume_shape[axis]
+    index = sec.index + offset
+    index = -index if index < 0 else (2 * (size - 1) - index if index >= size else index)
+    centre = list(sec.centre)
+    centre[axis] = float(index)
+    return replace(sec, centre=tuple(centre), index=index)  # type: ignore[arg-type]
+
+
+def render_ct_slab(material: str, sample_seed: int, size: tuple[int, int], seed: int,
+                   index: int, orientation: str = "z", planes: int = 5) -> np.ndarray:
+    """The ``planes`` CT planes (uint16 (K, H, W)) about pair ``index``'s section, one voxel
+    apart along its normal; the centre plane is the pair's CT, bit for bit.
+
+    Every plane goes through :func:`render_section` with the pair's sample and calibration
+    drift, so neighbours carry the same forward model (blur, cupping, rings, per-slice
+    noise) as the volume they would be cut from. The histology's random draws are not
+    touched: writing slabs leaves every other file of a pair set unchanged.
+    """
+    if planes < 1 or planes % 2 == 0:
+        raise UsageError(f"pairs: --ct-slab {planes!r} must be an odd number of planes >= 1")
+    h, w = size
+    kind = pair_orientation(orientation, index)
+    sec = plan_section(kind, (h, w), seed, index)
+    s = make_sample(sec.volume_shape, material, sample_seed)
+    drift = _session_drift(seed, index // PAIRS_PER_SESSION)
+    half = planes // 2
+    return np.stack([render_section(s, shifted_section(sec, d), (h, w), gain=drift["ct_gain"],
+                                    offset=drift["ct_offset"])[0]
+                     for d in range(-half, half + 1)])
+
+
 def allocate_materials(n: int, seed: int) -> list[str]:
     """``n`` materials in the 7:1:2 ratio (largest remainder), shuffled by the seed."""
     total = sum(MATERIAL_RATIO.values())
@@ -571,7 +615,7 @@ def check_misalignment(strength: float) -> float:
 
 def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (512, 512),
                 overwrite: bool = False, orientation: str = "z",
-                misalignment: float = 1.0) -> Path:
+                misalignment: float = 1.0, ct_slab: int = 0) -> Path:
     """Write ``n`` paired slides and ``manifest.csv`` into ``outdir``; return the manifest.
 
     Layout: ``ct/<id>.tif`` (uint16), ``histology/<id>.png``, ``mask/<id>.png`` (0/255),
@@ -586,18 +630,26 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
     ``misalignment`` multiplies the histology's in-plane affine + elastic warp (0: none;
     1: the default phantom, unchanged output; 3: strong); other than 1 it is recorded as
     ``misalignment`` in ``phantom.json``.
+
+    ``ct_slab`` K > 0 (odd) also writes ``ct_slab/<id>.tif``, the K CT planes about each
+    section (:func:`render_ct_slab`: multi-page uint16, centre plane = the pair's CT) for
+    2.5D models (``model.context_slices``), named by a ``ct_slab`` manifest column and
+    recorded as ``ct_slab`` in ``phantom.json``; every other file is unchanged.
     """
     outdir = Path(outdir)
     n, size = check_pair_args(n, size)
     orientation = check_orientation(orientation)
     misalignment = check_misalignment(misalignment)
+    if ct_slab and (int(ct_slab) != ct_slab or ct_slab < 1 or ct_slab % 2 == 0):
+        raise UsageError(f"pairs: --ct-slab {ct_slab!r} must be an odd number of planes >= 1")
     check_output(outdir, overwrite)
     materials = allocate_materials(n, seed)
     sample_seeds = np.random.default_rng([int(seed), 0x5EED]).integers(0, 2**62, size=n)
     rows = []
     sections = []
     with atomic_output(outdir, overwrite) as tmp:
-        for sub in ("ct", "histology", "mask", "truth", "labels"):
+        for sub in ("ct", "histology", "mask", "truth", "labels") + (("ct_slab",) if ct_slab
+                                                                    else ()):
             (tmp / sub).mkdir(parents=True)
         for i, material in enumerate(materials):
             pid = f"pair_{i:03d}"
@@ -611,11 +663,18 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             (tmp / files["truth"]).write_bytes(_png_bytes(pair.truth))
             (tmp / f"labels/{pid}.png").write_bytes(_png_bytes(pair.labels))
             row = {"id": pid, "material": material, **files}
+            if ct_slab:
+                slab = render_ct_slab(material, int(sample_seeds[i]), size, seed, i,
+                                      orientation, int(ct_slab))
+                (tmp / f"ct_slab/{pid}.tif").write_bytes(_tiff_bytes(slab))
+                row["ct_slab"] = f"ct_slab/{pid}.tif"
             if orientation != "z":
                 row["orientation"] = pair.orientation
                 sections.append({"id": pid, **_section_info(pair.section)})
             rows.append(row)
         columns = MANIFEST_COLUMNS if orientation == "z" else (*MANIFEST_COLUMNS, "orientation")
+        if ct_slab:
+            columns = (*columns, "ct_slab")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -630,6 +689,8 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             info.update({"orientation": orientation, "sections": sections})
         if misalignment != 1.0:
             info["misalignment"] = misalignment
+        if ct_slab:
+            info["ct_slab"] = int(ct_slab)
         (tmp / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     return outdir / "manifest.csv"
 

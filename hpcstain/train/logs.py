@@ -135,9 +135,10 @@ class LossLog:
 
                 items = [samples[i] for i in range(min(SAMPLES, len(samples)))]
                 self._samples = {k: torch.stack([it[k] for it in items])
-                                 for k in ("ct", "histology")}
+                                 for k in ("ct", "ct_context", "histology") if k in items[0]}
             ct = self._samples["ct"].to(model.device)
-            fake = model.stain(ct)
+            fake = model.stain(self._samples.get("ct_context", self._samples["ct"])
+                               .to(model.device))
             self._tb.add_image("samples", image_grid(ct, fake, self._samples["histology"]),
                                step)
         self._tb.flush()

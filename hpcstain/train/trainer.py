@@ -138,7 +138,12 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     """Manifest → folds → normalised in-memory slides → patch dataset and sampler."""
     from hpcstain.data.folds import make_folds, split_for_fold, write_folds
     from hpcstain.data.manifest import read_manifest
-    from hpcstain.data.sampler import PairedPatchDataset, load_slides
+    from hpcstain.data.sampler import (
+        PairedPatchDataset,
+        load_slides,
+        training_fits,
+        with_context,
+    )
 
     if cfg.model.variant == "distill":  # teacher-labelled CT of pairs and volumes
         from hpcstain.distill import build_distill_data
@@ -154,17 +159,27 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
     by_id = {p.id: p for p in pairs}
     cache = run_dir / "cache"
-    train_slides = load_slides([by_id[i] for i in train_ids], cfg.data, cache)
+    k = cfg.model.context_slices  # 2.5D: each slide's CT planes, normalised like it
+    train_pairs = [by_id[i] for i in train_ids]
+    train_slides = with_context(load_slides(train_pairs, cfg.data, cache), train_pairs,
+                                cfg.data, k)
     dataset = PairedPatchDataset(train_slides, cfg.data, ct_channels=cfg.model.ct_channels,
-                                 seed=cfg.data.seed)
+                                 seed=cfg.data.seed, context_slices=k)
+    fits = training_fits(train_slides)  # data.cupping radial: one fit per slide size
     val_set = None
-    if val_ids and cfg.train.val_every > 0:
-        val_slides = load_slides([by_id[i] for i in val_ids], cfg.data, cache)
+    if val_ids and cfg.train.val_every > 0:  # validated as predict applies it: stored fits
+        val_pairs = [by_id[i] for i in val_ids]
+        val_slides = with_context(load_slides(val_pairs, cfg.data, cache, fits), val_pairs,
+                                  cfg.data, k)
         val_set = PairedPatchDataset(val_slides, cfg.data, ct_channels=cfg.model.ct_channels,
-                                     seed=cfg.data.seed + 1, augment=False)
+                                     seed=cfg.data.seed + 1, augment=False, context_slices=k)
     sampler = EpochSampler(dataset, env.world_size, env.rank, cfg.train.seed)
-    info = {"train_ids": list(train_ids), "val_ids": list(val_ids),
-            "test_ids": list(folds.test_ids)}
+    info: dict[str, Any] = {"train_ids": list(train_ids), "val_ids": list(val_ids),
+                            "test_ids": list(folds.test_ids)}
+    if fits:  # into every checkpoint (train() takes it out of the split record)
+        from hpcstain.cupping import fits_record
+
+        info["cupping_fits"] = fits_record(fits)
     return dataset, val_set, sampler, info
 
 
@@ -189,13 +204,15 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool
 @torch.no_grad()
 def validate(model: Any, val_set: Any, cfg: Config, device: torch.device) -> dict[str, float]:
     """Masked L1 of the CT→histology generator on fixed, un-augmented validation patches."""
+    from hpcstain.models.gans import generator_input
+
     n = min(len(val_set), 64)
     total, weight = 0.0, 0.0
     for start in range(0, n, cfg.data.batch_size):
         items = [val_set[i] for i in range(start, min(start + cfg.data.batch_size, n))]
         batch = {k: torch.stack([it[k] for it in items]).to(device)
-                 for k in ("ct", "histology", "mask")}
-        fake = model.stain(batch["ct"]).float()
+                 for k in ("ct", "ct_context", "histology", "mask") if k in items[0]}
+        fake = model.stain(generator_input(batch)).float()
         m = batch["mask"]
         total += float(((fake - batch["histology"]).abs() * m).sum())
         weight += float(m.sum()) * fake.shape[1]
@@ -225,6 +242,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
 
     seed_everything(cfg.train.seed + 1000 * env.rank)
     dataset, val_set, sampler, split = build_data(cfg, run_dir, env)
+    cupping_fits = split.pop("cupping_fits", [])  # the training set's cupping fit(s)
     if len(sampler.inner) < cfg.data.batch_size:
         raise InputError(f"{cfg.data.manifest}: too few patches per rank ({len(sampler.inner)}) "
                          f"for batch size {cfg.data.batch_size}")
@@ -258,6 +276,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+        model.steps_done = step  # model.align_start counts from the run's first step
         minima = ckpt.get("minima", {})
         sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
@@ -290,6 +309,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
             "rng": rngs, "pools_by_rank": pools,
             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
             "minima": minima, "epoch_sums": dict(sums), "reason": reason,
+            **({"cupping_fits": cupping_fits} if cupping_fits else {}),
         }
 
     def write_latest(reason: str) -> None:
@@ -374,7 +394,8 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
                         "architecture": model.architecture(), "config": to_dict(cfg),
                         "model": model.generator_state_dict(), "epoch": epoch,
                         "step": step, "minima": {name: minima[name]},
-                        "reason": f"minimum of {name}"})
+                        "reason": f"minimum of {name}",
+                        **({"cupping_fits": cupping_fits} if cupping_fits else {})})
             write_latest("epoch")
             if status == "max_steps" and epoch < cfg.train.epochs:
                 return TrainResult(status, epoch, step, run_dir, last)

@@ -8,8 +8,9 @@ unit's data is durable) the engine keeps two kinds of marker:
   unwinding (SIGKILL, out-of-memory kill, node failure, SLURM cancel). It names the worker
   (host, pid, SLURM job / array ids, start time), so ``status`` can tell whether that
   worker still exists.
-* ``RUN_DIR/failed/<task>/<unit>.json``: written when computing a unit raised an
-  exception (with the error's first line); removed when the unit later succeeds.
+* ``RUN_DIR/failed/<task>/<unit>.json``: written when reading a unit's input (a damaged
+  chunk, a read error) or computing it raised an exception (with the error's first
+  line); removed when the unit later succeeds.
 
 Neither changes what is computed: a unit is done exactly when its completion record
 exists, and every executor re-runs units without one.

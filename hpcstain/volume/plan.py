@@ -57,6 +57,7 @@ class Plan:
     background_level: float = 10000.0
     target_levels: tuple[float, float] = (30000.0, 10000.0)
     in_channels: int = 3
+    context_slices: int = 1  # 2.5D: CT planes per stained slice, ±(k-1)/2 along the axis
     size_multiple: int = 1
     max_unit_voxels: int = MAX_UNIT_VOXELS
     autocast: str = "none"
@@ -184,9 +185,17 @@ class Plan:
         return tuple(out)  # type: ignore[return-value]
 
     def unit_read_region(self, unit: Unit) -> Region:
-        """Write region + the in-plane tile context (before the Gaussian halo)."""
+        """Write region + the in-plane tile context (before the Gaussian halo).
+
+        A 2.5D model's (k-1)/2 context slices along the axis are added by
+        :func:`hpcstain.volume.stain.load_unit` (mirrored at the volume border)."""
         tile, step = self.plane_tiling(unit.axis)
         return axis_context(self.unit_write_region(unit), unit.axis, self.shape, tile, step)
+
+    @property
+    def context_halo(self) -> int:
+        """Slices read on each side along the stacking axis for a 2.5D model: (k-1)/2."""
+        return self.context_slices // 2
 
     def units_covering(self, axis: str, region: Region) -> list[str]:
         """Names of the units of ``axis`` whose write regions intersect ``region``."""
@@ -298,6 +307,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
     sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
+    context = 1
     trained: str | None = None
     if checkpoint:
         from hpcstain.inference import checkpoint_conventions
@@ -307,7 +317,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
             raise InputError(f"{checkpoint}: checkpoint not found")
         conv = checkpoint_conventions(checkpoint)
         sha, target = file_sha256(checkpoint), conv.target_levels
-        channels, multiple, trained = conv.ct_channels, conv.size_multiple, conv.cupping
+        channels, multiple, trained = conv.generator_channels, conv.size_multiple, conv.cupping
+        context = conv.context_slices
     fitted = resolve_cupping(source, cupping, checkpoint, cupping_override, trained=trained)
     if levels is None and fitted is not None:
         from hpcstain.cupping import CorrectedSource
@@ -321,7 +332,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 truncate=float(truncate),
                 bone_level=float(bone), background_level=float(background),
                 target_levels=(float(target[0]), float(target[1])), in_channels=channels,
-                size_multiple=multiple, max_unit_voxels=int(max_unit_voxels),
+                context_slices=int(context), size_multiple=multiple,
+                max_unit_voxels=int(max_unit_voxels),
                 autocast=autocast,
                 nan_policy=source.nan_policy, nan_value=source.nan_value,
                 voxel_size_um=vox, voxel_size_from=vox_from,

@@ -115,22 +115,29 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
     tile, step = plan.plane_tiling(axis)
     batch_size = auto_batch(tile, device, batch_size)
     in_channels = plan.in_channels
+    k, h = plan.context_slices, plan.context_halo  # 2.5D: ``ct`` has h more slices each side
+    n_out = planes.shape[0] - 2 * h
 
     def grey_fn(batch: torch.Tensor) -> torch.Tensor:
+        if k > 1:  # the k planes about each slice are the channels already
+            return fn(batch)
         return fn(batch.expand(-1, in_channels, -1, -1) if in_channels != 1 else batch)
 
     per_slice = planes[0].size * 4 * (2 + in_channels) + \
         (region2d[0].stop - region2d[0].start) * (region2d[1].stop - region2d[1].start) * 36
     group = max(1, GROUP_BYTES // max(per_slice, 1))
-    out = np.empty((planes.shape[0], region2d[0].stop - region2d[0].start,
+    out = np.empty((n_out, region2d[0].stop - region2d[0].start,
                     region2d[1].stop - region2d[1].start, 3), np.uint8)
-    for g0 in range(0, planes.shape[0], group):
-        sub = planes[g0:g0 + group]
+    for g0 in range(0, n_out, group):
+        sub = planes[g0:g0 + group + 2 * h]
 
         def read(ctx: tuple[slice, slice], sub: np.ndarray = sub) -> np.ndarray:
             rows = slice(ctx[0].start - origin[0], ctx[0].stop - origin[0])
             cols = slice(ctx[1].start - origin[1], ctx[1].stop - origin[1])
-            return sub[:, None, rows, cols]
+            if k == 1:
+                return sub[:, None, rows, cols]
+            win = sub[:, rows, cols]  # slice i of the group: planes i .. i+k-1 (centre i+h)
+            return np.stack([win[d:d + win.shape[0] - 2 * h] for d in range(k)], axis=1)
 
         rgb = stain_region(read, plan.plane(axis), region2d, grey_fn, tile=tile, step=step,
                            window=plan.window, batch_size=batch_size, counter=counter)
@@ -266,6 +273,23 @@ def prepared_ct(source: VolumeSource, box: Region, plan: Plan) -> np.ndarray:
                       Conventions(target_levels=plan.target_levels))
 
 
+def prepared_context(source: VolumeSource, box: Region, axis: str, plan: Plan) -> np.ndarray:
+    """:func:`prepared_ct` over ``box`` plus the 2.5D model's (k-1)/2 context slices on each
+    side along ``axis``; past the volume border they are mirrored (edge not repeated, as
+    the tile engine pads planes), so each slice's planes never depend on the unit."""
+    from hpcstain.tiles import reflect_index
+
+    h = plan.context_halo
+    if h == 0:
+        return prepared_ct(source, box, plan)
+    a = AXIS_INDEX[axis]
+    wanted = reflect_index(np.arange(box[a].start - h, box[a].stop + h), plan.shape[a])
+    read = list(box)
+    read[a] = slice(int(wanted.min()), int(wanted.max()) + 1)
+    ct = prepared_ct(source, tuple(read), plan)  # type: ignore[arg-type]
+    return np.take(ct, wanted - read[a].start, axis=a)
+
+
 @dataclass
 class LoadedUnit:
     """A unit's normalised, smoothed CT over its read region, ready for the generator."""
@@ -279,16 +303,27 @@ class LoadedUnit:
 
 def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
               source: VolumeSource | None = None) -> LoadedUnit:
-    """The I/O and preprocessing half of a unit: read + halo, Gaussian, normalise."""
+    """The I/O and preprocessing half of a unit: read + halo, Gaussian, normalise.
+
+    A failure here (the input gone, a damaged chunk) leaves the unit's failed marker, as a
+    failure while computing does, so ``hpcstain status`` reports it.
+    """
+    from hpcstain.volume import markers
+
     unit = plan.unit(index)
     write = plan.unit_write_region(unit)
     if is_done(run_dir, unit.task, unit.name):
         return LoadedUnit(index, unit, write, write, None)
-    if source is None:
-        source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
-    check_source(source, plan)
-    box = plan.unit_read_region(unit)
-    return LoadedUnit(index, unit, box, write, prepared_ct(source, box, plan))
+    try:
+        if source is None:
+            source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
+        check_source(source, plan)
+        box = plan.unit_read_region(unit)
+        ct = prepared_context(source, box, unit.axis, plan)
+    except Exception as exc:
+        markers.mark_failed(run_dir, unit.task, unit.name, exc)
+        raise
+    return LoadedUnit(index, unit, box, write, ct)
 
 
 def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
