@@ -106,7 +106,7 @@ class Cupping:
             cy, cx = (float(v) for v in data["centre_yx"])
             c = cls((cy, cx), float(data["radius"]),
                     tuple(float(a) for a in data["coeffs"]), dict(data.get("info", {})))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise InputError(f"{source}: bad cupping record ({exc})") from None
         check_cupping(c, source)
         return c
@@ -496,6 +496,7 @@ def fits_from_record(record: Any, source: str = "checkpoint") -> dict[Shape, Cup
         for row in record:
             ny, nx = (int(v) for v in row["shape"])
             out[(ny, nx)] = Cupping.from_dict(row["fit"], source)
+            int(out[(ny, nx)].info.get("slides", 0))  # fits_record (info, pinning) needs it
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{source}: bad stored cupping fits ({exc})") from None
     return out

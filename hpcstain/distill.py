@@ -204,13 +204,18 @@ def volume_units(spec: str, axes: list[str], per_axis: int, sigma: float,
     return out
 
 
-def pair_planes(pairs: list[Any], data: DataConfig, cache: Path, stainer: Any, margin: int
-                ) -> list[Plane]:
-    """Teacher-labelled whole slides: §2.5 CT of each pair (with its ROIs), as in training."""
+def pair_planes(pairs: list[Any], data: DataConfig, cache: Path, stainer: Any, margin: int,
+                cupping_fits: dict[tuple[int, int], Any] | None = None) -> list[Plane]:
+    """Teacher-labelled whole slides: §2.5 CT of each pair (with its ROIs), as in training.
+
+    Under ``data.cupping: radial`` slides of a size in ``cupping_fits`` (the teacher's
+    stored fits) are corrected with that fit, as ``predict`` would correct them for the
+    teacher; other sizes get a fit of their own (:func:`~hpcstain.data.sampler.load_slides`).
+    """
     from hpcstain.data.sampler import load_slides
 
     planes = []
-    for slide in load_slides(pairs, data, cache):
+    for slide in load_slides(pairs, data, cache, cupping_fits):
         unit = slide.ct
         mask = sample_mask(unit, (data.ct_bone_level, data.ct_background_level), margin)
         planes.append(Plane(f"pair:{slide.id}", unit, _label(stainer, unit),
@@ -317,11 +322,12 @@ def build_planes(cfg: Config, run_dir: Path, main: bool = True
         stainer = load_generator(teacher)
         target = (cfg.data.ct_bone_level, cfg.data.ct_background_level)
         by_id = {p.id: p for p in pairs}
+        fits = stainer.conventions.stored_fits
         groups = {
             "train": pair_planes([by_id[i] for i in train_ids], cfg.data, cache, stainer,
-                                 d.mask_margin),
+                                 d.mask_margin, fits),
             "val": pair_planes([by_id[i] for i in val_ids], cfg.data, cache, stainer,
-                               d.mask_margin)}
+                               d.mask_margin, fits)}
         for spec in d.volumes:
             for name, unit in volume_units(spec, axes, d.slices_per_axis, d.sigma, target,
                                            teacher):
@@ -331,6 +337,13 @@ def build_planes(cfg: Config, run_dir: Path, main: bool = True
     split = {"train_ids": list(train_ids), "val_ids": list(val_ids), "test_ids": test_ids,
              "teacher": teacher, "teacher_sha256": sha,
              "planes": [p.name for p in groups["train"]]}
+    if cfg.data.cupping == "radial":  # the student is corrected, and records, as the teacher
+        from hpcstain.cupping import fits_record
+        from hpcstain.inference import checkpoint_conventions
+
+        fits = checkpoint_conventions(teacher).stored_fits
+        if fits:  # into every checkpoint of the student (the trainer pops it)
+            split["cupping_fits"] = fits_record(fits)
     return groups, split
 
 

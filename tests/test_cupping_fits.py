@@ -193,6 +193,13 @@ def test_info_shows_the_stored_fit_and_a_bad_record_is_one_error(tmp_path: Path,
         load_generator(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("fit", ["abc", [1, 2], {**STORED.to_dict(), "radius": 10 ** 400},
+                                 {**STORED.to_dict(), "info": {"slides": None}}])
+def test_a_wrong_type_in_the_stored_fits_is_one_error_not_a_crash(fit) -> None:
+    with pytest.raises(InputError, match="ck.pt: bad"):
+        fits_from_record([{"shape": [96, 96], "fit": fit}], "ck.pt")
+
+
 def test_evaluate_applies_the_stored_fit(cupped_pairs: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -216,3 +216,36 @@ def test_no_teacher_or_nothing_to_learn_from_is_one_clear_error(data, tmp_path, 
         train(load_config("student-fast", [*teacher_overrides(data["teacher"]), *MICRO]),
               tmp_path / "r2", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_radial_student_is_corrected_with_and_records_the_teachers_stored_fit(data, tmp_path):
+    """A teacher trained with data.cupping=radial stores its training fit; the student's
+    pair planes are corrected with exactly that fit (as predict corrects them for the
+    teacher), and every student checkpoint carries it, so predict applies it to the
+    student too."""
+    from hpcstain.cupping import Cupping, fits_from_record, fits_record
+    from hpcstain.data.manifest import read_manifest
+    from hpcstain.data.sampler import load_slide
+    from hpcstain.distill import PLANES_FILE, load_planes
+
+    fit = Cupping((31.5, 31.5), 40.0, (2500.0,), {"slides": 3})
+    ckpt = load_checkpoint(data["teacher"])
+    teacher = save_checkpoint(tmp_path / "teacher.pt",
+                              {**ckpt, "cupping_fits": fits_record({(64, 64): fit})})
+    cfg = load_config("student-fast", [*teacher_overrides(teacher),
+                                       f"data.manifest={data['manifest']}", *MICRO,
+                                       "train.epochs=1"])
+    run = tmp_path / "run"
+    result = train(cfg, run, progress=False)
+    assert fits_from_record(load_checkpoint(result.checkpoint)["cupping_fits"]) == \
+        {(64, 64): fit}
+    split = __import__("json").loads((run / "split.json").read_text())
+    assert "cupping_fits" not in split  # in the checkpoints, not the split record
+    key = __import__("numpy").load(run / "cache" / PLANES_FILE)["key"]
+    planes = {p.name: p for p in load_planes(run / "cache" / PLANES_FILE, str(key))["train"]}
+    by_id = {p.id: p for p in read_manifest(data["manifest"])}
+    pid = split["train_ids"][0]
+    expected = load_slide(by_id[pid], cfg.data, cupping=fit).ct
+    np.testing.assert_array_equal(planes[f"pair:{pid}"].ct, expected)
+    own = load_slide(by_id[pid], cfg.data).ct  # a fit of its own would differ
+    assert np.abs(own - expected).max() > 1e-3

@@ -104,11 +104,11 @@ def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
     try:
         images = read_pair(pair) if images is None else images
         if cfg.cupping == "radial":  # the checkpoint records it (inference.Conventions)
-            from hpcstain.cupping import apply_cupping, correct_slide
+            from hpcstain.cupping import apply_cupping, fit_cupping
 
-            ct = apply_cupping(images.ct, cupping) if cupping is not None else \
-                correct_slide(images.ct, name=f"ct {pair.id}")
-            images = replace(images, ct=ct)
+            if cupping is None:  # a fit of this slide alone, recorded like a given one
+                cupping = fit_cupping(images.ct, name=f"ct {pair.id}")
+            images = replace(images, ct=apply_cupping(images.ct, cupping))
         rois = pair_rois(pair, images.ct, images.histology)
         bone, background = ct_levels(images.ct, rois)
         ct16 = normalise_ct(images.ct, bone, background, cfg.ct_bone_level,
