@@ -85,12 +85,13 @@ def main() -> None:
         for name, pred in (("z", per_axis[0]), ("mean-zyx", fuse_mean(np.stack(per_axis)))):
             s = score_volume(pred, ref).summary
             key = f"{name} sigma={sigma:g} ct_sigma={args.ct_sigma:g}"
-            rows[key] = {"psnr": s["psnr"],
+            rows[key] = {"psnr": s["psnr"], "psnr_calibrated": s["psnr_calibrated"],
                          "ssim": {f: s["planes"][f]["ssim"] for f in s["planes"]},
                          "stripe_ratio": s["stripe_ratio"], "stain_seconds_3axes": seconds,
                          "dependency_radius": dependency_radius(net, sigma)}
             r = rows[key]
-            print(f"{key:22s} PSNR {r['psnr']:.2f}  SSIM " + " ".join(
+            print(f"{key:22s} PSNR {r['psnr']:.2f} (cal. {r['psnr_calibrated']:.2f})  SSIM "
+                  + " ".join(
                 f"{f} {v:.3f}" for f, v in r["ssim"].items()) + "  stripes " + " ".join(
                 f"{a} {v:.2f}" for a, v in r["stripe_ratio"].items()), flush=True)
     Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint,

@@ -242,10 +242,15 @@ def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndar
     raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
 
 
+def outside_threshold(levels: tuple[float, float]) -> float:
+    """Raw CT below which a (smoothed) voxel is outside the sample, from (bone, background)."""
+    bone, background = levels
+    return background + OUTSIDE_FRACTION * (bone - background)
+
+
 def outside_sample(ct: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
     """Voxels of (smoothed) raw CT at or below the embedding medium: resin, air."""
-    bone, background = levels
-    return ct < background + OUTSIDE_FRACTION * (bone - background)
+    return ct < outside_threshold(levels)
 
 
 @functools.cache
@@ -294,6 +299,19 @@ def mirror_pad(data: np.ndarray, pad: list[tuple[int, int]], work: Workspace | N
     return out
 
 
+def _uniform_answer(raw: np.ndarray, inner: Region, levels: tuple[float, float]
+                    ) -> np.ndarray | None:
+    """All-inside / all-outside for ``inner`` when every CT voxel read is above / below the
+    outside threshold (any box mean is then too), else None: the test must run."""
+    threshold = outside_threshold(levels)
+    shape = tuple(s.stop - s.start for s in inner)
+    if raw.size and float(raw.min()) >= threshold:
+        return np.zeros(shape, bool)
+    if raw.size and float(raw.max()) < threshold:
+        return np.ones(shape, bool)
+    return None
+
+
 def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[float, float],
                  halo: int = OUTSIDE_HALO, work: Workspace | None = None) -> np.ndarray:
     """Outside-the-sample voxels of ``inner`` from raw CT read over ``grown`` (⊇ inner).
@@ -304,13 +322,9 @@ def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[fl
     depend on the box it is computed in; boxes entirely above (or below) the threshold are
     answered from their minimum (maximum) alone.
     """
-    bone, background = levels
-    threshold = background + OUTSIDE_FRACTION * (bone - background)
-    shape = tuple(s.stop - s.start for s in inner)
-    if raw.size and float(raw.min()) >= threshold:
-        return np.zeros(shape, bool)
-    if raw.size and float(raw.max()) < threshold:
-        return np.ones(shape, bool)
+    uniform = _uniform_answer(raw, inner, levels)
+    if uniform is not None:
+        return uniform
     pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
            for i, g in zip(inner, grown, strict=True)]
     if any(a or b for a, b in pad):
@@ -329,7 +343,7 @@ def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[fl
             cut[axis] = slice(k, k + n)
             acc += data[tuple(cut)]
         data = acc
-    return data < np.float32(threshold * width ** 3)
+    return data < np.float32(outside_threshold(levels) * width ** 3)
 
 
 def _run(flat: np.ndarray, step: int, width: int, op: Any) -> np.ndarray:
@@ -424,13 +438,9 @@ def outside_opened(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[
     is the whole volume's, whatever box it is computed in. (Fusion computes the two steps
     apart: :func:`inside_sample` once per task, :func:`opened_outside` per chunk.)
     """
-    bone, background = levels
-    threshold = background + OUTSIDE_FRACTION * (bone - background)
-    shape = tuple(s.stop - s.start for s in inner)
-    if raw.size and float(raw.min()) >= threshold:
-        return np.zeros(shape, bool)
-    if raw.size and float(raw.max()) < threshold:
-        return np.ones(shape, bool)
+    uniform = _uniform_answer(raw, inner, levels)
+    if uniform is not None:
+        return uniform
     mid = grow_within(inner, OUTSIDE_ERODE + OUTSIDE_KEEP, grown)
     return opened_outside(inside_sample(raw, mid, grown, levels, work=work), inner, mid)
 
@@ -573,7 +583,7 @@ class FuseTask:
         levels = (plan.bone_level, plan.background_level)
         inner = grow(box, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
         shape = tuple(s.stop - s.start for s in inner)
-        threshold = levels[1] + OUTSIDE_FRACTION * (levels[0] - levels[1])
+        threshold = outside_threshold(levels)
         if float(raw.min()) >= threshold:  # all inside (or all outside): no box sums
             return np.ones(shape, bool), inner
         if float(raw.max()) < threshold:
