@@ -81,6 +81,7 @@ class ModelConfig:
     align_width: int = 16      # registration net width
     align_start: int = 0       # warm start: steps with the identity warp and R frozen first
     align_ngf: float = 0.0     # weight of an edge term (warped CT vs histology) training R
+    align_by: str = "pixel"    # what trains R: "pixel" (+ edge term) or "edges" (edge term only)
     # 2.5D input: k (odd) neighbouring CT planes as the CT→histology generator's channels,
     # the centre one stained (needs a ct_slab per pair); 1 = one slice (docs/models.md)
     context_slices: int = 1

@@ -201,6 +201,33 @@ def test_before_align_start_training_is_align_off_and_r_gets_no_gradient(variant
     assert models[True].train_step(batch(3), *opts[True])["align_smooth"] > 0.0
 
 
+@pytest.mark.parametrize("variant", ["modcyclegan", "pix2pix"])
+def test_align_by_edges_keeps_the_pixel_loss_out_of_the_registration_net(variant: str) -> None:
+    """With model.align_by=edges the registration net's first update is the same whatever
+    the pixel loss weighs (only the edge and smoothness terms reach it); with the default
+    (pixel) it is not."""
+    px = "lambda_px" if variant == "modcyclegan" else "lambda_l1"
+
+    def first_update(align_by: str, weight: float) -> dict[str, torch.Tensor]:
+        model = build_model(tiny_cfg(variant, align_ngf=1.0, align_by=align_by),
+                            LossConfig(**{px: weight}), "cpu", seed=0)
+        opt_g = torch.optim.SGD(model.parameters_g(), lr=1e-2)
+        opt_d = torch.optim.SGD(model.parameters_d(), lr=1e-2)
+        model.train_step(batch(), opt_g, opt_d)
+        return _copy(model.generators[REGISTRATION])
+
+    for align_by, same in (("edges", True), ("pixel", False)):
+        a, b = first_update(align_by, 1.0), first_update(align_by, 50.0)
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, align_by
+
+
+def test_align_by_edges_needs_the_edge_term() -> None:
+    with pytest.raises(ConfigError, match="align_ngf"):
+        build_model(tiny_cfg(align_by="edges"), LossConfig(), "cpu")
+    with pytest.raises(ConfigError, match="align_by"):
+        build_model(tiny_cfg(align_by="warp", align_ngf=1.0), LossConfig(), "cpu")
+
+
 def test_a_bad_align_start_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model.align_start"):
         build_model(tiny_cfg(align_start=-1), LossConfig(), "cpu")

@@ -102,6 +102,12 @@ class GanModel:
                               f"before the warp is switched on), got {start!r}")
         if self.model_cfg.align_ngf < 0:
             raise ConfigError(f"model.align_ngf: must be >= 0, got {self.model_cfg.align_ngf}")
+        if self.model_cfg.align_by not in ("pixel", "edges"):
+            raise ConfigError(f"model.align_by: must be 'pixel' or 'edges', got "
+                              f"{self.model_cfg.align_by!r}")
+        if self.model_cfg.align_by == "edges" and self.model_cfg.align_ngf <= 0:
+            raise ConfigError("model.align_by=edges: the edge term trains the registration "
+                              "net alone, so model.align_ngf must be > 0")
         net = build_registration(self.model_cfg.histology_channels, self.model_cfg.align_width,
                                  self._init_rng)
         self.generators[REGISTRATION] = net.to(self.device)
@@ -140,6 +146,13 @@ class GanModel:
             terms["align_ngf"] = edge_misfit(warp(batch["ct"], disp), batch["histology"],
                                              batch.get("mask"))
         return terms
+
+    def _pixel_field(self, disp: Tensor) -> Tensor:
+        """The field the pixel terms warp with: ``disp`` itself, or with ``model.align_by:
+        edges`` detached, so the pixel loss still compares aligned images but only the edge
+        term (and smoothness) trains the registration net: it cannot explain away the
+        generator's appearance errors."""
+        return disp.detach() if self.model_cfg.align_by == "edges" else disp
 
     def _align_weights(self) -> dict[str, float]:
         if not self.model_cfg.align:
@@ -412,7 +425,8 @@ class CycleGAN(GanModel):
         if lam("lambda_px") > 0:
             fake_hist, fake_ct = fakes["fake_hist"], fakes["fake_ct"]
             if "disp" in fakes:  # model.align: G(ct) onto the histology, F(hist) back
-                fake_hist, fake_ct = warp(fake_hist, fakes["disp"]), warp(fake_ct, -fakes["disp"])
+                d = self._pixel_field(fakes["disp"])
+                fake_hist, fake_ct = warp(fake_hist, d), warp(fake_ct, -d)
             if self.model_cfg.align:
                 terms.update(self._align_terms(batch, fakes.get("disp")))
             terms["pixel_ct2hist"] = masked_l1(fake_hist, hist, m)
@@ -475,7 +489,7 @@ class Pix2Pix(GanModel):
             if self.model_cfg.align:
                 terms.update(self._align_terms(batch, fakes.get("disp")))
             if "disp" in fakes:  # model.align: the output warped onto the histology
-                fake = warp(fake, fakes["disp"])
+                fake = warp(fake, self._pixel_field(fakes["disp"]))
             terms["pixel_ct2hist"] = masked_l1(fake, batch["histology"], batch.get("mask"))
         return terms
 
