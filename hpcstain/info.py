@@ -252,7 +252,9 @@ def format_checkpoint(r: dict[str, Any]) -> str:
              f"  sha256: {r['sha256']}  ({r['bytes'] / 2**20:.1f} MiB)",
              f"  kind: {r['kind']}",
              f"  model: {a.get('variant')}: {gen}, {a.get('norm')} norm; "
-             f"CT {a.get('ct_channels')} ch → histology {a.get('histology_channels')} ch",
+             f"CT {a.get('ct_channels')} ch → histology {a.get('histology_channels')} ch"
+             + (f"; 2.5D: the slice and its neighbours, {a['context_slices']} CT planes "
+                "per slice" if int(a.get("context_slices", 1)) > 1 else ""),
              f"  generator ct2hist: {g['parameters']:,} parameters, "
              f"{g['flops_per_pixel'] / 1e6:.3g} MFLOP per output pixel "
              f"(multiply-add = 2; counted on a {g['flops_tile']}² tile)"]

@@ -237,3 +237,10 @@ def test_evaluate_uses_the_slab_or_refuses(trained, pairs, tmp_path):
     plain = write_pairs(tmp_path / "plain", 2, seed=5, size=(48, 48))
     with pytest.raises(InputError, match=r"ct/pair_000\.tif: a 3-slice"):
         evaluate_manifest(plain, trained, tmp_path / "ev2", patch=16, log=lambda _m: None)
+
+
+def test_info_names_the_context_slices(trained):
+    from hpcstain.info import checkpoint_report, format_checkpoint
+
+    text = format_checkpoint(checkpoint_report(str(trained)))
+    assert "2.5D" in text and "3 CT planes per slice" in text
