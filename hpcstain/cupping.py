@@ -342,14 +342,6 @@ def _with_info(c: Cupping, status: str, iterations: int, classes: list[dict[str,
     return Cupping(c.centre_yx, c.radius, c.coeffs, info)
 
 
-def correct_slide(ct: np.ndarray, order: int = 1, name: str = "CT") -> np.ndarray:
-    """A 2D axial (z) slide fitted and corrected on its own (float32): ``predict`` /
-    ``evaluate --cupping-fit slide`` (training and the default fit slide *sets*, see
-    :func:`fit_slides`, :func:`slide_fits`). The slide's centre is the axis."""
-    c = fit_cupping(ct, order=order, name=name)
-    return apply_cupping(ct, c)
-
-
 # --------------------------------------------------------------------------- volumes
 
 

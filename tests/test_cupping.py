@@ -14,7 +14,6 @@ from hpcstain.cupping import (
     CorrectedSource,
     Cupping,
     apply_cupping,
-    correct_slide,
     correction_map,
     fit_cupping,
     fit_source,
@@ -168,21 +167,21 @@ def test_plan_record_round_trips_and_bad_records_are_refused() -> None:
 
 def test_training_slides_are_corrected_under_the_radial_convention(tmp_path) -> None:
     from hpcstain.config import DataConfig
-    from hpcstain.data.manifest import read_manifest
-    from hpcstain.data.sampler import load_slide, load_slides, set_cupping
+    from hpcstain.data.manifest import read_manifest, read_pair
+    from hpcstain.data.sampler import load_slide, load_slides
     from hpcstain.phantom import write_pairs
 
     manifest = write_pairs(tmp_path / "pairs", 2, seed=3, size=(96, 96))
     pairs = read_manifest(manifest)
-    fits = set_cupping(pairs)   # one fit for the set of equally sized axial slides
-    assert fits[pairs[0].id] is fits[pairs[1].id]
-    assert fits[pairs[0].id].centre_yx == (47.5, 47.5)
+    slides = load_slides(pairs, DataConfig(cupping="radial"))
+    # one fit for the set of equally sized axial slides, recorded on each slide
+    assert slides[0].cupping is slides[1].cupping
+    assert slides[0].cupping.centre_yx == (47.5, 47.5)
     a = load_slide(pairs[0], DataConfig())
-    b = load_slides(pairs, DataConfig(cupping="radial"))[0]
+    b = slides[0]
     assert a.ct.shape == b.ct.shape and np.abs(a.ct - b.ct).max() > 0
-    slide = make_volume((1, 96, 96), "ti", 4, cupping=0.15).ct[0]
-    fixed = correct_slide(slide)   # one slide alone (predict): fitted on itself
-    np.testing.assert_array_equal(fixed, apply_cupping(slide, fit_cupping(slide)))
+    alone = load_slide(pairs[0], DataConfig(cupping="radial"))  # fitted on itself, recorded
+    assert alone.cupping == fit_cupping(read_pair(pairs[0]).ct)
 
 
 def test_cli_fits_and_writes_the_corrected_volume(tmp_path, capsys) -> None:

@@ -161,15 +161,6 @@ def _set_fits(cts: list[np.ndarray], known: dict[tuple[int, int], Any]
     return {**fit_slides(todo), **known}
 
 
-def set_cupping(pairs: list[Pair]) -> dict[str, Any]:
-    """One cupping fit per group of equally sized CT slides (axial sections of one
-    acquisition share the scanner's cupping; one slide alone holds too few voxels for a
-    stable fit): pair id → :class:`~hpcstain.cupping.Cupping`. Each CT is read once."""
-    cts = [_read(p).ct for p in pairs]
-    fits = _set_fits(cts, {})
-    return {p.id: fits[tuple(ct.shape)] for p, ct in zip(pairs, cts, strict=True)}
-
-
 def training_fits(slides: list[Slide]) -> dict[tuple[int, int], Any]:
     """Slide shape → the cupping fit its slides were corrected with (empty without)."""
     return {s.shape: s.cupping for s in slides if s.cupping is not None}
