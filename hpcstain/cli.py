@@ -357,6 +357,41 @@ def _add_levels(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_levels)
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """[register] Co-register each pair's histology onto its CT slice; write a new manifest."""
+    from hpcstain.data.coregister import register_pairs
+
+    if args.spacing < 2 or args.max_side < 32 or not args.smooth >= 0:
+        raise UsageError("register: --spacing must be >= 2, --max-side >= 32, --smooth >= 0")
+    out = register_pairs(args.manifest, args.out, spacing=args.spacing, smooth=args.smooth,
+                         max_side=args.max_side, overwrite=args.overwrite,
+                         progress=None if args.quiet else print)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register", help="co-register histology slides onto their CT slices",
+                       description="Fit, per pair, a smooth warp (affine + control grid) "
+                       "that maps the histology into the CT slice's geometry by maximising "
+                       "their mutual information; write the warped slides (and masks), the "
+                       "fields and a new manifest to train on (docs/data.md, Misaligned "
+                       "pairs). A fit that does not raise the mutual information is not "
+                       "applied.")
+    p.add_argument("manifest", help="pair manifest (CSV or YAML)")
+    p.add_argument("--out", "-o", required=True, help="output folder (manifest.csv, "
+                   "histology/, mask/, fields/, register.json)")
+    p.add_argument("--spacing", type=int, default=16,
+                   help="control-point spacing in working-resolution pixels (default 16)")
+    p.add_argument("--smooth", type=float, default=0.05,
+                   help="weight of the control grid's smoothness term (default 0.05)")
+    p.add_argument("--max-side", type=int, default=512,
+                   help="fit on slides box-averaged to at most this many pixels (default 512)")
+    p.add_argument("--quiet", action="store_true", help="no line per pair")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_register)
+
+
 def _mpi_rank() -> int:
     from hpcstain.executors.mpi import world_comm
 
@@ -778,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_volume(sub)
     _add_levels(sub)
     _add_cupping(sub)
+    _add_register(sub)
     _add_predict_evaluate(sub)
 
     p = sub.add_parser("score", help="score a stained volume: SSIM/PSNR per plane family, "
