@@ -139,3 +139,13 @@ def test_register_cli_refuses_to_overwrite_and_bad_input(tmp_path, capsys) -> No
 def test_fit_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="same H, W"):
         fit_histology_warp(np.zeros((32, 32), np.float32), np.zeros((32, 30, 3), np.float32))
+
+
+def test_fit_at_reduced_working_resolution_returns_a_full_size_field() -> None:
+    shift = (4.0, -2.0)
+    ct, hist = pair_with_shift(shift, size=97)      # odd: the cropped margin is padded
+    fit = fit_histology_warp(ct, hist, max_side=48)  # fitted on 48², upsampled ×2
+    assert fit.field.shape == (2, 97, 97) and fit.accepted
+    inside = scene(97) > 0
+    err = np.hypot(fit.field[0] + shift[0], fit.field[1] + shift[1])[inside].mean()
+    assert err < 1.0, err
