@@ -152,7 +152,8 @@ def fit_histology_warp(ct: np.ndarray, histology: np.ndarray, *, spacing: int = 
     hist_w = unit_range(_working(np.moveaxis(histology, -1, 0), factor))
     h, w = ct_w.shape[-2:]
     field = _Field(h, w, spacing)
-    levels = {f: (_pool(ct_w, f), _pool(hist_w, f)) for f in (4, 2, 1)
+    factors = {f for f, _ in AFFINE_STEPS + DENSE_STEPS} | {1}
+    levels = {f: (_pool(ct_w, f), _pool(hist_w, f)) for f in sorted(factors, reverse=True)
               if f == 1 or min(h, w) // f >= MIN_LEVEL_SIDE}   # a tiny slide: full res only
 
     def misfit(f: int) -> Tensor:
