@@ -149,3 +149,29 @@ def test_fit_at_reduced_working_resolution_returns_a_full_size_field() -> None:
     inside = scene(97) > 0
     err = np.hypot(fit.field[0] + shift[0], fit.field[1] + shift[1])[inside].mean()
     assert err < 1.0, err
+
+
+def test_register_pairs_names_files_safely_and_keeps_odd_columns(tmp_path) -> None:
+    """Ids with path separators, a YAML manifest, ROIs, extra masks and unknown columns."""
+    import yaml
+
+    src = write_pairs(tmp_path / "pairs", 2, seed=8, size=(64, 96), misalignment=1)
+    base = read_manifest(src)
+    Image.fromarray(np.full((64, 96), 255, np.uint8)).save(tmp_path / "extra.png")
+    rows = [{"id": ["a/b", "a_b"][i], "material": p.material, "ct": p.ct,
+             "histology": p.histology, "extra_masks": ["extra.png"],
+             "bone_roi": "10:20,10:20", "scanner": f"s{i}"} for i, p in enumerate(base)]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"pairs": rows}))
+    out = register_pairs(tmp_path / "m.yaml", tmp_path / "reg")
+    pairs = read_manifest(out)
+    assert [p.id for p in pairs] == ["a/b", "a_b"]
+    assert len({p.histology for p in pairs}) == 2              # two files, no clash
+    assert all(p.histology.startswith(str(tmp_path / "reg" / "histology")) for p in pairs)
+    assert [p.extra["scanner"] for p in pairs] == ["s0", "s1"]
+    assert all(p.bone_roi == ((10, 20, 10, 20),) for p in pairs)
+    for p in pairs:
+        im = read_pair(p)
+        assert im.histology.shape == (64, 96, 3) and len(im.extra_masks) == 1
+    report = json.loads((tmp_path / "reg" / "register.json").read_text())
+    assert {report["pairs"][p]["field"] for p in ("a/b", "a_b")} == {"fields/a_b.npy",
+                                                                     "fields/a_b-1.npy"}

@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,17 @@ COLUMNS = ("id", "material", "ct", "histology", "mask", "truth", "extra_masks", 
            "background_roi", "ct_slab")
 
 
+def _file_stem(pair_id: str, used: set[str]) -> str:
+    """A file name for ``pair_id``: path separators and odd characters become ``_``, and a
+    name two ids would share gets a number."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", pair_id).strip(".") or "pair"
+    name, k = stem, 1
+    while name in used:
+        name, k = f"{stem}-{k}", k + 1
+    used.add(name)
+    return name
+
+
 def _boxes(boxes: tuple[tuple[int, int, int, int], ...]) -> str:
     return ";".join(f"{y0}:{y1},{x0}:{x1}" for y0, y1, x0, x1 in boxes)
 
@@ -231,8 +243,9 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
                    progress: Callable[[str], None] | None = None) -> Path:
     """Co-register every pair of ``manifest``; write ``out``/manifest.csv and the warped slides.
 
-    ``out`` gets ``histology/<id>.png`` (the slide in the CT's geometry), ``mask/<id>.png``
-    and ``extra_masks/<id>-<k>.png`` for masks the pair gives (drawn on the slide, so warped
+    ``out`` gets ``histology/<id>.png`` (the slide in the CT's geometry; ids are made safe
+    as file names), ``mask/<id>.png`` and ``extra_masks/<id>-<k>.png`` for masks the pair
+    gives (drawn on the slide, so warped
     with it, nearest neighbour), ``fields/<id>.npy`` ((2, H, W) float32, pixels: the field
     of :func:`apply_field`) and ``register.json`` (per pair: mutual information before and
     after, mean and largest shift, whether the fit was kept). CT, truth and CT slabs are not
@@ -251,6 +264,7 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
     report: dict[str, Any] = {"manifest": str(Path(manifest).resolve()), "spacing": spacing,
                               "smooth": smooth, "max_side": max_side, "pairs": {}}
     rows = []
+    used: set[str] = set()
     with atomic_output(out, overwrite) as tmp:
         for sub in ("histology", "mask", "extra_masks", "fields"):
             (tmp / sub).mkdir(parents=True)
@@ -261,8 +275,9 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
                 raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
             fit = fit_histology_warp(images.ct, images.histology, spacing=spacing,
                                      smooth=smooth, max_side=max_side)
+            stem = _file_stem(pair.id, used)
             row = {"id": pair.id, "material": pair.material, "ct": pair.ct,
-                   "histology": f"histology/{pair.id}.png", "mask": "",
+                   "histology": f"histology/{stem}.png", "mask": "",
                    "truth": pair.truth or "", "extra_masks": "",
                    "bone_roi": _boxes(pair.bone_roi),
                    "background_roi": _boxes(pair.background_roi),
@@ -271,20 +286,21 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
             Image.fromarray(np.clip(np.rint(warped), 0, 255).astype(np.uint8)).save(
                 tmp / row["histology"])
             if images.mask is not None:
-                row["mask"] = f"mask/{pair.id}.png"
+                row["mask"] = f"mask/{stem}.png"
                 m = apply_field(images.mask.astype(np.uint8) * 255, fit.field, "nearest")
                 Image.fromarray(m).save(tmp / row["mask"])
             extras = []
             for k, em in enumerate(images.extra_masks):
-                extras.append(f"extra_masks/{pair.id}-{k}.png")
+                extras.append(f"extra_masks/{stem}-{k}.png")
                 m = apply_field(em.astype(np.uint8) * 255, fit.field, "nearest")
                 Image.fromarray(m).save(tmp / extras[-1])
             row["extra_masks"] = ";".join(extras)
-            np.save(tmp / "fields" / f"{pair.id}.npy", fit.field)
+            np.save(tmp / "fields" / f"{stem}.npy", fit.field)
             report["pairs"][pair.id] = {
                 "mi_before": round(fit.mi_before, 4), "mi_after": round(fit.mi_after, 4),
                 "mean_shift_px": round(fit.mean_shift, 3),
-                "max_shift_px": round(fit.max_shift, 3), "accepted": fit.accepted}
+                "max_shift_px": round(fit.max_shift, 3), "accepted": fit.accepted,
+                "field": f"fields/{stem}.npy"}
             rows.append(row)
             if progress is not None:
                 progress(f"{pair.id}: mutual information {fit.mi_before:.3f} -> "
