@@ -12,14 +12,16 @@ on phantom pairs of zero and strong misalignment, scored on held-out slides of a
    random draws do not depend on S, so the sets differ only in the histology's warp.
 2. For every S, the reduced CPU recipe (``modcyclegan-cpu`` at ngf 16, 4 blocks, 96²
    patches, ``--steps`` steps with the profile's LR decay rescaled) is trained with
-   ``model.align=false`` and ``model.align=true`` (same seed, same patches).
+   ``model.align=false`` ("off"), ``model.align=true`` ("on") and, "reg", with
+   ``model.align=false`` on the training pairs co-registered first by ``hpcstain
+   register`` (OUT/reg-…, made once); same seed, same patches.
 3. ``evaluate_manifest`` on the held-out pairs of the same S (the paper's tiling, 64²
    patches with ≥ 50 % mask coverage, medians); the model is loaded by the one inference
    path (``load_generator``: generator only, the registration net is ignored).
 
-Each run writes OUT/runs/s<S>-<on|off>/result.json; the table (Markdown) is printed from
-whatever results exist, with the targets: at every S > 0, align on ≥ off + 0.05 SSIM
-(model vs truth); at S = 0, |on − off| ≤ 0.01 (tagged variants are listed, not judged).
+Each run writes OUT/runs/s<S>-<off|on|reg><tag>/result.json; the table (Markdown) is
+printed from whatever results exist, with the targets for on and reg against off of the
+same tag: at every S > 0, ≥ off + 0.05 SSIM (model vs truth); at S = 0, |Δ| ≤ 0.01.
 ``benchmarks/align_field.py`` compares a run's learned field with the phantom's true warp.
 Results: docs/results.md, "Learned alignment".
 """
