@@ -193,19 +193,13 @@ def fit_histology_warp(ct: np.ndarray, histology: np.ndarray, *, spacing: int = 
 def apply_field(img: np.ndarray, field: np.ndarray, order: str = "bilinear") -> np.ndarray:
     """``img`` (H, W) or (H, W, C) resampled at ``p + field(p)``, same dtype (rounded and
     clipped for integer images); ``order`` "bilinear" or "nearest" (masks, labels)."""
+    if order not in ("bilinear", "nearest"):
+        raise ValueError(f"order {order!r}: expected 'bilinear' or 'nearest'")
     arr = np.asarray(img)
     chans = arr[..., None] if arr.ndim == 2 else arr
     t = torch.from_numpy(np.moveaxis(chans.astype(np.float32), -1, 0).copy())[None]
     disp = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None]
-    if order == "nearest":
-        h, w = t.shape[-2:]
-        from hpcstain.models.registration import identity_grid
-
-        scale = torch.tensor([2.0 / w, 2.0 / h]).view(1, 1, 1, 2)
-        grid = identity_grid(h, w) + disp.flip(1).permute(0, 2, 3, 1) * scale
-        out = F.grid_sample(t, grid, mode="nearest", padding_mode="border", align_corners=False)
-    else:
-        out = warp(t, disp)
+    out = warp(t, disp, order)
     res = np.moveaxis(out[0].numpy(), 0, -1)
     res = res[..., 0] if arr.ndim == 2 else res
     if np.issubdtype(arr.dtype, np.integer):

@@ -74,17 +74,18 @@ def identity_grid(h: int, w: int, device: torch.device | str | None = None) -> T
     return torch.stack([gx, gy], dim=-1).unsqueeze(0)
 
 
-def warp(img: Tensor, disp: Tensor) -> Tensor:
+def warp(img: Tensor, disp: Tensor, mode: str = "bilinear") -> Tensor:
     """``img`` (B, C, H, W) resampled at ``p + disp(p)``; ``disp`` (B, 2, H, W) in pixels.
 
     Computed in float32 (``grid_sample`` wants one dtype for image and grid; under autocast
-    the generator's output may be bf16/fp16). Gradients reach both ``img`` and ``disp``.
+    the generator's output may be bf16/fp16). Gradients reach both ``img`` and ``disp``
+    (``mode`` "bilinear"; "nearest" for masks and labels).
     """
     h, w = img.shape[-2:]
     d = disp.float()
     scale = torch.tensor([2.0 / w, 2.0 / h], device=d.device).view(1, 1, 1, 2)
     grid = identity_grid(h, w, d.device) + d.flip(1).permute(0, 2, 3, 1) * scale
-    return F.grid_sample(img.float(), grid, mode="bilinear", padding_mode="border",
+    return F.grid_sample(img.float(), grid, mode=mode, padding_mode="border",
                          align_corners=False)
 
 
