@@ -212,8 +212,6 @@ def apply_field(img: np.ndarray, field: np.ndarray, order: str = "bilinear") -> 
 
 # --------------------------------------------------------------------------- manifests
 
-COLUMNS = ("id", "material", "ct", "histology", "mask", "truth", "extra_masks", "bone_roi",
-           "background_roi", "ct_slab")
 
 
 def _file_stem(pair_id: str, used: set[str]) -> str:
@@ -239,18 +237,18 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
 
     ``out`` gets ``histology/<id>.png`` (the slide in the CT's geometry; ids are made safe
     as file names), ``mask/<id>.png`` and ``extra_masks/<id>-<k>.png`` for masks the pair
-    gives (drawn on the slide, so warped
-    with it, nearest neighbour), ``fields/<id>.npy`` ((2, H, W) float32, pixels: the field
-    of :func:`apply_field`) and ``register.json`` (per pair: mutual information before and
-    after, mean and largest shift, whether the fit was kept). CT, truth and CT slabs are not
-    moved; the new manifest names them by absolute path. Every pair is read and checked
-    first; the folder appears complete or not at all (nothing is overwritten without
-    ``overwrite``). Returns the new manifest's path.
+    gives (drawn on the slide, so warped with it, nearest neighbour), ``fields/<id>.npy``
+    ((2, H, W) float32, pixels: the field of :func:`apply_field`) and ``register.json``
+    (per pair: mutual information before and after, mean and largest shift, whether the
+    fit was kept). CT, truth and CT slabs are not moved; the new manifest names them by
+    absolute path. Every pair is read and checked first; the folder appears complete or
+    not at all (nothing is overwritten without ``overwrite``). Returns the new manifest's
+    path.
     """
     from PIL import Image
 
     from hpcstain.atomic import atomic_output, check_output
-    from hpcstain.data.manifest import read_manifest, read_pair
+    from hpcstain.data.manifest import OPTIONAL, REQUIRED, read_manifest, read_pair
 
     out = check_output(out, overwrite)
     pairs = read_manifest(manifest)               # every bad row is one InputError, first
@@ -301,7 +299,8 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
                          f"{fit.mi_after:.3f}, mean shift {fit.mean_shift:.2f} px, largest "
                          f"{fit.max_shift:.2f} px{'' if fit.accepted else ' (not kept)'}")
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, *extra_cols], lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=[*REQUIRED, *OPTIONAL, *extra_cols],
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         (tmp / "manifest.csv").write_text(buf.getvalue())
