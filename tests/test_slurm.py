@@ -117,18 +117,25 @@ def test_time_limit_signal_checkpoints_requeues_and_matches_uninterrupted(
             torch.testing.assert_close(wa[name][key], wb[name][key], atol=1e-6, rtol=0)
 
 
-def _release_requeued(job_id: str, timeout: float = 120) -> None:
-    """SLURM holds a requeued job ~2 min (BeginTime); start it now to keep the test short."""
+def _release_requeued(job_id: str, timeout: float = 180) -> None:
+    """SLURM holds a requeued job ~2 min (BeginTime); start it now to keep the test short.
+
+    The release is repeated while the job is pending: an update that lands before SLURM
+    sets the requeue's BeginTime is overwritten by it (seen once as a 10-min hang).
+    """
     deadline = time.time() + timeout
+    last_update = 0.0
     while time.time() < deadline:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"],
                              capture_output=True, text=True).stdout.split()
-        if out[:1] == ["PENDING"]:
+        if not out or out[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            return
+        if out[0] == "PENDING" and time.time() - last_update > 2.0:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                            capture_output=True)
-            return
-        if not out:
-            return
+            last_update = time.time()
+        if out[0] == "RUNNING" and last_update:
+            return   # requeued and started again
         time.sleep(0.5)
 
 
