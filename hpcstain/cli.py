@@ -229,10 +229,16 @@ def _plan_on_rank0(args: argparse.Namespace) -> Path:
 def cmd_stain(args: argparse.Namespace) -> int:
     from hpcstain.volume import run_stain
 
+    # [device] checked before the plan is written: an absent --device leaves nothing behind
+    device = args.device if args.plan_only else _use_device(
+        args.device, args.autocast, local_rank=_mpi_local_rank() if args.executor == "mpi"
+        else 0, quiet=args.executor == "mpi" and _mpi_rank() != 0)
     run = _plan_on_rank0(args) if args.executor == "mpi" else _plan_from_args(args)
     if args.plan_only:
         return 0
-    kw: dict[str, object] = {"batch_size": args.batch_size, "device": args.device,
+    if args.executor == "dask":  # workers resolve `auto` where they run (GPU nodes)
+        device = args.device
+    kw: dict[str, object] = {"batch_size": args.batch_size, "device": device,
                              "progress": not args.no_progress}
     dask_cluster = None
     if args.executor == "dask":
@@ -398,6 +404,33 @@ def _mpi_rank() -> int:
     return int(world_comm().Get_rank())
 
 
+def _mpi_local_rank() -> int:
+    import os
+
+    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _device_help() -> str:
+    from hpcstain.device import DEVICE_HELP
+
+    return DEVICE_HELP
+
+
+def _use_device(requested: str, autocast: str = "none", local_rank: int = 0,
+                quiet: bool = False) -> str:
+    """[device] Resolve --device (auto → CUDA when present, else CPU) before anything is
+    written; an absent device is one UsageError. Prints the one start line on stderr."""
+    from hpcstain.device import announce, autocast_dtype, resolve_device
+
+    device = resolve_device(requested, local_rank)
+    if not quiet:
+        announce(device, autocast_dtype(autocast))
+    return device
+
+
 def cmd_submit_cv(args: argparse.Namespace) -> int:
     from hpcstain.launch.profiles import load_cluster
     from hpcstain.launch.submit import cv_runs, describe, submit_cv
@@ -425,11 +458,13 @@ def cmd_submit_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_submit_stain(args: argparse.Namespace) -> int:
+    from hpcstain.device import check_device_name
     from hpcstain.launch.profiles import load_cluster
     from hpcstain.launch.submit import describe, submit_fuse, submit_stain
     from hpcstain.launch.watch import quiet_submitit, wait_stain
 
     cluster = load_cluster(args.profile, args.overrides)
+    check_device_name(args.device)  # [device] resolved on the node that runs each task
     run = _plan_from_args(args)
     quiet_submitit()  # repeated scheduler/accounting warnings: one line each
     jobs = submit_stain(run, cluster, args.tasks, device=args.device,
@@ -508,14 +543,16 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
                    "input's metadata: NeXus, zarr/OME-Zarr, TIFF tags)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="tiles per generator call (0: by device, ~2 tiles of 256² on a CPU)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=_device_help())
     p.add_argument("--cupping", default=None, choices=["auto", "none"],
                    help="cupping correction (docs/cupping.md): auto fits it once on this CT "
                    "and records it in the plan, none skips it (default: as the checkpoint "
                    "was trained, data.cupping)")
     p.add_argument("--cupping-override", action="store_true",
                    help="allow a --cupping other than the checkpoint's training convention")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run directory whose plan differs (its stained slabs "
+                   "are lost); without it a different plan is refused")
 
 
 def _add_volume(sub: argparse._SubParsersAction) -> None:
@@ -573,8 +610,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("give both --bone-level and --background-level (or neither)")
     levels = None if args.bone_level is None else (args.bone_level, args.background_level)
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
+    device = _use_device(args.device)
     paths = predict_files(args.inputs, args.checkpoint, args.out, masks=args.mask,
-                          tiling=tiling, device=args.device, reverse=args.reverse,
+                          tiling=tiling, device=device, reverse=args.reverse,
                           overwrite=args.overwrite, levels=levels, batch_size=args.batch_size,
                           cupping_fit=args.cupping_fit,
                           log=lambda message: print(message, file=sys.stderr))
@@ -588,10 +626,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hpcstain.predict import resolve_tiling
 
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
+    device = _use_device(args.device)
     report = evaluate_manifest(
         args.manifest, args.checkpoint, args.out, split=args.split, fold=args.fold,
         ids=args.ids, tiling=tiling, patch=args.patch, min_coverage=args.min_coverage,
-        lpips_path=args.lpips, pixel_size_um=args.pixel_size, device=args.device,
+        lpips_path=args.lpips, pixel_size_um=args.pixel_size, device=device,
         batch_size=args.batch_size, overwrite=args.overwrite, cupping_fit=args.cupping_fit,
         log=lambda message: print(message, file=sys.stderr))
     print(report.table, end="")
@@ -613,7 +652,7 @@ def _add_tiling_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="override the blending window")
     p.add_argument("--batch-size", type=int, default=0,
                    help="tiles per generator call (0: by device, ~2 tiles of 256² on a CPU)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=_device_help())
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 

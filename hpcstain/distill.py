@@ -319,7 +319,7 @@ def build_planes(cfg: Config, run_dir: Path, main: bool = True
     if path.exists() or not main:
         groups = load_planes(path, key)
     else:
-        stainer = load_generator(teacher)
+        stainer = load_generator(teacher, cfg.train.device)  # [device] auto: the GPU if any
         target = (cfg.data.ct_bone_level, cfg.data.ct_background_level)
         by_id = {p.id: p for p in pairs}
         fits = stainer.conventions.stored_fits

@@ -178,8 +178,10 @@ def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
     ``autocast`` (``none``, ``bf16``, ``fp16``) runs the generator under torch autocast on
     the device (outputs are returned as float32 on the CPU either way).
     """
+    from hpcstain.device import resolve_device
     from hpcstain.train.checkpoint import load_checkpoint
 
+    device = resolve_device(device)  # "auto" (a worker on a GPU node) → cuda, else cpu
     ckpt = load_checkpoint(checkpoint)
     arch = ckpt.get("architecture")
     if not isinstance(arch, dict):

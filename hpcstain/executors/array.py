@@ -58,9 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--task-id", type=int, default=None)
     p.add_argument("--n-tasks", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=0, help="tiles per call (0: auto)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     args = p.parse_args(argv)
     try:
+        from hpcstain.device import announce, resolve_device
+
+        args.device = resolve_device(args.device, int(os.environ.get("SLURM_LOCALID", "0")
+                                                      or 0))
+        announce(args.device)
         if args.task_id is None or args.n_tasks is None:
             env_task, env_count = task_from_env()
             args.task_id = env_task if args.task_id is None else args.task_id

@@ -193,14 +193,22 @@ class StainTask:
 
     run_dir: str
     n_tasks: int
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = 0
 
     def __call__(self, task_id: int) -> str:
+        """[device] A job of several tasks (a GPU profile: one task per GPU) splits its
+        group once more, task k on GPU k of the node; ``auto`` resolves here, on the node."""
+        from hpcstain.device import announce, resolve_device
         from hpcstain.executors.array import run_array_task
 
-        report = run_array_task(self.run_dir, task_id, self.n_tasks, device=self.device,
-                                batch_size=self.batch_size)
+        ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+        proc = int(os.environ.get("SLURM_PROCID", "0") or 0) if ntasks > 1 else 0
+        local = int(os.environ.get("SLURM_LOCALID", "0") or 0) if ntasks > 1 else 0
+        device = resolve_device(self.device, local_rank=local)
+        announce(device)
+        report = run_array_task(self.run_dir, task_id * ntasks + proc, self.n_tasks * ntasks,
+                                device=device, batch_size=self.batch_size)
         return report.summary()
 
     def checkpoint(self, task_id: int) -> Any:
@@ -229,14 +237,24 @@ class FuseTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: str = "cpu",
+def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: str = "auto",
                  batch_size: int = 0) -> list[Any]:
-    """Submit the stain array (one job per task, one SLURM array); returns its jobs."""
+    """Submit the stain array (one job per task, one SLURM array); returns its jobs.
+
+    [device] A profile with GPUs (``gpus_per_node`` > 0) runs each array job as one task
+    per GPU; a CPU profile as one task per job (its ``cpus_per_task`` threads).
+    """
     run_dir = run_dir.resolve()
-    ex = make_executor(cluster, run_dir / cluster.log_folder,
+    ex = make_executor(stain_cluster(cluster), run_dir / cluster.log_folder,
                        job_name=f"hpcstain-stain-{run_dir.name}")
     task = StainTask(str(run_dir), n_tasks, device, batch_size)
     return list(ex.map_array(task, list(range(n_tasks))))
+
+
+def stain_cluster(cluster: ClusterConfig) -> ClusterConfig:
+    """The stain array's shape: one task per GPU on GPU profiles, else one task per job."""
+    tasks = cluster.gpus_per_node if cluster.gpus_per_node > 0 else 1
+    return ClusterConfig(**{**cluster.__dict__, "tasks_per_node": tasks})
 
 
 def submit_fuse(run_dir: Path, cluster: ClusterConfig, after: list[Any] | None = None,

@@ -63,11 +63,11 @@ def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int, dict[st
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    return torch.device(requested)
+    """``train.device``: auto → this rank's GPU when CUDA is present, else the CPU; a
+    requested device that is absent is one UsageError (before the run writes anything)."""
+    from hpcstain.device import resolve_device
+
+    return torch.device(resolve_device(requested, local_rank))
 
 
 def setup(device: str = "auto", timeout_s: int = 1800) -> DistEnv:

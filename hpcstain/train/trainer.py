@@ -177,7 +177,7 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     info: dict[str, Any] = {"train_ids": list(train_ids), "val_ids": list(val_ids),
                             "test_ids": list(folds.test_ids)}
     if fits:  # into every checkpoint (train() takes it out of the split record)
-        from hpcstain.cupping import fits_record
+        from hpcstain.ct.cupping import fits_record
 
         info["cupping_fits"] = fits_record(fits)
     return dataset, val_set, sampler, info
@@ -233,6 +233,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
 
         cfg = adopt_teacher(cfg)
     env = distributed.setup(cfg.train.device)
+    if env.is_main:  # [device] the one start line: device, dtype, threads
+        from hpcstain.device import announce, autocast_dtype
+
+        announce(str(env.device), autocast_dtype(cfg.train.amp))
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest.pt"
     if env.is_main:

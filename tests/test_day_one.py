@@ -1,0 +1,142 @@
+"""Issue 24, a new user's first week on a cluster: the device a command runs on, refusing
+before writing, interrupts that save, no silent wrong answers, the small things.
+
+Every test reproduces one scenario of the issue with real files (and real subprocesses
+where the scenario is a command line); all run on any CPU (CUDA hidden where it matters).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcstain.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hpcstain.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=full)
+
+
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # this machine has no CUDA device, GPU node or not
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 12 × 24 × 24 phantom volume and an untrained micro generator checkpoint."""
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.phantom import write_volume_file
+
+    root = tmp_path_factory.mktemp("tiny")
+    vol = write_volume_file(root / "ct.zarr", (12, 24, 24), "mg", 1, chunk=12)
+    ckpt = untrained_generator_checkpoint(root / "gen.pt")
+    return {"root": root, "volume": Path(vol), "checkpoint": ckpt}
+
+
+# --------------------------------------------------------------------------- 1. device
+
+
+@pytest.mark.parametrize("argv", [
+    ["stain", "v.zarr", "--checkpoint", "c.pt", "--out", "o"],
+    ["predict", "s.tif", "--checkpoint", "c.pt", "--out", "o.png"],
+    ["evaluate", "m.csv", "--checkpoint", "c.pt", "--out", "o"],
+    ["submit", "stain", "v.zarr", "--checkpoint", "c.pt", "--out", "o"],
+])
+def test_device_auto_is_the_default_of_every_inference_verb(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert args.device == "auto"
+
+
+def test_device_auto_resolves_to_cuda_when_present_else_cpu() -> None:
+    import torch
+
+    from hpcstain.device import resolve_device
+
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_absent_cuda_is_one_line_exit_2_and_no_run_directory(tiny: dict[str, Path]) -> None:
+    out = tiny["root"] / "st-cuda"
+    res = run_cli("stain", str(tiny["volume"]), "--checkpoint", str(tiny["checkpoint"]),
+                  "--out", str(out), "--device", "cuda", "--no-progress", env=NO_CUDA)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_absent_cuda_in_predict_and_train_writes_nothing(tiny: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    from hpcstain.phantom import write_pairs
+
+    manifest = write_pairs(tmp_path / "pairs", 2, 0, size=(48, 48))
+    slide = next((tmp_path / "pairs" / "ct").glob("*.tif"))
+    res = run_cli("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
+                  "--out", str(tmp_path / "p.png"), "--device", "cuda:0", env=NO_CUDA)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "p.png").exists()
+    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", str(tmp_path / "run"),
+                  f"data.manifest={manifest}", "train.device=cuda", env=NO_CUDA)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--device cuda" in res.stderr or "cuda" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_prints_one_start_line_with_device_dtype_threads(tiny: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    from hpcstain.phantom import write_pairs
+
+    write_pairs(tmp_path / "pairs", 1, 0, size=(48, 48))
+    slide = next((tmp_path / "pairs" / "ct").glob("*.tif"))
+    res = run_cli("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
+                  "--out", str(tmp_path / "p.png"), "--bone-level", "30000",
+                  "--background-level", "10000", env=NO_CUDA)
+    assert res.returncode == 0, res.stderr
+    start = [ln for ln in res.stderr.splitlines() if ln.startswith("device:")]
+    assert start == ["device: cpu, float32, 1 CPU threads"]
+
+
+def test_gpu_profile_stains_one_task_per_gpu_cpu_profile_one_task() -> None:
+    from hpcstain.launch.profiles import load_cluster, slurm_parameters
+    from hpcstain.launch.submit import stain_cluster
+
+    gpu = slurm_parameters(stain_cluster(load_cluster("maxwell")))
+    assert gpu["gpus_per_node"] == 4 and gpu["tasks_per_node"] == 4
+    cpu = slurm_parameters(stain_cluster(load_cluster("slurm")))
+    assert "gpus_per_node" not in cpu and cpu["tasks_per_node"] == 1
+
+
+def test_stain_task_of_a_multi_gpu_job_splits_its_group_per_task(
+        tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Array task 0 of 1 run as task 1 of 2 in its job (2 GPUs → 2 tasks) stains every
+    other unit; task 0 of the job the rest: together the whole run, no unit twice."""
+    from hpcstain.launch.submit import StainTask
+    from hpcstain.volume import init_run, load_plan, make_plan, open_volume, pending_units
+
+    src = open_volume(str(tiny["volume"]))
+    run = init_run(tmp_path / "st", make_plan(src, chunk=12, axes="z,y", levels=(1.0, 0.0),
+                                              checkpoint=str(tiny["checkpoint"])))
+    plan = load_plan(run)
+    assert plan.n_units == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    StainTask(str(run), 1)(0)
+    assert sorted(pending_units(run, plan)) == [0, 2]
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    StainTask(str(run), 1)(0)
+    assert pending_units(run, plan) == []
