@@ -120,6 +120,7 @@ class PairResult:
     seam_index: float | None
     patches_total: int
     roi_method: str
+    tissue: Any = None          # metrics.tissue.TissueTally of the kept patches (phantoms)
 
 
 @dataclass
@@ -304,6 +305,55 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                       seam_of(output, tiling), n_total, data.rois.method)
 
 
+def labels_spec(pair: Pair) -> str | None:
+    """A pair's label image: an absolute ``labels`` manifest column, else the phantom's
+    ``labels/<id>.png`` beside ``truth/<id>.png``; None when there is none."""
+    given = pair.extra.get("labels", "").strip()
+    if given and Path(given).is_absolute():
+        return given
+    if pair.truth and ":" not in Path(pair.truth).name:
+        path = Path(pair.truth).parent.parent / "labels" / Path(pair.truth).name
+        return str(path) if path.is_file() else None
+    return None
+
+
+def pair_tissue(pair: Pair, data: PairImagesNormalised, result: PairResult, patch: int,
+                pixel_size_um: float | None = None) -> Any:
+    """Tissue classes and histomorphometry of one phantom pair over its kept patches
+    (model output, truth, CT baseline vs the labels; ``metrics.tissue``); None without
+    truth, labels or kept patches."""
+    from hpcstain.data.readers import read_image
+    from hpcstain.metrics.tissue import TissueTally, score_readings
+
+    spec = labels_spec(pair)
+    if spec is None or data.truth is None:
+        return None
+    labels = np.asarray(read_image(spec))
+    if labels.shape != data.mask.shape:
+        raise InputError(f"labels {spec}: shape {labels.shape}, the slide is "
+                         f"{data.mask.shape}")
+    region = np.zeros(data.mask.shape, bool)
+    for row in result.rows:
+        if (row.method, row.reference) == ("model", "truth"):
+            region[row.score.row:row.score.row + patch, row.score.col:row.score.col + patch] = True
+    if not (region & data.mask & (labels > 1)).any():
+        return None
+    tally = TissueTally()
+    spacing = None if pixel_size_um is None else (pixel_size_um, pixel_size_um)
+    score_readings(tally, result.slide, labels, data.mask, data.truth, data.ct, spacing, region)
+    return tally
+
+
+def pooled_tissue(tallies: Sequence[Any], patches: int) -> dict[str, Any]:
+    """One split's tissue classes, counts pooled over its pairs' kept patches."""
+    from hpcstain.metrics.tissue import TissueTally
+
+    total = TissueTally()
+    for t in tallies:
+        total.merge(t)
+    return {"pairs": total.units, "patches": patches, "readings": total.summary()}
+
+
 # --------------------------------------------------------------------------- summaries
 
 
@@ -330,6 +380,11 @@ def summarise(results: Sequence[PairResult], *, lpips_message: str | None = None
                       if (row.method, row.reference) == (m, ref)]
             if scores or ref == "histology":
                 entry[f"{m}_vs_{ref}"] = {k: _finite(v) for k, v in medians(scores).items()}
+        tallies = [r.tissue for r in group if r.tissue is not None]
+        if tallies:
+            n = sum(1 for r in group if r.tissue is not None for row in r.rows
+                    if (row.method, row.reference) == ("model", "truth"))
+            entry["tissue"] = pooled_tissue(tallies, n)
         splits[split] = entry
     pairs = [{"id": r.id, "material": r.material, "split": r.split,
               "roi_method": r.roi_method, "seam_index": _finite(r.seam_index),
@@ -372,7 +427,22 @@ def format_table(summary: dict[str, Any]) -> str:
              f"{summary.get('min_coverage', MIN_COVERAGE):.0%} mask coverage ({counts})."]
     if summary.get("lpips_skipped"):
         notes.append(summary["lpips_skipped"] + ".")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + tissue_tables(summary)
+
+
+def tissue_tables(summary: dict[str, Any]) -> str:
+    """Per split: Dice of the tissue readings and histomorphometry (phantoms with labels)."""
+    from hpcstain.metrics.tissue import format_tissue_table
+
+    out = ""
+    unit = "µm" if summary.get("pixel_size_um") else "px"
+    for split, entry in summary["splits"].items():
+        t = entry.get("tissue")
+        if t:
+            note = (f"{split}: tissue classes pooled over N = {t['patches']} kept patches of "
+                    f"{t['pairs']} slides (mask ∩ patches); BIC and thickness in 2D.")
+            out += f"\n{format_tissue_table(t['readings'], unit, note)}"
+    return out
 
 
 def metrics_csv(rows: Sequence[PatchRow]) -> str:
@@ -471,6 +541,7 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
             result = evaluate_pair(data, stainer, name, tiling=tiling,
                                    patch=patch, min_coverage=min_coverage, lpips=lpips,
                                    pixel_size_um=pixel_size_um, batch_size=batch_size)
+            result.tissue = pair_tissue(pair, data, result, patch, pixel_size_um)
             write_png(tmp / "slides" / f"{pair.id}.png", result.slide)
             results.append(result)
         rows = [row for r in results for row in r.rows]

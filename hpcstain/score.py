@@ -24,7 +24,15 @@ import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.errors import InputError, UsageError
-from hpcstain.metrics.volume import AXES, VolumeScore, format_table, score_volume
+from hpcstain.metrics.volume import (
+    AXES,
+    Reference,
+    VolumeScore,
+    as_rgb_volume,
+    format_table,
+    prepare_reference,
+    score_volume,
+)
 
 RUN_OUTPUTS = ("fused.ome.zarr",)
 
@@ -174,6 +182,59 @@ def _run_ct(spec: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def voxel_size_of_inputs(prediction: str | os.PathLike[str],
+                         reference: str | os.PathLike[str] | None) -> tuple[float, ...] | None:
+    """Voxel size (µm, z/y/x) of the run the prediction belongs to, else the phantom
+    reference's ``voxel_size_um`` attribute; None when neither says."""
+    path = Path(prediction)
+    for run in (path, path.parent):
+        if (run / "plan.json").is_file():
+            try:
+                size = json.loads((run / "plan.json").read_text()).get("voxel_size_um")
+            except (OSError, ValueError):
+                size = None
+            if size:
+                return tuple(float(v) for v in size)
+    if reference is not None and Path(reference).suffix.lower() == ".zarr":
+        try:
+            size = _zarr_node(Path(reference), None).attrs.get("voxel_size_um")
+        except (InputError, AttributeError):
+            size = None
+        if size:
+            return (float(size),) * 3 if np.isscalar(size) else tuple(map(float, size))
+    return None
+
+
+def tissue_section(pred: np.ndarray, ref: Reference, labels: np.ndarray | None,
+                   spacing: tuple[float, ...] | None) -> tuple[dict[str, Any], str] | None:
+    """Tissue classes (Dice of each reading, CT baseline) and histomorphometry against the
+    phantom labels (``metrics.tissue``); None without labels."""
+    from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
+
+    if labels is None:
+        return None
+    tally = TissueTally()
+    info = score_readings(tally, as_rgb_volume(pred, "prediction"), np.asarray(labels),
+                          ref.mask, ref.rgb, ref.ct, spacing)
+    summary = tally.summary()
+    unit = "µm" if spacing else "voxels"
+    note = (f"Tissue classes inside the sample mask ({int(ref.mask.sum())} voxels); "
+            f"thickness in {unit}"
+            + (f" (voxel {'×'.join(f'{v:g}' for v in spacing)} µm)" if spacing else "") + ".")
+    record = {"spacing_um": list(spacing) if spacing else None, **info, "readings": summary}
+    return _json_ready(record), format_tissue_table(summary, unit, note)
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -234,19 +295,22 @@ def score_files(prediction: str | os.PathLike[str], out_dir: str | os.PathLike[s
     lab = read_scalar(labels) if labels is not None else ref_labels
     ct_spec = ct if ct is not None else (None if ref_ct is not None else _run_ct(prediction))
     ct_arr = read_scalar(ct_spec) if ct_spec is not None else ref_ct
-    score = score_volume(pred, ref_rgb, labels=lab, ct=ct_arr, normalise=normalise,
-                         stretch_c=stretch_c, stretch_c_prime=stretch_c_prime,
-                         ct_threshold=ct_threshold)
+    ref = prepare_reference(as_rgb_volume(pred, "prediction").shape[:3], ref_rgb, labels=lab,
+                            ct=ct_arr, normalise=normalise, stretch_c=stretch_c,
+                            stretch_c_prime=stretch_c_prime, ct_threshold=ct_threshold)
+    score = score_volume(pred, ref)
+    tissue = tissue_section(pred, ref, lab, voxel_size_of_inputs(prediction, reference))
     settings = {"prediction": os.fspath(prediction),
                 "reference": None if reference is None else os.fspath(reference),
                 "labels": os.fspath(labels) if labels is not None else
                 ("from reference" if ref_labels is not None else None),
                 "ct": os.fspath(ct_spec) if ct_spec is not None else
                 ("from reference" if ref_ct is not None else None)}
-    summary = {"inputs": settings, **score.summary}
+    summary = {"inputs": settings, **score.summary,
+               **({"tissue": tissue[0]} if tissue else {})}
     title = f"`{os.fspath(prediction)}` vs " + (f"`{os.fspath(reference)}`" if reference
                                                is not None else "no reference") + "\n"
-    table = format_table(score.summary, title=title)
+    table = format_table(score.summary, title=title) + (f"\n{tissue[1]}" if tissue else "")
     with atomic_output(out_dir, overwrite) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

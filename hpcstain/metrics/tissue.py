@@ -432,6 +432,14 @@ class TissueTally:
         counts = morphometry_counts(np.where(region, pred, 0).astype(np.uint8), spacing)
         pool_morphometry(self.morph.setdefault(method, {}), counts)
 
+    def merge(self, other: TissueTally) -> None:
+        """Pool another tally's counts into this one (in place)."""
+        for method, counts in other.dice.items():
+            add_counts(self.dice.setdefault(method, {}), counts)
+        for method, morph in other.morph.items():
+            pool_morphometry(self.morph.setdefault(method, {}), morph)
+        self.units += other.units
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for method, counts in self.morph.items():
