@@ -140,3 +140,85 @@ def test_stain_task_of_a_multi_gpu_job_splits_its_group_per_task(
     monkeypatch.setenv("SLURM_LOCALID", "0")
     StainTask(str(run), 1)(0)
     assert pending_units(run, plan) == []
+
+
+# --------------------------------------------------------------------------- 3. refuse before writing
+
+
+MICRO_ARGS = ["data.patch_size=32", "data.patches_per_pair=4", "data.batch_size=2",
+              "data.n_folds=0", "data.n_test=1", "model.ngf=4", "model.ndf=4",
+              "model.n_blocks=1", "train.checkpoint_every=0", "train.max_steps=1",
+              "data.num_workers=0"]
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture()
+def micro_run(tmp_path: Path) -> Path:
+    """A one-step micro run started from tmp_path with a *relative* manifest path."""
+    from hpcstain.phantom import write_pairs
+
+    write_pairs(tmp_path / "pairs", 4, 2, size=(64, 64))
+    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", "run", "--no-progress",
+                  "data.manifest=pairs/manifest.csv", *MICRO_ARGS, cwd=tmp_path, env=NO_CUDA)
+    assert res.returncode == 0, res.stderr
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.ngf=16", "model.ngf"),
+    ("data.patch_size=48", "data.patch_size"),
+    ("data.n_test=2", "data.n_test"),
+    ("loss.lambda_px=1", "loss.lambda_px"),
+])
+def test_a_refused_resume_touches_no_file_of_the_run(micro_run: Path, override: str,
+                                                     key: str) -> None:
+    before = _snapshot(micro_run)
+    res = run_cli("train", "--out", str(micro_run), "--no-progress", override, env=NO_CUDA)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr
+    assert "Traceback" not in res.stderr
+    assert _snapshot(micro_run) == before
+    again = run_cli("train", "--out", str(micro_run), "--no-progress", "train.max_steps=2",
+                    env=NO_CUDA)
+    assert again.returncode == 0, again.stderr
+    assert "step 2" in again.stdout
+
+
+def test_resume_with_another_manifest_is_refused_and_split_kept(micro_run: Path,
+                                                               tmp_path: Path) -> None:
+    from hpcstain.phantom import write_pairs
+
+    other = write_pairs(tmp_path / "other", 4, 9, size=(64, 64))
+    split = (micro_run / "split.json").read_bytes()
+    res = run_cli("train", "--out", str(micro_run), f"data.manifest={other}", env=NO_CUDA)
+    assert res.returncode == 2 and "data.manifest" in res.stderr, res.stderr
+    assert (micro_run / "split.json").read_bytes() == split
+
+
+def test_a_manifest_edited_in_place_is_refused_and_split_kept(micro_run: Path,
+                                                             tmp_path: Path) -> None:
+    manifest = tmp_path / "pairs" / "manifest.csv"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:-1]))  # one pair fewer
+    split = (micro_run / "split.json").read_bytes()
+    res = run_cli("train", "--out", str(micro_run), "train.max_steps=2", env=NO_CUDA)
+    assert res.returncode == 2 and "pairs changed" in res.stderr, res.stderr
+    assert [ln for ln in res.stderr.splitlines() if not ln.startswith("device:")] == [
+        res.stderr.strip().splitlines()[-1]] and "Traceback" not in res.stderr
+    assert (micro_run / "split.json").read_bytes() == split
+
+
+def test_resume_from_another_directory_with_the_manifest_spelled_otherwise(
+        micro_run: Path, tmp_path: Path) -> None:
+    """Started as `pairs/manifest.csv` from tmp_path; resumed from / with the absolute
+    path and the same profile: the same file, so the same run."""
+    manifest = (tmp_path / "pairs" / "manifest.csv").resolve()
+    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", str(micro_run.resolve()),
+                  "--no-progress", f"data.manifest={manifest}", *MICRO_ARGS[:-2],
+                  "train.max_steps=2", cwd=Path("/"), env=NO_CUDA)
+    assert res.returncode == 0, res.stderr
+    assert "step 2" in res.stdout

@@ -8,7 +8,12 @@ from hpcstain.config import Config, load_config, to_dict
 from hpcstain.errors import ConfigError
 
 # Sections that change what is trained; a resumed run may change only train.* (e.g. epochs).
+# (distill.* has its own checks on resume: the teacher's hash and the labelled inputs.)
 FROZEN_SECTIONS = ("model", "loss", "data")
+# Keys of those sections that change how, not what, is trained.
+FREE_KEYS = ("data.num_workers",)
+# Keys naming files: compared by what they are (same file or same content), not by spelling.
+PATH_KEYS = ("data.manifest",)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -22,6 +27,82 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _value(cfg: dict, key: str) -> object:
+    out: object = cfg
+    for part in key.split("."):
+        out = out.get(part) if isinstance(out, dict) else None
+    return out
+
+
+def same_file(a: object, b: object, base: Path | None = None) -> bool:
+    """Two spellings of one input: equal text, the same file, or files of equal content.
+
+    A relative path is tried from the working directory, then from ``base`` (the run
+    directory), so a run started with ``pairs/manifest.csv`` resumes from anywhere.
+    """
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    pa, pb = locate(a, base), locate(b, base)
+    if pa is None or pb is None:
+        return False
+    try:
+        if pa.samefile(pb):
+            return True
+        return pa.stat().st_size == pb.stat().st_size and pa.read_bytes() == pb.read_bytes()
+    except OSError:
+        return False
+
+
+def locate(path: str, base: Path | None = None) -> Path | None:
+    """``path`` as it exists: as given, else relative to ``base``; None when neither."""
+    p = Path(path)
+    if p.exists():
+        return p
+    if base is not None and not p.is_absolute() and (base / p).exists():
+        return base / p
+    return None
+
+
+def frozen_changes(saved: Config, asked: Config, run_dir: Path) -> list[str]:
+    """``key: old -> new`` for every key a resume of ``run_dir`` may not change."""
+    a, b = to_dict(saved), to_dict(asked)
+    keys = [k for s in FROZEN_SECTIONS for k in _diff({s: a.get(s, {})}, {s: b.get(s, {})})]
+    out = []
+    for key in keys:
+        old, new = _value(a, key), _value(b, key)
+        if key in FREE_KEYS or (key in PATH_KEYS and same_file(old, new, run_dir)):
+            continue
+        out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+def check_resume(run_dir: Path, cfg: Config) -> None:
+    """[refuse before writing] Refuse ``cfg`` for the existing run in ``run_dir`` when it
+    changes a key that defines what the run trains (model, loss, data; only
+    ``train.*`` and ``data.num_workers`` may change), before any file of the run is
+    touched: the run stays resumable exactly as it was."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = load_config(str(saved_path), [])
+    changes = frozen_changes(saved, cfg, Path(run_dir))
+    if changes:
+        raise ConfigError(
+            f"{saved_path}: a resume cannot change what the run trains "
+            f"({'; '.join(changes)}); nothing was changed — resume without these "
+            "overrides, or start a new run with another --out")
+
+
+def absolute_inputs(cfg: Config) -> Config:
+    """A new run records its manifest as an absolute path, so the run directory resumes
+    (and `info`, `evaluate --split` find its data) from any working directory."""
+    if cfg.data.manifest and Path(cfg.data.manifest).exists():
+        cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    return cfg
+
+
 def resolve_run_config(run_dir: Path, profile: str | None, overrides: list[str]) -> Config:
     """A new run takes ``profile`` + overrides; an existing run its saved config + overrides.
 
@@ -32,12 +113,12 @@ def resolve_run_config(run_dir: Path, profile: str | None, overrides: list[str])
     if not saved.exists():
         if profile is None:
             raise ConfigError(f"{run_dir}: no run here to resume; pass --config PROFILE")
-        return load_config(profile, overrides)
+        return absolute_inputs(load_config(profile, overrides))
     cfg = load_config(str(saved), overrides)
+    check_resume(run_dir, cfg)  # an override that changes what is trained: refused now
     if profile is not None:
         asked = load_config(profile, overrides)
-        a, b = to_dict(asked), to_dict(cfg)
-        differ = [k for s in FROZEN_SECTIONS for k in _diff({s: a[s]}, {s: b[s]})]
+        differ = [c.partition(":")[0] for c in frozen_changes(cfg, asked, run_dir)]
         if differ:
             raise ConfigError(
                 f"{saved}: this run was started with a different config ({', '.join(differ)}"

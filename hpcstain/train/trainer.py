@@ -154,9 +154,12 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     pairs = read_manifest(cfg.data.manifest)
     folds = make_folds(pairs, n_folds=cfg.data.n_folds, n_test=cfg.data.n_test,
                        seed=cfg.data.seed)
+    train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
+    check_split(run_dir, cfg.data.manifest, {"train_ids": list(train_ids),
+                                             "val_ids": list(val_ids),
+                                             "test_ids": list(folds.test_ids)})
     if env.is_main:
         write_folds(run_dir / "folds.json", folds)
-    train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
     by_id = {p.id: p for p in pairs}
     cache = run_dir / "cache"
     k = cfg.model.context_slices  # 2.5D: each slide's CT planes, normalised like it
@@ -181,6 +184,28 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
 
         info["cupping_fits"] = fits_record(fits)
     return dataset, val_set, sampler, info
+
+
+def check_split(run_dir: Path, manifest: str, split: dict[str, list[str]]) -> None:
+    """[refuse before writing] A resumed run trains on the pairs it started with: when the
+    manifest's pairs (or their assignment) changed, its ``split.json`` — the checkpoint's
+    record of what it trained on — is kept and the resume refused."""
+    path = run_dir / "split.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in ("train_ids", "val_ids", "test_ids")
+               if k in saved and sorted(saved[k]) != sorted(split[k])]
+    if changed:
+        k = changed[0]
+        added = sorted(set(split[k]) - set(saved[k]))[:3]
+        gone = sorted(set(saved[k]) - set(split[k]))[:3]
+        raise InputError(f"{manifest}: its pairs changed since {run_dir} started ({k}: "
+                         f"+{added} -{gone}); the run keeps {path} — restore the manifest, "
+                         "or train a new run with another --out")
 
 
 def make_loader(dataset: Any, sampler: EpochSampler, cfg: Config, device: torch.device
@@ -232,6 +257,9 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
         from hpcstain.distill import adopt_teacher
 
         cfg = adopt_teacher(cfg)
+    from hpcstain.train.runs import check_resume
+
+    check_resume(run_dir, cfg)  # [refuse before writing] nothing of the run touched yet
     env = distributed.setup(cfg.train.device)
     if env.is_main:  # [device] the one start line: device, dtype, threads
         from hpcstain.device import announce, autocast_dtype
