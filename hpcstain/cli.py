@@ -728,6 +728,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_morph(args: argparse.Namespace) -> int:
+    from hpcstain.morph import morph_run
+
+    report = morph_run(args.run_dir, palette=args.palette, regions=args.regions,
+                       overwrite=args.overwrite)
+    print(report.table, end="")
+    return 0
+
+
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """``cluster.*`` overrides go to the cluster profile, the rest to the run config."""
     cluster = [o for o in items if o.startswith("cluster.")]
@@ -879,6 +888,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("morph", help="3D histomorphometry of a fused stain: tissue classes "
+                       "(labels image), BV/TV, BIC, degradation-layer thickness",
+                       description="Read RUN_DIR/fused.ome.zarr, give each voxel the tissue "
+                       "class of the nearest palette colour, write the classes as the NGFF "
+                       "labels image fused.ome.zarr/labels/tissue and RUN_DIR/morph.csv "
+                       "(docs/metrics.md, 'Tissue classes and histomorphometry').")
+    p.add_argument("run_dir", help="a stained and fused run folder")
+    p.add_argument("--palette", default=None, help="YAML palette (tissue: [r, g, b]); "
+                   "default: the palette stored in the run's checkpoint")
+    p.add_argument("--regions", default=None, metavar="D0,D1,...",
+                   help="also per shell at these distances (µm) from the implant surface, "
+                   "e.g. 0,50,100,200")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing labels/tissue and morph.csv")
+    p.set_defaults(func=cmd_morph)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
     ssub = p.add_subparsers(dest="what", required=True, metavar="{train,cv,stain,fuse}")

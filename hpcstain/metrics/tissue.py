@@ -518,3 +518,51 @@ def format_tissue_table(summary: Mapping[str, Any], unit: str = "µm",
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     return text + (f"\n{note}\n" if note else "")
+
+
+# --------------------------------------------------------------------------- training hook
+
+PIXELS_PER_SLIDE = 50000   # pixels sampled from each training slide for its palette
+
+
+def _interior(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose 3×3 neighbourhood holds one label (away from misregistered edges)."""
+    return ndimage.minimum_filter(labels, size=3) == ndimage.maximum_filter(labels, size=3)
+
+
+def _subsample(n: int, k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n)[:k]
+
+
+def training_palette(pairs: Sequence[Any], slides: Sequence[Any], seed: int = 0
+                     ) -> dict[str, Any] | None:
+    """The palette stored in checkpoints: the training histology's class colours in the
+    model's output space (``slide.histology``, §2.5-normalised). With label images (phantom
+    pairs: ``labels/<id>.png``) each label's shades over the pixels away from label edges
+    (inside the correspondence mask, or background); without, k-means of the pixels
+    seeded with the phantom's stain colours. None without slides."""
+    from hpcstain.data.normalise import unit_to_rgb8
+    from hpcstain.data.readers import read_image
+    from hpcstain.evaluate import labels_spec
+
+    rgb, lab, free = [], [], []
+    for i, (pair, slide) in enumerate(zip(pairs, slides, strict=True)):
+        hist = unit_to_rgb8(slide.histology, channel_axis=0)
+        spec = labels_spec(pair)
+        labels = np.asarray(read_image(spec)) if spec else None
+        if labels is not None and labels.shape == hist.shape[:2]:
+            sel = np.flatnonzero(_interior(labels) & (slide.mask | (labels <= 1)))
+            pick = sel[_subsample(len(sel), PIXELS_PER_SLIDE, seed + i)]
+            rgb.append(hist.reshape(-1, 3)[pick])
+            lab.append(labels.reshape(-1)[pick])
+        else:
+            flat = hist.reshape(-1, 3)
+            free.append(flat[_subsample(len(flat), PIXELS_PER_SLIDE, seed + i)])
+    if rgb:
+        pal = palette_from_labels(np.concatenate(rgb), np.concatenate(lab), phantom_names(),
+                                  source="training histology, phantom labels", seed=seed)
+    elif free:
+        pal = palette_from_kmeans(np.concatenate(free), source="training histology, k-means")
+    else:
+        return None
+    return pal.to_dict()

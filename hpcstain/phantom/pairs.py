@@ -52,6 +52,7 @@ from hpcstain.phantom.sample import (
     make_sample,
     tissue_at,
 )
+from hpcstain.phantom.tomo import TomoParams, check_tomo, tomo_slab
 from hpcstain.phantom.volume import PHANTOM_VERSION, VOXEL_SIZE_UM
 
 MATERIAL_RATIO = {"mg": 7, "ti": 1, "peek": 2}     # the paper's Mg:Ti:PEEK
@@ -316,12 +317,20 @@ def _oblique_section(s: Sample, sec: Section, size: tuple[int, int], gain: float
 
 
 def render_section(s: Sample, sec: Section, size: tuple[int, int], gain: float = 1.0,
-                   offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CT (uint16), truth stain (uint8 RGB) and labels (uint8) of ``sec``, each (H, W)."""
+                   offset: float = 0.0, tomo: TomoParams | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CT (uint16), truth stain (uint8 RGB) and labels (uint8) of ``sec``, each (H, W).
+
+    ``tomo``: the CT slice is scanned by the physical chain (z sections only)."""
+    if tomo is not None and sec.kind != "z":
+        raise UsageError(f"pairs: --physics tomo scans z sections only, not {sec.kind!r} "
+                         "(use --orientation z)")
     if sec.kind == "z":
         _, ny, nx = sec.volume_shape
         i0 = int(sec.index)  # type: ignore[arg-type]
-        ct, rgb, labels = render_slab(s, i0, i0 + 1, ny, nx, gain=gain, offset=offset)
+        ct, rgb, labels = (render_slab(s, i0, i0 + 1, ny, nx, gain=gain, offset=offset)
+                           if tomo is None else
+                           tomo_slab(s, i0, i0 + 1, ny, nx, tomo, gain=gain, offset=offset))
         return ct[0], rgb[0], labels[0]
     if sec.kind in ("y", "x"):
         return _axis_section(s, sec, gain, offset)
@@ -350,7 +359,8 @@ def shifted_section(sec: Section, offset: int) -> Section:
 
 
 def render_ct_slab(material: str, sample_seed: int, size: tuple[int, int], seed: int,
-                   index: int, orientation: str = "z", planes: int = 5) -> np.ndarray:
+                   index: int, orientation: str = "z", planes: int = 5,
+                   tomo: TomoParams | None = None) -> np.ndarray:
     """The ``planes`` CT planes (uint16 (K, H, W)) about pair ``index``'s section, one voxel
     apart along its normal; the centre plane is the pair's CT, bit for bit.
 
@@ -368,7 +378,7 @@ def render_ct_slab(material: str, sample_seed: int, size: tuple[int, int], seed:
     drift = _session_drift(seed, index // PAIRS_PER_SESSION)
     half = planes // 2
     return np.stack([render_section(s, shifted_section(sec, d), (h, w), gain=drift["ct_gain"],
-                                    offset=drift["ct_offset"])[0]
+                                    offset=drift["ct_offset"], tomo=tomo)[0]
                      for d in range(-half, half + 1)])
 
 
@@ -521,12 +531,14 @@ def _session_drift(seed: int, session: int) -> dict[str, np.ndarray | float]:
 
 
 def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: int,
-                index: int, orientation: str = "z", misalignment: float = 1.0) -> Pair:
+                index: int, orientation: str = "z", misalignment: float = 1.0,
+                tomo: TomoParams | None = None) -> Pair:
     """Render pair ``index`` of a set (``seed``) from its own sample seed.
 
     ``orientation`` is the plane of the section (see ``plan_section``; ``mixed`` cycles
     z, y, x by ``index``); the histology is a slightly oblique plane near it.
     ``misalignment`` scales its in-plane affine + elastic warp (see ``_warp``).
+    ``tomo``: the CT slice comes from the physical CT chain (``phantom.tomo``, z only).
     """
     h, w = size
     kind = pair_orientation(orientation, index)
@@ -535,7 +547,7 @@ def render_pair(material: str, sample_seed: int, size: tuple[int, int], seed: in
     drift = _session_drift(seed, index // PAIRS_PER_SESSION)
     rng = np.random.default_rng([int(seed), 0x415, index])
     ct, truth, labels_ct = render_section(s, sec, (h, w), gain=drift["ct_gain"],
-                                          offset=drift["ct_offset"])
+                                          offset=drift["ct_offset"], tomo=tomo)
 
     scale = min(h, w) / 512.0
     e_y, e_x = _plane_basis(rng)     # tilted in the frame (normal, row, col) of the section
@@ -615,7 +627,8 @@ def check_misalignment(strength: float) -> float:
 
 def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (512, 512),
                 overwrite: bool = False, orientation: str = "z",
-                misalignment: float = 1.0, ct_slab: int = 0) -> Path:
+                misalignment: float = 1.0, ct_slab: int = 0,
+                tomo: TomoParams | None = None) -> Path:
     """Write ``n`` paired slides and ``manifest.csv`` into ``outdir``; return the manifest.
 
     Layout: ``ct/<id>.tif`` (uint16), ``histology/<id>.png``, ``mask/<id>.png`` (0/255),
@@ -635,6 +648,9 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
     section (:func:`render_ct_slab`: multi-page uint16, centre plane = the pair's CT) for
     2.5D models (``model.context_slices``), named by a ``ct_slab`` manifest column and
     recorded as ``ct_slab`` in ``phantom.json``; every other file is unchanged.
+
+    ``tomo``: CT slices from the physical CT chain (``--physics tomo``, z sections only;
+    its knobs go to ``phantom.json`` as ``physics``); histology, masks and truth unchanged.
     """
     outdir = Path(outdir)
     n, size = check_pair_args(n, size)
@@ -642,6 +658,11 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
     misalignment = check_misalignment(misalignment)
     if ct_slab and (int(ct_slab) != ct_slab or ct_slab < 1 or ct_slab % 2 == 0):
         raise UsageError(f"pairs: --ct-slab {ct_slab!r} must be an odd number of planes >= 1")
+    if tomo is not None:
+        tomo = check_tomo(tomo)
+        if orientation != "z":
+            raise UsageError(f"pairs: --physics tomo scans z sections only, not "
+                             f"--orientation {orientation} (use --orientation z)")
     check_output(outdir, overwrite)
     materials = allocate_materials(n, seed)
     sample_seeds = np.random.default_rng([int(seed), 0x5EED]).integers(0, 2**62, size=n)
@@ -654,7 +675,7 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
         for i, material in enumerate(materials):
             pid = f"pair_{i:03d}"
             pair = render_pair(material, int(sample_seeds[i]), size, seed, i, orientation,
-                               misalignment)
+                               misalignment, tomo=tomo)
             files = {"ct": f"ct/{pid}.tif", "histology": f"histology/{pid}.png",
                      "mask": f"mask/{pid}.png", "truth": f"truth/{pid}.png"}
             (tmp / files["ct"]).write_bytes(_tiff_bytes(pair.ct))
@@ -665,7 +686,7 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             row = {"id": pid, "material": material, **files}
             if ct_slab:
                 slab = render_ct_slab(material, int(sample_seeds[i]), size, seed, i,
-                                      orientation, int(ct_slab))
+                                      orientation, int(ct_slab), tomo=tomo)
                 (tmp / f"ct_slab/{pid}.tif").write_bytes(_tiff_bytes(slab))
                 row["ct_slab"] = f"ct_slab/{pid}.tif"
             if orientation != "z":
@@ -691,6 +712,8 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
             info["misalignment"] = misalignment
         if ct_slab:
             info["ct_slab"] = int(ct_slab)
+        if tomo is not None:
+            info["physics"] = tomo.attrs()
         (tmp / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     return outdir / "manifest.csv"
 

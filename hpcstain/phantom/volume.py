@@ -21,6 +21,7 @@ from hpcstain.phantom.sample import (
     check_screw_scale,
     make_sample,
 )
+from hpcstain.phantom.tomo import TomoParams, check_tomo, nominal_levels, tomo_slab
 
 PHANTOM_VERSION = "1"
 VOXEL_SIZE_UM = 5.0          # nominal; the anatomy is a scale model filling the field of view
@@ -57,9 +58,15 @@ def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int, int]:
 
 
 def metadata(shape: tuple[int, int, int], material: str, seed: int,
-             screw_scale: float = 1.0, cupping: float | None = None) -> dict[str, object]:
+             screw_scale: float = 1.0, cupping: float | None = None,
+             tomo: TomoParams | None = None) -> dict[str, object]:
     """Attributes stored with every volume (provenance, the label/colour key and the CT's
-    true cupping: ``cupping`` = render.cupping_truth)."""
+    true cupping: ``cupping`` = render.cupping_truth). A ``tomo`` scan adds ``physics``
+    (its knobs), nominal ``ct_air``/``ct_dense_bone`` and no cupping (it has beam
+    hardening instead)."""
+    if tomo is not None:
+        return {**metadata(shape, material, seed, screw_scale), **nominal_levels(tomo),
+                "cupping": None, "physics": tomo.attrs()}
     return {
         "generator": "hpcstain.phantom", "generator_version": PHANTOM_VERSION,
         "hpcstain_version": __version__, "material": material, "seed": int(seed),
@@ -72,46 +79,56 @@ def metadata(shape: tuple[int, int, int], material: str, seed: int,
 
 
 def _render_into(s: Sample, z0: int, z1: int, ny: int, nx: int,
-                 ct: np.ndarray, rgb: np.ndarray, labels: np.ndarray) -> None:
-    """Fill output slices ``z0..z1`` (buffers indexed from 0) in memory-bounded sub-slabs."""
-    step = max(1, SLAB_VOXELS // (ny * nx))
+                 ct: np.ndarray, rgb: np.ndarray, labels: np.ndarray,
+                 tomo: TomoParams | None = None) -> None:
+    """Fill output slices ``z0..z1`` (buffers indexed from 0) in memory-bounded sub-slabs
+    (rendered, or scanned by the physical chain when ``tomo`` is given)."""
+    step = max(1, SLAB_VOXELS // (ny * nx) // (4 if tomo is not None else 1))
     for a in range(z0, z1, step):
         b = min(z1, a + step)
-        c, r, lab = render_slab(s, a, b, ny, nx)
+        c, r, lab = (render_slab(s, a, b, ny, nx) if tomo is None
+                     else tomo_slab(s, a, b, ny, nx, tomo))
         ct[a - z0:b - z0], rgb[a - z0:b - z0], labels[a - z0:b - z0] = c, r, lab
 
 
 def iter_slabs(shape: tuple[int, int, int], material: str, seed: int,
-               slab: int = 64, screw_scale: float = 1.0, cupping: float | None = None
+               slab: int = 64, screw_scale: float = 1.0, cupping: float | None = None,
+               tomo: TomoParams | None = None
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(z0, ct, stain, labels)`` for consecutive slabs of ``slab`` slices."""
     nz, ny, nx = check_shape(shape)
+    tomo = None if tomo is None else check_tomo(tomo)
     s = make_sample((nz, ny, nx), check_material(material), seed, screw_scale, cupping)
     for z0 in range(0, nz, max(1, int(slab))):
         z1 = min(nz, z0 + max(1, int(slab)))
         ct = np.empty((z1 - z0, ny, nx), np.uint16)
         rgb = np.empty((z1 - z0, ny, nx, 3), np.uint8)
         lab = np.empty((z1 - z0, ny, nx), np.uint8)
-        _render_into(s, z0, z1, ny, nx, ct, rgb, lab)
+        _render_into(s, z0, z1, ny, nx, ct, rgb, lab, tomo)
         yield z0, ct, rgb, lab
 
 
 def make_volume(shape: tuple[int, int, int], material: str, seed: int,
-                screw_scale: float = 1.0, cupping: float | None = None) -> PhantomVolume:
+                screw_scale: float = 1.0, cupping: float | None = None,
+                tomo: TomoParams | None = None) -> PhantomVolume:
     """The whole volume in memory (tests, small demos); equals what the writers store.
 
     ``screw_scale`` multiplies the screw's radii (1: the default M2-like screw);
     ``cupping`` is the CT's cupping depth (attenuation units at the axis; None: 0.05).
+    ``tomo``: scan the sample with the physical CT chain (``phantom.tomo``) instead of
+    rendering it (None: the renderer; labels and stain are the same either way).
     """
     nz, ny, nx = check_shape(shape)
     material = check_material(material)
+    tomo = None if tomo is None else check_tomo(tomo)
     s = make_sample((nz, ny, nx), material, seed, screw_scale, cupping)
     ct = np.empty((nz, ny, nx), np.uint16)
     rgb = np.empty((nz, ny, nx, 3), np.uint8)
     lab = np.empty((nz, ny, nx), np.uint8)
-    _render_into(s, 0, nz, ny, nx, ct, rgb, lab)
+    _render_into(s, 0, nz, ny, nx, ct, rgb, lab, tomo)
     return PhantomVolume(ct=ct, stain=rgb, labels=lab, material=material, seed=int(seed),
-                         screw_scale=s.screw_scale, cupping=cupping_truth(s))
+                         screw_scale=s.screw_scale,
+                         cupping=cupping_truth(s) if tomo is None else None)
 
 
 def volume_format(out: Path) -> str:
@@ -133,18 +150,21 @@ def tiff_truth_paths(out: Path) -> tuple[Path, Path]:
 
 def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: str, seed: int,
                       overwrite: bool = False, chunk: int = 64,
-                      screw_scale: float = 1.0, cupping: float | None = None) -> Path:
+                      screw_scale: float = 1.0, cupping: float | None = None,
+                      tomo: TomoParams | None = None) -> Path:
     """Stream a phantom volume to ``out`` (.zarr group, NeXus-like .h5, or TIFF stacks).
 
     All arguments are checked before anything is written; the output appears only once
     complete (``atomic_output``). Memory stays at one ``chunk``-thick slab of outputs
-    plus the bounded float32 work of ``render_slab``.
+    plus the bounded float32 work of ``render_slab``. ``tomo``: the physical CT chain
+    instead of the renderer (``--physics tomo``; its knobs go to the attrs as ``physics``).
     """
     out = Path(out)
     dims = check_shape(shape)
     material = check_material(material)
     screw_scale = check_screw_scale(screw_scale)
     cupping = check_cupping(cupping)
+    tomo = None if tomo is None else check_tomo(tomo)
     if int(chunk) <= 0:
         raise UsageError(f"chunk {chunk!r}: expected a positive integer")
     chunk = int(chunk)
@@ -152,9 +172,9 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
     targets = [out, *tiff_truth_paths(out)] if fmt == "tiff" else [out]
     for path in targets:
         check_output(path, overwrite)
-    attrs = metadata(dims, material, seed, screw_scale, cupping)
+    attrs = metadata(dims, material, seed, screw_scale, cupping, tomo)
     slabs = iter_slabs(dims, material, seed, slab=chunk, screw_scale=screw_scale,
-                       cupping=cupping)
+                       cupping=cupping, tomo=tomo)
     if fmt == "zarr":
         with atomic_output(out, overwrite) as tmp:
             _write_zarr(tmp, dims, chunk, attrs, slabs)
@@ -166,6 +186,12 @@ def write_volume_file(out: str | Path, shape: tuple[int, int, int], material: st
             tmps = [stack.enter_context(atomic_output(p, overwrite)) for p in targets]
             _write_tiff(tmps, attrs, slabs)
     return out
+
+
+def _ct_units(attrs: dict[str, object]) -> str:
+    if "physics" in attrs:
+        return "a.u. (uint16 = grey_offset + grey_scale * mu[1/cm], see attrs physics)"
+    return "a.u. (uint16; air 10000, dense bone 30000)"
 
 
 def _write_zarr(path: Path, shape: tuple[int, int, int], chunk: int, attrs: dict[str, object],
@@ -181,8 +207,7 @@ def _write_zarr(path: Path, shape: tuple[int, int, int], chunk: int, attrs: dict
                              fill_value=0, dimension_names=("z", "y", "x", "c"))
     lab = group.create_array("labels", shape=shape, chunks=c, dtype="uint8", fill_value=0,
                              dimension_names=("z", "y", "x"))
-    ct.attrs.update({"units": "a.u. (uint16; air 10000, dense bone 30000)",
-                     "voxel_size_um": VOXEL_SIZE_UM})
+    ct.attrs.update({"units": _ct_units(attrs), "voxel_size_um": VOXEL_SIZE_UM})
     lab.attrs.update({"labels": dict(LABELS)})
     for z0, c_ct, c_rgb, c_lab in slabs:
         z1 = z0 + c_ct.shape[0]
@@ -206,7 +231,7 @@ def _write_hdf5(path: Path, shape: tuple[int, int, int], chunk: int, attrs: dict
                            "voxel_size_um": VOXEL_SIZE_UM})
         ct = data.create_dataset("data", shape=shape, chunks=c, dtype="uint16")
         ct.attrs.update({"voxel_size_um": VOXEL_SIZE_UM, "axes": "z,y,x",
-                         "units": "a.u. (uint16; air 10000, dense bone 30000)"})
+                         "units": _ct_units(attrs)})
         sample = entry.create_group("sample")
         sample.attrs.update({"NX_class": "NXsample", "material": str(attrs["material"]),
                              "seed": int(attrs["seed"])})  # type: ignore[call-overload]

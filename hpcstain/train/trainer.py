@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from hpcstain.atomic import write_text_atomic
 from hpcstain.config import Config, dump_config, save_config, to_dict
 from hpcstain.errors import InputError
+from hpcstain.metrics.tissue import training_palette
 from hpcstain.train import distributed
 from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.train.logs import LossLog
@@ -183,6 +184,7 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
         from hpcstain.ct.cupping import fits_record
 
         info["cupping_fits"] = fits_record(fits)
+    info["palette"] = training_palette(train_pairs, train_slides)  # `morph`'s colour reading
     return dataset, val_set, sampler, info
 
 
@@ -275,6 +277,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
     seed_everything(cfg.train.seed + 1000 * env.rank)
     dataset, val_set, sampler, split = build_data(cfg, run_dir, env)
     cupping_fits = split.pop("cupping_fits", [])  # the training set's cupping fit(s)
+    palette = {"palette": p} if (p := split.pop("palette", None)) else {}  # tissue colours
     if len(sampler.inner) < cfg.data.batch_size:
         raise InputError(f"{cfg.data.manifest}: too few patches per rank ({len(sampler.inner)}) "
                          f"for batch size {cfg.data.batch_size}")
@@ -341,7 +344,7 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
             "rng": rngs, "pools_by_rank": pools,
             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
             "minima": minima, "epoch_sums": dict(sums), "reason": reason,
-            **({"cupping_fits": cupping_fits} if cupping_fits else {}),
+            **({"cupping_fits": cupping_fits} if cupping_fits else {}), **palette,
         }
 
     def write_latest(reason: str) -> None:
@@ -427,7 +430,8 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
                         "model": model.generator_state_dict(), "epoch": epoch,
                         "step": step, "minima": {name: minima[name]},
                         "reason": f"minimum of {name}",
-                        **({"cupping_fits": cupping_fits} if cupping_fits else {})})
+                        **({"cupping_fits": cupping_fits} if cupping_fits else {}),
+                        **palette})
             write_latest("epoch")
             if status == "max_steps" and epoch < cfg.train.epochs:
                 return TrainResult(status, epoch, step, run_dir, last)
