@@ -46,7 +46,8 @@ def cmd_phantom_volume(args: argparse.Namespace) -> int:
 
     out = write_volume_file(args.out, tuple(args.shape), args.material, args.seed,
                             overwrite=args.overwrite, chunk=args.chunk,
-                            screw_scale=args.screw_scale, cupping=args.cupping)
+                            screw_scale=args.screw_scale, cupping=args.cupping,
+                            tomo=_tomo_params(args))
     print(f"wrote {out}")
     return 0
 
@@ -56,9 +57,60 @@ def cmd_phantom_pairs(args: argparse.Namespace) -> int:
 
     manifest = write_pairs(args.outdir, args.n, args.seed, size=tuple(args.size),
                            overwrite=args.overwrite, orientation=args.orientation,
-                           misalignment=args.misalignment, ct_slab=args.ct_slab)
+                           misalignment=args.misalignment, ct_slab=args.ct_slab,
+                           tomo=_tomo_params(args))
     print(f"wrote {manifest}")
     return 0
+
+
+_TOMO_FLAGS = {"flux": "flux", "rings": "rings", "phase_distance": "phase_distance",
+               "paganin": "paganin", "spectrum": "spectrum", "energy": "energy_kev",
+               "angles": "angles", "sample_radius": "sample_radius_mm"}
+
+
+def _tomo_params(args: argparse.Namespace) -> Any:
+    """[physics] TomoParams from the phantom's --physics tomo knobs (None: the renderer);
+    a knob given without --physics tomo is a UsageError."""
+    from hpcstain.phantom.tomo import TomoParams
+
+    given = {field: getattr(args, flag) for flag, field in _TOMO_FLAGS.items()
+             if getattr(args, flag) is not None}
+    if args.grey is not None:
+        given.update(grey_offset=args.grey[0], grey_scale=args.grey[1])
+    if args.physics != "tomo":
+        if given:
+            flag = next((f for f, v in _TOMO_FLAGS.items() if v in given), "grey")
+            raise UsageError(f"phantom: --{flag.replace('_', '-')} needs --physics tomo")
+        return None
+    return TomoParams(**given)
+
+
+def _add_tomo_args(p: argparse.ArgumentParser) -> None:
+    """[physics] The physical CT chain's knobs (docs/phantom.md, *Physical CT*)."""
+    p.add_argument("--physics", default="render", choices=("render", "tomo"),
+                   help="render: the phantom's CT renderer (default); tomo: a physical CT "
+                   "chain (polychromatic projection, Poisson counts, rings, optional phase "
+                   "contrast, filtered back-projection); labels and truth stain unchanged")
+    p.add_argument("--flux", type=float, default=None, metavar="N",
+                   help="tomo: photons per detector pixel per projection (default 1e4; "
+                   "1e3 starves behind Ti; 0 noiseless)")
+    p.add_argument("--rings", type=float, default=None, metavar="S",
+                   help="tomo: detector gain-error (ring) strength, 0 off, default 1")
+    p.add_argument("--phase-distance", type=float, default=None, metavar="M",
+                   help="tomo: propagation distance in m for phase contrast (default 0: off)")
+    p.add_argument("--paganin", type=float, default=None, metavar="DB",
+                   help="tomo: Paganin phase retrieval with this delta/beta (default 0: off; "
+                   "~1000 bone, ~2000 soft tissue at 40 keV)")
+    p.add_argument("--spectrum", default=None, choices=("poly", "mono"),
+                   help="tomo: polychromatic (5 bins, default) or monochromatic beam")
+    p.add_argument("--energy", type=float, default=None, metavar="KEV",
+                   help="tomo: mean energy of the spectrum (default 40 keV)")
+    p.add_argument("--angles", type=int, default=None, metavar="N",
+                   help="tomo: projections over 180 degrees (default pi/2 x detector width)")
+    p.add_argument("--sample-radius", type=float, default=None, metavar="MM",
+                   help="tomo: physical radius of the field of view (default 3 mm)")
+    p.add_argument("--grey", type=float, nargs=2, default=None, metavar=("OFFSET", "SCALE"),
+                   help="tomo: uint16 = OFFSET + SCALE * mu[1/cm] (default 4000 6000)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -781,6 +833,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                    help="CT cupping depth at the rotation axis, attenuation units 0–0.5 "
                    "(default 0.05; 1 = dense bone; 0: none); recorded in the attrs")
     v.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _add_tomo_args(v)
     v.set_defaults(func=cmd_phantom_volume)
     pr = psub.add_parser("pairs", help="paired CT / histology whole slides + manifest.csv")
     pr.add_argument("outdir")
@@ -800,6 +853,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                     "apart (ct_slab/<id>.tif, manifest column ct_slab) for 2.5D models "
                     "(model.context_slices); 0: none (default)")
     pr.add_argument("--overwrite", action="store_true")
+    _add_tomo_args(pr)
     pr.set_defaults(func=cmd_phantom_pairs)
 
 
