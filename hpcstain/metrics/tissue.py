@@ -53,7 +53,7 @@ ALIASES: dict[str, str] = {
     "air": "background", "soft_tissue_alt": "soft_tissue", "vessel": "soft_tissue",
     "cortical_bone": "bone", "trabecular_bone": "bone", "bone_old": "bone",
     "bone_young": "bone", "lacuna": "bone", "screw": "implant"}
-SHADES = 4          # k-means shades per label in palettes learned from labels
+SHADES = 6          # k-means shades per label in palettes learned from labels
 MAX_SAMPLES = 20000  # colours per label fed to k-means
 
 
