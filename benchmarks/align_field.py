@@ -28,7 +28,7 @@ import hpcstain.phantom.pairs as pairs
 from hpcstain.config import from_dict
 from hpcstain.data.manifest import read_manifest
 from hpcstain.data.sampler import load_slide
-from hpcstain.inference import _generator_net
+from hpcstain.inference import generator_net
 from hpcstain.models.gans import REGISTRATION
 from hpcstain.models.registration import build_registration, edge_misfit, warp
 from hpcstain.train.checkpoint import load_checkpoint
@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ckpt = load_checkpoint(args.run / "checkpoints" / "latest.pt")
     cfg = from_dict(ckpt["config"])
-    gen = _generator_net(ckpt, "ct2hist", str(args.run), "cpu")
+    gen = generator_net(ckpt, "ct2hist", str(args.run), "cpu")
     reg = None
     if REGISTRATION in ckpt["model"]["generators"]:
         reg = build_registration(cfg.model.histology_channels, cfg.model.align_width)

@@ -6,7 +6,7 @@
 For every material (mg, ti, peek), seed (``--seeds``, default 101 202) and cupping depth
 (``--depths``, attenuation units at the axis; 0.05 is the phantom's default, 1 = dense
 bone) a ``--shape`` phantom volume is rendered twice — with that cupping and with none
-(same anatomy, same noise) — and :func:`hpcstain.cupping.fit_source` fits the correction
+(same anatomy, same noise) — and :func:`hpcstain.ct.cupping.fit_source` fits the correction
 on the cupped CT alone (strided planes, as ``stain --cupping auto`` does at plan time).
 
 Reported per volume:
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcstain.cupping import apply_cupping, fit_source
+from hpcstain.ct.cupping import apply_cupping, fit_source
 from hpcstain.phantom import make_volume
 from hpcstain.phantom.render import CT_GAIN, NOISE_SIGMA
 from hpcstain.phantom.sample import LABELS

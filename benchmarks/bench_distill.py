@@ -112,10 +112,10 @@ def n_train_pairs(pairs: Path, n_test: int) -> int:
 
 
 def _net(ckpt: str) -> torch.nn.Module:
-    from hpcstain.inference import _generator_net
+    from hpcstain.inference import generator_net
     from hpcstain.train.checkpoint import load_checkpoint
 
-    return _generator_net(load_checkpoint(ckpt), "ct2hist", ckpt, "cpu")
+    return generator_net(load_checkpoint(ckpt), "ct2hist", ckpt, "cpu")
 
 
 def throughput(ckpts: dict[str, str], reps: int = 5) -> dict[str, dict[str, Any]]:
@@ -123,8 +123,7 @@ def throughput(ckpts: dict[str, str], reps: int = 5) -> dict[str, dict[str, Any]
     (four 256² tiles), every model timed in turn within each repetition (the machine is
     shared: interleaving exposes all models to the same load), best of ``reps``."""
     from hpcstain.inference import load_generator
-    from hpcstain.predict import resolve_tiling
-    from hpcstain.tiles import auto_batch, plane_tiles, stain_image
+    from hpcstain.tiles import auto_batch, plane_tiles, resolve_tiling, stain_image
 
     tiling = resolve_tiling("default")
     rng = np.random.default_rng(0)
@@ -224,8 +223,9 @@ def paired(work: Path, heldout: Path, name: str) -> dict[str, float]:
 
 
 def volume(work: Path, name: str, ckpt: str, vol: Path) -> dict[str, Any]:
+    from hpcstain.executors import run_stain
     from hpcstain.score import score_files
-    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     run = work / "stain" / name
     score_dir = work / "score" / name

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import zarr
 
+from hpcstain.executors import run_stain
 from hpcstain.inference import load_generator
 from hpcstain.tiles import DEFAULT_TILING, auto_batch, stain_image
-from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 from hpcstain.volume.plan import axis_store, load_plan
 from hpcstain.volume.stain import generator_cost
 
@@ -149,7 +150,8 @@ def part_overhead(root: Path, quick: bool) -> None:
 
 MEMORY_CHILD = """
 import sys, resource, time
-from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+from hpcstain.executors import run_stain
+from hpcstain.volume import init_run, make_plan, open_volume
 vol, ckpt, run = sys.argv[1:4]
 plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt,
                  max_tile=512)

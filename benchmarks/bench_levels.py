@@ -1,4 +1,4 @@
-"""CT levels from the CT alone (hpcstain.levels) against the phantom's label medians.
+"""CT levels from the CT alone (hpcstain.ct.levels) against the phantom's label medians.
 
 Matrix: screw material (mg, ti, peek) × screw size (--screw-scale 1 and 1.6) × cupping
 (none, 3× the phantom's default) × seeds, on phantom volumes (default 48×192×192). For each
@@ -99,7 +99,7 @@ def volume_table(shape: tuple[int, int, int], seeds: list[int], cups: list[float
                     t0 = time.perf_counter()
                     try:
                         bone, bg = estimate_levels(ArraySource(v.ct, "phantom"))
-                        from hpcstain.levels import volume_levels
+                        from hpcstain.ct.levels import volume_levels
 
                         conf = volume_levels(ArraySource(v.ct, "phantom")).confidence
                         eb, eg = pct(bone, ref["bone"]), pct(bg, ref["background"])
@@ -144,7 +144,7 @@ def slide_table(n: int, size: int) -> None:
 
 def normalised_table(shape: tuple[int, int, int], seed: int) -> None:
     """Normalised CT (bone → 30000, background → 10000) of a Ti volume, old vs new levels."""
-    from hpcstain.data.normalise import normalise_ct
+    from hpcstain.ct.unit import normalise_ct
 
     v = make_volume(shape, "ti", seed)
     new = estimate_levels(ArraySource(v.ct, "ti"))
@@ -154,7 +154,7 @@ def normalised_table(shape: tuple[int, int, int], seed: int) -> None:
     print("| levels | bone, background | cortical | trabecular | soft tissue | screw | "
           "background |")
     print("|---|---|---|---|---|---|---|")
-    for name, (b, g) in (("old (Otsu)", old), ("new (hpcstain.levels)", new)):
+    for name, (b, g) in (("old (Otsu)", old), ("new (hpcstain.ct.levels)", new)):
         ct16 = normalise_ct(v.ct.astype(np.float32), b, g)
         cells = [float(np.median(ct16[v.labels == LABELS[k]])) for k in
                  ("cortical_bone", "trabecular_bone", "soft_tissue", "screw", "background")]

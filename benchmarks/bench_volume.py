@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from hpcstain.executors import run_stain
 from hpcstain.phantom import write_volume_file
-from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
 
 def small_net(width: int = 32) -> torch.nn.Module:

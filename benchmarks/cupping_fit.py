@@ -39,7 +39,7 @@ def patch_means(rows: list[dict[str, str]], ref: str, pair: str | None = None
 
 
 def measure(ckpt: str, test: str, train: str, out: str, patch: int) -> None:
-    from hpcstain.cupping import fit_cupping, fit_slides
+    from hpcstain.ct.cupping import fit_cupping, fit_slides
     from hpcstain.data.manifest import read_manifest, read_pair
     from hpcstain.evaluate import evaluate_manifest
     from hpcstain.inference import load_generator

@@ -4,7 +4,7 @@ voxel goes with it (docs/results.md, "Seen in the demo's orthoviews").
 For each phantom CT (levels estimated as ``make_plan`` does, no cupping correction) the
 outside test of ``hpcstain fuse`` is applied to the whole volume three ways: the 5³ box
 mean alone (the rule before the opening), the largest connected component of its inside
-mask (the other candidate), and the box mean + opening (``fuse.outside_opened``, which
+mask (the other candidate), and the box mean + opening (``ct.outside.outside_of_sample``, which
 fuse reproduces chunk by chunk, byte for byte). Painted fractions are counted per phantom
 label (``metrics.volume.sample_mask``: everything but resin, air and the tube).
 
@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-import hpcstain.volume.fuse as fuse
+import hpcstain.ct.outside as outside
 from hpcstain.metrics.volume import sample_mask
 from hpcstain.phantom import write_volume_file
 from hpcstain.phantom.sample import LABELS
@@ -35,20 +35,20 @@ PHANTOMS = [((128, 128, 128), "mg", 11), ((128, 128, 128), "mg", 4), ((128, 128,
 def rules(ct: np.ndarray, levels: tuple[float, float]) -> dict[str, np.ndarray]:
     """Outside masks of the whole volume by each rule."""
     whole = tuple(slice(0, n) for n in ct.shape)
-    box = fuse.outside_mask(ct, whole, whole, levels)
+    box = outside.outside_mask(ct, whole, whole, levels)
     components, _ = ndimage.label(~box)
     largest = components != np.argmax(np.bincount(components.ravel())[1:]) + 1
     return {"box mean (before)": box, "largest component": largest,
-            f"box + opening {fuse.OUTSIDE_ERODE}/{fuse.OUTSIDE_KEEP}":
-                fuse.outside_opened(ct, whole, whole, levels)}
+            f"box + opening {outside.OUTSIDE_ERODE}/{outside.OUTSIDE_KEEP}":
+                outside.outside_of_sample(ct, whole, whole, levels)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--erode", type=int, default=fuse.OUTSIDE_ERODE)
-    p.add_argument("--keep", type=int, default=fuse.OUTSIDE_KEEP)
+    p.add_argument("--erode", type=int, default=outside.OUTSIDE_ERODE)
+    p.add_argument("--keep", type=int, default=outside.OUTSIDE_KEEP)
     args = p.parse_args()
-    fuse.OUTSIDE_ERODE, fuse.OUTSIDE_KEEP = args.erode, args.keep  # read at call time
+    outside.OUTSIDE_ERODE, outside.OUTSIDE_KEEP = args.erode, args.keep  # read at call time
     print("| phantom | rule | tube painted | tube > 5 voxels from the sample painted "
           "| sample voxels painted |")
     print("|---|---|---|---|---|")

@@ -34,7 +34,8 @@ def stain_axes(run_dir: Path, plan: Any) -> tuple[dict[str, np.ndarray], float]:
     """Stain ``plan`` along its axes in-process: the per-axis RGB volumes, seconds per axis."""
     import zarr
 
-    from hpcstain.volume import init_run, run_stain
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import init_run
     from hpcstain.volume.plan import axis_store
 
     run = init_run(run_dir, plan, overwrite=True)

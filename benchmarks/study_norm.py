@@ -55,22 +55,23 @@ def main() -> None:
 
     import zarr
 
-    from hpcstain.inference import _generator_net, conventions_of
+    from hpcstain.ct.conventions import conventions_of
+    from hpcstain.ct.prepare import prepare_block
+    from hpcstain.inference import generator_net
     from hpcstain.metrics.volume import prepare_reference, score_volume
     from hpcstain.models.stack_norm import dependency_radius, share_statistics
     from hpcstain.train.checkpoint import load_checkpoint
     from hpcstain.volume import make_plan, open_volume
     from hpcstain.volume.fuse import fuse_mean
-    from hpcstain.volume.stain import prepared_ct
 
     ckpt = load_checkpoint(args.checkpoint)
     conv = conventions_of(ckpt)
-    net = _generator_net(ckpt, "ct2hist", args.checkpoint, "cpu")
+    net = generator_net(ckpt, "ct2hist", args.checkpoint, "cpu")
     source = open_volume(f"{args.volume}:ct")
     plan = make_plan(source, chunk=64, axes="z,y,x", tile=256, step=192, window="hann",
                      sigma=args.ct_sigma, checkpoint=args.checkpoint)
     shape = source.shape
-    ct = prepared_ct(source, tuple(slice(0, n) for n in shape), plan)
+    ct = prepare_block(source, tuple(slice(0, n) for n in shape), plan.ct_recipe)
     group = zarr.open_group(args.volume, mode="r")
     ref = prepare_reference(shape, group["stain"][:], labels=group["labels"][:],
                             ct=group["ct"][:])

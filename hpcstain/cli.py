@@ -199,7 +199,7 @@ def _add_distill_args(p: argparse.ArgumentParser) -> None:
 
 def _plan_from_args(args: argparse.Namespace) -> Path:
     """Open and validate the input, write (or re-check) RUN_DIR/plan.json."""
-    from hpcstain.predict import resolve_tiling
+    from hpcstain.tiles import resolve_tiling
     from hpcstain.volume import init_run, make_plan, open_volume
     from hpcstain.volume.stain import checkpoint_changed
 
@@ -211,21 +211,14 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
                       nan_value=args.nan_value or 0.0)
-    cupping = _stain_cupping(args, src)
-    if levels is None:  # [CT levels] estimated once here and printed (also with --plan-only)
-        from hpcstain.cupping import CorrectedSource
-        from hpcstain.levels import require_confident, volume_levels
-
-        estimate = volume_levels(CorrectedSource(src, cupping) if cupping else src)
-        print("\n".join(estimate.lines()))
-        levels = require_confident(estimate).levels
     chunk = args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
     plan = make_plan(src, chunk=chunk, axes=args.axes, tile=tiling.tile, step=tiling.step,
                      window=tiling.window, sigma=args.sigma, levels=levels,
                      voxel_size_um=args.voxel_size,  # "Z,Y,X" / Z Y X / S, parsed there
                      checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels,
                      autocast=args.autocast, max_tile=tiling.max_tile,
-                     cupping=cupping or "none", cupping_override=args.cupping_override)
+                     cupping=args.cupping, cupping_override=args.cupping_override,
+                     report=print)  # [CT levels, cupping] decided in the plan, printed here
     run = init_run(args.out, plan, overwrite=args.overwrite)
     tiles = ", ".join(f"{a} {t[0]}x{t[1]}" for a in plan.axes
                       for t in [plan.plane_tiling(a)[0]])
@@ -243,20 +236,6 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
     if note:
         print(f"note: {note}", file=sys.stderr)
     return Path(run)
-
-
-def _stain_cupping(args: argparse.Namespace, src: object) -> object:
-    """[cupping] The run's correction (fitted once, printed) or None; the mode follows the
-    checkpoint unless --cupping says otherwise (a mismatch is refused, see plan.py)."""
-    from hpcstain.volume.plan import resolve_cupping
-
-    fitted = resolve_cupping(src, args.cupping, args.checkpoint, args.cupping_override)
-    if fitted is not None:
-        centre = ", ".join(f"{v:.1f}" for v in fitted.centre_yx)
-        print(f"cupping: +{fitted.depth:.0f} grey values on the axis (y, x = {centre}), "
-              f"0 at r >= {fitted.radius:.1f} voxels; coefficients "
-              f"{', '.join(f'{a:.1f}' for a in fitted.coeffs)}")
-    return fitted
 
 
 def _plan_on_rank0(args: argparse.Namespace) -> Path:
@@ -279,7 +258,7 @@ def _plan_on_rank0(args: argparse.Namespace) -> Path:
 
 
 def cmd_stain(args: argparse.Namespace) -> int:
-    from hpcstain.volume import run_stain
+    from hpcstain.executors import run_stain
 
     # [device] checked before the plan is written: an absent --device leaves nothing behind
     device = args.device if args.plan_only else _use_device(
@@ -333,9 +312,10 @@ def cmd_stain_or_clean(args: argparse.Namespace) -> int:
 
 def cmd_levels(args: argparse.Namespace) -> int:
     """[CT levels] Estimate and print the raw (bone, background) levels of a CT."""
-    from hpcstain.levels import estimate_ct_levels, plot_levels, volume_sample
+    from hpcstain.ct.levels import estimate_ct_levels, plot_levels
+    from hpcstain.volume.io import level_sample
 
-    raw, smoothed, stride, name = volume_sample(args.input, args.max_voxels, args.nan_value)
+    raw, smoothed, stride, name = level_sample(args.input, args.max_voxels, args.nan_value)
     est = estimate_ct_levels(raw, name, stride=stride, smoothed=smoothed)
     print(json.dumps(est.to_dict(), indent=2) if args.json else "\n".join(est.lines()))
     if args.png:
@@ -346,8 +326,8 @@ def cmd_levels(args: argparse.Namespace) -> int:
 
 def cmd_cupping(args: argparse.Namespace) -> int:
     """[cupping] Fit the CT's radial cupping correction; print it; write the corrected CT."""
-    from hpcstain.cupping import fit_source, write_corrected
-    from hpcstain.volume import open_volume
+    from hpcstain.ct.cupping import fit_source
+    from hpcstain.volume.io import open_volume, write_corrected
 
     src = open_volume(args.input, nan_policy="error" if args.nan_value is None else "replace",
                       nan_value=args.nan_value or 0.0)
@@ -656,7 +636,8 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hpcstain.predict import predict_files, resolve_tiling
+    from hpcstain.predict import predict_files
+    from hpcstain.tiles import resolve_tiling
 
     if (args.bone_level is None) != (args.background_level is None):
         raise UsageError("give both --bone-level and --background-level (or neither)")
@@ -675,7 +656,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hpcstain.evaluate import evaluate_manifest
-    from hpcstain.predict import resolve_tiling
+    from hpcstain.tiles import resolve_tiling
 
     tiling = resolve_tiling(args.tiling, args.tile, args.step, args.window)
     device = _use_device(args.device)
@@ -1039,7 +1020,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpcstain: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("hpcstain: interrupted", file=sys.stderr)
+        print("hpcstain: interrupted; re-running the same command resumes (train, distill, "
+              "stain and fuse keep their finished work)", file=sys.stderr)
         return 130
 
 

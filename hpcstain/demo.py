@@ -70,10 +70,11 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     from PIL import Image
 
     from hpcstain.config import load_config
+    from hpcstain.executors import run_stain
     from hpcstain.metrics.stripes import stripe_index
     from hpcstain.phantom import write_pairs, write_volume_file
     from hpcstain.train.trainer import train
-    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     sizes = QUICK if quick else FULL
     out = Path(out)

@@ -36,15 +36,14 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.ct.unit import ct16_to_unit, normalise_ct
 from hpcstain.data.manifest import Pair, read_ct_slab, read_manifest, read_pair
 from hpcstain.data.masks import load_or_compute_mask
 from hpcstain.data.normalise import (
     Rois,
     apply_stretch,
-    ct16_to_unit,
     ct_levels,
     histology_stretch,
-    normalise_ct,
     normalise_histology,
     unit_to_rgb8,
 )
@@ -106,7 +105,7 @@ class PairImagesNormalised:
     raw_ct: np.ndarray          # normalised CT as grey RGB, uint8 (H, W, 3)
     mask: np.ndarray            # (H, W) bool
     rois: Rois
-    cupping: Any = None         # the hpcstain.cupping.Cupping applied to ``ct``, if any
+    cupping: Any = None         # the hpcstain.ct.cupping.Cupping applied to ``ct``, if any
     ct_slab: np.ndarray | None = None  # raw (k, H, W) CT planes about ``ct`` (2.5D model)
 
 
@@ -191,11 +190,11 @@ def select_pairs(pairs: Sequence[Pair], ids: Sequence[str] | None, source: str
 def pair_cuppings(pairs: Sequence[Pair], stainer: Stainer, choice: str = "checkpoint",
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """pair id → the cupping correction of its CT under a ``radial`` checkpoint (empty
-    otherwise); ``choice`` as :func:`hpcstain.cupping.slide_fits` (``checkpoint``: the
+    otherwise); ``choice`` as :func:`hpcstain.ct.cupping.slide_fits` (``checkpoint``: the
     training set's stored fit for slides of its size; ``set``: one fit over these pairs'
     equally sized slides, the training rule; ``slide``: each alone). A fallback is said in
     one ``log`` line. Reads each pair's CT once here."""
-    from hpcstain.cupping import check_fit_choice, slide_fits
+    from hpcstain.ct.cupping import check_fit_choice, slide_fits
     from hpcstain.data.manifest import as_ct
     from hpcstain.data.readers import read_image
 
@@ -230,7 +229,7 @@ def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNo
         if stainer.conventions.cupping == "radial":
             from dataclasses import replace
 
-            from hpcstain.cupping import apply_cupping, slide_fits
+            from hpcstain.ct.cupping import apply_cupping, slide_fits
 
             if cupping is None:
                 (cupping,), _ = slide_fits(lambda _: images.ct, 1,
@@ -241,7 +240,7 @@ def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNo
         if stainer.context_slices > 1:  # a 2.5D model: the pair's CT planes, corrected alike
             slab = read_ct_slab(pair, stainer.context_slices, images.ct.shape)
             if cupping is not None:
-                from hpcstain.cupping import apply_cupping
+                from hpcstain.ct.cupping import apply_cupping
 
                 slab = np.stack([apply_cupping(p, cupping) for p in slab])
         rois = pair_rois(pair, images.ct, images.histology)

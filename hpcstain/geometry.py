@@ -13,10 +13,8 @@ from itertools import product
 from typing import TypeAlias
 
 Region: TypeAlias = tuple[slice, ...]
-
-
-def shape_of(region: Region) -> tuple[int, ...]:
-    return tuple(s.stop - s.start for s in region)
+AXES = ("z", "y", "x")                   # a volume's axes, in storage order
+AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
 
 
 def grow(region: Region, halo: int, shape: tuple[int, ...]) -> Region:
@@ -41,3 +39,9 @@ def chunks_touched(region: Region, chunk: tuple[int, ...]) -> Iterator[tuple[int
     ranges = [range(s.start // k, (s.stop - 1) // k + 1)
               for s, k in zip(region, chunk, strict=True)]
     return product(*ranges)
+
+
+def grow_within(region: Region, by: int, limit: Region) -> Region:
+    """``region`` grown by ``by`` voxels, clipped to the box ``limit``."""
+    return tuple(slice(max(lim.start, r.start - by), min(lim.stop, r.stop + by))
+                 for r, lim in zip(region, limit, strict=True))

@@ -118,7 +118,8 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from hpcstain.inference import _generator_net, conventions_of
+    from hpcstain.ct.conventions import conventions_of
+    from hpcstain.inference import generator_net
     from hpcstain.models.flops import flops_per_pixel, parameter_count
     from hpcstain.train.checkpoint import file_sha256, load_checkpoint
 
@@ -130,7 +131,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
         raise InputError(f"{path}: checkpoint has no architecture record")
     conv = conventions_of(ckpt)
-    gen = _generator_net(ckpt, "ct2hist", str(path), "cpu")
+    gen = generator_net(ckpt, "ct2hist", str(path), "cpu")
     tile = 256 if arch.get("generator") == "unet256" else 64
     model = ckpt.get("model") or {}
     nets = {f"{group}/{name}": _state_parameters(state)
@@ -164,7 +165,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _cupping_line(c: dict[str, Any]) -> str:
     """``cupping: radial; training fit 128×128: +2688 grey values on the axis (…)``."""
-    from hpcstain.cupping import describe_fit, fits_from_record
+    from hpcstain.ct.cupping import describe_fit, fits_from_record
 
     mode = c.get("cupping", "none")
     if mode != "radial":

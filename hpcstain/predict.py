@@ -21,18 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
-from hpcstain.cupping import Cupping, apply_cupping, check_fit_choice, slide_fits
+from hpcstain.ct.cupping import Cupping, apply_cupping, check_fit_choice, slide_fits
+from hpcstain.ct.unit import ct16_to_unit, normalise_ct, unit_to_ct16
 from hpcstain.data.manifest import as_ct, as_mask, as_rgb
 from hpcstain.data.normalise import (
+    NORMALISED_BACKGROUND,
     Rois,
     check_rois,
-    ct16_to_unit,
     ct_levels,
     find_ct_rois,
     find_pair_rois,
-    normalise_ct,
     normalise_histology,
-    unit_to_ct16,
     unit_to_rgb8,
 )
 from hpcstain.data.readers import read_image, split_spec
@@ -41,7 +40,6 @@ from hpcstain.inference import Stainer, load_generator
 from hpcstain.metrics.patches import apply_mask
 from hpcstain.tiles import (
     DEFAULT_TILING,
-    PAPER_TILING,
     TileFn,
     Tiling,
     auto_batch,
@@ -50,7 +48,6 @@ from hpcstain.tiles import (
     stain_image,
 )
 
-TILINGS = {"paper": PAPER_TILING, "default": DEFAULT_TILING}
 IMAGE_SUFFIXES = {".png": "png", ".tif": "tif", ".tiff": "tif"}
 BACKGROUND_BAND = 0.25  # with given levels: background = CT within 25 % of the gap of its level
 
@@ -59,18 +56,6 @@ BACKGROUND_BAND = 0.25  # with given levels: background = CT within 25 % of the 
 
 # One inference path: the generator and its CT conventions come from hpcstain.inference.
 load_stainer = load_generator
-
-
-def resolve_tiling(name: str = "default", tile: int | None = None, step: int | None = None,
-                   window: str | None = None) -> Tiling:
-    """A named tiling (``paper``: 256/64/mean §2.9, ``default``: 256/192/hann) with overrides."""
-    if name not in TILINGS:
-        raise UsageError(f"unknown tiling {name!r}; choose one of {', '.join(TILINGS)}")
-    base = TILINGS[name]
-    tiling = Tiling(tile or base.tile, step or base.step, window or base.window,
-                    base.max_tile if not tile else 0)
-    check_tiling(tiling.tile, tiling.step, tiling.window)
-    return tiling
 
 
 # --------------------------------------------------------------------------- pure core
@@ -113,12 +98,6 @@ def normalised_ct(ct: np.ndarray, target: tuple[float, float],
     ct16 = normalise_ct(ct, levels[0], levels[1], target[0], target[1])
     region = rois.background if rois is not None else background_region(ct16, target)
     return ct16, region
-
-
-# §2.8 fills pixels outside the correspondence mask with the mean background. The model is
-# never trained outside the mask, so its own background is arbitrary; the §2.5 stretch puts
-# the 99th percentile of the slide background at 255, which leaves its mean at ~250, neutral.
-NORMALISED_BACKGROUND = (250.0, 250.0, 250.0)
 
 
 def _channels(unit: np.ndarray, n: int) -> np.ndarray:
@@ -300,7 +279,7 @@ def context_planes(data: np.ndarray, k: int, what: str) -> np.ndarray | None:
 def slide_cuppings(inputs: Sequence[str], stainer: Stainer, choice: str = "checkpoint",
                    log: Callable[[str], None] | None = None) -> list[Cupping | None]:
     """Each CT input's cupping correction under a ``radial`` checkpoint (None for every
-    input otherwise): ``choice`` as :func:`hpcstain.cupping.slide_fits` (``checkpoint``: the
+    input otherwise): ``choice`` as :func:`hpcstain.ct.cupping.slide_fits` (``checkpoint``: the
     training set's stored fit for slides of its size). A fallback is said in one ``log``
     line. Reads each CT once here (and again when it is stained)."""
     if stainer.reverse or stainer.conventions.cupping != "radial":

@@ -50,6 +50,7 @@ PAPER_TILING = Tiling(256, 64, "mean")  # §2.9: 256 px tiles stepped by 64 px, 
 # The default, chosen by benchmarks/bench_tiles.py and bench_engine.py: 256/192 Hann, and
 # planes covered by equal tiles of up to 512 px with the same 64 px overlap.
 DEFAULT_TILING = Tiling(256, 192, "hann", 512)
+TILINGS = {"paper": PAPER_TILING, "default": DEFAULT_TILING}
 # Generator input pixels per batch when the caller leaves the batch size to us (0): on the
 # CPU small batches stay in cache (a 16 × 256² batch of a ngf-16 ResNet is ~4× slower per
 # tile than 1–2 tiles, benchmarks/bench_engine.py); GPUs want large batches.
@@ -328,3 +329,20 @@ def stain_image(image: np.ndarray, fn: TileFn, *, tile: int | Pair = 256,
     full = (slice(0, shape[0]), slice(0, shape[1]))
     return stain_region(image, shape, full, fn, tile=tile, step=step, window=window,
                         batch_size=batch_size, counter=counter)
+
+
+def resolve_tiling(name: str = "default", tile: int | None = None, step: int | None = None,
+                   window: str | None = None) -> Tiling:
+    """A named tiling (``paper``: 256/64/mean §2.9, ``default``: 256/192/hann) with overrides."""
+    if name not in TILINGS:
+        raise UsageError(f"unknown tiling {name!r}; choose one of {', '.join(TILINGS)}")
+    base = TILINGS[name]
+    tiling = Tiling(tile or base.tile, step or base.step, window or base.window,
+                    base.max_tile if not tile else 0)
+    check_tiling(tiling.tile, tiling.step, tiling.window)
+    return tiling
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """[-1, 1] float → uint8 (round half to even, clipped)."""
+    return np.clip(np.rint((np.asarray(rgb, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

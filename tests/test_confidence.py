@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from hpcstain.ct.outside import outside_mask
 from hpcstain.volume import omezarr
 from hpcstain.volume.fuse import (
     DISAGREEMENT,
@@ -15,7 +16,6 @@ from hpcstain.volume.fuse import (
     fuse_groups,
     fuse_mean,
     fuse_run,
-    outside_mask,
 )
 from hpcstain.volume.plan import Plan, axis_store, write_record
 from hpcstain.volume.stain import init_run
@@ -217,10 +217,11 @@ def test_any_grouping_gives_the_same_bytes(tmp_path, monkeypatch):
     real CT included."""
     import functools
 
+    from hpcstain.executors import run_stain
     from hpcstain.phantom import write_volume_file
     from hpcstain.volume import fuse as fuse_module
     from hpcstain.volume import init_run as init
-    from hpcstain.volume import make_plan, open_volume, run_stain
+    from hpcstain.volume import make_plan, open_volume
 
     path = write_volume_file(tmp_path / "ph.zarr", (22, 30, 26), "ti", 5)
     plan = make_plan(open_volume(f"{path}:ct"), chunk=(5, 7, 6), tile=16, step=8,

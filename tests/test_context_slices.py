@@ -17,14 +17,16 @@ import torch
 import zarr
 
 from hpcstain.config import load_config
+from hpcstain.ct.conventions import conventions_of
 from hpcstain.data.manifest import read_manifest
 from hpcstain.data.sampler import PairedPatchDataset, load_slides, with_context
 from hpcstain.errors import ConfigError, InputError
-from hpcstain.inference import checkpoint_conventions, conventions_of
+from hpcstain.executors import run_stain
+from hpcstain.inference import checkpoint_conventions
 from hpcstain.models.gans import architecture_of
 from hpcstain.phantom import write_pairs, write_volume_file
 from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
-from hpcstain.volume import init_run, make_plan, open_volume, run_stain
+from hpcstain.volume import init_run, make_plan, open_volume
 from hpcstain.volume.plan import axis_store
 
 TINY = ["data.n_folds=0", "data.n_test=1", "data.patches_per_pair=2", "train.epochs=1",

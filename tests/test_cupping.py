@@ -1,4 +1,4 @@
-"""Cupping correction (hpcstain.cupping): fit on the phantom, no-op, chunk invariance,
+"""Cupping correction (hpcstain.ct.cupping): fit on the phantom, no-op, chunk invariance,
 conventions recorded and enforced, the CLI verb."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 import zarr
 
 from hpcstain.cli import main
-from hpcstain.cupping import (
-    CorrectedSource,
+from hpcstain.ct.cupping import (
     Cupping,
     apply_cupping,
     correction_map,
@@ -21,6 +20,7 @@ from hpcstain.cupping import (
 from hpcstain.errors import InputError, UsageError
 from hpcstain.phantom import make_volume, write_volume_file
 from hpcstain.phantom.render import CT_GAIN, NOISE_SIGMA
+from hpcstain.volume.io import CorrectedSource
 
 NOISE = NOISE_SIGMA * CT_GAIN   # the phantom's per-voxel noise σ in grey values (700)
 
@@ -96,22 +96,22 @@ def test_chunked_application_equals_the_whole_volume() -> None:
 
 
 def test_stained_slabs_see_the_whole_volume_correction(tmp_path) -> None:
-    """prepared_ct (read + halo + correction + Gaussian) over any box = the whole volume's."""
+    """prepare_block (read + halo + correction + Gaussian) over any box = the whole volume's."""
+    from hpcstain.ct.prepare import prepare_block
     from hpcstain.volume import make_plan
-    from hpcstain.volume.stain import prepared_ct
 
     vol = make_volume((16, 64, 64), "ti", 4, cupping=0.15)
     src = ArraySource(vol.ct)
     plan = make_plan(src, chunk=8, axes="z", sigma=1.0, levels=(30000.0, 10000.0),
                      cupping="auto")
     assert plan.cupping["model"] == "radial-even-poly" and plan.cupping["coeffs"][0] > 1000
-    whole = prepared_ct(src, (slice(0, 16), slice(0, 64), slice(0, 64)), plan)
+    whole = prepare_block(src, (slice(0, 16), slice(0, 64), slice(0, 64)), plan.ct_recipe)
     for box in [(slice(0, 8), slice(0, 64), slice(0, 64)),
                 (slice(5, 13), slice(17, 50), slice(3, 29))]:
-        np.testing.assert_allclose(prepared_ct(src, box, plan), whole[box], atol=1e-6)
+        np.testing.assert_allclose(prepare_block(src, box, plan.ct_recipe), whole[box], atol=1e-6)
     none = make_plan(src, chunk=8, axes="z", sigma=1.0, levels=(30000.0, 10000.0))
     assert none.cupping == {}
-    assert np.abs(prepared_ct(src, (slice(0, 16), slice(0, 64), slice(0, 64)), none)
+    assert np.abs(prepare_block(src, (slice(0, 16), slice(0, 64), slice(0, 64)), none.ct_recipe)
                   - whole).max() > 0.02
 
 
@@ -212,7 +212,8 @@ def test_fuse_tests_outside_on_the_corrected_ct(tmp_path) -> None:
     (uncorrected, strongly cupped soft tissue near the axis falls below the resin level)."""
     import torch
 
-    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     def grey(batch: torch.Tensor) -> torch.Tensor:
         return batch[:, :1].expand(-1, 3, -1, -1).clamp(-1, 1) * 0.5

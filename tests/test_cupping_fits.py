@@ -12,7 +12,7 @@ import tifffile
 from micro import micro_config
 
 from hpcstain.cli import main
-from hpcstain.cupping import (
+from hpcstain.ct.cupping import (
     Cupping,
     apply_cupping,
     fit_cupping,

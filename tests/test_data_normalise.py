@@ -6,19 +6,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from hpcstain.ct.unit import ct16_to_unit, ct_to_unit, normalise_ct, unit_to_ct16
 from hpcstain.data.normalise import (
     Rois,
     apply_stretch,
     boxes_to_mask,
-    ct16_to_unit,
     ct_levels,
-    ct_to_unit,
     find_ct_rois,
     find_pair_rois,
     histology_stretch,
-    normalise_ct,
     normalise_histology,
-    unit_to_ct16,
     unit_to_rgb8,
 )
 from hpcstain.data.toy import toy_pair
@@ -59,7 +56,8 @@ def test_ct_unit_mapping_and_inverse() -> None:
     assert unit[3] == pytest.approx(30000 / 65535 * 2 - 1)
     assert np.array_equal(unit_to_ct16(unit)[1:5], [0, 10000, 30000, 65535])
     rois = Rois(boxes_to_mask(((0, 1, 0, 1),), (1, 2)), boxes_to_mask(((0, 1, 1, 2),), (1, 2)))
-    got = ct_to_unit(np.array([[500.0, 100.0]]), rois)
+    ct = np.array([[500.0, 100.0]])
+    got = ct_to_unit(ct, ct_levels(ct, rois))
     assert np.allclose(got, [[30000 / 65535 * 2 - 1, 10000 / 65535 * 2 - 1]], atol=1e-6)
     with pytest.raises(InputError, match="cannot normalise"):
         normalise_ct(np.ones((2, 2)), 5.0, 5.0)

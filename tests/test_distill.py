@@ -7,9 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro import StopAfter
-
-from hpcstain.config import Config, load_config, to_dict
 from hpcstain.distill import (
     DistillModel,
     Plane,
@@ -19,6 +16,9 @@ from hpcstain.distill import (
     teacher_overrides,
     volume_units,
 )
+from micro import StopAfter
+
+from hpcstain.config import Config, load_config, to_dict
 from hpcstain.errors import InputError
 from hpcstain.inference import conventions_of, load_generator
 from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
@@ -73,8 +73,8 @@ def held_out_planes(d: dict[str, Path]) -> list[Plane]:
 
 def test_volume_slices_are_prepared_exactly_as_stain_prepares_them(data):
     """Cupping fit, levels, Gaussian, target levels: the teacher labels what stain feeds it."""
+    from hpcstain.ct.prepare import prepare_block
     from hpcstain.volume import make_plan, open_volume
-    from hpcstain.volume.stain import prepared_ct
 
     src = open_volume(f"{data['volume']}:ct")
     plan = make_plan(src, chunk=16, axes="z,y,x", tile=32, step=16,
@@ -82,7 +82,7 @@ def test_volume_slices_are_prepared_exactly_as_stain_prepares_them(data):
     assert plan.cupping  # the teacher was trained with the radial correction
     units = volume_units(f"{data['volume']}:ct", ["z", "y", "x"], 2, plan.sigma,
                          plan.target_levels, str(data["teacher"]))
-    whole = prepared_ct(src, tuple(slice(0, n) for n in src.shape), plan)
+    whole = prepare_block(src, tuple(slice(0, n) for n in src.shape), plan.ct_recipe)
     assert len(units) == 6
     for name, unit in units:
         where = name.rsplit(":", 1)[1]
@@ -91,9 +91,9 @@ def test_volume_slices_are_prepared_exactly_as_stain_prepares_them(data):
 
 
 def student_net(ckpt: Path) -> torch.nn.Module:
-    from hpcstain.inference import _generator_net
+    from hpcstain.inference import generator_net
 
-    return _generator_net(load_checkpoint(ckpt), "ct2hist", str(ckpt), "cpu")
+    return generator_net(load_checkpoint(ckpt), "ct2hist", str(ckpt), "cpu")
 
 
 def test_distilling_lowers_the_students_l1_to_the_teacher_on_held_out_ct(data, tmp_path):
@@ -123,7 +123,8 @@ def test_distilling_lowers_the_students_l1_to_the_teacher_on_held_out_ct(data, t
 
 
 def test_student_checkpoint_runs_through_predict_stain_and_fuse(data, tmp_path):
-    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     cfg = student_config(data, "train.max_steps=2")
     train(cfg, tmp_path / "run", progress=False)
@@ -223,10 +224,11 @@ def test_a_radial_student_is_corrected_with_and_records_the_teachers_stored_fit(
     pair planes are corrected with exactly that fit (as predict corrects them for the
     teacher), and every student checkpoint carries it, so predict applies it to the
     student too."""
-    from hpcstain.cupping import Cupping, fits_from_record, fits_record
+    from hpcstain.distill import PLANES_FILE, load_planes
+
+    from hpcstain.ct.cupping import Cupping, fits_from_record, fits_record
     from hpcstain.data.manifest import read_manifest
     from hpcstain.data.sampler import load_slide
-    from hpcstain.distill import PLANES_FILE, load_planes
 
     fit = Cupping((31.5, 31.5), 40.0, (2500.0,), {"slides": 3})
     ckpt = load_checkpoint(data["teacher"])

@@ -9,20 +9,21 @@ import torch
 import zarr
 from scipy import ndimage
 
-from hpcstain.errors import UsageError
-from hpcstain.metrics.volume import sample_mask
-from hpcstain.phantom import write_volume_file
-from hpcstain.phantom.sample import LABELS
-from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
-from hpcstain.volume.fuse import (
+from hpcstain.ct.outside import (
     OUTSIDE_ERODE,
     OUTSIDE_KEEP,
     OUTSIDE_REACH,
-    background_rgba,
     outside_mask,
-    outside_opened,
+    outside_of_sample,
     thick_inside,
 )
+from hpcstain.errors import UsageError
+from hpcstain.executors import run_stain
+from hpcstain.metrics.volume import sample_mask
+from hpcstain.phantom import write_volume_file
+from hpcstain.phantom.sample import LABELS
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
+from hpcstain.volume.fuse import background_rgba
 
 LEVELS = (30000.0, 10000.0)  # threshold 11600
 
@@ -58,7 +59,7 @@ def test_thin_detached_wall_is_outside_and_the_thick_block_whole():
     ct = tube_and_block()
     box = whole(ct.shape)
     plain = outside_mask(ct, box, box, LEVELS)
-    opened = outside_opened(ct, box, box, LEVELS)
+    opened = outside_of_sample(ct, box, box, LEVELS)
     wall = np.zeros(ct.shape, bool)
     wall[:, 34:36, :] = True
     block = np.zeros(ct.shape, bool)
@@ -71,13 +72,13 @@ def test_thin_detached_wall_is_outside_and_the_thick_block_whole():
     assert (opened | ~plain).all() and (opened >= plain).all()  # only ever adds outside
 
 
-def test_outside_opened_is_the_whole_volume_rule_in_any_box():
+def test_outside_of_sample_is_the_whole_volume_rule_in_any_box():
     rng = np.random.default_rng(5)
     ct = tube_and_block((18, 40, 44)).astype(np.int32)
     ct[2:16, 0:14, 40:44] = 16000  # 4 voxels thin, against the border: 8 once mirrored
     ct = np.clip(ct + rng.integers(-4000, 4000, ct.shape), 0, 65535).astype(np.uint16)
     expected = reference(ct)
-    np.testing.assert_array_equal(outside_opened(ct, whole(ct.shape), whole(ct.shape),
+    np.testing.assert_array_equal(outside_of_sample(ct, whole(ct.shape), whole(ct.shape),
                                                  LEVELS), expected)
     assert 0.1 < expected.mean() < 0.9
     plain = outside_mask(ct, whole(ct.shape), whole(ct.shape), LEVELS)
@@ -89,7 +90,7 @@ def test_outside_opened_is_the_whole_volume_rule_in_any_box():
                   (slice(0, 18), slice(24, 35), slice(20, 30)),  # block edge to wall
                   (slice(2, 3), slice(0, 40), slice(43, 44))]:   # one-voxel thin
         grown = grow_clip(inner, ct.shape)
-        got = outside_opened(ct[grown], inner, grown, LEVELS)
+        got = outside_of_sample(ct[grown], inner, grown, LEVELS)
         np.testing.assert_array_equal(got, expected[inner], err_msg=str(inner))
 
 

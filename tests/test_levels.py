@@ -1,4 +1,4 @@
-"""CT levels from the CT alone (hpcstain.levels): metal of any size, cupping, errors, CLI."""
+"""CT levels from the CT alone (hpcstain.ct.levels): metal of any size, cupping, errors, CLI."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from scipy import ndimage
 
 from hpcstain.cli import main
-from hpcstain.data.normalise import ct_levels, find_ct_rois
-from hpcstain.errors import InputError, UsageError
-from hpcstain.levels import (
+from hpcstain.ct.levels import (
     AMBIGUOUS,
     estimate_ct_levels,
     require_confident,
     volume_levels,
 )
+from hpcstain.data.normalise import ct_levels, find_ct_rois
+from hpcstain.errors import InputError, UsageError
 from hpcstain.phantom import LABELS, make_volume, render_pair
 from hpcstain.phantom import render as phantom_render
 from hpcstain.volume.io import estimate_levels

@@ -14,19 +14,17 @@ from micro import micro_config
 from PIL import Image
 
 from hpcstain.config import LossConfig, ModelConfig, to_dict
-from hpcstain.data.normalise import Rois, ct_levels, find_ct_rois
+from hpcstain.data.normalise import NORMALISED_BACKGROUND, Rois, ct_levels, find_ct_rois
 from hpcstain.errors import InputError, UsageError
 from hpcstain.models import build_model
 from hpcstain.phantom import write_pairs
 from hpcstain.predict import (
-    NORMALISED_BACKGROUND,
     load_stainer,
     mask_outside,
     predict_files,
     predict_slide,
-    resolve_tiling,
 )
-from hpcstain.tiles import DEFAULT_TILING, PAPER_TILING, Tiling
+from hpcstain.tiles import DEFAULT_TILING, PAPER_TILING, Tiling, resolve_tiling
 from hpcstain.train.checkpoint import save_checkpoint
 from hpcstain.train.trainer import train
 

@@ -165,7 +165,8 @@ def _fused(run_dir: Path) -> np.ndarray:
 
 def test_stain_array_and_dependent_fuse_equal_the_in_process_run(
         volume_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from hpcstain.volume import fuse_run, run_stain
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import fuse_run
 
     vol, ckpt = volume_run
     local = _plan(tmp_path / "local", vol, ckpt)
@@ -227,8 +228,8 @@ def test_dask_workers_as_slurm_jobs_stain_the_same_bytes(volume_run: tuple[Path,
     pytest.importorskip("dask_jobqueue")
     import zarr
 
+    from hpcstain.executors import run_stain
     from hpcstain.launch.dask_slurm import slurm_cluster
-    from hpcstain.volume import run_stain
 
     vol, ckpt = volume_run
     local = _plan(tmp_path / "local", vol, ckpt)

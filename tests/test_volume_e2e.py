@@ -7,8 +7,9 @@ import pytest
 import torch
 import zarr
 
+from hpcstain.executors import run_stain
 from hpcstain.phantom import write_volume_file
-from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 from hpcstain.volume.fuse import fuse_mean
 from hpcstain.volume.plan import axis_store
 
@@ -144,8 +145,8 @@ def test_tampered_pinned_generator_is_refused_naming_both_hashes(tmp_path):
 
 def test_target_levels_come_from_the_checkpoint(tmp_path):
     """A model trained with other §2.5 levels is normalised with those levels by stain."""
+    from hpcstain.ct.prepare import prepare_block
     from hpcstain.volume.plan import load_plan
-    from hpcstain.volume.stain import prepared_ct
 
     ckpt, _ = tiny_checkpoint(tmp_path / "g.pt", ct_bone_level=40000.0,
                               ct_background_level=5000.0)
@@ -155,7 +156,7 @@ def test_target_levels_come_from_the_checkpoint(tmp_path):
     run = init_run(tmp_path / "run", plan)
     assert load_plan(run).target_levels == (40000.0, 5000.0)
     box = (slice(0, 8), slice(0, 16), slice(0, 16))
-    unit = prepared_ct(src, box, load_plan(run))
+    unit = prepare_block(src, box, load_plan(run).ct_recipe)
     raw = src.read(box).astype(np.float32)
     expected = ((raw - 10000) * (35000 / 20000) + 5000).clip(0, 65535) / 65535 * 2 - 1
     np.testing.assert_allclose(unit, expected, atol=2e-6)
@@ -184,7 +185,7 @@ def test_bf16_autocast_output_stays_close_to_fp32(tmp_path):
 def test_fuse_paints_resin_and_air_with_the_slide_background(tmp_path):
     """Outside the sample (phantom labels: background) the fused stain is (250, 250, 250);
     inside, it is the generator's fusion untouched."""
-    from hpcstain.volume.fuse import outside_sample
+    from hpcstain.ct.outside import outside_sample
 
     path = write_volume_file(tmp_path / "ph.zarr", (24, 48, 48), "mg", 3)
     src = open_volume(f"{path}:ct")

@@ -14,11 +14,11 @@ import pytest
 import torch
 import zarr
 
+from hpcstain.ct.prepare import prepare_block, whole_volume_smooth
+from hpcstain.ct.unit import ct_to_unit as unit_ct
 from hpcstain.errors import InputError, UsageError
 from hpcstain.executors import run_local, run_stain
 from hpcstain.executors.array import run_array_task, task_from_env, unit_group
-from hpcstain.inference import Conventions
-from hpcstain.inference import ct_to_unit as unit_ct
 from hpcstain.tiles import grid_pixels, stain_image
 from hpcstain.volume import stain as stain_mod
 from hpcstain.volume.io import open_volume
@@ -27,10 +27,8 @@ from hpcstain.volume.stain import (
     generator_cost,
     init_run,
     pending_units,
-    prepared_ct,
     stain_unit,
     to_uint8,
-    whole_volume_smooth,
 )
 
 SHAPE = (20, 26, 30)
@@ -39,7 +37,7 @@ LEVELS = (30000.0, 9000.0)
 
 
 def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
-    return unit_ct(ct, (bone, background), Conventions())
+    return unit_ct(ct, (bone, background))
 
 
 class ConvStainer:
@@ -207,10 +205,11 @@ def test_gaussian_with_halo_is_chunk_invariant(tmp_path):
     boxes = [(slice(0, 11), slice(0, 3), slice(0, 17)), (slice(3, 7), slice(1, 2), slice(5, 16)),
              (slice(0, 2), slice(0, 3), slice(15, 17)), (slice(9, 11), slice(2, 3), slice(0, 1))]
     for box in boxes:
-        np.testing.assert_array_equal(prepared_ct(src, box, plan), whole[box], err_msg=str(box))
+        np.testing.assert_array_equal(prepare_block(src, box, plan.ct_recipe), whole[box],
+                                      err_msg=str(box))
     plain = make_plan(src, chunk=4, tile=4, step=2, sigma=0.0, levels=LEVELS)
     assert plain.halo == 0
-    np.testing.assert_array_equal(prepared_ct(src, boxes[1], plain),
+    np.testing.assert_array_equal(prepare_block(src, boxes[1], plain.ct_recipe),
                                   ct_to_unit(vol.astype(np.float32), *LEVELS)[boxes[1]])
 
 

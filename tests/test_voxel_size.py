@@ -14,7 +14,8 @@ import zarr
 
 from hpcstain.cli import main
 from hpcstain.errors import InputError, UsageError
-from hpcstain.volume import fuse_run, init_run, make_plan, open_volume, run_stain
+from hpcstain.executors import run_stain
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 from hpcstain.volume.plan import load_plan
 from hpcstain.volume.voxelsize import parse_voxel_size, unit_factor
 

@@ -370,68 +370,6 @@ def fit_source(source: Any, *, centre_yx: tuple[float, float] | None = None,
                    {**c.info, "z_stride": zs, "plane_stride": s})
 
 
-class CorrectedSource:
-    """A volume source whose reads are cupping-corrected (float32); everything else is
-    the wrapped source's."""
-
-    def __init__(self, source: Any, cupping: Cupping) -> None:
-        self._source = source
-        self.cupping = cupping
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-    def iter_slabs(self, depth: int = 16) -> Any:
-        """Corrected z slabs (the wrapped source's own would read uncorrected)."""
-        from hpcstain.volume.io import VolumeSource
-
-        return VolumeSource.iter_slabs(self, depth)  # type: ignore[arg-type]
-
-    def read(self, region: Any) -> np.ndarray:
-        region = tuple(region)
-        block = self._source.read(region)
-        return apply_cupping(block, self.cupping, (region[1].start or 0, region[2].start or 0))
-
-
-# --------------------------------------------------------------------------- I/O
-
-
-def write_corrected(source: Any, out: str | Any, cupping: Cupping, *, chunk: int = 64,
-                    overwrite: bool = False) -> Any:
-    """Write the corrected CT as a zarr v3 group ``out`` (array ``ct``, the input's dtype,
-    rounded and clipped; attrs: the correction and the input), slab by slab, atomically."""
-    from pathlib import Path
-
-    import zarr
-
-    from hpcstain.atomic import atomic_output, check_output
-
-    out = Path(out)
-    if out.suffix.lower() != ".zarr":
-        raise UsageError(f"{out}: the corrected volume is written as zarr (name it *.zarr)")
-    if int(chunk) < 1:
-        raise UsageError(f"chunk {chunk!r}: expected a positive integer")
-    check_output(out, overwrite)
-    nz, ny, nx = (int(n) for n in source.shape)
-    dtype = np.dtype(getattr(source, "dtype", np.float32))
-    c = tuple(min(int(chunk), n) for n in (nz, ny, nx))
-    attrs: dict[str, Any] = {"hpcstain": "cupping-corrected", "source": str(source.spec),
-                             "cupping": cupping.to_dict()}
-    vox = getattr(source, "voxel_size_um", None)
-    if vox is not None:
-        attrs["voxel_size_um"] = [float(v) for v in vox]
-    with atomic_output(out, overwrite) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs.update(attrs)
-        arr = group.create_array("ct", shape=(nz, ny, nx), chunks=c, dtype=dtype,
-                                 fill_value=0, dimension_names=("z", "y", "x"))
-        for z0 in range(0, nz, c[0]):
-            z1 = min(nz, z0 + c[0])
-            block = source.read((slice(z0, z1), slice(0, ny), slice(0, nx)))
-            arr[z0:z1] = to_dtype(apply_cupping(block, cupping), dtype)
-    return out
-
-
 # --------------------------------------------------------------------------- slide sets
 
 Shape = tuple[int, int]
@@ -492,6 +430,43 @@ def fits_from_record(record: Any, source: str = "checkpoint") -> dict[Shape, Cup
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{source}: bad stored cupping fits ({exc})") from None
     return out
+
+
+def resolve_cupping(source: Any, cupping: Any, trained: str | None, override: bool = False,
+                    what: str = "checkpoint") -> Cupping | None:
+    """A volume's cupping correction (a fitted :class:`Cupping`) or None.
+
+    ``cupping``: None follows the checkpoint's training mode ``trained`` (``radial`` → fit,
+    else none); ``"auto"`` fits, ``"none"`` does not; a Cupping is used as given. Staining
+    with a preprocessing other than the checkpoint's (``what`` names it) is refused (the
+    generator would see CT it was never trained on) unless ``override``.
+    """
+    if cupping is None:
+        want = "radial" if trained == "radial" else "none"
+    elif isinstance(cupping, Cupping):
+        want = "radial"
+    elif str(cupping).strip().lower() in ("auto", "radial", "none"):
+        want = "none" if str(cupping).strip().lower() == "none" else "radial"
+    else:
+        raise UsageError(f"cupping {cupping!r}: choose auto or none")
+    if trained is not None and want != trained and not override:
+        asked = "auto" if want == "radial" else "none"
+        raise UsageError(f"{what}: trained with cupping correction {trained!r} "
+                         f"(data.cupping) but this run asks for --cupping {asked}; the "
+                         "generator would see CT preprocessed differently from its training "
+                         "data. Drop --cupping to follow the checkpoint, or pass "
+                         "--cupping-override to stain anyway")
+    if want == "none":
+        return None
+    return cupping if isinstance(cupping, Cupping) else fit_source(source)
+
+
+def volume_fit_line(c: Cupping) -> str:
+    """``cupping: +5411 grey values on the axis (y, x = 31.5, 31.5), 0 at r >= 32.0 ...``."""
+    centre = ", ".join(f"{v:.1f}" for v in c.centre_yx)
+    return (f"cupping: +{c.depth:.0f} grey values on the axis (y, x = {centre}), "
+            f"0 at r >= {c.radius:.1f} voxels; coefficients "
+            f"{', '.join(f'{a:.1f}' for a in c.coeffs)}")
 
 
 def describe_fit(c: Cupping) -> str:

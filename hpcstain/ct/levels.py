@@ -38,7 +38,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -65,6 +65,23 @@ IMPLANT_MARGIN = 4        # px around a homogeneous implant (its degradation lay
 MIN_BONE_MASS = 0.01      # fewer bone voxels than this fraction: no bone
 AMBIGUOUS = 0.5           # confidence below this: the estimate is ambiguous
 LEVELS_FLAGS = "--bone-level {bone:.6g} --background-level {background:.6g}"
+
+
+class RawLevels(NamedTuple):
+    """A CT's own bone and background levels, in its grey values (what ``levels`` reads)."""
+
+    bone: float
+    background: float
+
+
+class TargetLevels(NamedTuple):
+    """The levels a checkpoint was trained on, 16-bit scale (§2.5: raw levels map here)."""
+
+    bone: float
+    background: float
+
+
+DEFAULT_TARGET = TargetLevels(30000.0, 10000.0)  # the paper's §2.5 levels
 
 
 # --------------------------------------------------------------------------- results
@@ -106,8 +123,8 @@ class LevelEstimate:
         return self.confidence < AMBIGUOUS
 
     @property
-    def levels(self) -> tuple[float, float]:
-        return self.bone, self.background
+    def levels(self) -> RawLevels:
+        return RawLevels(self.bone, self.background)
 
     def flags(self, levels: tuple[float, float] | None = None) -> str:
         bone, background = levels or self.levels
@@ -609,42 +626,6 @@ def volume_levels(source: Any, max_voxels: int = 2_000_000) -> LevelEstimate:
     raw, smoothed, k = sample_source(source, max_voxels)
     return estimate_ct_levels(raw, str(getattr(source, "spec", "volume")), stride=k,
                               smoothed=smoothed)
-
-
-def volume_sample(spec: str | os.PathLike[str], max_voxels: int = 2_000_000,
-                  nan_value: float | None = None
-                  ) -> tuple[np.ndarray, dict[float, np.ndarray], int, str]:
-    """(raw, σ → smoothed, stride, name) of a volume spec, or of a 2D slide (.png/.tif...).
-
-    Volumes go through :func:`hpcstain.volume.io.open_volume`; a file it cannot open as a
-    volume but that reads as one 2D image is taken as a slide.
-    """
-    from hpcstain.volume.io import open_volume
-
-    try:
-        src = open_volume(spec, nan_policy="error" if nan_value is None else "replace",
-                          nan_value=nan_value or 0.0)
-    except InputError as exc:
-        from hpcstain.data.readers import read_image
-
-        try:
-            image = np.asarray(read_image(spec), dtype=np.float64)
-        except Exception:
-            raise exc from None
-        if image.ndim == 3 and image.shape[-1] in (3, 4):
-            image = image[..., :3].mean(axis=-1)
-        if image.ndim != 2:
-            raise exc from None
-        if nan_value is not None:
-            image = np.where(np.isfinite(image), image, nan_value)
-        start, top = smoothing_for(image), max_smoothing(image.shape)
-        smoothed = {sg: smooth_planes(image, sg) for sg in SIGMAS
-                    if start <= sg <= max(top, start)}
-        return image, smoothed, 1, str(spec)
-    raw, smoothed, k = sample_source(src, max_voxels)
-    if raw.shape[0] == 1:   # a single plane: a slide
-        raw, smoothed = raw[0], {sg: v[0] for sg, v in smoothed.items()}
-    return raw, smoothed, k, str(src.spec)
 
 
 def _with(est: LevelEstimate, **changes: Any) -> LevelEstimate:

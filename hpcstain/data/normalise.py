@@ -1,8 +1,6 @@
-"""§2.5 normalisation of CT and histology from bone and background ROIs, and its inverse.
-
-CT: a linear map sends mean(bone ROI) → ``bone_level`` (30000) and mean(background ROI) →
-``background_level`` (10000) on the 16-bit scale; the network sees
-``clip(v, 0, 65535) / 65535 * 2 - 1`` (bone ≈ -0.085, background ≈ -0.695).
+"""§2.5 normalisation of a pair from its bone and background ROIs: the ROIs, the CT's raw
+levels from them (:func:`ct_levels`; the CT → [-1, 1] map itself is
+:func:`hpcstain.ct.unit.ct_to_unit`), and the histology's white balance and stretch.
 
 Histology (0–255 RGB): white balance with per-channel gains ``mean(µ) / µ_c`` from the
 mean background colour µ (so µR = µG = µB), then one contrast stretch for all channels
@@ -22,12 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from hpcstain.ct.levels import RawLevels
 from hpcstain.errors import InputError
 
-CT_FULL_SCALE = 65535.0
 F_MIN_FLOOR = 10.0
 F_MAX_CEIL = 255.0
 MIN_ROI_PIXELS = 16
+# §2.8 fills pixels outside the correspondence mask with the mean background. The model is
+# never trained outside the mask, so its own background is arbitrary; the §2.5 stretch puts
+# the 99th percentile of the slide background at 255, which leaves its mean at ~250, neutral.
+NORMALISED_BACKGROUND = (250.0, 250.0, 250.0)
 SCREW_TRANSMISSION = 0.35   # histology: opaque implant passes < 35 % of the background light
 
 
@@ -118,13 +120,13 @@ def find_pair_rois(ct: np.ndarray, rgb: np.ndarray) -> Rois:
 def find_ct_rois(ct: np.ndarray) -> Rois:
     """Bone and background ROIs from CT alone (no histology, e.g. at inference).
 
-    The levels come from the one CT-only estimator, :func:`hpcstain.levels.estimate_ct_levels`
+    The levels come from the one CT-only estimator, :func:`hpcstain.ct.levels.estimate_ct_levels`
     (histogram classes; a metal screw, a homogeneous implant, the tube wall and cupping are
     handled; docs/volume.md "CT levels"). Each ROI holds the voxels of its class within a
     band centred on the estimated level, so ``ct_levels(ct, rois)`` gives the estimate. An
     ambiguous estimate is an InputError naming the levels to pass instead.
     """
-    from hpcstain.levels import estimate_ct_levels, level_masks, require_confident
+    from hpcstain.ct.levels import estimate_ct_levels, level_masks, require_confident
 
     est = require_confident(estimate_ct_levels(np.asarray(ct), "CT"))
     bone, background = level_masks(ct, est)
@@ -145,41 +147,10 @@ def check_rois(rois: Rois, what: str) -> Rois:
 # --------------------------------------------------------------------------- CT
 
 
-def ct_levels(ct: np.ndarray, rois: Rois) -> tuple[float, float]:
+def ct_levels(ct: np.ndarray, rois: Rois) -> RawLevels:
     """(mean over bone ROI, mean over background ROI) of the raw CT."""
-    return float(ct[rois.bone].mean(dtype=np.float64)), \
-        float(ct[rois.background].mean(dtype=np.float64))
-
-
-def normalise_ct(ct: np.ndarray, bone_mean: float, background_mean: float,
-                 bone_level: float = 30000.0, background_level: float = 10000.0
-                 ) -> np.ndarray:
-    """Linear map of the CT onto the 16-bit scale: bone → bone_level, background → ..."""
-    if not np.isfinite(bone_mean - background_mean) or bone_mean == background_mean:
-        raise InputError(f"CT bone mean {bone_mean:g} equals background mean "
-                         f"{background_mean:g}: cannot normalise")
-    gain = (bone_level - background_level) / (bone_mean - background_mean)
-    return ((ct.astype(np.float32) - np.float32(background_mean)) * np.float32(gain)
-            + np.float32(background_level))
-
-
-def ct16_to_unit(ct16: np.ndarray) -> np.ndarray:
-    """16-bit-scale CT → network range: clip to [0, 65535], then v / 65535 * 2 - 1."""
-    v = np.clip(ct16, 0.0, CT_FULL_SCALE).astype(np.float32)
-    return v * np.float32(2.0 / CT_FULL_SCALE) - np.float32(1.0)
-
-
-def unit_to_ct16(unit: np.ndarray) -> np.ndarray:
-    """Network range → 16-bit-scale CT as uint16."""
-    v = (np.clip(unit, -1.0, 1.0) + 1.0) * (CT_FULL_SCALE / 2.0)
-    return np.rint(v).astype(np.uint16)
-
-
-def ct_to_unit(ct: np.ndarray, rois: Rois, bone_level: float = 30000.0,
-               background_level: float = 10000.0) -> np.ndarray:
-    """Raw CT + ROIs → normalised CT in [-1, 1] (float32)."""
-    bone, bg = ct_levels(ct, rois)
-    return ct16_to_unit(normalise_ct(ct, bone, bg, bone_level, background_level))
+    return RawLevels(float(ct[rois.bone].mean(dtype=np.float64)),
+                     float(ct[rois.background].mean(dtype=np.float64)))
 
 
 # --------------------------------------------------------------------------- histology

@@ -14,15 +14,17 @@ patches do not depend on the epoch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from hpcstain.config import DataConfig
+from hpcstain.ct.unit import ct16_to_unit, normalise_ct
 from hpcstain.data.augment import (
     Geometry,
     apply_geometry,
@@ -39,11 +41,9 @@ from hpcstain.data.normalise import (
     apply_stretch,
     boxes_to_mask,
     check_rois,
-    ct16_to_unit,
     ct_levels,
     find_pair_rois,
     histology_stretch,
-    normalise_ct,
 )
 from hpcstain.errors import InputError
 
@@ -61,7 +61,7 @@ class Slide:
     ct_means: tuple[float, float] = (0.0, 0.0)  # raw CT (bone, background) means
     stretch: Stretch | None = None
     roi_method: str = "manifest"
-    cupping: Any = None  # the hpcstain.cupping.Cupping the CT was corrected with, if any
+    cupping: Any = None  # the hpcstain.ct.cupping.Cupping the CT was corrected with, if any
     context: np.ndarray | None = None  # (K, H, W) CT planes about the slice (2.5D input)
 
     @property
@@ -97,14 +97,14 @@ def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
     """Read, normalise (§2.5) and mask (§2.8) one pair.
 
     Under ``data.cupping: radial`` the CT is cupping-corrected first with ``cupping`` (a
-    :class:`~hpcstain.cupping.Cupping` fitted on the whole set, see :func:`load_slides`),
+    :class:`~hpcstain.ct.cupping.Cupping` fitted on the whole set, see :func:`load_slides`),
     or, without one, with a fit on this slide alone. ``images``: the pair already read
     (:func:`~hpcstain.data.manifest.read_pair`), so it is not read again.
     """
     try:
         images = read_pair(pair) if images is None else images
         if cfg.cupping == "radial":  # the checkpoint records it (inference.Conventions)
-            from hpcstain.cupping import apply_cupping, fit_cupping
+            from hpcstain.ct.cupping import apply_cupping, fit_cupping
 
             if cupping is None:  # a fit of this slide alone, recorded like a given one
                 cupping = fit_cupping(images.ct, name=f"ct {pair.id}")
@@ -129,7 +129,7 @@ def load_slides(pairs: list[Pair], cfg: DataConfig, cache_dir: str | Path | None
     """Every pair normalised in memory; masks cached under ``cache_dir`` when given.
 
     Under ``data.cupping: radial`` each pair is read once: one fit per group of equally
-    sized slides (:func:`~hpcstain.cupping.fit_slides`), except for slide sizes that
+    sized slides (:func:`~hpcstain.ct.cupping.fit_slides`), except for slide sizes that
     ``cupping_fits`` (shape → fit; e.g. the training set's, for validation) already has.
     Each slide records the fit it was corrected with (``Slide.cupping``).
     """
@@ -155,7 +155,7 @@ def _read(pair: Pair) -> Any:
 
 def _set_fits(cts: list[np.ndarray], known: dict[tuple[int, int], Any]
               ) -> dict[tuple[int, int], Any]:
-    from hpcstain.cupping import fit_slides
+    from hpcstain.ct.cupping import fit_slides
 
     todo = [ct for ct in cts if tuple(ct.shape) not in known]
     return {**fit_slides(todo), **known}
@@ -185,7 +185,7 @@ def with_context(slides: list[Slide], pairs: list[Pair], cfg: DataConfig, planes
         except InputError as exc:
             raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
         if getattr(s, "cupping", None) is not None:
-            from hpcstain.cupping import apply_cupping
+            from hpcstain.ct.cupping import apply_cupping
 
             slab = np.stack([apply_cupping(p, s.cupping) for p in slab])
         bone, background = s.ct_means
@@ -308,3 +308,21 @@ def _centre_planes(planes: np.ndarray, k: int) -> np.ndarray:
     c = planes.shape[0] // 2
     return np.ascontiguousarray(planes[c - k // 2:c + k // 2 + 1], np.float32)
 
+
+class EpochSampler(Sampler[int]):
+    """DistributedSampler whose epoch can be resumed part-way (skips consumed indices)."""
+
+    def __init__(self, dataset: Any, world: int, rank: int, seed: int) -> None:
+        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip

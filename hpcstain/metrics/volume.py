@@ -62,10 +62,10 @@ from hpcstain.data.normalise import (
     unit_to_rgb8,
 )
 from hpcstain.errors import InputError
+from hpcstain.geometry import AXES
 from hpcstain.metrics.similarity import WIN_SIZE, ssim_map
 from hpcstain.phantom.sample import BONE_LABELS, LABELS
 
-AXES = ("z", "y", "x")
 FAMILIES = (("xy", 0), ("xz", 1), ("yz", 2))    # plane family → the axis slicing it
 PSNR_CAP = 100.0
 GROUP = 8                                        # slices per SSIM filtering pass

@@ -1,12 +1,11 @@
 """Networks, losses and GAN variants of §2.6 (see docs/models.md)."""
 
+from hpcstain.models.build import build_model, build_model_from_architecture
 from hpcstain.models.gans import (
     CycleGAN,
     GanModel,
     Pix2Pix,
     architecture_of,
-    build_model,
-    build_model_from_architecture,
     check_architecture,
 )
 from hpcstain.models.pool import ImagePool

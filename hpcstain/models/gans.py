@@ -212,13 +212,13 @@ class GanModel:
             fakes = self._forward_generators(batch)
             g_terms = self._generator_losses(batch, fakes)
         g_total = self._weighted_total(g_terms)
-        _backward(g_total, opt_g, scaler)
+        backward_step(g_total, opt_g, scaler)
 
         set_requires_grad(discriminators, True)
         opt_d.zero_grad(set_to_none=True)
         with autocast():
             d_terms = self._discriminator_losses(batch, fakes)
-        _backward(sum(d_terms.values()), opt_d, scaler)
+        backward_step(sum(d_terms.values()), opt_d, scaler)
         if scaler is not None:
             scaler.update()
 
@@ -505,22 +505,6 @@ class Pix2Pix(GanModel):
 # --------------------------------------------------------------------------- building
 
 
-def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, device: str | torch.device,
-                seed: int = 0, rank: int = 0) -> GanModel:
-    """The GAN of ``model_cfg.variant``, initialised from ``seed`` (pools also from ``rank``)."""
-    if model_cfg.variant in CYCLEGAN_VARIANTS:
-        return CycleGAN(model_cfg, loss_cfg, device, seed, rank)
-    if model_cfg.variant == "pix2pix":
-        return Pix2Pix(model_cfg, loss_cfg, device, seed, rank)
-    if model_cfg.variant == "distill":  # a student learning a teacher (hpcstain/distill.py)
-        from hpcstain.distill import DistillModel
-
-        return DistillModel(model_cfg, loss_cfg, device, seed, rank)
-    raise ConfigError(f"model.variant: must be one of "
-                      f"{[*CYCLEGAN_VARIANTS, 'pix2pix', 'distill']}, "
-                      f"got {model_cfg.variant!r}")
-
-
 def check_architecture(saved: dict[str, Any], model_cfg: ModelConfig,
                        source: str = "checkpoint") -> None:
     """Raise InputError naming every architecture key where ``saved`` and the config differ."""
@@ -545,16 +529,6 @@ def model_config_of(arch: dict[str, Any], source: str = "checkpoint") -> ModelCo
         raise InputError(f"{source}: unusable architecture: {exc}") from None
 
 
-def build_model_from_architecture(arch: dict[str, Any], device: str | torch.device,
-                                  source: str = "checkpoint") -> GanModel:
-    """A model for inference (stain/unstain) from a saved :meth:`GanModel.architecture`."""
-    model_cfg = model_config_of(arch, source)
-    try:
-        return build_model(model_cfg, LossConfig(lambda_id=0.0), device)
-    except HpcstainError as exc:
-        raise InputError(f"{source}: unusable architecture: {exc}") from None
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -564,7 +538,7 @@ def generator_input(batch: dict[str, Tensor]) -> Tensor:
     return batch["ct_context"] if "ct_context" in batch else batch["ct"]
 
 
-def _backward(loss: Tensor, opt: torch.optim.Optimizer,
+def backward_step(loss: Tensor, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler | None) -> None:
     """Backward + step, through the GradScaler when fp16 needs one."""
     if scaler is None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,26 +23,35 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
 from hpcstain.atomic import write_text_atomic
 from hpcstain.config import Config, dump_config, save_config, to_dict
+from hpcstain.data.sampler import EpochSampler
 from hpcstain.errors import InputError
 from hpcstain.metrics.tissue import training_palette
+from hpcstain.models.build import build_model
+from hpcstain.models.gans import check_architecture
 from hpcstain.train import distributed
 from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.train.logs import LossLog
+from hpcstain.train.teacher import adopt_teacher, build_distill_data
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again to resume
+WORKER_MARKER = "running.json"  # the process training the run (host, pid, SLURM job)
 
 
 # --------------------------------------------------------------------------- small parts
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checks it after every step."""
+    """Set by SIGUSR1/SIGTERM/SIGINT; the loop checks it after every step.
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    [interrupts save] The first Ctrl-C (SIGINT) stops like SIGTERM: the step finishes and
+    ``latest.pt`` is written; a second Ctrl-C exits at once (KeyboardInterrupt).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, signals: tuple[int, ...] | None = None) -> None:
         self.signals = tuple(signals or self.SIGNALS)
@@ -50,6 +60,12 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt  # second Ctrl-C: at once, no checkpoint
+            with contextlib.suppress(OSError):
+                os.write(2, b"\nhpcstain: interrupt: finishing this step and writing "
+                         b"checkpoints/latest.pt (Ctrl-C again to quit at once)\n")
         self.requested = True
         self.signum = signum
 
@@ -63,25 +79,6 @@ class StopFlag:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
-
-
-class EpochSampler(Sampler[int]):
-    """DistributedSampler whose epoch can be resumed part-way (skips consumed indices)."""
-
-    def __init__(self, dataset: Any, world: int, rank: int, seed: int) -> None:
-        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                        seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.inner.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.inner)[self.skip:])
-
-    def __len__(self) -> int:
-        return len(self.inner) - self.skip
 
 
 def lr_lambda(epochs: int, decay_epochs: int) -> Callable[[int], float]:
@@ -147,8 +144,6 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     )
 
     if cfg.model.variant == "distill":  # teacher-labelled CT of pairs and volumes
-        from hpcstain.distill import build_distill_data
-
         return build_distill_data(cfg, run_dir, env)
     if not cfg.data.manifest:
         raise InputError("data.manifest: no pair manifest given (data.manifest=PATH)")
@@ -215,7 +210,13 @@ def make_loader(dataset: Any, sampler: EpochSampler, cfg: Config, device: torch.
     # Workers are re-forked every epoch (not persistent) so they see dataset.set_epoch().
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                      drop_last=True, persistent_workers=False)
+                      drop_last=True, persistent_workers=False,
+                      worker_init_fn=_ignore_sigint if cfg.data.num_workers else None)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process (it checkpoints, then they end)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool
@@ -252,12 +253,8 @@ def validate(model: Any, val_set: Any, cfg: Config, device: torch.device) -> dic
 def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
           progress: bool = True) -> TrainResult:
     """Train (or resume) the run in ``run_dir``; returns why the loop ended."""
-    from hpcstain.models.gans import build_model, check_architecture
-
     run_dir = Path(run_dir)
     if cfg.model.variant == "distill":  # the student takes the teacher's CT conventions
-        from hpcstain.distill import adopt_teacher
-
         cfg = adopt_teacher(cfg)
     from hpcstain.train.runs import check_resume
 
@@ -355,6 +352,10 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
 
     stop = (stop or StopFlag()).install()
     log = LossLog(run_dir, resume_step=step) if env.is_main else None
+    if env.is_main:  # [status] who works on the run; `status` says "stopped" without one
+        from hpcstain.volume.markers import worker_identity
+
+        write_text_atomic(run_dir / WORKER_MARKER, json.dumps(worker_identity()) + "\n")
     if env.is_main:
         write_text_atomic(run_dir / "split.json", json.dumps(split, indent=2))
     status: Literal["finished", "preempted", "max_steps"] = "finished"
@@ -443,6 +444,9 @@ def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
         if log is not None:
             log.close()
         stop.restore()
+        # A SLURM job preempted for a requeue keeps its marker: its job id stays queued.
+        if env.is_main and not (status == "preempted" and os.environ.get("SLURM_JOB_ID")):
+            (run_dir / WORKER_MARKER).unlink(missing_ok=True)
 
 
 def _update_minima(minima: dict[str, dict[str, float]], means: dict[str, float], epoch: int

@@ -4,12 +4,11 @@ The path of one voxel: :mod:`.plan` cuts the volume into slabs per axis → :mod
 slab + halo → :mod:`.stain` smooths it, normalises it with the checkpoint's conventions
 (:mod:`hpcstain.inference`) and stains it on the global tile grid (:mod:`hpcstain.tiles`) →
 ``RUN_DIR/axis-*.zarr`` + completion records → :mod:`.fuse` blends the axes →
-:mod:`.omezarr` writes the RGBA OME-Zarr pyramid.
+:mod:`.omezarr` writes the RGBA OME-Zarr pyramid. The units are run by
+:func:`hpcstain.executors.run_stain` (in-process, dask, MPI, SLURM arrays).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from hpcstain.volume.fuse import METHODS, FuseReport, fuse_run, stripe_index
 from hpcstain.volume.io import VolumeSource, estimate_levels, open_volume
@@ -21,16 +20,8 @@ from hpcstain.volume.stain import (
     stain_unit,
 )
 
-
-def run_stain(run_dir: Any, fn: Any = None, executor: str = "local", **kwargs: Any) -> Any:
-    """Stain every pending unit; see :func:`hpcstain.executors.run_stain`."""
-    from hpcstain.executors import run_stain as _run
-
-    return _run(run_dir, fn, executor, **kwargs)
-
-
 __all__ = [
     "METHODS", "FuseReport", "PinnedStainer", "Plan", "VolumeSource", "estimate_levels",
     "fuse_run", "init_run", "load_plan", "make_plan", "open_volume", "pending_units",
-    "run_stain", "stain_unit", "stripe_index",
+    "stain_unit", "stripe_index",
 ]

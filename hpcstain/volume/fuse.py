@@ -19,7 +19,7 @@ level + 8 % of the bone–background gap: resin, air; and inside voxels farther 
 voxels from a full 7³ cube of inside: thin detached walls, the sample tube) the generator
 was never trained (§2.8 masks train it inside the sample only) and invents colour; those
 voxels get the normalised slide background (250, 250, 250) instead (``fill_outside``; the
-paper's §2.8 rule for 2D; :func:`outside_opened`).
+paper's §2.8 rule for 2D; :func:`outside_of_sample`).
 ``single_axis`` copies one axis through unchanged (the paper's slice-wise volume).
 
 **Confidence** (on by default with two or more axes; ``confidence=False`` /
@@ -64,12 +64,24 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from hpcstain.ct.outside import (
+    OUTSIDE_ERODE,
+    OUTSIDE_KEEP,
+    OUTSIDE_REACH,
+    OUTSIDE_TEST,
+    inside_sample,
+    outside_from_inside,
+    outside_threshold,
+)
+from hpcstain.ct.prepare import corrected_read
+from hpcstain.data.normalise import NORMALISED_BACKGROUND
 from hpcstain.errors import InputError, UsageError
-from hpcstain.geometry import Region, chunks_touched, grow, relative
+from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched, grow, relative
 from hpcstain.metrics.stripes import stripe_index
+from hpcstain.scratch import Workspace, scratch
 from hpcstain.volume import omezarr
+from hpcstain.volume.io import open_volume
 from hpcstain.volume.plan import (
-    AXIS_INDEX,
     Plan,
     axis_store,
     done_names,
@@ -77,18 +89,13 @@ from hpcstain.volume.plan import (
     record_path,
     write_record,
 )
+from hpcstain.volume.repair import damaged_axis_error
 
 Method = Literal["mean", "median", "consistency"]
 METHODS = ("mean", "median", "consistency")
 
 CONSISTENCY_RADIUS = 2
 CONSISTENCY_EPS = 1.0
-OUTSIDE_HALO = 2          # voxels: the CT is averaged over (2·2 + 1)³ before the test
-OUTSIDE_FRACTION = 0.08   # of the bone–background gap above the background level
-OUTSIDE_ERODE = 3         # voxels: inside needs a whole (2·3 + 1)³ cube of inside nearby …
-OUTSIDE_KEEP = 8          # … within this many voxels (thin detached walls: tube → outside)
-OUTSIDE_REACH = OUTSIDE_HALO + OUTSIDE_ERODE + OUTSIDE_KEEP  # CT voxels read around a chunk
-OUTSIDE_TEST = "box5-erode3-keep8"  # the rule's name, stored in the image's settings
 DISAGREEMENT = "disagreement"  # the confidence image, nested in the fused image
 FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of uint16)
 # settings added after images were first written, with the value those images have
@@ -157,31 +164,6 @@ def with_alpha(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
 
 
-class Workspace:
-    """Scratch arrays reused from chunk to chunk, by name, shape and dtype.
-
-    Fresh memory is paid for in page faults on first touch (about as much as the
-    arithmetic here on some virtual machines); a fuse task's chunks mostly share a shape.
-    ``None`` instead of a workspace allocates as usual.
-    """
-
-    def __init__(self) -> None:
-        self._arrays: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        key = (name, tuple(shape), np.dtype(dtype).str)
-        if key not in self._arrays:
-            if len(self._arrays) > 64:  # many edge shapes: start over rather than grow
-                self._arrays.clear()
-            self._arrays[key] = np.empty(shape, dtype)
-        return self._arrays[key]
-
-
-def _scratch(work: Workspace | None, name: str, shape: tuple[int, ...], dtype: Any
-             ) -> np.ndarray:
-    return np.empty(shape, dtype) if work is None else work.get(name, shape, dtype)
-
-
 def rgba_planes(rgb: np.ndarray, out: np.ndarray | None = None,
                 work: Workspace | None = None) -> np.ndarray:
     """(Z, Y, X, 3) uint8 → (4, Z, Y, X) uint8 RGBA, channel first (the image's layout);
@@ -190,7 +172,7 @@ def rgba_planes(rgb: np.ndarray, out: np.ndarray | None = None,
         out = np.empty((4, *rgb.shape[:-1]), np.uint8)
     for c in range(3):
         out[c] = rgb[..., c]
-    total = _scratch(work, "alpha-sum", rgb.shape[:-1], np.uint16)
+    total = scratch(work, "alpha-sum", rgb.shape[:-1], np.uint16)
     np.add(out[0], out[1], out=total, dtype=np.uint16)
     total += out[2]
     np.take(mean_table(3), total, out=out[3])
@@ -206,20 +188,20 @@ def disagreement(preds: np.ndarray, fused: np.ndarray, out: np.ndarray | None = 
     and square root per voxel: the value does not depend on the block it is computed in.
     ``out``: a (Z, Y, X) uint8 array to write it to.
     """
-    f = _scratch(work, "fused16", fused.shape, np.int16)
+    f = scratch(work, "fused16", fused.shape, np.int16)
     f[...] = fused
-    d = _scratch(work, "diff16", fused.shape, np.int16)
-    per_channel = _scratch(work, "sse3", fused.shape, np.uint32)
+    d = scratch(work, "diff16", fused.shape, np.int16)
+    per_channel = scratch(work, "sse3", fused.shape, np.uint32)
     per_channel.fill(0)
     for p in preds:  # contiguous passes; the strided sum over channels once, at the end
         np.subtract(p, f, out=d)
         np.multiply(d, d, out=d)  # |d| <= 255: d² <= 65025 wraps in int16, exact as uint16
         np.add(per_channel, d.view(np.uint16), out=per_channel)
-    sse = _scratch(work, "sse", fused.shape[:-1], np.uint32)
+    sse = scratch(work, "sse", fused.shape[:-1], np.uint32)
     np.add(per_channel[..., 0], per_channel[..., 1], out=sse)
     for c in range(2, fused.shape[-1]):
         sse += per_channel[..., c]
-    ms = _scratch(work, "ms", sse.shape, np.float32)
+    ms = scratch(work, "ms", sse.shape, np.float32)
     np.divide(sse, np.float32(fused.shape[-1] * len(preds)), out=ms, dtype=np.float32)
     np.sqrt(ms, out=ms)
     np.rint(ms, out=ms)
@@ -242,22 +224,9 @@ def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndar
     raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
 
 
-def outside_threshold(levels: tuple[float, float]) -> float:
-    """Raw CT below which a (smoothed) voxel is outside the sample, from (bone, background)."""
-    bone, background = levels
-    return background + OUTSIDE_FRACTION * (bone - background)
-
-
-def outside_sample(ct: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
-    """Voxels of (smoothed) raw CT at or below the embedding medium: resin, air."""
-    return ct < outside_threshold(levels)
-
-
 @functools.cache
 def background_rgba() -> tuple[int, int, int, int]:
     """The normalised slide background as RGBA (alpha = mean of RGB, as everywhere)."""
-    from hpcstain.predict import NORMALISED_BACKGROUND
-
     colour = np.rint(np.asarray(NORMALISED_BACKGROUND)).astype(np.uint8)
     return tuple(int(v) for v in with_alpha(colour[None])[0])  # type: ignore[return-value]
 
@@ -272,183 +241,6 @@ def paint_outside(rgba: np.ndarray, conf: np.ndarray | None, outside: np.ndarray
         plane |= on & np.uint8(value)
     if conf is not None:
         conf &= off
-
-
-def mirror_pad(data: np.ndarray, pad: list[tuple[int, int]], work: Workspace | None = None
-               ) -> np.ndarray:
-    """``np.pad(data, pad, mode="symmetric")`` as float32, in one allocation (the edge
-    voxel repeated, then its neighbours: scipy's "reflect")."""
-    if any(max(a, b) > n for (a, b), n in zip(pad, data.shape, strict=True)):
-        return np.pad(np.asarray(data, np.float32), pad, mode="symmetric")
-    out = _scratch(work, "padded", tuple(n + a + b for (a, b), n in
-                                         zip(pad, data.shape, strict=True)), np.float32)
-    out[tuple(slice(a, a + n) for (a, _), n in zip(pad, data.shape, strict=True))] = data
-    for axis, (a, b) in enumerate(pad):
-        n = out.shape[axis]
-        cut = [slice(None)] * out.ndim
-
-        def at(sl: slice, cut: list[slice] = cut, axis: int = axis) -> tuple[slice, ...]:
-            cut[axis] = sl
-            return tuple(cut)
-
-        if a:
-            out[at(slice(0, a))] = out[at(slice(2 * a - 1, a - 1, -1))]
-        if b:
-            stop = n - 2 * b - 1
-            out[at(slice(n - b, n))] = out[at(slice(n - b - 1, stop if stop >= 0 else None, -1))]
-    return out
-
-
-def _uniform_answer(raw: np.ndarray, inner: Region, levels: tuple[float, float]
-                    ) -> np.ndarray | None:
-    """All-inside / all-outside for ``inner`` when every CT voxel read is above / below the
-    outside threshold (any box mean is then too), else None: the test must run."""
-    threshold = outside_threshold(levels)
-    shape = tuple(s.stop - s.start for s in inner)
-    if raw.size and float(raw.min()) >= threshold:
-        return np.zeros(shape, bool)
-    if raw.size and float(raw.max()) < threshold:
-        return np.ones(shape, bool)
-    return None
-
-
-def outside_mask(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[float, float],
-                 halo: int = OUTSIDE_HALO, work: Workspace | None = None) -> np.ndarray:
-    """Outside-the-sample voxels of ``inner`` from raw CT read over ``grown`` (⊇ inner).
-
-    The test of :func:`outside_sample` on the (2·halo + 1)³ mean of the CT, with the block
-    mirrored where ``grown`` meets the volume border. The box sums are fixed-order sums of
-    float32 neighbours (exact for integer CT up to 16 bits), so a voxel's answer does not
-    depend on the box it is computed in; boxes entirely above (or below) the threshold are
-    answered from their minimum (maximum) alone.
-    """
-    uniform = _uniform_answer(raw, inner, levels)
-    if uniform is not None:
-        return uniform
-    pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
-           for i, g in zip(inner, grown, strict=True)]
-    if any(a or b for a, b in pad):
-        data = mirror_pad(raw, pad, work)
-    else:
-        data = _scratch(work, "padded", raw.shape, np.float32)
-        data[...] = raw
-    width = 2 * halo + 1
-    for axis in range(3):
-        n = data.shape[axis] - 2 * halo
-        cut = [slice(None)] * 3
-        cut[axis] = slice(0, n)
-        acc = _scratch(work, f"box{axis}", data[tuple(cut)].shape, np.float32)
-        acc[...] = data[tuple(cut)]
-        for k in range(1, width):
-            cut[axis] = slice(k, k + n)
-            acc += data[tuple(cut)]
-        data = acc
-    return data < np.float32(outside_threshold(levels) * width ** 3)
-
-
-def _run(flat: np.ndarray, step: int, width: int, op: Any) -> np.ndarray:
-    """``op`` (``np.logical_and``/``or``: idempotent) over ``flat[i + k·step]``, k < width,
-    for every ``i`` where that fits ((width - 1)·step shorter): by doubling, then one
-    overlapping step (about log2(width) + 1 passes over contiguous memory)."""
-    have, acc = 1, flat
-    while 2 * have <= width:
-        acc = op(acc[:-have * step], acc[have * step:])
-        have *= 2
-    if have < width:
-        m = flat.size - (width - 1) * step
-        acc = op(acc[:m], acc[(width - have) * step:(width - have) * step + m])
-    return acc
-
-
-def thick_inside(inside: np.ndarray, erode: int = OUTSIDE_ERODE, keep: int = OUTSIDE_KEEP
-                 ) -> np.ndarray:
-    """Voxels within ``keep`` (chessboard distance) of a full (2·erode + 1)³ cube of
-    ``inside``: an erosion then a larger dilation, both by cubes, on ``inside`` given
-    ``erode + keep`` voxels beyond the wanted box on every side (valid positions only, so
-    the answer is the box's own and not its edge's).
-
-    ANDed with ``inside``, it drops inside structures thinner than ``2·erode + 1`` voxels
-    that lie more than ``keep - erode`` voxels from a thicker one (the sample tube's
-    wall), and keeps every voxel of a thick structure (``keep >= erode`` restores what the
-    erosion took from its rim and corners). Each pass runs along the flattened array (a
-    step of one plane, row or voxel): positions whose cube wraps around a row or plane
-    are garbage and fall in the margin cut off at the end.
-    """
-    shape = inside.shape
-    flat = np.ascontiguousarray(inside).reshape(-1)
-    steps = (shape[1] * shape[2], shape[2], 1)
-    for step in steps:
-        flat = _run(flat, step, 2 * erode + 1, np.logical_and)
-    for step in steps:
-        flat = _run(flat, step, 2 * keep + 1, np.logical_or)
-    out = np.zeros(inside.size, bool)
-    out[:flat.size] = flat
-    r = erode + keep
-    return out.reshape(shape)[tuple(slice(0, n - 2 * r) for n in shape)]
-
-
-def inside_sample(raw: np.ndarray, box: Region, grown: Region, levels: tuple[float, float],
-                  tile: int = 64, work: Workspace | None = None) -> np.ndarray:
-    """Inside voxels of ``box`` by the box-mean test (the complement of
-    :func:`outside_mask`), from raw CT read over ``grown`` = ``box`` + :data:`OUTSIDE_HALO`
-    (clipped at the volume border), ``tile``³ voxels at a time (cache-sized float arrays;
-    a voxel's answer does not depend on its tile)."""
-    out = np.empty(tuple(s.stop - s.start for s in box), bool)
-    starts = [range(s.start, s.stop, tile) for s in box]
-    for z0 in starts[0]:
-        for y0 in starts[1]:
-            for x0 in starts[2]:
-                t = tuple(slice(o, min(o + tile, s.stop))
-                          for o, s in zip((z0, y0, x0), box, strict=True))
-                tg = tuple(slice(max(g.start, s.start - OUTSIDE_HALO),
-                                 min(g.stop, s.stop + OUTSIDE_HALO))
-                           for s, g in zip(t, grown, strict=True))
-                out[relative(t, box)] = ~outside_mask(raw[relative(tg, grown)], t, tg,
-                                                      levels, work=work)
-    return out
-
-
-def opened_outside(inside: np.ndarray, inner: Region, mid: Region) -> np.ndarray:
-    """Outside voxels of ``inner`` from the box-mean ``inside`` mask over ``mid`` =
-    ``inner`` + ``OUTSIDE_ERODE + OUTSIDE_KEEP`` voxels (clipped at the volume border):
-    inside only within :data:`OUTSIDE_KEEP` voxels of a full (2·:data:`OUTSIDE_ERODE` +
-    1)³ cube of inside (:func:`thick_inside`; the mask mirrored at the volume border)."""
-    core = relative(inner, mid)
-    if inside.all():
-        return np.zeros(inside[core].shape, bool)
-    if not inside[core].any():
-        return np.ones(inside[core].shape, bool)
-    reach = OUTSIDE_ERODE + OUTSIDE_KEEP
-    pad = [(reach - (i.start - m.start), reach - (m.stop - i.stop))
-           for i, m in zip(inner, mid, strict=True)]
-    padded = np.pad(inside, pad, mode="symmetric") if any(a or b for a, b in pad) else inside
-    return ~(inside[core] & thick_inside(padded, OUTSIDE_ERODE, OUTSIDE_KEEP))
-
-
-def outside_opened(raw: np.ndarray, inner: Region, grown: Region, levels: tuple[float, float],
-                   work: Workspace | None = None) -> np.ndarray:
-    """Outside-the-sample voxels of ``inner`` from raw CT read over ``grown`` =
-    ``inner`` + :data:`OUTSIDE_REACH` voxels (clipped at the volume border).
-
-    Inside is the box-mean test of :func:`outside_mask`, kept only within
-    :data:`OUTSIDE_KEEP` voxels of a (2·:data:`OUTSIDE_ERODE` + 1)³ cube of inside
-    (:func:`thick_inside`): thin structures detached from the sample (the wall of the
-    sample tube, denser than the resin) are outside too. The inside mask is mirrored
-    (symmetric) at the volume border, as the CT is for the box mean, so a voxel's answer
-    is the whole volume's, whatever box it is computed in. (Fusion computes the two steps
-    apart: :func:`inside_sample` once per task, :func:`opened_outside` per chunk.)
-    """
-    uniform = _uniform_answer(raw, inner, levels)
-    if uniform is not None:
-        return uniform
-    mid = grow_within(inner, OUTSIDE_ERODE + OUTSIDE_KEEP, grown)
-    return opened_outside(inside_sample(raw, mid, grown, levels, work=work), inner, mid)
-
-
-def grow_within(region: Region, by: int, limit: Region) -> Region:
-    """``region`` grown by ``by`` voxels, clipped to the box ``limit``."""
-    return tuple(slice(max(lim.start, r.start - by), min(lim.stop, r.stop + by))
-                 for r, lim in zip(region, limit, strict=True))
 
 
 def method_halo(method: str, n_axes: int) -> int:
@@ -508,8 +300,6 @@ def read_axis_block(run_dir: Path, plan: Plan, axes: tuple[str, ...], region: Re
         try:
             block = np.asarray(arr[grown])
         except Exception as exc:  # damaged storage chunk: one line + the command to redo it
-            from hpcstain.volume.repair import damaged_axis_error
-
             raise damaged_axis_error(run_dir, axis, arr, grown, exc) from None
         if halo:
             block = np.pad(block, [*edge, (0, 0)], mode="edge")
@@ -559,20 +349,13 @@ class FuseTask:
     def read_ct(self, box: Region) -> tuple[np.ndarray, Region]:
         """The run's input CT over ``box`` + the outside test's halo (one read), and that
         grown box."""
-        from hpcstain.volume.io import open_volume
-
         c = self._opened()
         plan = c["plan"]
         if "source" not in c:
             c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
-        grown = grow(box, OUTSIDE_REACH, plan.shape)
-        raw = c["source"].read(grown)
-        if plan.cupping:  # the outside test sees the CT the generator saw (docs/cupping.md)
-            from hpcstain.cupping import Cupping, apply_cupping
-
-            raw = np.rint(apply_cupping(raw, Cupping.from_dict(plan.cupping, "plan.json"),
-                                        (grown[1].start, grown[2].start)))
-        return raw, grown
+        # the outside test sees the CT the generator saw (docs/cupping.md), in whole grey values
+        return corrected_read(c["source"], box, OUTSIDE_REACH, plan.ct_recipe.cupping,
+                              rounded=True)
 
     def inside(self, box: Region, ct: tuple[np.ndarray, Region],
                work: Workspace | None = None) -> tuple[np.ndarray, Region]:
@@ -591,12 +374,12 @@ class FuseTask:
         return inside_sample(raw, inner, grown, levels, work=work), inner
 
     def outside(self, region: Region, inside: tuple[np.ndarray, Region]) -> np.ndarray:
-        """Outside-the-sample voxels of ``region`` (:func:`opened_outside`) from the mask
+        """Outside-the-sample voxels of ``region`` (:func:`outside_from_inside`) from the mask
         :meth:`inside` computed over a box holding ``region``."""
         plan = self._opened()["plan"]
         mask, box = inside
         mid = grow(region, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
-        return opened_outside(mask[relative(mid, box)], region, mid)
+        return outside_from_inside(mask[relative(mid, box)], region, mid)
 
     def fuse_chunk(self, block: np.ndarray, halo: int, outside: np.ndarray | None,
                    work: Workspace | None = None, outputs: Any = None
@@ -607,11 +390,11 @@ class FuseTask:
         return (else new ones)."""
         shape = tuple(n - 2 * halo for n in block.shape[1:4])
         if self.method == "mean" and len(self.axes) > 1:  # fuse_mean, in scratch memory
-            total = _scratch(work, "sum", block.shape[1:], np.uint16)
+            total = scratch(work, "sum", block.shape[1:], np.uint16)
             np.add(block[0], block[1], out=total, dtype=np.uint16)
             for p in block[2:]:
                 total += p
-            rgb = _scratch(work, "rgb", block.shape[1:], np.uint8)
+            rgb = scratch(work, "rgb", block.shape[1:], np.uint8)
             np.take(mean_table(len(block)), total, out=rgb)
         else:
             rgb = fuse_block(block, tuple(AXIS_INDEX[a] for a in self.axes), self.method)

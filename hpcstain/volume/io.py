@@ -20,9 +20,9 @@ is opened (:mod:`hpcstain.volume.voxelsize`): :attr:`VolumeSource.voxel_size_um`
 where it was found in :attr:`VolumeSource.voxel_size_from`.
 
 Raw intensity levels (bone, background) put the CT on the checkpoint's §2.5 convention
-(:func:`hpcstain.inference.ct_to_unit`: mean bone and background onto the levels the model
+(:func:`hpcstain.ct.unit.ct_to_unit`: mean bone and background onto the levels the model
 was trained with, then [-1, 1]). :func:`estimate_levels` estimates both from a strided
-subsample of the volume (:mod:`hpcstain.levels`, the one CT-only estimator).
+subsample of the volume (:mod:`hpcstain.ct.levels`, the one CT-only estimator).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hpcstain.atomic import atomic_output, check_output
+from hpcstain.ct import cupping as cupping_mod
+from hpcstain.ct import levels
+from hpcstain.ct.cupping import Cupping
+from hpcstain.data.readers import read_image
 from hpcstain.errors import HpcstainError, InputError, UsageError
 from hpcstain.volume import voxelsize
 from hpcstain.volume.voxelsize import VoxelSize
@@ -624,35 +629,103 @@ def voxel_size_from_attrs(attrs: dict[str, Any]) -> tuple[float, float, float] |
 # --------------------------------------------------------------------------- levels
 
 
-def estimate_levels(source: VolumeSource, max_voxels: int = 2_000_000) -> tuple[float, float]:
+def estimate_levels(source: VolumeSource, max_voxels: int = 2_000_000) -> levels.RawLevels:
     """Estimate the raw (bone, background) levels from a strided subsample of the volume.
 
-    Delegates to :func:`hpcstain.levels.volume_levels` (every k-th plane, k chosen so at
+    Delegates to :func:`hpcstain.ct.levels.volume_levels` (every k-th plane, k chosen so at
     most ``max_voxels`` are read; classes from the histogram with metal, implants, tube
     wall and cupping handled; see docs/volume.md "CT levels"). An ambiguous estimate, a
     constant volume or one without bone is an InputError naming what was found and the
     ``--bone-level``/``--background-level`` to pass.
     """
-    from hpcstain.levels import require_confident, volume_levels
-
-    return require_confident(volume_levels(source, max_voxels)).levels
+    return levels.require_confident(levels.volume_levels(source, max_voxels)).levels
 
 
-def subsample(source: VolumeSource, max_voxels: int) -> np.ndarray:
-    total = float(np.prod(source.shape))
-    k = max(1, int(np.ceil((total / max_voxels) ** (1 / 3))))
-    z = source.shape[0]
-    planes = []
-    for z0 in range(0, z, k):
-        region = (slice(z0, z0 + 1), slice(0, source.shape[1]), slice(0, source.shape[2]))
-        planes.append(source.read(region)[0, ::k, ::k])
-    return np.stack(planes)
+def level_sample(spec: str | os.PathLike[str], max_voxels: int = 2_000_000,
+                  nan_value: float | None = None
+                  ) -> tuple[np.ndarray, dict[float, np.ndarray], int, str]:
+    """(raw, σ → smoothed, stride, name) of a volume spec, or of a 2D slide (.png/.tif...).
+
+    Volumes go through :func:`hpcstain.volume.io.open_volume`; a file it cannot open as a
+    volume but that reads as one 2D image is taken as a slide.
+    """
+    try:
+        src = open_volume(spec, nan_policy="error" if nan_value is None else "replace",
+                          nan_value=nan_value or 0.0)
+    except InputError as exc:
+        try:
+            image = np.asarray(read_image(spec), dtype=np.float64)
+        except Exception:
+            raise exc from None
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            image = image[..., :3].mean(axis=-1)
+        if image.ndim != 2:
+            raise exc from None
+        if nan_value is not None:
+            image = np.where(np.isfinite(image), image, nan_value)
+        start, top = levels.smoothing_for(image), levels.max_smoothing(image.shape)
+        smoothed = {sg: levels.smooth_planes(image, sg) for sg in levels.SIGMAS
+                    if start <= sg <= max(top, start)}
+        return image, smoothed, 1, str(spec)
+    raw, smoothed, k = levels.sample_source(src, max_voxels)
+    if raw.shape[0] == 1:   # a single plane: a slide
+        raw, smoothed = raw[0], {sg: v[0] for sg, v in smoothed.items()}
+    return raw, smoothed, k, str(src.spec)
 
 
-def levels_from_sample(sample: np.ndarray, name: str) -> tuple[float, float]:
-    """(bone, background) of a sample array (any shape; 1D is read as one plane)."""
-    from hpcstain.levels import estimate_ct_levels, require_confident
 
-    arr = np.asarray(sample, dtype=np.float64)
-    arr = arr.reshape(1, -1) if arr.ndim < 2 else arr
-    return require_confident(estimate_ct_levels(arr, name)).levels
+# --------------------------------------------------------------------------- cupping
+
+
+class CorrectedSource:
+    """A volume source whose reads are cupping-corrected (float32); everything else is
+    the wrapped source's."""
+
+    def __init__(self, source: Any, cupping: Cupping) -> None:
+        self._source = source
+        self.cupping = cupping
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def iter_slabs(self, depth: int = 16) -> Any:
+        """Corrected z slabs (the wrapped source's own would read uncorrected)."""
+        return VolumeSource.iter_slabs(self, depth)  # type: ignore[arg-type]
+
+    def read(self, region: Any) -> np.ndarray:
+        region = tuple(region)
+        block = self._source.read(region)
+        origin = (region[1].start or 0, region[2].start or 0)
+        return cupping_mod.apply_cupping(block, self.cupping, origin)
+
+
+def write_corrected(source: Any, out: str | Any, cupping: Cupping, *, chunk: int = 64,
+                    overwrite: bool = False) -> Any:
+    """Write the corrected CT as a zarr v3 group ``out`` (array ``ct``, the input's dtype,
+    rounded and clipped; attrs: the correction and the input), slab by slab, atomically."""
+    import zarr
+
+    out = Path(out)
+    if out.suffix.lower() != ".zarr":
+        raise UsageError(f"{out}: the corrected volume is written as zarr (name it *.zarr)")
+    if int(chunk) < 1:
+        raise UsageError(f"chunk {chunk!r}: expected a positive integer")
+    check_output(out, overwrite)
+    nz, ny, nx = (int(n) for n in source.shape)
+    dtype = np.dtype(getattr(source, "dtype", np.float32))
+    c = tuple(min(int(chunk), n) for n in (nz, ny, nx))
+    attrs: dict[str, Any] = {"hpcstain": "cupping-corrected", "source": str(source.spec),
+                             "cupping": cupping.to_dict()}
+    vox = getattr(source, "voxel_size_um", None)
+    if vox is not None:
+        attrs["voxel_size_um"] = [float(v) for v in vox]
+    with atomic_output(out, overwrite) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs.update(attrs)
+        arr = group.create_array("ct", shape=(nz, ny, nx), chunks=c, dtype=dtype,
+                                 fill_value=0, dimension_names=("z", "y", "x"))
+        for z0 in range(0, nz, c[0]):
+            z1 = min(nz, z0 + c[0])
+            block = source.read((slice(z0, z1), slice(0, ny), slice(0, nx)))
+            arr[z0:z1] = cupping_mod.to_dtype(cupping_mod.apply_cupping(block, cupping), dtype)
+    return out

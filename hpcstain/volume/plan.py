@@ -23,20 +23,33 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from hpcstain.atomic import write_text_atomic
+from hpcstain.ct.cupping import Cupping, resolve_cupping, volume_fit_line
+from hpcstain.ct.levels import (
+    DEFAULT_TARGET,
+    RawLevels,
+    TargetLevels,
+    require_confident,
+    volume_levels,
+)
+from hpcstain.ct.prepare import CtRecipe, gaussian_halo
 from hpcstain.errors import InputError, UsageError
-from hpcstain.geometry import Region, intersects
+from hpcstain.geometry import AXES, AXIS_INDEX, Region, intersects
+from hpcstain.inference import checkpoint_conventions
+from hpcstain.tiles import check_tiling, plane_tiles, region_context
+from hpcstain.train.checkpoint import file_sha256
+from hpcstain.volume.io import CorrectedSource
+from hpcstain.volume.voxelsize import parse_voxel_size
 
 PLAN_FORMAT = "hpcstain-volume-plan/2"
 MAX_UNIT_VOXELS = 1 << 27  # ~134 M voxels: ~0.5 GB of float32 CT per unit
 GENERATOR_FILE = "generator.pt"
-AXES = ("z", "y", "x")
-AXIS_INDEX = {"z": 0, "y": 1, "x": 2}
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,9 @@ class Plan:
     max_tile: int = 0
     sigma: float = 1.0
     truncate: float = 4.0
-    bone_level: float = 30000.0
-    background_level: float = 10000.0
-    target_levels: tuple[float, float] = (30000.0, 10000.0)
+    bone_level: float = DEFAULT_TARGET.bone        # the CT's raw levels, decided at plan time
+    background_level: float = DEFAULT_TARGET.background
+    target_levels: tuple[float, float] = DEFAULT_TARGET  # the checkpoint's
     in_channels: int = 3
     context_slices: int = 1  # 2.5D: CT planes per stained slice, ±(k-1)/2 along the axis
     size_multiple: int = 1
@@ -69,9 +82,23 @@ class Plan:
     checkpoint_sha256: str = ""
     generator_sha256: str = ""
     config: dict[str, Any] = field(default_factory=dict)
-    # the CT's cupping correction, fitted once here ({}: none; hpcstain.cupping.Cupping)
+    # the CT's cupping correction, fitted once here ({}: none; hpcstain.ct.cupping.Cupping)
     cupping: dict[str, Any] = field(default_factory=dict)
     format: str = PLAN_FORMAT
+
+    # ----------------------------------------------------------------- CT
+
+    @property
+    def raw_levels(self) -> RawLevels:
+        return RawLevels(self.bone_level, self.background_level)
+
+    @cached_property
+    def ct_recipe(self) -> CtRecipe:
+        """How this run's raw CT becomes the generator's input (:mod:`hpcstain.ct.prepare`)."""
+        cupping = Cupping.from_dict(self.cupping, "plan.json") if self.cupping else None
+        return CtRecipe(raw=self.raw_levels, target=TargetLevels(*self.target_levels),
+                        sigma=self.sigma, halo=self.halo, cupping=cupping,
+                        context_halo=self.context_halo)
 
     # ----------------------------------------------------------------- geometry
 
@@ -117,8 +144,6 @@ class Plan:
 
     def plane_tiling(self, axis: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """Per-axis (tile, step) of the slices of ``axis``: never larger than the plane."""
-        from hpcstain.tiles import plane_tiles
-
         return plane_tiles(self.plane(axis), self.tile, self.step, self.size_multiple,
                            minimum=min(16, self.tile), max_tile=self.max_tile)
 
@@ -239,10 +264,6 @@ class Unit:
         return f"axis-{self.axis}"
 
 
-def gaussian_halo(sigma: float, truncate: float = 4.0) -> int:
-    return math.ceil(truncate * sigma) if sigma > 0 else 0
-
-
 def axis_context(write: Region, axis: str, shape: tuple[int, int, int],
                  tile: int | tuple[int, int], step: int | tuple[int, int]) -> Region:
     """Extend ``write`` by the global-grid tile context in the slice plane of ``axis``.
@@ -251,8 +272,6 @@ def axis_context(write: Region, axis: str, shape: tuple[int, int, int],
     tiles covering the write rectangle (and their mirror padding at the image border)
     read the rectangle :func:`hpcstain.tiles.region_context` returns.
     """
-    from hpcstain.tiles import region_context
-
     dims = [d for d in range(3) if d != AXIS_INDEX[axis]]
     plane = (shape[dims[0]], shape[dims[1]])
     ctx = region_context(plane, (write[dims[0]], write[dims[1]]), tile, step)
@@ -267,8 +286,6 @@ def validate_plan_args(chunk: tuple[int, ...], axes: tuple[str, ...], tile: int,
         raise UsageError(f"chunk must be three positive sizes (z, y, x), got {chunk}")
     if not axes or len(set(axes)) != len(axes) or not set(axes) <= set(AXES):
         raise UsageError(f"axes must be a non-empty subset of z,y,x, got {','.join(axes)}")
-    from hpcstain.tiles import check_tiling
-
     check_tiling(tile, step, window)
     if sigma < 0:
         raise UsageError(f"gaussian sigma must be >= 0, got {sigma}")
@@ -282,7 +299,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               checkpoint: str | os.PathLike[str] | None = None,
               config: dict[str, Any] | None = None, truncate: float = 4.0,
               max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none",
-              max_tile: int = 0, cupping: Any = None, cupping_override: bool = False) -> Plan:
+              max_tile: int = 0, cupping: Any = None, cupping_override: bool = False,
+              report: Callable[[str], None] | None = None) -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
     ``levels`` is the raw ``(bone, background)``; when None they are estimated once here
@@ -293,11 +311,12 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     (GPU throughput; it changes the output, so it is part of the plan). ``max_tile`` lets
     planes be covered by fewer, larger equal tiles (:func:`hpcstain.tiles.plane_tiles`).
     ``cupping`` (``None``: as the checkpoint was trained, ``"auto"``/``"none"``, or a fitted
-    :class:`~hpcstain.cupping.Cupping`) is resolved by :func:`resolve_cupping`; the levels
-    are then estimated on the corrected CT.
+    :class:`~hpcstain.ct.cupping.Cupping`) is resolved by
+    :func:`~hpcstain.ct.cupping.resolve_cupping`; the levels are then estimated on the
+    corrected CT. Both are decided here and only here; ``report`` (e.g. ``print``) receives
+    the fitted correction and the level estimate's table, before an ambiguous estimate is
+    refused.
     """
-    from hpcstain.volume.io import estimate_levels
-
     chunk3 = (chunk,) * 3 if isinstance(chunk, int) else tuple(chunk)
     axes_t = tuple(a.strip() for a in axes.split(",")) if isinstance(axes, str) else tuple(axes)
     validate_plan_args(chunk3, axes_t, tile, step, window, sigma)
@@ -306,25 +325,21 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     if autocast not in ("none", "bf16", "fp16"):
         raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
-    sha, target, channels, multiple = "", (30000.0, 10000.0), in_channels or 3, 1
+    sha, target, channels, multiple = "", DEFAULT_TARGET, in_channels or 3, 1
     context = 1
     trained: str | None = None
     if checkpoint:
-        from hpcstain.inference import checkpoint_conventions
-        from hpcstain.train.checkpoint import file_sha256
-
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: checkpoint not found")
         conv = checkpoint_conventions(checkpoint)
         sha, target = file_sha256(checkpoint), conv.target_levels
         channels, multiple, trained = conv.generator_channels, conv.size_multiple, conv.cupping
         context = conv.context_slices
-    fitted = resolve_cupping(source, cupping, checkpoint, cupping_override, trained=trained)
-    if levels is None and fitted is not None:
-        from hpcstain.cupping import CorrectedSource
-
-        levels = estimate_levels(CorrectedSource(source, fitted))  # type: ignore[arg-type]
-    bone, background = levels if levels is not None else estimate_levels(source)
+    fitted = resolve_cupping(source, cupping, trained, cupping_override, str(checkpoint))
+    if fitted is not None and report is not None:
+        report(volume_fit_line(fitted))
+    bone, background = levels if levels is not None else \
+        _estimate_levels(CorrectedSource(source, fitted) if fitted is not None else source, report)
     vox, vox_from = voxel_size_of(source, voxel_size_um)
     return Plan(input=str(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
@@ -342,56 +357,28 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 cupping=fitted.to_dict() if fitted is not None else {})
 
 
+def _estimate_levels(source: Any, report: Callable[[str], None] | None) -> RawLevels:
+    """The raw levels of ``source`` (:func:`hpcstain.ct.levels.volume_levels`), the estimate
+    reported first; an ambiguous one is refused."""
+    estimate = volume_levels(source)
+    if report is not None:
+        report("\n".join(estimate.lines()))
+    return require_confident(estimate).levels
+
+
 def checkpoint_cupping(checkpoint: str | os.PathLike[str] | None) -> str | None:
     """The CT preprocessing a checkpoint was trained with (``none``/``radial``), or None."""
     if not checkpoint:
         return None
-    from hpcstain.inference import checkpoint_conventions
-
     if not Path(checkpoint).is_file():
         raise InputError(f"{checkpoint}: checkpoint not found")
     return checkpoint_conventions(checkpoint).cupping
-
-
-def resolve_cupping(source: Any, cupping: Any, checkpoint: str | os.PathLike[str] | None,
-                    override: bool = False, trained: str | None = None) -> Any:
-    """The run's cupping correction (a fitted :class:`~hpcstain.cupping.Cupping`) or None.
-
-    ``cupping``: None follows the checkpoint (``radial`` → fit, else none); ``"auto"``
-    fits, ``"none"`` does not; a Cupping is used as given. Staining with a preprocessing
-    other than the checkpoint's is refused (the generator would see CT it was never
-    trained on) unless ``override``.
-    """
-    from hpcstain.cupping import Cupping, fit_source
-
-    if trained is None:  # not given by a caller that already loaded the checkpoint
-        trained = checkpoint_cupping(checkpoint)
-    if cupping is None:
-        want = "radial" if trained == "radial" else "none"
-    elif isinstance(cupping, Cupping):
-        want = "radial"
-    elif str(cupping).strip().lower() in ("auto", "radial", "none"):
-        want = "none" if str(cupping).strip().lower() == "none" else "radial"
-    else:
-        raise UsageError(f"cupping {cupping!r}: choose auto or none")
-    if trained is not None and want != trained and not override:
-        asked = "auto" if want == "radial" else "none"
-        raise UsageError(f"{checkpoint}: trained with cupping correction {trained!r} "
-                         f"(data.cupping) but this run asks for --cupping {asked}; the "
-                         "generator would see CT preprocessed differently from its training "
-                         "data. Drop --cupping to follow the checkpoint, or pass "
-                         "--cupping-override to stain anyway")
-    if want == "none":
-        return None
-    return cupping if isinstance(cupping, Cupping) else fit_source(source)
 
 
 def voxel_size_of(source: Any, override: Any = None
                   ) -> tuple[tuple[float, float, float] | None, str]:
     """The run's voxel size in µm (z, y, x) and where it came from: ``override`` (the
     ``--voxel-size`` flag), else the input's metadata, else (None, "")."""
-    from hpcstain.volume.voxelsize import parse_voxel_size
-
     if override is not None:
         return parse_voxel_size(override), "--voxel-size"
     vox = getattr(source, "voxel_size_um", None)

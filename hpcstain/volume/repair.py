@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from hpcstain.errors import HpcstainError, InputError, UsageError
+from hpcstain.geometry import AXES
 from hpcstain.volume.io import chunk_regions, locate_damage, one_line, region_text
-from hpcstain.volume.plan import AXES, axis_store, load_plan
+from hpcstain.volume.plan import axis_store, load_plan
+from hpcstain.volume.stain import pending_units, resolve_fn, stain_unit
 
 Region = tuple[slice, slice, slice]
 
@@ -236,11 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dropped {len(dropped)} completion record(s) of axis {args.axis}: "
               + (", ".join(p.stem for p in dropped) or "none"))
         if args.restain and dropped:
-            from hpcstain.volume import run_stain
-
-            report = run_stain(args.run_dir, executor="local", device=args.device,
-                               progress=False)
-            print(report.summary())
+            print(restain(args.run_dir, args.device))
         elif dropped:
             print("stain them again with the original `hpcstain stain` command (or "
                   "--restain here), then run `hpcstain fuse` again")
@@ -248,6 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpcstain: error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+
+def restain(run_dir: str, device: str = "cpu") -> str:
+    """Stain the run's pending units again in this process, with its pinned generator."""
+    plan = load_plan(run_dir)
+    todo = pending_units(run_dir, plan)
+    fn = resolve_fn(None, None, plan, run_dir, device)
+    for index in todo:
+        stain_unit(run_dir, index, fn, plan=plan, device=device)
+    return f"{run_dir}: stained {len(todo)} unit(s) again"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One unit (daisy's vocabulary: it owns its *write region* and reads a *read regio
    where that box meets the true volume border, so the 3D Gaussian (σ = 1 voxel, §2.11)
    gives exactly the whole-volume values;
 2. map the CT to [-1, 1] with the plan's raw levels and the checkpoint's target levels
-   (§2.5, :func:`hpcstain.inference.ct_to_unit`);
+   (§2.5, :mod:`hpcstain.ct.prepare`);
 3. stain every slice of the slab perpendicular to the unit's axis with the tile engine on
    the global grid of that slice plane (tiles clamped to the plane), a few slices at a
    time, accumulating only the write region;
@@ -32,14 +32,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from hpcstain.atomic import atomic_output
+from hpcstain.ct.prepare import prepare_context
 from hpcstain.errors import InputError, UsageError
-from hpcstain.geometry import Region, chunks_touched, grow, relative
+from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched
+from hpcstain.inference import load_pinned, pin_generator
+from hpcstain.tiles import auto_batch, stain_region, to_uint8
+from hpcstain.train.checkpoint import file_sha256
+from hpcstain.volume import markers
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
-    AXIS_INDEX,
     Plan,
     Unit,
     axis_store,
@@ -60,41 +63,6 @@ GROUP_BYTES = 256 << 20  # working memory of one group of slices in the tile eng
 # --------------------------------------------------------------------------- pure core
 
 
-def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: float,
-           box: bool = False) -> np.ndarray:
-    """3D Gaussian of the ``inner`` box, from ``raw`` read over ``grown`` (⊇ inner).
-
-    Where ``grown`` stops short of ``inner`` ± halo, the volume border was hit: the block
-    is reflected there (scipy's "reflect" = numpy's "symmetric"), exactly what a
-    whole-volume filter does at its border. Elsewhere the real neighbours are used.
-    With ``box`` the filter is a (2·halo + 1)³ mean instead (cheap; ``sigma`` unused).
-    """
-    data = np.asarray(raw, np.float32)
-    if sigma <= 0 and not box:
-        return data[relative(inner, grown)]
-    pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
-           for i, g in zip(inner, grown, strict=True)]
-    data = np.pad(data, pad, mode="symmetric")
-    if box:
-        out = ndimage.uniform_filter(data, 2 * halo + 1, mode="reflect")
-    else:
-        out = ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo)
-    crop = tuple(slice(halo, halo + i.stop - i.start) for i in inner)
-    return out[crop]
-
-
-def whole_volume_smooth(volume: np.ndarray, sigma: float, halo: int) -> np.ndarray:
-    """The reference: the Gaussian over a whole in-memory volume."""
-    data = np.asarray(volume, np.float32)
-    return ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo) if sigma > 0 \
-        else data
-
-
-def to_uint8(rgb: np.ndarray) -> np.ndarray:
-    """[-1, 1] float → uint8 (round half to even, clipped)."""
-    return np.clip(np.rint((np.asarray(rgb, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: Plan,
                fn: StainFn, batch_size: int = 0, counter: list[int] | None = None,
                device: str = "cpu") -> np.ndarray:
@@ -105,8 +73,6 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
     at a time so that working memory stays near ``GROUP_BYTES``. ``batch_size`` 0 picks the
     tiles per generator call from the device (:func:`hpcstain.tiles.auto_batch`).
     """
-    from hpcstain.tiles import auto_batch, stain_region
-
     a = AXIS_INDEX[axis]
     dims = [d for d in range(3) if d != a]
     planes = np.moveaxis(ct, a, 0)
@@ -172,8 +138,6 @@ def init_run(run_dir: str | os.PathLike[str], plan: Plan, overwrite: bool = Fals
     run_dir.mkdir(parents=True, exist_ok=True)
     if not plan_path(run_dir).is_file():
         if plan.checkpoint:
-            from hpcstain.inference import pin_generator
-
             with atomic_output(generator_path(run_dir), overwrite=True) as tmp:
                 sha = pin_generator(plan.checkpoint, tmp)
             plan = replace(plan, generator_sha256=sha)
@@ -185,8 +149,6 @@ def init_run(run_dir: str | os.PathLike[str], plan: Plan, overwrite: bool = Fals
 
 def checkpoint_changed(run_dir: str | os.PathLike[str]) -> str | None:
     """A note when the run's source checkpoint no longer matches what was pinned, else None."""
-    from hpcstain.train.checkpoint import file_sha256
-
     plan = load_plan(run_dir)
     if not plan.checkpoint or not plan.checkpoint_sha256:
         return None
@@ -256,40 +218,6 @@ class UnitResult:
     voxels: int = 0
 
 
-def prepared_ct(source: VolumeSource, box: Region, plan: Plan) -> np.ndarray:
-    """Normalised, smoothed CT over ``box`` (float32 in [-1, 1]), cupping-corrected first
-    when the plan records a correction."""
-    from hpcstain.inference import Conventions, ct_to_unit
-
-    grown = grow(box, plan.halo, plan.shape)
-    raw = source.read(grown)
-    if plan.cupping:  # fitted once at plan time; a pure function of global (y, x)
-        from hpcstain.cupping import Cupping, apply_cupping
-
-        raw = apply_cupping(raw, Cupping.from_dict(plan.cupping, "plan.json"),
-                            (grown[1].start, grown[2].start))
-    ct = smooth(raw, box, grown, plan.halo, plan.sigma)
-    return ct_to_unit(ct, (plan.bone_level, plan.background_level),
-                      Conventions(target_levels=plan.target_levels))
-
-
-def prepared_context(source: VolumeSource, box: Region, axis: str, plan: Plan) -> np.ndarray:
-    """:func:`prepared_ct` over ``box`` plus the 2.5D model's (k-1)/2 context slices on each
-    side along ``axis``; past the volume border they are mirrored (edge not repeated, as
-    the tile engine pads planes), so each slice's planes never depend on the unit."""
-    from hpcstain.tiles import reflect_index
-
-    h = plan.context_halo
-    if h == 0:
-        return prepared_ct(source, box, plan)
-    a = AXIS_INDEX[axis]
-    wanted = reflect_index(np.arange(box[a].start - h, box[a].stop + h), plan.shape[a])
-    read = list(box)
-    read[a] = slice(int(wanted.min()), int(wanted.max()) + 1)
-    ct = prepared_ct(source, tuple(read), plan)  # type: ignore[arg-type]
-    return np.take(ct, wanted - read[a].start, axis=a)
-
-
 @dataclass
 class LoadedUnit:
     """A unit's normalised, smoothed CT over its read region, ready for the generator."""
@@ -308,8 +236,6 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
     A failure here (the input gone, a damaged chunk) leaves the unit's failed marker, as a
     failure while computing does, so ``hpcstain status`` reports it.
     """
-    from hpcstain.volume import markers
-
     unit = plan.unit(index)
     write = plan.unit_write_region(unit)
     if is_done(run_dir, unit.task, unit.name):
@@ -319,7 +245,7 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
             source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
         check_source(source, plan)
         box = plan.unit_read_region(unit)
-        ct = prepared_context(source, box, unit.axis, plan)
+        ct = prepare_context(source, box, unit.axis, plan.ct_recipe)
     except Exception as exc:
         markers.mark_failed(run_dir, unit.task, unit.name, exc)
         raise
@@ -329,8 +255,6 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
 def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
                  plan: Plan, batch_size: int = 0, device: str = "cpu") -> UnitResult:
     """The generator half: stain the slab, write it, then its completion record."""
-    from hpcstain.volume import markers
-
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
@@ -397,8 +321,6 @@ class PinnedStainer:
     device: str = "cpu"
 
     def __call__(self) -> StainFn:
-        from hpcstain.inference import load_pinned
-
         plan = load_plan(self.run_dir)
         key = (plan.generator_sha256, f"{self.device}/{plan.autocast}")
         if not plan.generator_sha256 or key not in _STAINERS:
