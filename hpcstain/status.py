@@ -92,20 +92,49 @@ def collect_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
 # --------------------------------------------------------------------------- workers
 
 
+class LiveJobSet(set[str]):
+    """squeue's job ids, and ``started``: id → start time (epoch s) of the job's current
+    run, for the jobs running now (a requeued job is pending again, or started anew)."""
+
+    def __init__(self, ids: set[str], started: dict[str, float]) -> None:
+        super().__init__(ids)
+        self.started = started
+
+
+_RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING",
+                   "STAGE_OUT", "RESIZING"}
+
+
 def squeue_jobs() -> set[str] | None:
     """Ids of the jobs SLURM still knows as pending/running: job ids and array elements
-    (``123_4``, one per element with ``-r``); None without a usable squeue."""
+    (``123_4``, one per element with ``-r``), as a :class:`LiveJobSet`; None without a
+    usable squeue."""
+    import datetime
+
     exe = shutil.which("squeue")
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "-h", "-r", "-o", "%A %i"], capture_output=True, text=True,
-                             timeout=15)
+        out = subprocess.run([exe, "-h", "-r", "-o", "%A %i %T %S"], capture_output=True,
+                             text=True, timeout=15)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    return {tok for line in out.stdout.splitlines() for tok in line.split()}
+    ids: set[str] = set()
+    started: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        ids.update(fields[:2])
+        if len(fields) >= 4 and fields[2] in _RUNNING_STATES:
+            try:
+                t = datetime.datetime.fromisoformat(fields[3]).timestamp()
+            except ValueError:
+                continue
+            started.update({fields[0]: t, fields[1]: t})
+    return LiveJobSet(ids, started)
 
 
 def _proc_start(pid: int) -> float | None:
@@ -137,10 +166,18 @@ def worker_gone(marker: dict[str, Any], live: set[str] | None, host: str) -> str
     slurm = marker.get("slurm") or {}
     job = str(slurm.get("job_id", ""))
     if job and live is not None:
-        if job in live:
-            return None
         array = slurm.get("array_job_id")
         label = f"{array}_{slurm.get('array_task_id')}" if array else job
+        if job in live:
+            started = getattr(live, "started", None)  # known for squeue's LiveJobSet
+            if started is None:
+                return None
+            begun = started.get(job)
+            if begun is None:  # pending again: a node failure or preemption requeued it
+                return f"SLURM job {label} was requeued (node failure?) and waits to restart"
+            if begun > float(marker.get("time", 0.0)) + 2.0:
+                return f"SLURM job {label} was requeued and restarted after this unit began"
+            return None
         return f"SLURM job {label} is no longer queued or running"
     pid, since = marker.get("pid"), float(marker.get("time", 0.0))
     if marker.get("host") == host and isinstance(pid, int) and not pid_alive(pid, since):

@@ -28,6 +28,7 @@ class ClusterConfig:
     exclusive: bool = False
     signal_delay_s: int = 120
     max_requeues: int = 3
+    ddp_timeout_s: int = 0  # DDP collective timeout (0: HPCSTAIN_DDP_TIMEOUT_S or 30 min)
     array_parallelism: int = 64
     log_folder: str = "slurm-logs"
     setup: list[str] = field(default_factory=list)

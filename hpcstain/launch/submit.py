@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +58,27 @@ class TrainJob:
 
     config: dict[str, Any]
     run_dir: str
+    ddp_timeout_s: int = 0     # 0: HPCSTAIN_DDP_TIMEOUT_S or the 30-min default
+    max_requeues: int = 3      # requeues after a lost peer (SLURM_RESTART_COUNT below this)
 
     def __call__(self) -> dict[str, Any]:
+        from hpcstain.train.distributed import TIMEOUT_ENV
         from hpcstain.train.trainer import StopFlag, train
 
         _export_torch_env()
+        if self.ddp_timeout_s > 0:
+            os.environ[TIMEOUT_ENV] = str(self.ddp_timeout_s)
+        if int(os.environ.get("SLURM_PROCID", "0") or 0) == 0:
+            record_slurm_requeues(self.run_dir)
         cfg: Config = from_dict(self.config)
         usr = signal.SIGUSR2
         stop = StopFlag((signal.SIGUSR1, usr, signal.SIGTERM))
-        result = train(cfg, self.run_dir, stop=stop, progress=False)
+        try:
+            result = train(cfg, self.run_dir, stop=stop, progress=False)
+        except Exception as exc:
+            if lost_peer(exc):
+                requeue_after_lost_peer(self.run_dir, exc, self.max_requeues)
+            raise
         if result.status == "preempted":
             # latest.pt is durable; let submitit's handler requeue us via checkpoint().
             if int(os.environ.get("SLURM_PROCID", "0")) == 0:
@@ -79,13 +91,16 @@ class TrainJob:
         import submitit
 
         record_requeue(self.run_dir)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
+        return submitit.helpers.DelayedSubmission(replace(self))
 
 
-def record_requeue(run_dir: str | os.PathLike[str]) -> None:
+def record_requeue(run_dir: str | os.PathLike[str], reason: str = "signal") -> None:
     """Append one line to ``RUN_DIR/requeues.jsonl`` (what ``hpcstain status`` counts).
 
-    submitit calls ``checkpoint()`` on rank 0 only, right before it requeues the job.
+    submitit calls ``checkpoint()`` on rank 0 only, right before it requeues the job
+    (reason "signal"); a rank that lost a peer records "lost peer" before its own
+    ``scontrol requeue``; a requeue SLURM made itself (node failure) is recorded when the
+    job starts again (:func:`record_slurm_requeues`).
     """
     import json
     import socket
@@ -93,13 +108,119 @@ def record_requeue(run_dir: str | os.PathLike[str]) -> None:
 
     from hpcstain.volume.markers import worker_identity
 
-    row = {"time": time.time(), "host": socket.gethostname(),
+    row = {"time": time.time(), "host": socket.gethostname(), "reason": reason,
+           "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
            **{k: v for k, v in worker_identity().items() if k == "slurm"}}
     try:
         with open(Path(run_dir) / "requeues.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
     except OSError:  # never stand in the way of the requeue itself
         pass
+
+
+def record_slurm_requeues(run_dir: str | os.PathLike[str]) -> int:
+    """On start, record requeues SLURM did that no one recorded (returns how many).
+
+    SLURM requeues a job whose node failed (``JobRequeue``) without any signal to the job;
+    the next start sees ``SLURM_RESTART_COUNT`` above the rows of this job in
+    ``requeues.jsonl`` and adds one row per missing requeue (reason "node failure").
+    """
+    import json
+
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not restarts or not job:
+        return 0
+    seen = 0
+    try:
+        for line in (Path(run_dir) / "requeues.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if str((row.get("slurm") or {}).get("job_id", "")) == job:
+                seen += 1
+    except OSError:
+        pass
+    for _ in range(restarts - seen):
+        record_requeue(run_dir, reason="node failure")
+    return max(restarts - seen, 0)
+
+
+_PEER_LOST = ("gloo", "nccl", "timed out", "connection closed by peer",
+              "connection reset by peer", "processgroup", "watchdog")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a failed DDP collective or rendezvous."""
+    import torch.distributed as dist
+
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, getattr(dist, "DistError", ())):
+            return True
+        if isinstance(err, RuntimeError) and any(k in str(err).lower() for k in _PEER_LOST):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def requeue_after_lost_peer(run_dir: str | os.PathLike[str], exc: BaseException,
+                            max_requeues: int) -> None:
+    """A DDP collective failed (a rank's node died or hangs): requeue the job, then exit.
+
+    The job then resumes from ``latest.pt`` like after a time limit. Only under a SLURM
+    batch job and while ``SLURM_RESTART_COUNT < max_requeues``; otherwise returns and the
+    error stands (the job fails). Exits the process without a submitit result, so
+    ``job.result()`` waits for the requeued run.
+    """
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID", "")
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    rank = os.environ.get("SLURM_PROCID", "?")
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if not job or restarts >= max_requeues:
+        print(f"hpcstain: rank {rank}: lost a DDP peer ({first}); not requeued "
+              f"(restart {restarts} of at most {max_requeues})", file=sys.stderr, flush=True)
+        return
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"hpcstain: rank {rank}: scontrol requeue {job} failed: {err}", file=sys.stderr,
+              flush=True)
+        return
+    if done.returncode == 0:
+        record_requeue(run_dir, reason="lost peer")
+        print(f"hpcstain: rank {rank}: lost a DDP peer ({first}); requeued job {job}, it "
+              "resumes from latest.pt", file=sys.stderr, flush=True)
+    elif _restart_count(job) > restarts:  # requeued already: by SLURM, or by another rank
+        print(f"hpcstain: rank {rank}: lost a DDP peer ({first}); job {job} was requeued "
+              "already", file=sys.stderr, flush=True)
+    else:
+        print(f"hpcstain: rank {rank}: lost a DDP peer ({first}); scontrol requeue {job} "
+              f"failed: {done.stderr.strip() or done.returncode}", file=sys.stderr, flush=True)
+        return
+    os._exit(75)  # no result file: submitit's job.result() waits for the requeued run
+
+
+def _restart_count(job: str) -> int:
+    """SLURM's restart count of ``job`` now (``scontrol show job``), -1 if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return -1
+    for field in out.split():
+        key, _, value = field.partition("=")
+        if key == "Restarts" and value.isdigit():
+            return int(value)
+    return -1
 
 
 @dataclass
@@ -147,17 +268,33 @@ def submit_cv(runs: list[tuple[Config, Path]], cluster: ClusterConfig, name: str
         run_dir.mkdir(parents=True, exist_ok=True)
     folder = runs[0][1].parent.parent / cluster.log_folder
     ex = make_executor(cluster, folder.resolve(), job_name=f"hpcstain-cv-{name}")
+    _requeue_on_node_failure(ex, cluster)
     task = CVTask([(to_dict(cfg), str(run_dir.resolve())) for cfg, run_dir in runs])
     return list(ex.map_array(task, list(range(len(runs)))))
 
 
 def _export_torch_env() -> None:
-    """Under SLURM with several tasks: RANK/WORLD_SIZE/MASTER_* from submitit's helper."""
+    """Under SLURM with several tasks: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM's
+    variables (:func:`~hpcstain.train.distributed.env_ranks`: the master is the first
+    node of ``SLURM_JOB_NODELIST``, its ``NodeAddr`` where the name does not resolve)."""
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or "RANK" in os.environ:
         return
-    import submitit
+    from hpcstain.train.distributed import env_ranks
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    rank, world, local_rank, extra = env_ranks()
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_RANK": str(local_rank), **extra})
+
+
+def _requeue_on_node_failure(ex: Any, cluster: ClusterConfig) -> None:
+    """``sbatch --requeue``: SLURM requeues the job when one of its nodes fails, also on
+    sites whose ``JobRequeue`` default is 0 (training resumes from ``latest.pt``; stain
+    tasks skip finished units)."""
+    if cluster.executor == "slurm":
+        from hpcstain.launch.profiles import additional_parameters
+
+        ex.update_parameters(additional_parameters={**additional_parameters(cluster),
+                                                    "requeue": True})
 
 
 def submit_train(cfg: Config, run_dir: Path, cluster: ClusterConfig) -> Any:
@@ -166,7 +303,9 @@ def submit_train(cfg: Config, run_dir: Path, cluster: ClusterConfig) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = run_dir / cluster.log_folder
     ex = make_executor(cluster, folder, job_name=f"hpcstain-train-{run_dir.name}")
-    return ex.submit(TrainJob(to_dict(cfg), str(run_dir)))
+    _requeue_on_node_failure(ex, cluster)
+    return ex.submit(TrainJob(to_dict(cfg), str(run_dir), cluster.ddp_timeout_s,
+                              cluster.max_requeues))
 
 
 def describe(job: Any) -> str:
@@ -247,6 +386,7 @@ def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: st
     run_dir = run_dir.resolve()
     ex = make_executor(stain_cluster(cluster), run_dir / cluster.log_folder,
                        job_name=f"hpcstain-stain-{run_dir.name}")
+    _requeue_on_node_failure(ex, cluster)
     task = StainTask(str(run_dir), n_tasks, device, batch_size)
     return list(ex.map_array(task, list(range(n_tasks))))
 

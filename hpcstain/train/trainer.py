@@ -158,6 +158,8 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
         write_folds(run_dir / "folds.json", folds)
     by_id = {p.id: p for p in pairs}
     cache = run_dir / "cache"
+    if env.distributed and not env.is_main:
+        distributed.barrier(env)  # rank 0 fills the shared mask cache; the others read it
     k = cfg.model.context_slices  # 2.5D: each slide's CT planes, normalised like it
     train_pairs = [by_id[i] for i in train_ids]
     train_slides = with_context(load_slides(train_pairs, cfg.data, cache), train_pairs,
@@ -172,6 +174,8 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
                                   cfg.data, k)
         val_set = PairedPatchDataset(val_slides, cfg.data, ct_channels=cfg.model.ct_channels,
                                      seed=cfg.data.seed + 1, augment=False, context_slices=k)
+    if env.distributed and env.is_main:
+        distributed.barrier(env)  # the mask cache is complete: the other ranks load now
     sampler = EpochSampler(dataset, env.world_size, env.rank, cfg.train.seed)
     info: dict[str, Any] = {"train_ids": list(train_ids), "val_ids": list(val_ids),
                             "test_ids": list(folds.test_ids)}
