@@ -71,7 +71,7 @@ def run_palette(run: Path, palette_file: str | os.PathLike[str] | None) -> Palet
         raise UsageError(f"{run}: the run names no checkpoint; pass --palette FILE")
     if not Path(ckpt).is_file():
         raise InputError(f"{ckpt}: the run's checkpoint is gone; pass --palette FILE")
-    from hpcstain.train.checkpoint import load_checkpoint
+    from hpcstain.checkpoint import load_checkpoint
 
     palette = checkpoint_palette(load_checkpoint(ckpt), ckpt)
     if palette is None:

@@ -135,7 +135,7 @@ def test_palette_file_and_record(tmp_path):
 
 
 def test_palette_round_trip_through_a_checkpoint(tmp_path):
-    from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
+    from hpcstain.checkpoint import load_checkpoint, save_checkpoint
 
     pal = make_palette([("background", (240, 240, 240)), ("bone", (200, 160, 210)),
                         ("screw", (20, 20, 20))], "test")
@@ -273,8 +273,8 @@ def test_morph_end_to_end(tmp_path, capsys):
 def test_morph_palette_from_the_checkpoint_or_a_clear_error(tmp_path, capsys):
     from test_volume_e2e import tiny_checkpoint
 
+    from hpcstain.checkpoint import load_checkpoint, save_checkpoint
     from hpcstain.cli import main
-    from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt, _ = tiny_checkpoint(tmp_path / "old.pt")
     run, labels = fused_run(tmp_path, checkpoint=ckpt)
