@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 import hpcstain.phantom.pairs as pairs
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.config import from_dict
 from hpcstain.data.manifest import read_manifest
 from hpcstain.data.sampler import load_slide
 from hpcstain.inference import generator_net
 from hpcstain.models.gans import REGISTRATION
 from hpcstain.models.registration import build_registration, edge_misfit, warp
-from hpcstain.train.checkpoint import load_checkpoint
 
 
 def true_fields(seed: int, n: int, size: int, strength: float) -> list[np.ndarray]:

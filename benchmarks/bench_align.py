@@ -100,7 +100,7 @@ def run_one(args: argparse.Namespace, strength: float, mode: str, extra: list[st
 
 def trained_info(run_dir: Path) -> dict[str, Any]:
     """What ``train_profile`` reports, read back from a finished run (``--eval-only``)."""
-    from hpcstain.train.checkpoint import load_checkpoint
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.train.logs import read_losses
 
     ckpt = load_checkpoint(run_dir / "checkpoints" / "latest.pt")

@@ -112,8 +112,8 @@ def n_train_pairs(pairs: Path, n_test: int) -> int:
 
 
 def _net(ckpt: str) -> torch.nn.Module:
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.inference import generator_net
-    from hpcstain.train.checkpoint import load_checkpoint
 
     return generator_net(load_checkpoint(ckpt), "ct2hist", ckpt, "cpu")
 

@@ -65,9 +65,9 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path
 
 
 def checkpoint(path: Path, ngf: int, blocks: int) -> Path:
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = ngf, 8, blocks

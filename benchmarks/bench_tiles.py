@@ -81,8 +81,8 @@ def generator(ngf: int, blocks: int) -> tuple[nn.Module, str]:
 
 def checkpoint_generator(path: str) -> tuple[nn.Module, str]:
     """The raw CT→histology generator of a trained checkpoint (eval mode)."""
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.models import build_model_from_architecture
-    from hpcstain.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model = build_model_from_architecture(ckpt["architecture"], "cpu", source=path)

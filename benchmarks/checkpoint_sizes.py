@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from hpcstain.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from hpcstain.config import load_config, to_dict
 from hpcstain.models import build_model
-from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
 
 def main() -> None:

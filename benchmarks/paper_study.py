@@ -80,7 +80,7 @@ def volume_study(checkpoint: Path, out: Path, shape: tuple[int, int, int]) -> di
     # the truth in the model's colour space (§2.5 with label ROIs), mask from the labels
     reference = prepare_reference(truth.shape[:3], truth, labels=group["labels"][:],
                                   ct=group["ct"][:])
-    from hpcstain.train.checkpoint import load_checkpoint
+    from hpcstain.checkpoint import load_checkpoint
 
     unet = load_checkpoint(checkpoint)["architecture"]["generator"] == "unet256"
     tile, step = (256, 128) if unet else (64, 32)  # the U-Net-256 needs 256² tiles

@@ -55,12 +55,12 @@ def main() -> None:
 
     import zarr
 
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.ct.conventions import conventions_of
     from hpcstain.ct.prepare import prepare_block
     from hpcstain.inference import generator_net
     from hpcstain.metrics.volume import prepare_reference, score_volume
     from hpcstain.models.stack_norm import dependency_radius, share_statistics
-    from hpcstain.train.checkpoint import load_checkpoint
     from hpcstain.volume import make_plan, open_volume
     from hpcstain.volume.fuse import fuse_mean
 

@@ -12,6 +12,10 @@ and ``reason``.
 Loading verifies the CRC-32 of every member of the zip archive torch writes, so a
 truncated or bit-rotten file is one :class:`InputError`, never a traceback or silently
 damaged weights.
+
+Inference reads a checkpoint as a :class:`CheckpointFile` (:func:`read_checkpoint`): its
+bytes are read once, hashed and loaded from memory, and the record is kept per file
+version, so planning a run (conventions, hash) and pinning its generator cost one read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import pickle
 import random
 import zipfile
 import zlib
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +49,50 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-                    ) -> dict[str, Any]:
-    """Load a checkpoint safely; anything but tensors and plain containers is refused."""
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One version of a checkpoint file: where it is, its sha256 and its contents.
+
+    The contents are shared by every caller of :func:`read_checkpoint` for that version:
+    read them, never modify them.
+    """
+
+    path: Path
+    sha256: str
+    data: dict[str, Any]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFile:
+    """The checkpoint at ``path`` (CPU tensors), read, hashed and verified once per file
+    version (path, size, modification time)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    verify_archive(path)
+    st = path.stat()
+    return _read_version(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_version(path: str, mtime_ns: int, size: int) -> CheckpointFile:
+    raw = Path(path).read_bytes()
+    data = _load(Path(path), raw, "cpu")
+    return CheckpointFile(Path(path), hashlib.sha256(raw).hexdigest(), data)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+                    ) -> dict[str, Any]:
+    """Load a checkpoint safely (a fresh copy, e.g. to resume training); anything but
+    tensors and plain containers is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    return _load(path, path.read_bytes(), map_location)
+
+
+def _load(path: Path, raw: bytes, map_location: str | torch.device) -> dict[str, Any]:
+    verify_archive(path, raw)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # not a refused global: the file is simply corrupt
             raise InputError(f"{path}: not a readable checkpoint (corrupt or not a torch file)"
@@ -66,19 +107,21 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return ckpt
 
 
-def verify_archive(path: str | os.PathLike[str]) -> None:
-    """Check the CRC-32 of every member of a torch zip checkpoint; damage → InputError.
+def verify_archive(path: str | os.PathLike[str], raw: bytes | None = None) -> None:
+    """Check the CRC-32 of every member of a torch zip checkpoint (the file at ``path``, or
+    its bytes ``raw`` already read); damage → InputError.
 
     Files that are not zip archives at all are left to ``torch.load`` (which names them).
     Members written without a CRC (``torch.serialization.set_crc32_options(False)``) are
     skipped.
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
+    source: Any = io.BytesIO(raw) if raw is not None else path
+    if not zipfile.is_zipfile(source):
         return
     member = "?"
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(source) as zf:
             for info in zf.infolist():
                 member = info.filename
                 if info.CRC == 0 and info.file_size:

@@ -135,8 +135,8 @@ def _train_and_report(cfg: Any, args: argparse.Namespace) -> int:
 
 def _distill_config(args: argparse.Namespace, run_over: list[str]) -> Any:
     """The run config of `distill` / `submit distill`: student profile + teacher + data."""
-    from hpcstain.distill import teacher_overrides
     from hpcstain.train.runs import resolve_run_config
+    from hpcstain.train.teacher import teacher_overrides
 
     out = Path(args.out)
     if args.teacher is None and not (out / "config.yaml").exists():

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.ct.cupping import apply_cupping, check_fit_choice, slide_fits
 from hpcstain.ct.unit import ct16_to_unit, normalise_ct
-from hpcstain.data.manifest import Pair, read_ct_slab, read_manifest, read_pair
+from hpcstain.data.manifest import Pair, as_ct, labels_spec, read_ct_slab, read_manifest, read_pair
 from hpcstain.data.masks import load_or_compute_mask
 from hpcstain.data.normalise import (
     Rois,
@@ -47,6 +48,7 @@ from hpcstain.data.normalise import (
     normalise_histology,
     unit_to_rgb8,
 )
+from hpcstain.data.readers import read_image
 from hpcstain.data.sampler import pair_rois
 from hpcstain.errors import InputError, UsageError
 from hpcstain.metrics.lpips import LPIPS, try_load_lpips
@@ -59,6 +61,7 @@ from hpcstain.metrics.patches import (
     medians,
 )
 from hpcstain.metrics.seams import seam_index
+from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
 from hpcstain.predict import Stainer, load_stainer, mask_outside, mean_colour, predict_slide
 from hpcstain.tiles import PAPER_TILING, Tiling, check_tiling, tile_boundaries
 
@@ -194,10 +197,6 @@ def pair_cuppings(pairs: Sequence[Pair], stainer: Stainer, choice: str = "checkp
     training set's stored fit for slides of its size; ``set``: one fit over these pairs'
     equally sized slides, the training rule; ``slide``: each alone). A fallback is said in
     one ``log`` line. Reads each pair's CT once here."""
-    from hpcstain.ct.cupping import check_fit_choice, slide_fits
-    from hpcstain.data.manifest import as_ct
-    from hpcstain.data.readers import read_image
-
     check_fit_choice(choice)
     if stainer.conventions.cupping != "radial":
         return {}
@@ -229,8 +228,6 @@ def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNo
         if stainer.conventions.cupping == "radial":
             from dataclasses import replace
 
-            from hpcstain.ct.cupping import apply_cupping, slide_fits
-
             if cupping is None:
                 (cupping,), _ = slide_fits(lambda _: images.ct, 1,
                                            stainer.conventions.stored_fits,
@@ -240,8 +237,6 @@ def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNo
         if stainer.context_slices > 1:  # a 2.5D model: the pair's CT planes, corrected alike
             slab = read_ct_slab(pair, stainer.context_slices, images.ct.shape)
             if cupping is not None:
-                from hpcstain.ct.cupping import apply_cupping
-
                 slab = np.stack([apply_cupping(p, cupping) for p in slab])
         rois = pair_rois(pair, images.ct, images.histology)
         bone, background = ct_levels(images.ct, rois)
@@ -304,26 +299,11 @@ def evaluate_pair(data: PairImagesNormalised, stainer: Stainer, split: str, *,
                       seam_of(output, tiling), n_total, data.rois.method)
 
 
-def labels_spec(pair: Pair) -> str | None:
-    """A pair's label image: an absolute ``labels`` manifest column, else the phantom's
-    ``labels/<id>.png`` beside ``truth/<id>.png``; None when there is none."""
-    given = pair.extra.get("labels", "").strip()
-    if given and Path(given).is_absolute():
-        return given
-    if pair.truth and ":" not in Path(pair.truth).name:
-        path = Path(pair.truth).parent.parent / "labels" / Path(pair.truth).name
-        return str(path) if path.is_file() else None
-    return None
-
-
 def pair_tissue(pair: Pair, data: PairImagesNormalised, result: PairResult, patch: int,
                 pixel_size_um: float | None = None) -> Any:
     """Tissue classes and histomorphometry of one phantom pair over its kept patches
     (model output, truth, CT baseline vs the labels; ``metrics.tissue``); None without
     truth, labels or kept patches."""
-    from hpcstain.data.readers import read_image
-    from hpcstain.metrics.tissue import TissueTally, score_readings
-
     spec = labels_spec(pair)
     if spec is None or data.truth is None:
         return None
@@ -345,8 +325,6 @@ def pair_tissue(pair: Pair, data: PairImagesNormalised, result: PairResult, patc
 
 def pooled_tissue(tallies: Sequence[Any], patches: int) -> dict[str, Any]:
     """One split's tissue classes, counts pooled over its pairs' kept patches."""
-    from hpcstain.metrics.tissue import TissueTally
-
     total = TissueTally()
     for t in tallies:
         total.merge(t)
@@ -431,8 +409,6 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def tissue_tables(summary: dict[str, Any]) -> str:
     """Per split: Dice of the tissue readings and histomorphometry (phantoms with labels)."""
-    from hpcstain.metrics.tissue import format_tissue_table
-
     out = ""
     unit = "µm" if summary.get("pixel_size_um") else "px"
     for split, entry in summary["splits"].items():

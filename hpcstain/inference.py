@@ -12,7 +12,6 @@ directory); :func:`load_pinned` refuses a file whose hash differs from the recor
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcstain.checkpoint import file_sha256, read_checkpoint, save_checkpoint
 from hpcstain.ct.conventions import CONVENTION_KEYS, Conventions, conventions_of
 from hpcstain.ct.levels import TargetLevels
+from hpcstain.device import resolve_device
 from hpcstain.errors import InputError, UsageError
+from hpcstain.models.gans import model_config_of
+from hpcstain.models.networks import build_generator
 
 TileFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,25 +68,13 @@ class Stainer:
 
 
 def checkpoint_conventions(checkpoint: str | os.PathLike[str]) -> Conventions:
-    """The conventions of a checkpoint file, read once per file version (a plan, the cupping
-    check and distillation all ask; a large ``latest.pt`` is not re-read and re-verified)."""
-    path = Path(checkpoint)
-    st = path.stat()
-    return _conventions_of_file(str(path.resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _conventions_of_file(path: str, mtime_ns: int, size: int) -> Conventions:
-    from hpcstain.train.checkpoint import load_checkpoint
-
-    return conventions_of(load_checkpoint(path), path)
+    """The conventions of a checkpoint file (read once per file version: a plan, the cupping
+    check and distillation all ask; see :func:`hpcstain.checkpoint.read_checkpoint`)."""
+    return conventions_of(read_checkpoint(checkpoint).data, str(checkpoint))
 
 
 def generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> nn.Module:
     """Build and load the generator ``name`` (``ct2hist`` / ``hist2ct``) of a checkpoint."""
-    from hpcstain.models.gans import model_config_of
-    from hpcstain.models.networks import build_generator
-
     arch = ckpt["architecture"]
     cfg = model_config_of(arch, source)
     c_ct, c_hist = int(arch["ct_channels"]), int(arch["histology_channels"])
@@ -110,11 +101,8 @@ def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
     ``autocast`` (``none``, ``bf16``, ``fp16``) runs the generator under torch autocast on
     the device (outputs are returned as float32 on the CPU either way).
     """
-    from hpcstain.device import resolve_device
-    from hpcstain.train.checkpoint import load_checkpoint
-
     device = resolve_device(device)  # "auto" (a worker on a GPU node) → cuda, else cpu
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint).data
     arch = ckpt.get("architecture")
     if not isinstance(arch, dict):
         raise InputError(f"{checkpoint}: checkpoint has no architecture record")
@@ -155,9 +143,7 @@ def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[st
     The file is an ordinary (slim) checkpoint: ``predict`` and ``stain`` read it like any
     other. Returns its sha256, which the caller records (a volume run's plan does).
     """
-    from hpcstain.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint).data
     generator_net(ckpt, "ct2hist", str(checkpoint), "cpu")  # refuse a broken one now
     data = (ckpt.get("config") or {}).get("data", {})
     payload = {
@@ -169,6 +155,7 @@ def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[st
         "reason": f"generator pinned from {checkpoint}",
         "pinned_from": str(checkpoint),
         **({"cupping_fits": ckpt["cupping_fits"]} if ckpt.get("cupping_fits") else {}),
+        **({"palette": ckpt["palette"]} if ckpt.get("palette") else {}),
     }
     save_checkpoint(dest, payload)
     return file_sha256(dest)
@@ -177,8 +164,6 @@ def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[st
 def load_pinned(path: str | os.PathLike[str], sha256: str, device: str = "cpu",
                 autocast: str = "none") -> Stainer:
     """The generator pinned at ``path``, refused unless its hash is ``sha256``."""
-    from hpcstain.train.checkpoint import file_sha256
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: the run's pinned generator is missing")

@@ -118,10 +118,10 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     from pathlib import Path
 
+    from hpcstain.checkpoint import file_sha256, load_checkpoint
     from hpcstain.ct.conventions import conventions_of
     from hpcstain.inference import generator_net
     from hpcstain.models.flops import flops_per_pixel, parameter_count
-    from hpcstain.train.checkpoint import file_sha256, load_checkpoint
 
     path = Path(path)
     ckpt = load_checkpoint(path)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.errors import InputError, UsageError
 from hpcstain.metrics.tissue import (
     CLASS_RGBA,
@@ -39,6 +40,7 @@ from hpcstain.metrics.tissue import (
     read_classes,
     read_palette_file,
 )
+from hpcstain.volume.omezarr import n_levels_of, ngff_attrs, open_image
 
 FUSED = "fused.ome.zarr"
 LABEL_NAME = "tissue"
@@ -71,7 +73,6 @@ def run_palette(run: Path, palette_file: str | os.PathLike[str] | None) -> Palet
         raise UsageError(f"{run}: the run names no checkpoint; pass --palette FILE")
     if not Path(ckpt).is_file():
         raise InputError(f"{ckpt}: the run's checkpoint is gone; pass --palette FILE")
-    from hpcstain.checkpoint import load_checkpoint
 
     palette = checkpoint_palette(load_checkpoint(ckpt), ckpt)
     if palette is None:
@@ -81,8 +82,6 @@ def run_palette(run: Path, palette_file: str | os.PathLike[str] | None) -> Palet
 
 
 def fused_image(run: Path) -> Any:
-    from hpcstain.volume.omezarr import open_image
-
     path = run / FUSED
     if not path.is_dir():
         raise InputError(f"{run}: no {FUSED} (run `hpcstain fuse {run}` first)")
@@ -94,8 +93,6 @@ def fused_image(run: Path) -> Any:
 
 def voxel_size(root: Any) -> tuple[float, float, float] | None:
     """µm per voxel (z, y, x) from level 0's scale when the axes carry a unit."""
-    from hpcstain.volume.omezarr import ngff_attrs
-
     ms = ngff_attrs(root)["multiscales"][0]
     if not all(a.get("unit") for a in ms["axes"][1:]):
         return None
@@ -144,8 +141,6 @@ def write_labels(root: Any, fused: Path, classes: np.ndarray, palette: Palette,
                  overwrite: bool) -> Path:
     """``fused/labels/tissue``: the class volume with the parent's levels (2× nearest)."""
     import zarr
-
-    from hpcstain.volume.omezarr import n_levels_of, ngff_attrs
 
     fmt = root.metadata.zarr_format
     version = "0.4" if fmt == 2 else ngff_attrs(root).get("version", "0.5")

@@ -24,6 +24,7 @@ import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.errors import InputError, UsageError
+from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
 from hpcstain.metrics.volume import (
     AXES,
     Reference,
@@ -33,6 +34,7 @@ from hpcstain.metrics.volume import (
     prepare_reference,
     score_volume,
 )
+from hpcstain.volume.io import open_volume, parse_spec
 
 RUN_OUTPUTS = ("fused.ome.zarr",)
 
@@ -101,7 +103,6 @@ def read_rgb(spec: str | os.PathLike[str]) -> np.ndarray:
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         return np.load(path)
-    from hpcstain.volume.io import parse_spec
 
     parsed = parse_spec(text)
     if parsed.kind == "zarr":
@@ -128,8 +129,6 @@ def read_rgb(spec: str | os.PathLike[str]) -> np.ndarray:
 
 def read_scalar(spec: str | os.PathLike[str]) -> np.ndarray:
     """A 3D scalar volume (CT, labels) read whole via :func:`open_volume`."""
-    from hpcstain.volume.io import open_volume
-
     src = open_volume(spec, scan=False)
     return src.read(tuple(slice(0, n) for n in src.shape))  # type: ignore[arg-type]
 
@@ -137,8 +136,6 @@ def read_scalar(spec: str | os.PathLike[str]) -> np.ndarray:
 def read_reference(spec: str | os.PathLike[str]
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(stain, labels, CT) of a reference: a phantom volume's three arrays, or RGB alone."""
-    from hpcstain.volume.io import parse_spec
-
     text = os.fspath(spec)
     path = Path(text)
     if path.suffix.lower() != ".npy" and not (path.is_dir() and (path / "plan.json").exists()):
@@ -209,8 +206,6 @@ def tissue_section(pred: np.ndarray, ref: Reference, labels: np.ndarray | None,
                    spacing: tuple[float, ...] | None) -> tuple[dict[str, Any], str] | None:
     """Tissue classes (Dice of each reading, CT baseline) and histomorphometry against the
     phantom labels (``metrics.tissue``); None without labels."""
-    from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
-
     if labels is None:
         return None
     tally = TissueTally()

@@ -19,9 +19,9 @@ def micro_config(manifest: str | Path, *extra: str) -> Config:
 
 def untrained_generator_checkpoint(path: Path) -> Path:
     """A tiny untrained generator (ngf 4, 1 block) saved like a ``min-*.pt``."""
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import to_dict
     from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from hpcstain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.errors import InputError
-from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 class _Exploit:

@@ -16,6 +16,7 @@ import tifffile
 import torch
 import zarr
 
+from hpcstain.checkpoint import load_checkpoint, save_checkpoint
 from hpcstain.config import load_config
 from hpcstain.ct.conventions import conventions_of
 from hpcstain.data.manifest import read_manifest
@@ -25,7 +26,6 @@ from hpcstain.executors import run_stain
 from hpcstain.inference import checkpoint_conventions
 from hpcstain.models.gans import architecture_of
 from hpcstain.phantom import write_pairs, write_volume_file
-from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
 from hpcstain.volume import init_run, make_plan, open_volume
 from hpcstain.volume.plan import axis_store
 

@@ -116,9 +116,9 @@ def test_stained_slabs_see_the_whole_volume_correction(tmp_path) -> None:
 
 
 def tiny_checkpoint(path, **data):
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1

@@ -60,9 +60,9 @@ def cupped_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def radial_checkpoint(path: Path, fits: dict | None) -> Path:
     """A tiny untrained generator checkpoint trained 'with' data.cupping=radial; ``fits``
     None: written like a checkpoint from before the fits were stored."""
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1
@@ -96,9 +96,9 @@ def predicted(paths: list[Path], ckpt: Path, out: Path, *extra: str) -> list[np.
 
 def test_training_stores_its_set_fit_in_every_checkpoint(cupped_pairs: Path, tmp_path: Path
                                                          ) -> None:
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.data.manifest import read_manifest, read_pair
     from hpcstain.inference import load_generator, pin_generator
-    from hpcstain.train.checkpoint import load_checkpoint
     from hpcstain.train.trainer import train
 
     cfg = micro_config(cupped_pairs, "train.epochs=1", "train.checkpoint_every=0",
@@ -176,8 +176,8 @@ def test_info_shows_the_stored_fit_and_a_bad_record_is_one_error(tmp_path: Path,
                                                                  capsys) -> None:
     import json
 
+    from hpcstain.checkpoint import load_checkpoint, save_checkpoint
     from hpcstain.inference import load_generator
-    from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = radial_checkpoint(tmp_path / "ck.pt", {(96, 96): STORED})
     assert main(["info", "--checkpoint", str(ckpt)]) == 0

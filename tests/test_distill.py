@@ -7,8 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hpcstain.distill import (
-    DistillModel,
+from micro import StopAfter
+
+from hpcstain.checkpoint import load_checkpoint, save_checkpoint
+from hpcstain.config import Config, load_config, to_dict
+from hpcstain.errors import InputError
+from hpcstain.inference import conventions_of, load_generator
+from hpcstain.models.distill import DistillModel
+from hpcstain.train.logs import read_losses
+from hpcstain.train.teacher import (
     Plane,
     _label,
     held_out_l1,
@@ -16,13 +23,6 @@ from hpcstain.distill import (
     teacher_overrides,
     volume_units,
 )
-from micro import StopAfter
-
-from hpcstain.config import Config, load_config, to_dict
-from hpcstain.errors import InputError
-from hpcstain.inference import conventions_of, load_generator
-from hpcstain.train.checkpoint import load_checkpoint, save_checkpoint
-from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -224,11 +224,10 @@ def test_a_radial_student_is_corrected_with_and_records_the_teachers_stored_fit(
     pair planes are corrected with exactly that fit (as predict corrects them for the
     teacher), and every student checkpoint carries it, so predict applies it to the
     student too."""
-    from hpcstain.distill import PLANES_FILE, load_planes
-
     from hpcstain.ct.cupping import Cupping, fits_from_record, fits_record
     from hpcstain.data.manifest import read_manifest
     from hpcstain.data.sampler import load_slide
+    from hpcstain.train.teacher import PLANES_FILE, load_planes
 
     fit = Cupping((31.5, 31.5), 40.0, (2500.0,), {"slides": 3})
     ckpt = load_checkpoint(data["teacher"])

@@ -56,8 +56,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _expected_generator(ckpt_path: Path) -> tuple[int, float]:
     """Parameters (from the stored tensors) and FLOPs of a freshly built generator."""
+    from hpcstain.checkpoint import load_checkpoint
     from hpcstain.models.gans import model_config_of
-    from hpcstain.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt["model"]["generators"]["ct2hist"]
@@ -125,7 +125,7 @@ def test_info_of_min_and_pinned_generator(trained: Path, tmp_path: Path) -> None
     assert pinned["pinned_from"]["plan_generator_sha256"] == pinned["sha256"]
     assert (pinned["generator"]["parameters"], pinned["generator"]["flops_per_pixel"]) == (
         params, flops)
-    from hpcstain.train.checkpoint import load_checkpoint
+    from hpcstain.checkpoint import load_checkpoint
 
     assert pinned["training"]["step"] == load_checkpoint(latest)["step"]  # pinned at its step
     assert "this file's hash matches plan.json" in format_checkpoint(pinned)

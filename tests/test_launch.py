@@ -193,11 +193,11 @@ def test_submit_stain_wait_on_local_processes_shows_progress_not_spam(
     import numpy as np
     import zarr
 
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.cli import main
     from hpcstain.config import load_config, to_dict
     from hpcstain.models import build_model
     from hpcstain.status import collect_status
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = load_config("modcyclegan-tiny", ["model.ngf=4", "model.ndf=4", "model.n_blocks=1"])
     model = build_model(cfg.model, cfg.loss, "cpu")

@@ -149,10 +149,10 @@ def test_levels_verb_prints_classes_and_writes_the_histogram(
 
 def test_stain_plan_only_prints_the_same_levels_and_refuses_ambiguity(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
     from hpcstain.phantom import write_volume_file
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1

@@ -13,6 +13,7 @@ import torch
 from micro import micro_config
 from PIL import Image
 
+from hpcstain.checkpoint import save_checkpoint
 from hpcstain.config import LossConfig, ModelConfig, to_dict
 from hpcstain.data.normalise import NORMALISED_BACKGROUND, Rois, ct_levels, find_ct_rois
 from hpcstain.errors import InputError, UsageError
@@ -25,7 +26,6 @@ from hpcstain.predict import (
     predict_slide,
 )
 from hpcstain.tiles import DEFAULT_TILING, PAPER_TILING, Tiling, resolve_tiling
-from hpcstain.train.checkpoint import save_checkpoint
 from hpcstain.train.trainer import train
 
 SMALL = Tiling(32, 16, "hann")

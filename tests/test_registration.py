@@ -13,6 +13,7 @@ from micro import StopAfter, micro_config
 from PIL import Image
 from scipy import ndimage
 
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.config import LossConfig, ModelConfig
 from hpcstain.errors import ConfigError, UsageError
 from hpcstain.inference import load_generator
@@ -23,7 +24,6 @@ from hpcstain.phantom import write_pairs
 from hpcstain.phantom.pairs import SUPERSAMPLE, _warp
 from hpcstain.predict import predict_files
 from hpcstain.tiles import Tiling
-from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import train
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from micro import micro_config
 
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.launch.profiles import load_cluster
 from hpcstain.launch.submit import submit_fuse, submit_stain, submit_train
-from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import train
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from micro import StopAfter, micro_config
 
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.config import Config, save_config
 from hpcstain.errors import InputError
-from hpcstain.train.checkpoint import load_checkpoint
 from hpcstain.train.logs import read_losses
 from hpcstain.train.trainer import EXIT_PREEMPTED, train
 
@@ -184,7 +184,7 @@ def test_min_checkpoints_hold_only_generators_and_latest_holds_pools_once(
     train(tiny(pairs), run, progress=False)
     best = load_checkpoint(run / "checkpoints" / "min-pixel_ct2hist.pt")
     assert set(best) == {"format", "architecture", "config", "model", "epoch", "step",
-                         "minima", "reason"}  # no optimiser, scheduler, scaler, RNG, pools
+                         "minima", "reason", "palette"}  # no optimiser, scheduler, RNG, pools
     assert set(best["model"]) == {"generators"}
     assert set(best["model"]["generators"]) == {"ct2hist", "hist2ct"}
     model = build_model_from_architecture(best["architecture"], "cpu")

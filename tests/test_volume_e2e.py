@@ -46,9 +46,9 @@ def test_phantom_hdf5_to_fused_ome_zarr(tmp_path):
 
 
 def tiny_checkpoint(path, seed: int = 0, **data):
+    from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import Config, to_dict
     from hpcstain.models import architecture_of, build_model
-    from hpcstain.train.checkpoint import save_checkpoint
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpcstain.atomic import atomic_output, check_output
+from hpcstain.data.manifest import OPTIONAL, REQUIRED, read_manifest, read_pair
 from hpcstain.errors import InputError
 from hpcstain.models.registration import smoothness, warp
 
@@ -246,9 +248,6 @@ def register_pairs(manifest: str | os.PathLike[str], out: str | os.PathLike[str]
     path.
     """
     from PIL import Image
-
-    from hpcstain.atomic import atomic_output, check_output
-    from hpcstain.data.manifest import OPTIONAL, REQUIRED, read_manifest, read_pair
 
     out = check_output(out, overwrite)
     pairs = read_manifest(manifest)               # every bad row is one InputError, first

@@ -330,3 +330,15 @@ def read_manifest(path: str | os.PathLike[str], validate: bool = True) -> list[P
         raise InputError(f"{path}: {len(problems)} bad pair(s) of {len(rows)}:\n  "
                          + "\n  ".join(problems))
     return pairs
+
+
+def labels_spec(pair: Pair) -> str | None:
+    """A pair's label image: an absolute ``labels`` manifest column, else the phantom's
+    ``labels/<id>.png`` beside ``truth/<id>.png``; None when there is none."""
+    given = pair.extra.get("labels", "").strip()
+    if given and Path(given).is_absolute():
+        return given
+    if pair.truth and ":" not in Path(pair.truth).name:
+        path = Path(pair.truth).parent.parent / "labels" / Path(pair.truth).name
+        return str(path) if path.is_file() else None
+    return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from hpcstain.ct.levels import RawLevels
+from hpcstain.ct.levels import RawLevels, estimate_ct_levels, level_masks, require_confident
 from hpcstain.errors import InputError
 
 F_MIN_FLOOR = 10.0
@@ -126,8 +126,6 @@ def find_ct_rois(ct: np.ndarray) -> Rois:
     band centred on the estimated level, so ``ct_levels(ct, rois)`` gives the estimate. An
     ambiguous estimate is an InputError naming the levels to pass instead.
     """
-    from hpcstain.ct.levels import estimate_ct_levels, level_masks, require_confident
-
     est = require_confident(estimate_ct_levels(np.asarray(ct), "CT"))
     bone, background = level_masks(ct, est)
     return Rois(bone=bone, background=background, method="auto-ct")

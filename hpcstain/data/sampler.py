@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from hpcstain.config import DataConfig
+from hpcstain.ct.cupping import apply_cupping, fit_cupping, fit_slides
 from hpcstain.ct.unit import ct16_to_unit, normalise_ct
 from hpcstain.data.augment import (
     Geometry,
@@ -104,7 +105,6 @@ def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
     try:
         images = read_pair(pair) if images is None else images
         if cfg.cupping == "radial":  # the checkpoint records it (inference.Conventions)
-            from hpcstain.ct.cupping import apply_cupping, fit_cupping
 
             if cupping is None:  # a fit of this slide alone, recorded like a given one
                 cupping = fit_cupping(images.ct, name=f"ct {pair.id}")
@@ -155,8 +155,6 @@ def _read(pair: Pair) -> Any:
 
 def _set_fits(cts: list[np.ndarray], known: dict[tuple[int, int], Any]
               ) -> dict[tuple[int, int], Any]:
-    from hpcstain.ct.cupping import fit_slides
-
     todo = [ct for ct in cts if tuple(ct.shape) not in known]
     return {**fit_slides(todo), **known}
 
@@ -185,8 +183,6 @@ def with_context(slides: list[Slide], pairs: list[Pair], cfg: DataConfig, planes
         except InputError as exc:
             raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
         if getattr(s, "cupping", None) is not None:
-            from hpcstain.ct.cupping import apply_cupping
-
             slab = np.stack([apply_cupping(p, s.cupping) for p in slab])
         bone, background = s.ct_means
         ct16 = normalise_ct(slab, bone, background, cfg.ct_bone_level, cfg.ct_background_level)

@@ -33,7 +33,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from hpcstain.data.manifest import labels_spec
+from hpcstain.data.normalise import unit_to_rgb8
+from hpcstain.data.readers import read_image
 from hpcstain.errors import InputError
+from hpcstain.phantom.render import PALETTE
+from hpcstain.phantom.sample import LABELS
 
 CLASSES: tuple[str, ...] = ("background", "soft_tissue", "bone", "new_bone", "degradation",
                             "implant")
@@ -68,8 +73,6 @@ def class_of(name: str) -> int:
 
 def phantom_lut() -> np.ndarray:
     """Phantom label code → class id (uint8 lookup table over 0–255)."""
-    from hpcstain.phantom.sample import LABELS
-
     lut = np.zeros(256, np.uint8)
     for name, code in LABELS.items():
         lut[code] = class_of(name)
@@ -161,8 +164,6 @@ def palette_from_labels(rgb: np.ndarray, labels: np.ndarray, names: Mapping[int,
 
 
 def phantom_names() -> dict[int, str]:
-    from hpcstain.phantom.sample import LABELS
-
     return {code: name for name, code in LABELS.items()}
 
 
@@ -170,8 +171,6 @@ def palette_from_kmeans(pixels: np.ndarray, source: str = "k-means", iters: int 
                         ) -> Palette:
     """Cluster unlabelled stained pixels (N, 3), each centre seeded with (and named by)
     one colour of the phantom's stain palette; centres left without pixels are dropped."""
-    from hpcstain.phantom.render import PALETTE
-
     names = [n for n in PALETTE if n != "tube"]
     centres = np.array([PALETTE[n] for n in names], np.float64)
     x = np.asarray(pixels, np.float64).reshape(-1, 3)[:MAX_SAMPLES * 4]
@@ -541,10 +540,6 @@ def training_palette(pairs: Sequence[Any], slides: Sequence[Any], seed: int = 0
     pairs: ``labels/<id>.png``) each label's shades over the pixels away from label edges
     (inside the correspondence mask, or background); without, k-means of the pixels
     seeded with the phantom's stain colours. None without slides."""
-    from hpcstain.data.normalise import unit_to_rgb8
-    from hpcstain.data.readers import read_image
-    from hpcstain.evaluate import labels_spec
-
     rgb, lab, free = [], [], []
     for i, (pair, slide) in enumerate(zip(pairs, slides, strict=True)):
         hist = unit_to_rgb8(slide.histology, channel_axis=0)

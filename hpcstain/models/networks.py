@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from hpcstain.config import ModelConfig
 from hpcstain.errors import ConfigError, InputError
+from hpcstain.models.students import build_student
 
 NORMS = ("instance", "batch")
 UPSAMPLINGS = ("transpose", "resize")
@@ -266,7 +267,6 @@ def build_generator(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn
     if cfg.generator == "unet256":
         return UnetGenerator(in_channels, out_channels, cfg.ngf, 8, cfg.norm, cfg.use_dropout)
     if cfg.generator in ("s2dnet", "dsresnet"):  # distillation students (models/students.py)
-        from hpcstain.models.students import build_student
 
         return build_student(cfg.generator, in_channels, out_channels, cfg.ngf, cfg.n_blocks,
                              cfg.norm)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcstain.errors import UsageError
 from hpcstain.phantom.noise import Coords, Lattice, cell_index, cell_uniforms, fbm
 
 LABELS: dict[str, int] = {
@@ -79,8 +80,6 @@ class Sample:
 
 def check_material(material: str) -> str:
     """Normalise a material name (``mg``, ``ti``, ``peek``) or fail with the choices."""
-    from hpcstain.errors import UsageError
-
     m = str(material).strip().lower()
     if m not in MATERIALS:
         raise UsageError(f"unknown material {material!r}: choose one of {', '.join(MATERIALS)}")
@@ -92,8 +91,6 @@ SCREW_SCALE_RANGE = (0.25, 2.0)   # beyond 2 the head leaves the sample tube
 
 def check_screw_scale(screw_scale: float) -> float:
     """A screw size factor in ``SCREW_SCALE_RANGE`` or a UsageError naming the range."""
-    from hpcstain.errors import UsageError
-
     lo, hi = SCREW_SCALE_RANGE
     try:
         v = float(screw_scale)
@@ -109,8 +106,6 @@ CUPPING_RANGE = (0.0, 0.5)   # attenuation units lost at the rotation axis
 
 def check_cupping(cupping: float | None) -> float | None:
     """A cupping depth in ``CUPPING_RANGE`` (None: the renderer's default) or a UsageError."""
-    from hpcstain.errors import UsageError
-
     if cupping is None:
         return None
     lo, hi = CUPPING_RANGE

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from hpcstain.atomic import write_bytes_atomic, write_text_atomic
+from hpcstain.checkpoint import read_checkpoint
 from hpcstain.config import Config, DataConfig
 from hpcstain.ct.conventions import CONVENTION_KEYS
 from hpcstain.ct.cupping import fits_record, resolve_cupping
@@ -59,7 +60,6 @@ from hpcstain.models.flops import flops_per_pixel, parameter_count
 from hpcstain.models.networks import build_generator
 from hpcstain.tiles import auto_batch, plane_tiles, resolve_tiling, stain_image, to_uint8
 from hpcstain.train import distributed
-from hpcstain.train.checkpoint import file_sha256, load_checkpoint
 from hpcstain.volume.io import CorrectedSource, open_volume
 
 PLANES_VERSION = 1
@@ -76,7 +76,7 @@ def _teacher_checkpoint(path: str) -> dict[str, Any]:
         raise InputError("distill.teacher: no teacher checkpoint given (--teacher CKPT)")
     if not Path(path).is_file():
         raise InputError(f"{path}: no such teacher checkpoint")
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path).data
     if not isinstance(ckpt.get("architecture"), dict):
         raise InputError(f"{path}: checkpoint has no architecture record")
     return ckpt
@@ -275,7 +275,7 @@ def build_planes(cfg: Config, run_dir: Path, main: bool = True
     d = cfg.distill
     teacher = d.teacher
     _teacher_checkpoint(teacher)
-    sha = file_sha256(teacher)
+    sha = read_checkpoint(teacher).sha256
     if main:
         check_teacher(run_dir, teacher, sha)
     axes = [a.strip() for a in d.axes.split(",") if a.strip()]

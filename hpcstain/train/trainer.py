@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from hpcstain.atomic import write_text_atomic
+from hpcstain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.config import Config, dump_config, save_config, to_dict
 from hpcstain.data.sampler import EpochSampler
 from hpcstain.errors import InputError
@@ -33,7 +34,6 @@ from hpcstain.metrics.tissue import training_palette
 from hpcstain.models.build import build_model
 from hpcstain.models.gans import check_architecture
 from hpcstain.train import distributed
-from hpcstain.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.train.logs import LossLog
 from hpcstain.train.teacher import adopt_teacher, build_distill_data
 

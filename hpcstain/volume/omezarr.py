@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output
+from hpcstain.errors import UsageError
 from hpcstain.geometry import Region, chunks_touched
 
 NGFF_VERSION = "0.4"
@@ -118,8 +119,6 @@ def create_image(path: str | os.PathLike[str], shape: tuple[int, int, int],
     import zarr
 
     if version not in NGFF_VERSIONS:
-        from hpcstain.errors import UsageError
-
         raise UsageError(f"NGFF version must be one of {', '.join(NGFF_VERSIONS)}, "
                          f"got {version!r}")
     with atomic_output(path, overwrite=overwrite) as tmp:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcstain.atomic import write_text_atomic
+from hpcstain.checkpoint import read_checkpoint
 from hpcstain.ct.cupping import Cupping, resolve_cupping, volume_fit_line
 from hpcstain.ct.levels import (
     DEFAULT_TARGET,
@@ -43,7 +44,6 @@ from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXES, AXIS_INDEX, Region, intersects
 from hpcstain.inference import checkpoint_conventions
 from hpcstain.tiles import check_tiling, plane_tiles, region_context
-from hpcstain.train.checkpoint import file_sha256
 from hpcstain.volume.io import CorrectedSource
 from hpcstain.volume.voxelsize import parse_voxel_size
 
@@ -332,7 +332,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: checkpoint not found")
         conv = checkpoint_conventions(checkpoint)
-        sha, target = file_sha256(checkpoint), conv.target_levels
+        sha, target = read_checkpoint(checkpoint).sha256, conv.target_levels
         channels, multiple, trained = conv.generator_channels, conv.size_multiple, conv.cupping
         context = conv.context_slices
     fitted = resolve_cupping(source, cupping, trained, cupping_override, str(checkpoint))

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from hpcstain.atomic import atomic_output
+from hpcstain.checkpoint import file_sha256
 from hpcstain.ct.prepare import prepare_context
 from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched
 from hpcstain.inference import load_pinned, pin_generator
 from hpcstain.tiles import auto_batch, stain_region, to_uint8
-from hpcstain.train.checkpoint import file_sha256
 from hpcstain.volume import markers
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
