@@ -324,7 +324,7 @@ def describe(job: Any) -> str:
 
 
 @dataclass
-class StainTask:
+class StainJob:
     """Array task ``i`` of ``n_tasks``: stain unit group i (pending slabs only).
 
     Requeueing is always safe: finished units have completion records and are skipped.
@@ -357,7 +357,7 @@ class StainTask:
 
 
 @dataclass
-class FuseTask:
+class FuseJob:
     """Fuse every chunk complete on all axes (a CPU job after the stain array)."""
 
     run_dir: str
@@ -387,7 +387,7 @@ def submit_stain(run_dir: Path, cluster: ClusterConfig, n_tasks: int, device: st
     ex = make_executor(stain_cluster(cluster), run_dir / cluster.log_folder,
                        job_name=f"hpcstain-stain-{run_dir.name}")
     _requeue_on_node_failure(ex, cluster)
-    task = StainTask(str(run_dir), n_tasks, device, batch_size)
+    task = StainJob(str(run_dir), n_tasks, device, batch_size)
     return list(ex.map_array(task, list(range(n_tasks))))
 
 
@@ -412,4 +412,4 @@ def submit_fuse(run_dir: Path, cluster: ClusterConfig, after: list[Any] | None =
         else:  # local processes have no scheduler dependencies: wait here
             for job in after:
                 job.result()
-    return ex.submit(FuseTask(str(run_dir), method, single_axis))
+    return ex.submit(FuseJob(str(run_dir), method, single_axis))
