@@ -438,6 +438,11 @@ def train_status(run_dir: str | os.PathLike[str], *, now: float | None = None
     if not complete and total and times and step < total:
         eta = (total - step) * statistics.fmean(times)
     losses_file = run / "losses.jsonl"
+    worker, stopped = None if complete else train_worker(run), None
+    if not complete and worker is None:
+        stopped = "no process is working on it"
+    elif worker is not None and worker.get("gone"):
+        stopped = str(worker["gone"])
     losses = {k: v for k, v in last.items() if k not in ("step", "epoch", "lr")
               and not k.endswith("_s") and isinstance(v, int | float)}
     return {
@@ -453,10 +458,25 @@ def train_status(run_dir: str | os.PathLike[str], *, now: float | None = None
         "min_checkpoints": sorted(p.name for p in (run / "checkpoints").glob("min-*.pt")),
         "requeues": requeue_count(run), "done": complete,
         "finished_by": "DONE" if done_file else ("max_steps" if reached_max else None),
-        "eta_s": eta, "now": now,
-        "state": "complete" if complete else "in progress",
-        "exit_code": EXIT_COMPLETE if complete else EXIT_IN_PROGRESS,
+        "eta_s": None if stopped else eta, "now": now,
+        "worker": worker, "stopped_because": stopped,
+        "state": "complete" if complete else ("stopped" if stopped else "in progress"),
+        "exit_code": EXIT_COMPLETE if complete else (EXIT_FAILED if stopped
+                                                     else EXIT_IN_PROGRESS),
     }
+
+
+def train_worker(run: Path, live: LiveJobs | None = None) -> dict[str, Any] | None:
+    """[status] The process the trainer recorded in ``running.json`` (None: no marker, no
+    process works on the run), with ``gone``: why it provably no longer runs."""
+    try:
+        marker = json.loads((run / "running.json").read_text())
+    except (OSError, ValueError):
+        return None
+    jobs = (live or squeue_jobs)() if (marker.get("slurm") or {}).get("job_id") else None
+    # a requeued job waiting to restart is still the run's worker: no start times here
+    gone = worker_gone(marker, None if jobs is None else set(jobs), socket.gethostname())
+    return {**marker, "gone": gone}
 
 
 def _steps_per_epoch(path: Path, tail: list[dict[str, Any]]) -> int | None:
@@ -589,7 +609,13 @@ def _format_train(r: dict[str, Any]) -> str:
     if r["eta_s"] is not None:
         lines.append(f"  ETA: {_duration(r['eta_s'])} (about {_clock(r['now'] + r['eta_s'])})")
     done = {"DONE": "finished (DONE)", "max_steps": f"stopped at max_steps {r['max_steps']}"}
-    lines.append(f"  state: {done.get(r['finished_by'], r['state'])}")
+    state = done.get(r["finished_by"], r["state"])
+    if r.get("stopped_because"):
+        state = (f"stopped: {r['stopped_because']}; run the same train command again to "
+                 "resume from latest.pt")
+    elif r.get("worker"):
+        state = f"in progress ({_worker_text(r['worker'])})"
+    lines.append(f"  state: {state}")
     return "\n".join(lines)
 
 

@@ -122,7 +122,7 @@ def test_stain_task_of_a_multi_gpu_job_splits_its_group_per_task(
         tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Array task 0 of 1 run as task 1 of 2 in its job (2 GPUs → 2 tasks) stains every
     other unit; task 0 of the job the rest: together the whole run, no unit twice."""
-    from hpcstain.launch.submit import StainTask
+    from hpcstain.launch.submit import StainJob
     from hpcstain.volume import init_run, load_plan, make_plan, open_volume, pending_units
 
     src = open_volume(str(tiny["volume"]))
@@ -134,15 +134,15 @@ def test_stain_task_of_a_multi_gpu_job_splits_its_group_per_task(
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    StainTask(str(run), 1)(0)
+    StainJob(str(run), 1)(0)
     assert sorted(pending_units(run, plan)) == [0, 2]
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_LOCALID", "0")
-    StainTask(str(run), 1)(0)
+    StainJob(str(run), 1)(0)
     assert pending_units(run, plan) == []
 
 
-# --------------------------------------------------------------------------- 3. refuse before writing
+# ---------------------------------------------------------------- 3. refuse before writing
 
 
 MICRO_ARGS = ["data.patch_size=32", "data.patches_per_pair=4", "data.batch_size=2",
@@ -222,3 +222,64 @@ def test_resume_from_another_directory_with_the_manifest_spelled_otherwise(
                   "train.max_steps=2", cwd=Path("/"), env=NO_CUDA)
     assert res.returncode == 0, res.stderr
     assert "step 2" in res.stdout
+
+
+# --------------------------------------------------------------------------- 4. interrupts save
+
+
+def test_first_ctrl_c_stops_like_sigterm_second_exits_at_once() -> None:
+    import signal
+
+    from hpcstain.train.trainer import StopFlag
+
+    flag = StopFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.restore()
+
+
+def test_ctrl_c_in_train_writes_latest_and_status_says_stopped(tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    from hpcstain.checkpoint import load_checkpoint
+    from hpcstain.phantom import write_pairs
+    from hpcstain.train.logs import read_losses
+
+    manifest = write_pairs(tmp_path / "pairs", 4, 2, size=(64, 64))
+    run = tmp_path / "run"
+    args = [a for a in MICRO_ARGS if not a.startswith("train.max_steps")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpcstain.cli", "train", "-c", "modcyclegan-tiny", "--out",
+         str(run), "--no-progress", f"data.manifest={manifest}", *args, "train.epochs=500",
+         "data.num_workers=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **NO_CUDA, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + 300  # a busy 2-core machine starts torch slowly
+        while time.time() < deadline:
+            if (run / "losses.jsonl").exists() and len(read_losses(run)) >= 2:
+                break
+            time.sleep(0.2)
+        live = run_cli("status", str(run), "--json")
+        assert proc.poll() is None, proc.communicate()
+        assert json.loads(live.stdout)["state"] == "in progress", live.stdout
+        assert live.returncode == 3
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "run the same command again to resume" in err
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["reason"] == f"signal {int(signal.SIGINT)}"
+    assert ckpt["step"] == len(read_losses(run)) >= 2
+    res = run_cli("status", str(run))
+    assert res.returncode == 1, res.stdout
+    assert "state: stopped: no process is working on it" in res.stdout
