@@ -283,3 +283,48 @@ def test_ctrl_c_in_train_writes_latest_and_status_says_stopped(tmp_path: Path) -
     res = run_cli("status", str(run))
     assert res.returncode == 1, res.stdout
     assert "state: stopped: no process is working on it" in res.stdout
+
+
+# ------------------------------------------------------------ 5. no silent wrong answers
+
+
+def _slices(folder: Path, names: list[str]) -> None:
+    import numpy as np
+    import tifffile
+
+    folder.mkdir()
+    for name in names:  # each slice holds the number in its name (the first one)
+        number = int("".join(c for c in name.split(".")[0] if c.isdigit()) or 0)
+        tifffile.imwrite(folder / name, np.full((4, 5), number, np.uint16))
+
+
+def test_slice_folder_is_read_in_natural_order(tmp_path: Path) -> None:
+    from hpcstain.volume import open_volume
+
+    _slices(tmp_path / "s", [f"slice_{i}.tif" for i in range(1, 13)])
+    vol = open_volume(str(tmp_path / "s"))
+    plane_values = vol.read((slice(0, 12), slice(0, 1), slice(0, 1))).ravel().tolist()
+    assert plane_values == list(range(1, 13))  # name order would read 1, 10, 11, 12, 2, …
+
+
+@pytest.mark.parametrize("names, message", [
+    (["slice_1.tif", "slice_2.tif", "preview.tif"], "2 patterns"),
+    (["s01.tif", "s1.tif", "s2.tif"], "same slice number"),
+])
+def test_an_ambiguous_slice_folder_is_refused(tmp_path: Path, names: list[str],
+                                              message: str) -> None:
+    _slices(tmp_path / "s", names)
+    res = run_cli("levels", str(tmp_path / "s"))
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_hdf5_without_the_dataset_shows_the_file_colon_path_syntax(tmp_path: Path) -> None:
+    import h5py
+    import numpy as np
+
+    with h5py.File(tmp_path / "scan.h5", "w") as fh:
+        fh.create_dataset("exchange/data", data=np.zeros((4, 8, 8), np.uint16))
+    res = run_cli("levels", str(tmp_path / "scan.h5"))
+    assert res.returncode == 2
+    assert f"{tmp_path / 'scan.h5'}:/exchange/data" in res.stderr, res.stderr

@@ -8,7 +8,8 @@ An input spec names the file and, where the format has them, the array inside it
   plus optional channel/time axes of length 1)
 * ``scan.h5`` (dataset ``/entry/data/data``, the NeXus convention) or ``scan.h5:/some/ds``
 * ``stack.tif`` (a multipage TIFF: one page per z slice, or one 3D page) or a folder of
-  2D slices (``*.tif``/``*.tiff``, sorted by name)
+  2D slices (``*.tif``/``*.tiff``, in natural order: ``s2`` before ``s10``; names of
+  several patterns or equal numbers are refused)
 
 :class:`VolumeSource` validates the array before any work (3D, numeric, non-empty) and
 reads only what a chunk asks for with :meth:`VolumeSource.read`. Non-finite values are an
@@ -31,7 +32,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import product
+from itertools import pairwise, product
 from pathlib import Path
 from typing import Any, Literal
 
@@ -321,6 +322,20 @@ def _zarr_voxel(spec: VolumeSpec, node: Any, parents: list[Any], notes: list[str
     return found
 
 
+def _h5_spec_example(path: Path, fh: object) -> str:
+    """``file.h5:/path/to/dataset`` with the file's first 3D dataset (or a placeholder)."""
+    import h5py
+
+    found: list[str] = []
+
+    def visit(name: str, obj: object) -> None:
+        if not found and isinstance(obj, h5py.Dataset) and len(obj.shape) == 3:
+            found.append("/" + name)
+
+    fh.visititems(visit)  # type: ignore[attr-defined]
+    return f"{path}:{found[0] if found else '/path/to/dataset'}"
+
+
 class _H5Reader(_Reader):
     def __init__(self, spec: VolumeSpec) -> None:
         import h5py
@@ -333,11 +348,13 @@ class _H5Reader(_Reader):
             with h5py.File(spec.path, "r") as fh:
                 if self.key not in fh:
                     raise InputError(f"{spec.path}: no dataset {self.key!r} "
-                                     f"(datasets: {_h5_datasets(fh)})")
+                                     f"(datasets: {_h5_datasets(fh)}); name one as "
+                                     f"{_h5_spec_example(spec.path, fh)}")
                 ds = fh[self.key]
                 if not isinstance(ds, h5py.Dataset):
                     raise InputError(f"{spec.path}: {self.key!r} is a group, not a dataset "
-                                     f"(datasets: {_h5_datasets(fh)})")
+                                     f"(datasets: {_h5_datasets(fh)}); name one as "
+                                     f"{_h5_spec_example(spec.path, fh)}")
                 self.shape = tuple(ds.shape)
                 self.dtype = np.dtype(ds.dtype)
                 self.attrs = {k: _plain(v) for k, v in ds.attrs.items()}
@@ -460,15 +477,48 @@ def _tiff_attrs(tf: Any) -> dict[str, Any]:
     return attrs
 
 
+def natural_key(name: str) -> tuple[object, ...]:
+    """``slice_10.tif`` after ``slice_9.tif``: digit runs compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part.lower()
+                 for part in re.split(r"(\d+)", name) if part)
+
+
+def natural_slices(folder: Path, files: list[Path]) -> list[Path]:
+    """[slice order] The slices of a folder in the order a person means: numeric parts as
+    numbers (``s2`` before ``s10``). Refused when that order is ambiguous: names of more
+    than one pattern (``slice_#.tif`` beside ``preview.tif``), or two names with the same
+    numbers (``s01.tif`` and ``s1.tif``)."""
+    if not files:
+        return []
+    patterns: dict[str, list[str]] = {}
+    for f in files:
+        patterns.setdefault(re.sub(r"\d+", "#", f.name.lower()), []).append(f.name)
+    if len(patterns) > 1:
+        shown = "; ".join(f"{pat} ({len(names)}: {names[0]}…)" if len(names) > 1
+                          else f"{names[0]}"
+                          for pat, names in sorted(patterns.items(), key=lambda kv:
+                                                   -len(kv[1]))[:4])
+        raise InputError(f"{folder}: slice names follow {len(patterns)} patterns ({shown}); "
+                         "the slice order would be a guess — keep only one stack's slices "
+                         "in the folder")
+    ordered = sorted(files, key=lambda f: natural_key(f.name))
+    for a, b in pairwise(ordered):
+        if natural_key(a.name) == natural_key(b.name):
+            raise InputError(f"{folder}: {a.name} and {b.name} have the same slice number; "
+                             "the slice order would be a guess — rename or remove one")
+    return ordered
+
+
 class _TiffFolderReader(_Reader):
-    """A folder of 2D slices, one file per z, in name order."""
+    """A folder of 2D slices, one file per z, in natural name order."""
 
     def __init__(self, spec: VolumeSpec) -> None:
         import tifffile
 
         self.path = spec.path
-        self.files = sorted(p for p in spec.path.iterdir()
-                            if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith("."))
+        self.files = natural_slices(spec.path, [
+            p for p in spec.path.iterdir()
+            if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")])
         if not self.files:
             raise InputError(f"{spec.path}: folder holds no .tif/.tiff slices")
         try:
