@@ -401,8 +401,60 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
     modes = _modes(hist)
     notes: list[str] = []
     conf: list[float] = [1.0]
+    bg, w, background, bg_win = _background(hist, modes, raw, v, finite, notes, conf)
+    g_hi = bg.peak + 2 * w
+    tissue = sorted((m for m in modes if m.peak > g_hi and m.mass >= MODE_MIN_MASS),
+                    key=lambda m: m.peak)
+    if not tissue or (tissue[-1].peak - bg.peak) / w < MIN_CONTRAST:
+        top = f"{tissue[-1].peak:.6g}" if tissue else "none"
+        raise InputError(f"{name}: no bone found: no class lies well above the background "
+                         f"{background:.6g} (densest class: {top}); pass "
+                         "--bone-level/--background-level if the sample has bone")
+    tissue, metals, metal_t, alternative_cut = _metals(hist, tissue, bg, w, notes, conf)
+    bone, win, classes_extra, thr = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, metal_t,
+                                                 modes, tissue, stride, name, notes, conf)
+    alternative = None
+    if alternative_cut is not None or (metals and min(conf) < AMBIGUOUS):
+        cut = alternative_cut if alternative_cut is not None else math.inf
+        try:
+            alt_bone = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, cut, modes,
+                                   [m for m in tissue + metals if m.peak < cut], stride, name,
+                                   [], [])[0]
+            alternative = (alt_bone, background)
+        except InputError:
+            alternative = None
+    main = max((m for m in tissue if thr["bone"] < m.peak), key=lambda m: m.mass, default=None)
+    hidden = float(((flat > bg.peak + 4 * w) & (flat < bg.hi)).mean())
+    if (not metals and not classes_extra and main is not None
+            and main.fwhm <= NARROW_WIDTH * 2 * w and hidden > 0.05):
+        notes.append(f"the bone class ({main.peak:.6g}) is homogeneous like an implant while "
+                     f"{100 * hidden:.0f} % of the voxels trail the background unresolved")
+        conf.append(0.4)
+    classes = [LevelClass("background", background, bg.peak - w, bg.peak + w,
+                          float(bg_win.sum() / flat.size))]
+    classes += _soft_tissue(tissue, raw, v, finite, thr["bone"], bg.peak, w)
+    classes.append(LevelClass("bone", bone, thr["bone"], min(metal_t, float(hist.edges[-1])),
+                              float(win.sum() / flat.size)))
+    classes += classes_extra
+    classes += [LevelClass("metal", _median_in(raw, v, finite, m.lo, m.hi), m.lo, m.hi,
+                           m.mass, excluded=True) for m in metals]
+    thresholds = {"background_hi": bg.peak + w, "bone_lo": thr["bone"]}
+    if metals:
+        thresholds["metal_lo"] = metal_t
+    if bone <= background:
+        raise InputError(f"{name}: estimated bone level {bone:.6g} is not above the background "
+                         f"{background:.6g}; pass --bone-level/--background-level")
+    return LevelEstimate(bone=bone, background=background, classes=tuple(classes),
+                         thresholds=thresholds, confidence=round(float(min(conf)), 3),
+                         notes=tuple(notes), alternative=alternative, name=name,
+                         smoothing=float(sigma))
 
-    # --- background
+
+def _background(hist: _Hist, modes: list[_Mode], raw: np.ndarray, v: np.ndarray,
+                finite: np.ndarray, notes: list[str], conf: list[float]
+                ) -> tuple[_Mode, float, float, np.ndarray]:
+    """The background mode, its half width w (the noise unit), its raw median level and
+    the voxels of its ±w window."""
     bg = next((m for m in modes if m.mass >= BACKGROUND_MIN_MASS), None)
     if bg is None:
         bg = max(modes, key=lambda m: m.mass)
@@ -411,28 +463,24 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
         conf.append(0.6)
     ip = hist.index(bg.peak)
     j, _ = hist.half_max(ip)
-    w = max(ip - j, 1) * hist.width          # background half width: the noise unit
+    w = max(ip - j, 1) * hist.width
     bg_win = finite & (v >= bg.peak - w) & (v <= bg.peak + w)
-    background = float(np.median(raw[bg_win]))
-    g_hi = bg.peak + 2 * w
+    return bg, w, float(np.median(raw[bg_win])), bg_win
 
-    def contrast(x: float) -> float:
-        return (x - bg.peak) / w
 
-    tissue = sorted((m for m in modes if m.peak > g_hi and m.mass >= MODE_MIN_MASS),
-                    key=lambda m: m.peak)
-    if not tissue or contrast(tissue[-1].peak) < MIN_CONTRAST:
-        top = f"{tissue[-1].peak:.6g}" if tissue else "none"
-        raise InputError(f"{name}: no bone found: no class lies well above the background "
-                         f"{background:.6g} (densest class: {top}); pass "
-                         "--bone-level/--background-level if the sample has bone")
+def _metals(hist: _Hist, tissue: list[_Mode], bg: _Mode, w: float, notes: list[str],
+            conf: list[float]) -> tuple[list[_Mode], list[_Mode], float, float | None]:
+    """Metal: the densest modes far above a bone-like mode, across a deep valley.
 
-    # --- metal: densest modes far above a bone-like mode, across a deep valley
+    Returns the tissue modes below the metal, the metal modes, the metal threshold (inf
+    without metal) and, when the densest class's reading is ambiguous, the cut of the other
+    reading.
+    """
     metal_t, metals = math.inf, []
     alternative_cut: float | None = None
     while len(tissue) >= 2:
         top = tissue[-1]
-        likes = [m for m in tissue[:-1] if contrast(m.peak) >= MIN_CONTRAST
+        likes = [m for m in tissue[:-1] if (m.peak - bg.peak) / w >= MIN_CONTRAST
                  and m.mass >= 0.01]
         if not likes:
             break
@@ -441,7 +489,7 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
         ratio = (top.peak - bg.peak) / max(ref.peak - bg.peak, hist.width)
         vx, vs = hist.valley(ref.peak, top.peak)
         depth = vs / max(min(ref.height, top.height), 1e-12)
-        like = contrast(ref.peak) / BONE_CONTRAST
+        like = (ref.peak - bg.peak) / w / BONE_CONTRAST
         narrow = (2 * w * NARROW_WIDTH) / max(top.fwhm, hist.width)   # > 1: homogeneous
         m_ratio = _margin(ratio, METAL_RATIO, 1.25)
         m_depth = _margin(max(depth, 1e-3), METAL_GAP, 2.0)
@@ -466,49 +514,15 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
         metals.append(top)
         metal_t = hist.first_below(ref.peak, vx, vs + 0.02 * (min(ref.height, top.height) - vs))
         tissue = [m for m in tissue if m.peak < metal_t]
+    return tissue, metals, metal_t, alternative_cut
 
-    bone, win, classes_extra, thr = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, metal_t,
-                                                 modes, tissue, stride, name, notes, conf)
-    alternative = None
-    if alternative_cut is not None or (metals and min(conf) < AMBIGUOUS):
-        cut = alternative_cut if alternative_cut is not None else math.inf
-        try:
-            alt_bone = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, cut, modes,
-                                   [m for m in tissue + metals if m.peak < cut], stride, name,
-                                   [], [])[0]
-            alternative = (alt_bone, background)
-        except InputError:
-            alternative = None
 
-    main = max((m for m in tissue if thr["bone"] < m.peak), key=lambda m: m.mass, default=None)
-    hidden = float(((flat > bg.peak + 4 * w) & (flat < bg.hi)).mean())
-    if (not metals and not classes_extra and main is not None
-            and main.fwhm <= NARROW_WIDTH * 2 * w and hidden > 0.05):
-        notes.append(f"the bone class ({main.peak:.6g}) is homogeneous like an implant while "
-                     f"{100 * hidden:.0f} % of the voxels trail the background unresolved")
-        conf.append(0.4)
-    classes = [LevelClass("background", background, bg.peak - w, bg.peak + w,
-                          float(bg_win.sum() / flat.size))]
-    for m in tissue:
-        if m.hi <= thr["bone"] and contrast(m.peak) < BONE_CONTRAST:
-            classes.append(LevelClass("soft tissue", _median_in(raw, v, finite, m.lo, m.hi),
-                                      m.lo, m.hi, m.mass))
-    classes.append(LevelClass("bone", bone, thr["bone"], min(metal_t, float(hist.edges[-1])),
-                              float(win.sum() / flat.size)))
-    classes += classes_extra
-    for m in metals:
-        classes.append(LevelClass("metal", _median_in(raw, v, finite, m.lo, m.hi), m.lo, m.hi,
-                                  m.mass, excluded=True))
-    thresholds = {"background_hi": bg.peak + w, "bone_lo": thr["bone"]}
-    if metals:
-        thresholds["metal_lo"] = metal_t
-    if bone <= background:
-        raise InputError(f"{name}: estimated bone level {bone:.6g} is not above the background "
-                         f"{background:.6g}; pass --bone-level/--background-level")
-    return LevelEstimate(bone=bone, background=background, classes=tuple(classes),
-                         thresholds=thresholds, confidence=round(float(min(conf)), 3),
-                         notes=tuple(notes), alternative=alternative, name=name,
-                         smoothing=float(sigma))
+def _soft_tissue(tissue: list[_Mode], raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
+                 bone_lo: float, bg_peak: float, w: float) -> list[LevelClass]:
+    """The tissue modes below the bone threshold and short of bone-like contrast."""
+    return [LevelClass("soft tissue", _median_in(raw, v, finite, m.lo, m.hi), m.lo, m.hi,
+                       m.mass)
+            for m in tissue if m.hi <= bone_lo and (m.peak - bg_peak) / w < BONE_CONTRAST]
 
 
 def _median_in(raw: np.ndarray, v: np.ndarray, finite: np.ndarray, lo: float, hi: float
