@@ -171,6 +171,42 @@ def _folds_groups(data: dict[str, Any], fold: int, path: Path) -> dict[str, list
     return {"train": folds[fold]["train"], "val": folds[fold]["val"], "test": data["test"]}
 
 
+def check_split_record(assignment: dict[str, str], checkpoint: str | os.PathLike[str],
+                       split: str | os.PathLike[str] | None, ids: Sequence[str]) -> None:
+    """[no silent wrong answers] Refuse a split file that calls pairs ``test`` or ``val``
+    which the checkpoint trained on (its run's ``split.json``, else recomputed from the
+    manifest and folds recorded in it); unknown training records are not guessed."""
+    from hpcstain.checkpoint import load_checkpoint
+    from hpcstain.info import _training_pairs
+
+    ckpt = load_checkpoint(checkpoint)
+    source = Path(str(ckpt.get("pinned_from") or checkpoint))
+    record = _training_pairs(source, (ckpt.get("config") or {}).get("data", {}))
+    if not record:
+        return
+    trained = set(record["train_ids"])
+    leaked = sorted(i for i in ids if assignment.get(i) in ("test", "val") and i in trained)
+    if leaked:
+        shown = ", ".join(leaked[:5]) + (" …" if len(leaked) > 5 else "")
+        raise InputError(f"{split}: calls {len(leaked)} pair(s) test/val that {checkpoint} "
+                         f"trained on ({shown}; its record: {record['source']}); pass "
+                         "--split the checkpoint's own run folder")
+
+
+def check_patches(results: Sequence[PairResult], patch: int, min_coverage: float) -> None:
+    """[no silent wrong answers] An evaluation that scored no patch is an error naming why
+    and what to change, not a table of dashes."""
+    if any((row.method, row.reference) == ("model", "histology")
+           for r in results for row in r.rows):
+        return
+    sizes = sorted({tuple(r.slide.shape[:2]) for r in results})
+    small = [s for s in sizes if min(s) < patch]
+    why = (f"slides of {sizes[0][0]}×{sizes[0][1]} px are smaller than one {patch}² patch"
+           if small else f"no {patch}² patch has ≥ {min_coverage:.0%} mask coverage")
+    raise InputError(f"no usable patch in {len(results)} pair(s): {why}; use a smaller "
+                     "--patch or a lower --min-coverage")
+
+
 def select_pairs(pairs: Sequence[Pair], ids: Sequence[str] | None, source: str
                  ) -> list[Pair]:
     """The pairs named by ``ids`` (all when None), in manifest order."""
@@ -493,6 +529,8 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
                          f"{min_coverage}")
     pairs = select_pairs(read_manifest(manifest), ids, str(manifest))
     assignment = read_splits(split, fold) if split is not None else {}
+    if assignment:  # [no silent wrong answers] "test" must not be what it trained on
+        check_split_record(assignment, checkpoint, split, [p.id for p in pairs])
     stainer = load_stainer(checkpoint, device)
     cuppings = pair_cuppings(pairs, stainer, cupping_fit, log)
     lpips, message = try_load_lpips(lpips_path)
@@ -520,6 +558,7 @@ def evaluate_manifest(manifest: str | os.PathLike[str], checkpoint: str | os.Pat
             write_png(tmp / "slides" / f"{pair.id}.png", result.slide)
             results.append(result)
         rows = [row for r in results for row in r.rows]
+        check_patches(results, patch, min_coverage)  # none usable: an error, no report
         summary = summarise(results, lpips_message=message, settings=settings)
         table = format_table(summary)
         (tmp / "metrics.csv").write_text(metrics_csv(rows))

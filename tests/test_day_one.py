@@ -328,3 +328,38 @@ def test_hdf5_without_the_dataset_shows_the_file_colon_path_syntax(tmp_path: Pat
     res = run_cli("levels", str(tmp_path / "scan.h5"))
     assert res.returncode == 2
     assert f"{tmp_path / 'scan.h5'}:/exchange/data" in res.stderr, res.stderr
+
+
+def test_evaluate_refuses_a_split_that_calls_training_pairs_test(micro_run: Path,
+                                                                tmp_path: Path) -> None:
+    import json
+
+    trained = json.loads((micro_run / "split.json").read_text())
+    assert trained["train_ids"] and trained["test_ids"]
+    other = tmp_path / "other-split.json"  # another run's split: everything is "test"
+    other.write_text(json.dumps({"train_ids": [], "val_ids": [],
+                                 "test_ids": trained["train_ids"] + trained["test_ids"]}))
+    manifest = tmp_path / "pairs" / "manifest.csv"
+    ckpt = micro_run / "checkpoints" / "latest.pt"
+    res = run_cli("evaluate", str(manifest), "--checkpoint", str(ckpt), "--out",
+                  str(tmp_path / "ev"), "--split", str(other), "--patch", "32", env=NO_CUDA)
+    assert res.returncode == 2 and "trained on" in res.stderr, res.stderr
+    assert trained["train_ids"][0] in res.stderr and not (tmp_path / "ev").exists()
+    ok = run_cli("evaluate", str(manifest), "--checkpoint", str(ckpt), "--out",
+                 str(tmp_path / "ev"), "--split", str(micro_run), "--patch", "32",
+                 "--min-coverage", "0", env=NO_CUDA)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert set(summary["splits"]) == {"train", "test"}
+
+
+def test_evaluate_with_no_usable_patch_exits_2_with_the_reason(micro_run: Path,
+                                                              tmp_path: Path) -> None:
+    manifest = tmp_path / "pairs" / "manifest.csv"
+    res = run_cli("evaluate", str(manifest), "--checkpoint",
+                  str(micro_run / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "ev"),
+                  "--patch", "128", env=NO_CUDA)
+    assert res.returncode == 2, res.stderr
+    assert "no usable patch" in res.stderr and "--patch" in res.stderr
+    assert "smaller than one 128² patch" in res.stderr
+    assert not (tmp_path / "ev").exists()
