@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcstain import __version__
-from hpcstain.errors import HpcstainError, UsageError
+from hpcstain.errors import HpcstainError, InputError, UsageError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -347,6 +347,13 @@ def cmd_cupping(args: argparse.Namespace) -> int:
               f"{', '.join(f'{a:.2f}' for a in fitted.coeffs)} ({fitted.info.get('status')}, "
               f"{len(fitted.info.get('classes', []))} grey-level classes, "
               f"{fitted.info.get('iterations')} iterations)")
+    if fitted.info.get("converged") is False:  # [no silent wrong answers] not written
+        info = fitted.info
+        raise InputError(f"the cupping fit of {args.input} did not converge: after "
+                         f"{info.get('iterations')} iterations its grey-level classes still "
+                         f"asked for a change of {info.get('residual')} grey values "
+                         "(tolerance 2); nothing written — look at its classes (--json) or "
+                         "give --centre/--radius/--order")
     if args.out:
         out = write_corrected(src, args.out, fitted, chunk=args.chunk, overwrite=args.overwrite)
         print(f"wrote {out}", file=sys.stderr)

@@ -363,3 +363,30 @@ def test_evaluate_with_no_usable_patch_exits_2_with_the_reason(micro_run: Path,
     assert "no usable patch" in res.stderr and "--patch" in res.stderr
     assert "smaller than one 128² patch" in res.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_cupping_fit_that_did_not_converge_says_so_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One iteration cannot reach the fixed point of a strongly cupped phantom: the fit
+    reports "not converged" with what remained, and `cupping --out` exits 2 unwritten."""
+    import functools
+
+    import hpcstain.ct.cupping as cupping
+    from hpcstain.cli import main
+    from hpcstain.phantom import make_volume, write_volume_file
+
+    vol = make_volume((16, 96, 96), "ti", 4, cupping=0.15)
+    fit = cupping.fit_cupping(vol.ct, iterations=1)
+    assert fit.info["converged"] is False and fit.info["status"] == "not converged"
+    assert fit.info["residual"] > 2.0
+    assert "did not converge" in cupping.volume_fit_line(fit)
+    assert cupping.fit_cupping(vol.ct).info["status"] == "fitted"
+
+    path = write_volume_file(tmp_path / "ct.zarr", (16, 96, 96), "ti", 4, cupping=0.15)
+    monkeypatch.setattr(cupping, "fit_cupping",
+                        functools.partial(cupping.fit_cupping, iterations=1))
+    code = main(["cupping", str(path), "--out", str(tmp_path / "fixed.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "did not converge" in err and "grey values" in err
+    assert not (tmp_path / "fixed.zarr").exists()

@@ -332,8 +332,11 @@ def fit_cupping(sample: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray
         coeffs, classes = best[1], best[2]
     noise = float(1.4826 * np.median(np.abs(np.diff(v, axis=-1))) / math.sqrt(2.0))
     out = Cupping((centre[0], centre[1]), radius, tuple(float(a) for a in coeffs))
-    return _with_info(out, "fitted", it, classes, noise=noise, voxels=int(flat.sum()),
-                      converged=bool(best is not None and best[0] < 2.0))
+    converged = bool(best is not None and best[0] < 2.0)
+    # [no silent wrong answers] a fit without a fixed point says so, with what remained
+    return _with_info(out, "fitted" if converged else "not converged", it, classes,
+                      noise=noise, voxels=int(flat.sum()), converged=converged,
+                      residual=round(float(best[0]) if best is not None else 0.0, 1))
 
 
 def _with_info(c: Cupping, status: str, iterations: int, classes: list[dict[str, float]],
@@ -464,9 +467,12 @@ def resolve_cupping(source: Any, cupping: Any, trained: str | None, override: bo
 def volume_fit_line(c: Cupping) -> str:
     """``cupping: +5411 grey values on the axis (y, x = 31.5, 31.5), 0 at r >= 32.0 ...``."""
     centre = ", ".join(f"{v:.1f}" for v in c.centre_yx)
+    warn = ("; WARNING: the fit did not converge (its classes still asked for "
+            f"{c.info.get('residual')} grey values; check it with `hpcstain cupping VOL "
+            "--json`)" if c.info.get("converged") is False else "")
     return (f"cupping: +{c.depth:.0f} grey values on the axis (y, x = {centre}), "
             f"0 at r >= {c.radius:.1f} voxels; coefficients "
-            f"{', '.join(f'{a:.1f}' for a in c.coeffs)}")
+            f"{', '.join(f'{a:.1f}' for a in c.coeffs)}{warn}")
 
 
 def describe_fit(c: Cupping) -> str:
