@@ -236,3 +236,11 @@ def test_cli_physics_flags(tmp_path, capsys) -> None:
     assert main(["phantom", "volume", str(tmp_path / "w.zarr"), "--shape", "4", "24", "24",
                  "--flux", "500"]) == 2
     assert "--flux needs --physics tomo" in capsys.readouterr().err
+
+
+def test_the_sample_tube_wall_is_scanned() -> None:
+    v = make_volume((3, 64, 64), "mg", 2, tomo=TomoParams(flux=0, rings=0))
+    air = np.median(v.ct[v.labels == 0])
+    tube = np.median(v.ct[v.labels == 1])
+    soft = np.median(v.ct[v.labels == 2])
+    assert air + 300 < tube < soft        # polypropylene: above air, below soft tissue
