@@ -258,12 +258,18 @@ def _submitit_job(folder: Path, job_id: str, tasks: int) -> Any:
 
 
 def _results(job: Any, timeout: float) -> list[Any]:
-    deadline = time.time() + timeout
+    """The job's results; fails (never hangs) when it takes longer than ``timeout`` or
+    leaves the queue without results."""
+    deadline, gone_since = time.time() + timeout, None
     while not job.done():
-        if time.time() > deadline:
-            state = _squeue(str(job.job_id))
+        state = _squeue(str(job.job_id))
+        gone_since = (gone_since or time.time()) if not state else None
+        if time.time() > deadline or (gone_since and time.time() - gone_since > 15):
             subprocess.run(["scancel", str(job.job_id).split("_")[0]], capture_output=True)
-            pytest.fail(f"job {job.job_id} not done after {timeout} s (squeue: {state})")
+            log = Path(job.paths.stderr)
+            tail = log.read_text()[-1500:] if log.exists() else ""
+            pytest.fail(f"job {job.job_id} not done after {timeout} s or left the queue "
+                        f"without results (squeue: {state}); {log}:\n{tail}")
         time.sleep(1)
     return job.results()
 
@@ -525,6 +531,10 @@ def test_node_lost_mid_training_requeues_and_resumes_to_the_same_weights(
     _wait(lambda: int(_scontrol_job(jid).get("Restarts", "0")) >= 1, 120, "the requeue")
     requeued_s = time.time() - lost_n2.at
     lost_n2.revive()
+    # Start it before its ~2 min BeginTime, but only once the old run is gone from n1: its
+    # srun still waits KillWait+2 s, then cancels "step J.0", which the new run reuses.
+    _wait(lambda: not job_processes(jid, "n1") and any(
+        r[2] == "PENDING" for r in _squeue(jid)), 60, "the old run of the job to end")
     _release_requeued(jid)
     results = _results(job, TIMEOUT_TRAIN)
     total_s = time.time() - lost_n2.at
