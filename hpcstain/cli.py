@@ -626,7 +626,8 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voxel-size", nargs="+", metavar="Z,Y,X", default=None,
                    help="voxel size in µm, z,y,x or one value (default: the plan's)")
     p.add_argument("--levels", type=int, default=None, help="pyramid levels (default: auto)")
-    p.add_argument("--out", default=None, help="image name inside RUN_DIR")
+    p.add_argument("--out", default=None, help="image name inside RUN_DIR, e.g. "
+                   "fused-05.ome.zarr (a name, not a path; default fused.ome.zarr)")
     p.add_argument("--workers", type=int, default=1,
                    help="fuse chunks in parallel on a dask LocalCluster of N processes")
     p.add_argument("--ngff", default="0.4", choices=["0.4", "0.5"],
@@ -637,7 +638,9 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-confidence", action="store_true",
                    help="skip the axes' disagreement image (IMAGE/disagreement, written by "
                    "default with 2+ axes)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the image afresh (e.g. after --voxel-size or another "
+                   "--method); without it other settings are refused")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fuse)
 
@@ -840,7 +843,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                     help="also write the K (odd) CT planes about each section, one voxel "
                     "apart (ct_slab/<id>.tif, manifest column ct_slab) for 2.5D models "
                     "(model.context_slices); 0: none (default)")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
     _add_tomo_args(pr)
     pr.set_defaults(func=cmd_phantom_pairs)
 
@@ -948,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_morph)
 
     p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
-    ssub = p.add_subparsers(dest="what", required=True, metavar="{train,cv,stain,fuse}")
+    ssub = p.add_subparsers(dest="what", required=True,
+                            metavar="{train,distill,cv,stain,fuse}")
     t = ssub.add_parser("train", help="one DDP training job (nodes x tasks_per_node ranks)",
                         description="Submit `hpcstain train` as a submitit job. Cluster keys "
                         "are overridden as cluster.key=value (e.g. cluster.nodes=2).")
@@ -1005,7 +1009,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     t.set_defaults(func=cmd_submit_fuse)
 
-    p = sub.add_parser("demo", help="run the pipeline end to end on phantom data")
+    p = sub.add_parser("demo", help="run the pipeline end to end on phantom data",
+                       description="Generate phantom slide pairs, train the CPU recipe, "
+                       "evaluate on a held-out slide, stain a phantom volume along z, y, x, "
+                       "fuse it and score it against the truth; writes OUT/ (train/, "
+                       "stain/fused.ome.zarr, orthoview-*.png, summary.json). About 6-9 "
+                       "minutes on a CPU (README); --quick: smallest sizes, for tests.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for tests)")
     p.set_defaults(func=cmd_demo)
@@ -1022,7 +1031,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.overrides = [*args.overrides, *unknown]
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`hpcstain info | head -1`) raises here
+        return code
+    except BrokenPipeError:  # the reader went away: no traceback, nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except HpcstainError as exc:
         print(f"hpcstain: error: {exc}", file=sys.stderr)
         return exc.exit_code

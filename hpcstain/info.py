@@ -79,7 +79,15 @@ def collect() -> dict[str, Any]:
         "devices": devices(),
         "cpu": cpu_info(),
         "launch": launch_context(),
+        "scheduler": scheduler_commands(),
     }
+
+
+def scheduler_commands() -> dict[str, str | None]:
+    """Where SLURM's and MPI's commands are (a login node has them without a job's env)."""
+    import shutil
+
+    return {name: shutil.which(name) for name in ("sbatch", "squeue", "srun", "mpirun")}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -96,10 +104,19 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"cpu: {cpu['cpu_count']} cores, {cpu['usable_cpus']} usable, "
                  f"torch threads {dev['torch_threads']}, OMP_NUM_THREADS={cpu['omp_num_threads']}")
     launch = report["launch"]
+    tools = report.get("scheduler") or {}
     for name in ("slurm", "mpi", "torchrun"):
         val = launch[name]
-        lines.append(f"{name}: " + (" ".join(f"{k}={v}" for k, v in val.items()) if val
-                                    else "not detected"))
+        if val:
+            text = " ".join(f"{k}={v}" for k, v in val.items())
+        elif name == "slurm" and tools.get("sbatch"):
+            text = (f"available (sbatch at {tools['sbatch']}); this process is not inside a "
+                    "job — `hpcstain submit` submits one")
+        elif name == "mpi" and tools.get("mpirun"):
+            text = f"available (mpirun at {tools['mpirun']}); not launched by it"
+        else:
+            text = "not detected"
+        lines.append(f"{name}: {text}")
     return "\n".join(lines)
 
 

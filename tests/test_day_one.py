@@ -390,3 +390,120 @@ def test_a_cupping_fit_that_did_not_converge_says_so_and_writes_nothing(
     err = capsys.readouterr().err
     assert code == 2 and "did not converge" in err and "grey values" in err
     assert not (tmp_path / "fixed.zarr").exists()
+
+
+# ------------------------------------------------------------------ 2. runs are places
+
+
+@pytest.fixture()
+def stained(tiny: dict[str, Path], tmp_path: Path) -> Path:
+    """A run stained from tmp_path with relative spellings of input, checkpoint and out."""
+    import shutil
+
+    shutil.copytree(tiny["volume"], tmp_path / "ct.zarr")
+    shutil.copy(tiny["checkpoint"], tmp_path / "gen.pt")
+    res = run_cli("stain", "ct.zarr", "--checkpoint", "gen.pt", "--out", "st", "--axes",
+                  "z,y", "--chunk", "12", "--bone-level", "30000", "--background-level",
+                  "10000", "--no-progress", cwd=tmp_path, env=NO_CUDA)
+    assert res.returncode == 0, res.stderr
+    return tmp_path / "st"
+
+
+def test_a_stained_run_fuses_and_resumes_from_any_directory(stained: Path,
+                                                            tmp_path: Path) -> None:
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_cli("fuse", str(stained), "--no-progress", cwd=elsewhere)
+    assert res.returncode == 0, res.stderr
+    assert run_cli("status", str(stained), "--require-fused", cwd=elsewhere).returncode == 0
+    # the same plan spelled absolutely, from another directory: the same run, resumed
+    again = run_cli("stain", str(tmp_path / "ct.zarr"), "--checkpoint",
+                    str(tmp_path / "gen.pt"), "--out", str(stained), "--axes", "z,y",
+                    "--chunk", "12", "--bone-level", "30000", "--background-level", "10000",
+                    "--no-progress", cwd=elsewhere, env=NO_CUDA)
+    assert again.returncode == 0, again.stderr
+    assert "different" not in again.stderr
+    plan = json.loads((stained / "plan.json").read_text())
+    assert Path(plan["input"]).is_absolute() and Path(plan["checkpoint"]).is_absolute()
+
+
+def test_fuse_overwrite_never_replaces_a_good_image_when_the_input_is_gone(
+        stained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    assert run_cli("fuse", str(stained), "--no-progress").returncode == 0
+    image = stained / "fused.ome.zarr"
+    before = np.asarray(zarr.open_group(str(image), mode="r")["0"][:])
+    assert before.any()
+    shutil.move(tmp_path / "ct.zarr", tmp_path / "moved.zarr")
+    res = run_cli("fuse", str(stained), "--overwrite", "--no-progress")
+    assert res.returncode == 2 and "ct.zarr" in res.stderr, res.stderr
+    after = np.asarray(zarr.open_group(str(image), mode="r")["0"][:])
+    np.testing.assert_array_equal(after, before)
+    assert run_cli("status", str(stained), "--require-fused").returncode == 0
+
+
+def test_fuse_out_must_be_an_image_name_not_a_path(stained: Path) -> None:
+    res = run_cli("fuse", str(stained), "--out", "sub/dir/x", "--no-progress")
+    assert res.returncode == 2 and "not a path" in res.stderr, res.stderr
+    assert not (stained / "sub").exists() and not (stained / "done" / "sub").exists()
+    ok = run_cli("fuse", str(stained), "--out", "other", "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    assert (stained / "other.ome.zarr").is_dir()
+    status = run_cli("status", str(stained))
+    line = next(ln for ln in status.stdout.splitlines() if "other.ome.zarr" in ln)
+    assert "4/4 chunks fused" in line and status.returncode == 0, status.stdout
+
+
+# ------------------------------------------------------------------ 7. the smaller things
+
+
+def test_submit_usage_lists_distill_and_every_option_has_help() -> None:
+    res = run_cli("submit", "--help")
+    assert "{train,distill,cv,stain,fuse}" in res.stdout
+    for verb in (["stain"], ["predict"], ["evaluate"], ["fuse"], ["demo"]):
+        out = run_cli(*verb, "--help").stdout
+        for flag in ("--device", "--overwrite", "--quick"):
+            if flag in out:
+                line = out[out.index(flag):].split("\n  -")[0]
+                assert len(line.split()) > 2, (verb, flag, line)  # a help text follows
+    demo = run_cli("demo", "--help").stdout
+    assert "phantom" in demo and "orthoview" in demo
+
+
+def test_info_detects_slurm_from_sbatch_on_path(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{fake}:{env.get('PATH', '')}"
+    res = subprocess.run([sys.executable, "-m", "hpcstain.cli", "info"], capture_output=True,
+                         text=True, timeout=120, env={**env, "PYTHONPATH": str(REPO)})
+    slurm = [ln for ln in res.stdout.splitlines() if ln.startswith("slurm:")]
+    assert slurm and "not detected" not in slurm[0] and str(fake / "sbatch") in slurm[0]
+
+
+def test_info_piped_into_head_has_no_traceback() -> None:
+    res = subprocess.run(f"{sys.executable} -m hpcstain.cli info | head -1", shell=True,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.stdout.startswith("hpcstain ") and len(res.stdout.splitlines()) == 1
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
+def test_interrupted_message_says_rerunning_resumes(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import hpcstain.cli as cli
+
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert "re-running the same command resumes" in capsys.readouterr().err

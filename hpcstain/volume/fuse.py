@@ -657,6 +657,12 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
         notes.append("voxel size unknown (no input metadata, no --voxel-size): scale 1 per "
                      "voxel, no unit")
     n_levels = levels or omezarr.default_levels(plan.shape)
+    if out is not None and (not out or Path(out).name != out or out in (".", "..")):
+        # [issue 24] a path would put the image's records where `status` never looks
+        raise UsageError(f"--out {out!r}: the name of an image inside {run_dir} (e.g. "
+                         "fused-05.ome.zarr), not a path")
+    if out is not None and not out.endswith(".zarr"):
+        out += ".ome.zarr"
     name = out or ("fused.ome.zarr" if single_axis is None else f"slicewise-{single_axis}.ome.zarr")
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
@@ -664,6 +670,8 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     settings["fill_outside"] = fill_outside
     settings["outside_test"] = OUTSIDE_TEST if fill_outside else "none"
     settings["confidence"] = bool(confidence and len(axes) > 1)
+    if fill_outside:  # [issue 24] the input CT must open before an image is (re)started:
+        open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # no zeros
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)

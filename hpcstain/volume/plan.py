@@ -341,7 +341,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     bone, background = levels if levels is not None else \
         _estimate_levels(CorrectedSource(source, fitted) if fitted is not None else source, report)
     vox, vox_from = voxel_size_of(source, voxel_size_um)
-    return Plan(input=str(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
+    return Plan(input=absolute_spec(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
                 window=window, max_tile=int(max_tile), sigma=float(sigma),
                 truncate=float(truncate),
@@ -352,7 +352,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 autocast=autocast,
                 nan_policy=source.nan_policy, nan_value=source.nan_value,
                 voxel_size_um=vox, voxel_size_from=vox_from,
-                checkpoint=str(checkpoint or ""), checkpoint_sha256=sha,
+                checkpoint=str(Path(checkpoint).absolute()) if checkpoint else "",
+                checkpoint_sha256=sha,
                 config=dict(config or {}),
                 cupping=fitted.to_dict() if fitted is not None else {})
 
@@ -410,12 +411,46 @@ UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256", "voxel_size_fro
 
 
 def plan_differences(old: Plan, new: Plan) -> list[str]:
-    """Keys whose values differ between two plans (``config`` keys as ``config.key``)."""
+    """Keys whose values differ between two plans (``config`` keys as ``config.key``).
+
+    [runs are places] The input and checkpoint are compared by what they are (the same
+    file or folder, and the same array inside), not by how a shell spelled them.
+    """
     a, b = old.to_dict(), new.to_dict()
-    keys = [k for k in sorted(set(a) | set(b)) if k not in UNCOMPARED and a.get(k) != b.get(k)]
+    keys = [k for k in sorted(set(a) | set(b)) if k not in UNCOMPARED and a.get(k) != b.get(k)
+            and not (k in ("input", "checkpoint") and same_location(a.get(k), b.get(k)))]
     ca, cb = a.get("config", {}), b.get("config", {})
     keys += [f"config.{k}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
     return keys
+
+
+def same_location(a: object, b: object) -> bool:
+    """Two spellings (relative, absolute, via a link) of one file[:array]."""
+    from hpcstain.volume.io import parse_spec
+
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        sa, sb = parse_spec(a), parse_spec(b)
+        parts = ((sa.path, (sa.key or "").strip("/")), (sb.path, (sb.key or "").strip("/")))
+    except InputError:  # not a volume spec (a checkpoint): the path alone
+        parts = ((Path(a), ""), (Path(b), ""))
+    (pa, ka), (pb, kb) = parts
+    try:
+        return ka == kb and pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def absolute_spec(spec: object) -> str:
+    """A volume spec with its file made absolute (the plan works from any directory)."""
+    from hpcstain.volume.io import VolumeSpec
+
+    if isinstance(spec, VolumeSpec):
+        return str(dataclasses.replace(spec, path=spec.path.absolute()))
+    return str(spec)
 
 
 def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> Path:
