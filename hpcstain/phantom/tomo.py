@@ -250,10 +250,10 @@ def _rays(g: Geometry, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y = np.arange(g.ny, dtype=np.float64) - g.cy
     x = np.arange(g.nx, dtype=np.float64) - g.cx
     c, s = math.cos(g.theta[k]), math.sin(g.theta[k])
-    u = (x[None, :] * c + y[:, None] * s).ravel() + g.u_c
-    i0 = np.floor(u)
-    w = (u - i0).astype(np.float32)
-    return i0.astype(np.intp), w, np.float32(1) - w
+    u = np.add.outer((y * s).astype(np.float32), (x * c + g.u_c).astype(np.float32)).ravel()
+    i0 = u.astype(np.intp)              # u >= 1 (the detector covers the corners): floor
+    w = u - i0.astype(np.float32)
+    return i0, w, np.float32(1) - w
 
 
 def project(g: Geometry, maps: np.ndarray) -> np.ndarray:
@@ -364,8 +364,9 @@ def measure(g: Geometry, pe: np.ndarray, ne: np.ndarray, z_indices: list[int] | 
 
     ``gains`` (n_det,) or (k, n_det) overrides :func:`detector_gains` (tests).
     """
-    lp = project(g, pe) * pix_cm                      # photoelectric line integral at 30 keV
-    ln = project(g, ne) * (pix_cm * N_A)              # electrons / cm²
+    both = project(g, np.concatenate([pe, ne]))
+    lp = both[:len(pe)] * pix_cm                      # photoelectric line integral at 30 keV
+    ln = both[len(pe):] * (pix_cm * N_A)              # electrons / cm²
     intensity = np.zeros_like(lp)
     for e, w in spectrum(p):
         t = np.exp(-(lp * (E_REF / e) ** 3 + ln * sigma_kn(e)))
