@@ -796,6 +796,42 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
                             cluster)
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """[view] Labelled orthoview PNGs (CT | stain) of a stained or fused run."""
+    from hpcstain.view import view_run
+
+    at = None
+    if args.at is not None:
+        try:
+            at = tuple(int(v) for v in args.at.split(","))
+        except ValueError:
+            at = ()
+        if len(at) != 3:
+            raise UsageError(f"--at {args.at!r}: give Z,Y,X voxel indices, e.g. 64,128,128")
+    report = view_run(args.run_dir, args.out, at=at, image=args.image,  # type: ignore[arg-type]
+                      overwrite=args.overwrite)
+    print(report.summary())
+    return 0
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="orthoview PNGs (CT | stain) of a stained or fused run",
+                       description="Write RUN_DIR/view/view-{xy,xz,yz}.png: the run's input "
+                       "CT beside its stain on the three centre planes (or --at), planes "
+                       "named, scale bar from the voxel size, physical aspect. The stain is "
+                       "fused.ome.zarr when fused, else the first stained axis. To browse "
+                       "the whole volume open the OME-Zarr in napari (docs/volume.md).")
+    p.add_argument("run_dir", help="a staining run (plan.json) or RUN_DIR/IMAGE.ome.zarr")
+    p.add_argument("--out", "-o", default=None,
+                   help="folder for the PNGs (default RUN_DIR/view, replaced each time)")
+    p.add_argument("--at", default=None, metavar="Z,Y,X",
+                   help="voxel indices of the planes (default: the centre)")
+    p.add_argument("--image", default=None, metavar="NAME",
+                   help="fused image inside RUN_DIR (default fused.ome.zarr)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_view)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hpcstain.demo import run_demo
 
@@ -1008,6 +1044,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", action="store_true")
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     t.set_defaults(func=cmd_submit_fuse)
+
+    _add_view(sub)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on phantom data",
                        description="Generate phantom slide pairs, train the CPU recipe, "

@@ -507,3 +507,36 @@ def test_interrupted_message_says_rerunning_resumes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "cmd_info", interrupted)
     assert cli.main(["info"]) == 130
     assert "re-running the same command resumes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 6. see your own run
+
+
+def test_view_writes_labelled_orthoviews_of_a_stained_then_fused_run(stained: Path,
+                                                                    tmp_path: Path) -> None:
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_cli("view", str(stained), cwd=elsewhere)
+    assert res.returncode == 0, res.stderr
+    assert "axis-z.zarr (stained along z, not fused)" in res.stdout
+    views = {p.name: Image.open(p) for p in sorted((stained / "view").glob("*.png"))}
+    assert set(views) == {"view-xy.png", "view-xz.png", "view-yz.png"}
+    # CT | stain side by side, at physical aspect: XZ of a 12 × 24 × 24 volume is 1:2
+    xz = views["view-xz.png"]
+    panel_w = (xz.width - 6) / 2
+    assert abs((xz.height - 26) / panel_w - 0.5) < 0.02
+    xy = views["view-xy.png"]
+    assert abs((xy.height - 26) / ((xy.width - 6) / 2) - 1.0) < 0.02
+    assert run_cli("fuse", str(stained), "--no-progress").returncode == 0
+    again = run_cli("view", str(stained / "fused.ome.zarr"), "--at", "3,4,5")
+    assert again.returncode == 0 and "fused.ome.zarr (fused) at z = 3, y = 4, x = 5" in \
+        again.stdout, again.stderr
+    bad = run_cli("view", str(stained), "--at", "99,0,0")
+    assert bad.returncode == 2 and "outside the volume" in bad.stderr
+
+
+def test_view_of_a_training_run_says_what_to_do(micro_run: Path) -> None:
+    res = run_cli("view", str(micro_run))
+    assert res.returncode == 2 and "training run" in res.stderr and "stain" in res.stderr
