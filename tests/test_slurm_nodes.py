@@ -345,6 +345,7 @@ class LostNode:
 
     def __init__(self, node: str) -> None:
         self.node, self.frozen, self.at = node, [], 0.0
+        self.jobs: list[str] = []  # cancelled on teardown: no stray jobs after a failure
 
     def freeze(self, jobs: list[str]) -> list[int]:
         for _ in range(3):  # again: a process may have forked between listing and stopping
@@ -388,7 +389,11 @@ class LostNode:
 def lost_n2() -> Any:
     node = LostNode("n2")
     yield node
-    node.revive()
+    try:
+        node.revive()
+    finally:
+        for job in node.jobs:
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
 # --------------------------------------------------------------------------- training
@@ -517,6 +522,7 @@ def test_node_lost_mid_training_requeues_and_resumes_to_the_same_weights(
     run = tmp_path / "run"
     job = _submit_train(run, pairs, audit, f"cluster.ddp_timeout_s={timeout}")
     jid = str(job.job_id)
+    lost_n2.jobs.append(jid)
     _wait(lambda: (run / "losses.jsonl").exists() and len(read_losses(run)) >= EVERY + 2,
           TIMEOUT_TRAIN, "training to pass its first periodic checkpoint", every=0.2)
     survivor = [p for p in job_processes(jid, "n1") if _comm(p).startswith("python")]
@@ -605,6 +611,7 @@ def test_stain_array_over_two_nodes_with_a_node_lost_mid_unit(
                     *STAIN, "--tasks", "2", "--fuse", "--profile", "slurm",
                     "cluster.cpus_per_task=1", "cluster.time_min=15", audit.setup_line())
     array, fuse_id = _job_ids(out)
+    lost_n2.jobs += [array.split("_")[0], fuse_id]
     elements = _wait(lambda: (lambda rows: rows if len(rows) == 2 and all(
         r[2] == "RUNNING" for r in rows) else None)(
         [r for r in _squeue(array) if "_" in r[0]]), 120, "both array tasks running")
