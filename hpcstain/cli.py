@@ -461,7 +461,7 @@ def _device_help() -> str:
 def _use_device(requested: str, autocast: str = "none", local_rank: int = 0,
                 quiet: bool = False) -> str:
     """[device] Resolve --device (auto → CUDA when present, else CPU) before anything is
-    written; an absent device is one UsageError. Prints the one start line on stderr."""
+    written; an absent device is one UsageError. Prints the one start line (stdout)."""
     from hpcstain.device import announce, autocast_dtype, resolve_device
 
     device = resolve_device(requested, local_rank)

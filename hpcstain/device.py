@@ -66,8 +66,9 @@ def describe_device(device: str, dtype: str = "float32") -> str:
 
 
 def announce(device: str, dtype: str = "float32", stream: object = None) -> None:
-    """Print :func:`describe_device` on stderr (stdout stays for results)."""
-    print(describe_device(device, dtype), file=stream or sys.stderr, flush=True)
+    """Print :func:`describe_device` on stdout, with the other start lines (the plan, the
+    voxel size): stderr stays for errors, so a refusal is still exactly one line there."""
+    print(describe_device(device, dtype), file=stream or sys.stdout, flush=True)
 
 
 def autocast_dtype(autocast: str) -> str:

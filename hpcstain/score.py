@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
-from hpcstain.errors import InputError, UsageError
+from hpcstain.errors import HpcstainError, InputError, UsageError
 from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
 from hpcstain.metrics.volume import (
     AXES,
@@ -173,8 +173,10 @@ def _run_ct(spec: str | os.PathLike[str]) -> str | None:
     for run in (path, path.parent):
         if (run / "plan.json").is_file():
             try:
-                return str(json.loads((run / "plan.json").read_text())["input"])
-            except (OSError, ValueError, KeyError, TypeError):
+                from hpcstain.volume.plan import input_at, load_plan
+
+                return input_at(load_plan(run), run)  # [runs are places]
+            except (OSError, ValueError, KeyError, TypeError, HpcstainError):
                 return None
     return None
 

@@ -153,6 +153,7 @@ def view_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
 
     from hpcstain.atomic import atomic_output
     from hpcstain.volume import load_plan, open_volume
+    from hpcstain.volume.plan import input_at
 
     run, given = resolve_run(run_dir)
     plan = load_plan(run)
@@ -167,7 +168,7 @@ def view_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
         if not 0 <= k < n:
             raise UsageError(f"--at: {name} = {k} is outside the volume (0..{n - 1})")
     try:
-        source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
+        source = open_volume(input_at(plan, run), plan.nan_policy, plan.nan_value, scan=False)
     except InputError as exc:
         raise InputError(f"{exc} (the run's input CT, from {run / 'plan.json'})") from None
     vox = plan.voxel_size_um

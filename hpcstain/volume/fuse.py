@@ -85,6 +85,7 @@ from hpcstain.volume.plan import (
     Plan,
     axis_store,
     done_names,
+    input_at,
     load_plan,
     record_path,
     write_record,
@@ -352,7 +353,8 @@ class FuseTask:
         c = self._opened()
         plan = c["plan"]
         if "source" not in c:
-            c["source"] = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)
+            c["source"] = open_volume(input_at(plan, self.run_dir), plan.nan_policy,
+                                      plan.nan_value, scan=False)
         # the outside test sees the CT the generator saw (docs/cupping.md), in whole grey values
         return corrected_read(c["source"], box, OUTSIDE_REACH, plan.ct_recipe.cupping,
                               rounded=True)
@@ -671,7 +673,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     settings["outside_test"] = OUTSIDE_TEST if fill_outside else "none"
     settings["confidence"] = bool(confidence and len(axes) > 1)
     if fill_outside:  # [issue 24] the input CT must open before an image is (re)started:
-        open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # no zeros
+        open_volume(input_at(plan, run_dir), plan.nan_policy, plan.nan_value, scan=False)
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
     todo = ready_chunks(run_dir, plan, axes, task, method, report)

@@ -84,6 +84,9 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     # the CT's cupping correction, fitted once here ({}: none; hpcstain.ct.cupping.Cupping)
     cupping: dict[str, Any] = field(default_factory=dict)
+    # [runs are places] the input relative to the run directory, for a run moved or
+    # mounted elsewhere together with its input ("": not recorded)
+    input_from_run: str = ""
     format: str = PLAN_FORMAT
 
     # ----------------------------------------------------------------- CT
@@ -407,7 +410,8 @@ def load_plan(run_dir: str | os.PathLike[str]) -> Plan:
 
 
 # Hashes are not compared: a run keeps its pinned generator even if the source file changed.
-UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256", "voxel_size_from")
+UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256", "voxel_size_from",
+              "input_from_run")
 
 
 def plan_differences(old: Plan, new: Plan) -> list[str]:
@@ -442,6 +446,35 @@ def same_location(a: object, b: object) -> bool:
         return ka == kb and pa.exists() and pb.exists() and os.path.samefile(pa, pb)
     except OSError:
         return False
+
+
+def input_at(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
+    """[runs are places] The run's input spec as it exists from here: the recorded
+    absolute path, else the path relative to the run directory (a run moved or mounted
+    elsewhere with its input), else the recorded one (whose error names it)."""
+    from hpcstain.volume.io import parse_spec
+
+    try:
+        spec = parse_spec(plan.input)
+    except InputError:
+        return plan.input
+    if spec.path.exists() or not plan.input_from_run:
+        return plan.input
+    moved = parse_spec(plan.input_from_run)
+    moved = dataclasses.replace(moved, path=Path(run_dir) / moved.path)
+    return str(moved) if moved.path.exists() else plan.input
+
+
+def input_from_run(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
+    """``plan.input`` relative to ``run_dir`` (recorded by ``init_run``)."""
+    from hpcstain.volume.io import parse_spec
+
+    try:
+        spec = parse_spec(plan.input)
+    except InputError:
+        return ""
+    rel = os.path.relpath(spec.path.absolute(), Path(run_dir).absolute())
+    return str(dataclasses.replace(spec, path=Path(rel)))
 
 
 def absolute_spec(spec: object) -> str:

@@ -48,6 +48,8 @@ from hpcstain.volume.plan import (
     axis_store,
     done_names,
     generator_path,
+    input_at,
+    input_from_run,
     is_done,
     load_plan,
     plan_differences,
@@ -141,6 +143,7 @@ def init_run(run_dir: str | os.PathLike[str], plan: Plan, overwrite: bool = Fals
             with atomic_output(generator_path(run_dir), overwrite=True) as tmp:
                 sha = pin_generator(plan.checkpoint, tmp)
             plan = replace(plan, generator_sha256=sha)
+        plan = replace(plan, input_from_run=input_from_run(plan, run_dir))  # [runs are places]
         save_plan(run_dir, plan)
     for axis in plan.axes:
         create_axis_store(axis_store(run_dir, axis), plan)
@@ -242,7 +245,8 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
         return LoadedUnit(index, unit, write, write, None)
     try:
         if source is None:
-            source = open_volume(plan.input, plan.nan_policy, plan.nan_value, scan=False)  # type: ignore[arg-type]
+            source = open_volume(input_at(plan, run_dir), plan.nan_policy, plan.nan_value,  # type: ignore[arg-type]
+                                 scan=False)
         check_source(source, plan)
         box = plan.unit_read_region(unit)
         ct = prepare_context(source, box, unit.axis, plan.ct_recipe)
