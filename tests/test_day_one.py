@@ -559,3 +559,23 @@ def test_a_run_moved_with_its_input_still_fuses_scores_and_views(stained: Path,
         res = run_cli(*argv, cwd=moved)
         assert res.returncode == 0, (argv, res.stderr)
     assert (moved / "score" / "summary.json").is_file()
+
+
+def test_a_training_run_moved_with_its_pairs_resumes_with_the_new_manifest(
+        micro_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    moved = tmp_path / "mnt"
+    moved.mkdir()
+    shutil.move(tmp_path / "pairs", moved / "pairs")
+    shutil.move(micro_run, moved / "run")
+    before = _snapshot(moved / "run")
+    res = run_cli("train", "--out", "run", "train.max_steps=2", "--no-progress", cwd=moved,
+                  env=NO_CUDA)
+    assert res.returncode == 2 and "data.manifest=PATH" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert _snapshot(moved / "run") == before
+    ok = run_cli("train", "--out", "run", "data.manifest=pairs/manifest.csv",
+                 "train.max_steps=2", "--no-progress", cwd=moved, env=NO_CUDA)
+    assert ok.returncode == 0, ok.stderr
+    assert "step 2" in ok.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcstain.config import Config, load_config, to_dict
-from hpcstain.errors import ConfigError
+from hpcstain.errors import ConfigError, InputError
 
 # Sections that change what is trained; a resumed run may change only train.* (e.g. epochs).
 # (distill.* has its own checks on resume: the teacher's hash and the labelled inputs.)
@@ -74,6 +74,10 @@ def frozen_changes(saved: Config, asked: Config, run_dir: Path) -> list[str]:
         old, new = _value(a, key), _value(b, key)
         if key in FREE_KEYS or (key in PATH_KEYS and same_file(old, new, run_dir)):
             continue
+        if key == "data.manifest" and isinstance(old, str) and isinstance(new, str) \
+                and locate(old, run_dir) is None and locate(new) is not None:
+            continue  # the manifest moved (the run was moved): its pairs are checked against
+            # split.json when the data is read (trainer.check_split)
         out.append(f"{key}: {old!r} -> {new!r}")
     return out
 
@@ -87,6 +91,11 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
     if not saved_path.exists():
         return
     saved = load_config(str(saved_path), [])
+    manifest = cfg.data.manifest
+    if manifest and cfg.model.variant != "distill" and not Path(manifest).is_file():
+        raise InputError(f"{manifest}: the run's manifest is not found from {Path.cwd()}; "
+                         "resume with data.manifest=PATH where it is now (a moved manifest "
+                         "is accepted when its pairs match the run's split.json)")
     changes = frozen_changes(saved, cfg, Path(run_dir))
     if changes:
         raise ConfigError(
