@@ -567,14 +567,17 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
                    "(§2.9)")
     p.add_argument("--tile", type=int, default=None, help="override the tiling's tile edge")
     p.add_argument("--step", type=int, default=None, help="override the tiling's step")
-    p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"])
+    p.add_argument("--window", default=None, choices=["mean", "hann", "gaussian"],
+                   help="override the tiling's blending window")
     p.add_argument("--max-unit-voxels", type=int, default=1 << 27, metavar="N",
                    help="split a slab in-plane when it holds more voxels (memory bound)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="run the generator under torch autocast (GPU throughput)")
     p.add_argument("--sigma", type=float, default=1.0, help="3D Gaussian in voxels; 0: off")
-    p.add_argument("--bone-level", type=float, default=None)
-    p.add_argument("--background-level", type=float, default=None)
+    p.add_argument("--bone-level", type=float, default=None,
+                   help="raw CT bone level (default: estimated, see `hpcstain levels`)")
+    p.add_argument("--background-level", type=float, default=None,
+                   help="raw CT background level (give both or neither)")
     p.add_argument("--nan-value", type=float, default=None,
                    help="replace NaN/Inf with this value (default: error)")
     p.add_argument("--voxel-size", nargs="+", metavar="Z,Y,X", default=None,
@@ -612,7 +615,7 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    "(dask-jobqueue); cluster.key=value overrides apply")
     p.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stain_or_clean)  # [damaged input] wraps cmd_stain
 
     p = sub.add_parser("fuse", help="fuse per-axis stains into an RGBA OME-Zarr pyramid",
@@ -641,7 +644,7 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start the image afresh (e.g. after --voxel-size or another "
                    "--method); without it other settings are refused")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fuse)
 
 
@@ -852,7 +855,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
                    default=[128, 256, 256])
     v.add_argument("--material", default="mg", help="screw material: mg, ti or peek")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help="random seed (same seed: same data)")
     v.add_argument("--chunk", type=int, default=64, help="storage chunk edge (voxels)")
     v.add_argument("--screw-scale", type=float, default=1.0, metavar="F",
                    help="screw radii × F, 0.25–2 (default 1: the M2-like screw)")
@@ -865,7 +868,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     pr = psub.add_parser("pairs", help="paired CT / histology whole slides + manifest.csv")
     pr.add_argument("outdir")
     pr.add_argument("--n", type=int, default=10, help="number of pairs (Mg:Ti:PEEK ~ 7:1:2)")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0, help="random seed (same seed: same data)")
     pr.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[512, 512])
     pr.add_argument("--orientation", default="z",
                     choices=("z", "y", "x", "mixed", "random", "volume"),
@@ -1011,13 +1014,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = ssub.add_parser("cv", help="k-fold cross-validation x model variants as a job array",
                         description="One training run per (variant, fold) in OUT/<variant>/"
                         "fold-<k>; the held-out test pairs are never in any fold (§2.4).")
-    t.add_argument("--profile", default="slurm")
+    t.add_argument("--profile", default="slurm",
+                   help="cluster profile in configs/clusters/ (local, slurm, maxwell) or YAML")
     t.add_argument("--variants", default="modcyclegan",
                    help="comma-separated training profiles (e.g. modcyclegan,pix2pix,cyclegan,"
                    "cyclegan_invct)")
-    t.add_argument("--folds", type=int, default=5)
+    t.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     t.add_argument("--out", "-o", required=True, help="cross-validation folder")
-    t.add_argument("--wait", action="store_true")
+    t.add_argument("--wait", action="store_true",
+                   help="wait for the jobs and print one progress line per change")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=cmd_submit_cv)
 
@@ -1031,17 +1036,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fuse", action="store_true", help="also submit the dependent fuse job")
     t.add_argument("--method", default="mean",
                    choices=["mean", "median", "consistency"])
-    t.add_argument("--wait", action="store_true")
+    t.add_argument("--wait", action="store_true",
+                   help="wait for the jobs and print one progress line per change")
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     t.set_defaults(func=cmd_submit_stain)
 
     t = ssub.add_parser("fuse", help="a CPU job fusing a stain run")
     t.add_argument("run_dir")
-    t.add_argument("--profile", default="slurm")
+    t.add_argument("--profile", default="slurm",
+                   help="cluster profile in configs/clusters/ (local, slurm, maxwell) or YAML")
     t.add_argument("--method", default="mean",
                    choices=["mean", "median", "consistency"])
-    t.add_argument("--single-axis", choices=["z", "y", "x"], default=None)
-    t.add_argument("--wait", action="store_true")
+    t.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
+                   help="the paper's slice-wise volume from one axis")
+    t.add_argument("--wait", action="store_true",
+                   help="wait for the jobs and print one progress line per change")
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     t.set_defaults(func=cmd_submit_fuse)
 

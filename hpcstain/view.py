@@ -52,6 +52,8 @@ def resolve_run(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
         raise UsageError(f"{p}: a training run; view shows staining runs (stain it first: "
                          "hpcstain stain VOL --checkpoint "
                          f"{p}/checkpoints/latest.pt --out ST)")
+    if not p.exists():
+        raise InputError(f"{p}: no such run directory")
     raise InputError(f"{p}: not a staining run directory (no plan.json)")
 
 
