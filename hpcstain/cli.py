@@ -99,8 +99,8 @@ def _add_tomo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase-distance", type=float, default=None, metavar="M",
                    help="tomo: propagation distance in m for phase contrast (default 0: off)")
     p.add_argument("--paganin", type=float, default=None, metavar="DB",
-                   help="tomo: Paganin phase retrieval with this delta/beta (default 0: off; "
-                   "~1000 bone, ~2000 soft tissue at 40 keV)")
+                   help="tomo: Paganin phase retrieval with this delta/beta at --energy "
+                   "(default 0: off; ~800 bone, ~2200 soft tissue at 40 keV)")
     p.add_argument("--spectrum", default=None, choices=("poly", "mono"),
                    help="tomo: polychromatic (5 bins, default) or monochromatic beam")
     p.add_argument("--energy", type=float, default=None, metavar="KEV",
