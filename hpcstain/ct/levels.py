@@ -53,6 +53,8 @@ BACKGROUND_MIN_MASS = 0.02
 BONE_CONTRAST = 15.0      # bone-like: contrast ≥ this many background half-widths (smoothed)
 MIN_CONTRAST = 6.0        # any bone (and a metal's reference class): at least this many
 METAL_RATIO = 2.0         # metal: contrast ≥ this × the bone-like mode's
+METAL_RATIO_BROAD = 4.0   # ... however wide (reconstructed CT: beam hardening, starvation),
+BROAD_LIKE = 0.7          # above a reference of this × bone-like contrast
 METAL_GAP = 0.35          # ... and valley ≤ this × the lower of the two peaks
 BETWEEN_MAX = 0.05        # ... and no class of this share of the voxels in between
 BONE_ALPHA = 0.5          # bone threshold: halfway between background and dense bone
@@ -63,6 +65,7 @@ IMPLANT_MIN_MASS = 0.02   # a homogeneous implant in the bone range: ≥ 2 % of 
 METAL_MARGIN = 2          # px (full resolution) left out around metal (partial volume)
 IMPLANT_MARGIN = 4        # px around a homogeneous implant (its degradation layer too)
 MIN_BONE_MASS = 0.01      # fewer bone voxels than this fraction: no bone
+TAIL_MIN_MASS = 0.02      # unresolved material trailing the background: a class
 AMBIGUOUS = 0.5           # confidence below this: the estimate is ambiguous
 LEVELS_FLAGS = "--bone-level {bone:.6g} --background-level {background:.6g}"
 
@@ -410,7 +413,7 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
         raise InputError(f"{name}: no bone found: no class lies well above the background "
                          f"{background:.6g} (densest class: {top}); pass "
                          "--bone-level/--background-level if the sample has bone")
-    tissue, metals, metal_t, alternative_cut = _metals(hist, tissue, bg, w, notes, conf)
+    tissue, metals, metal_t, alternative_cut = _metals(hist, flat, tissue, bg, w, notes, conf)
     bone, win, classes_extra, thr = _bone_level(hist, raw, v, finite, bg.peak, w, g_hi, metal_t,
                                                  modes, tissue, stride, name, notes, conf)
     alternative = None
@@ -423,6 +426,9 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
             alternative = (alt_bone, background)
         except InputError:
             alternative = None
+    if not metals and alternative is None:
+        alternative = _metal_suspect(hist, flat, bg, w, bone, background, win, raw, v, finite,
+                                     notes, conf)
     main = max((m for m in tissue if thr["bone"] < m.peak), key=lambda m: m.mass, default=None)
     hidden = float(((flat > bg.peak + 4 * w) & (flat < bg.hi)).mean())
     if (not metals and not classes_extra and main is not None
@@ -468,9 +474,14 @@ def _background(hist: _Hist, modes: list[_Mode], raw: np.ndarray, v: np.ndarray,
     return bg, w, float(np.median(raw[bg_win])), bg_win
 
 
-def _metals(hist: _Hist, tissue: list[_Mode], bg: _Mode, w: float, notes: list[str],
-            conf: list[float]) -> tuple[list[_Mode], list[_Mode], float, float | None]:
+def _metals(hist: _Hist, flat: np.ndarray, tissue: list[_Mode], bg: _Mode, w: float,
+            notes: list[str], conf: list[float]
+            ) -> tuple[list[_Mode], list[_Mode], float, float | None]:
     """Metal: the densest modes far above a bone-like mode, across a deep valley.
+
+    The bone-like mode may be unresolved: on reconstructed CT, soft tissue and bone often
+    trail the background as one shoulder, with the metal the only peak above it. The dense
+    end of that shoulder (:func:`_tail_mode`) then stands in for the bone-like mode.
 
     Returns the tissue modes below the metal, the metal modes, the metal threshold (inf
     without metal) and, when the densest class's reading is ambiguous, the cut of the other
@@ -478,43 +489,121 @@ def _metals(hist: _Hist, tissue: list[_Mode], bg: _Mode, w: float, notes: list[s
     """
     metal_t, metals = math.inf, []
     alternative_cut: float | None = None
-    while len(tissue) >= 2:
+    tail = _tail_mode(hist, flat, bg, w)
+    while len(tissue) >= 2 or (tail is not None and tissue):
         top = tissue[-1]
         likes = [m for m in tissue[:-1] if (m.peak - bg.peak) / w >= MIN_CONTRAST
                  and m.mass >= 0.01]
-        if not likes:
+        refs = [max(likes, key=lambda m: m.mass)] if likes else []
+        if (tail is not None and tail.peak < top.lo
+                and (tail.peak - bg.peak) / w >= BROAD_LIKE * BONE_CONTRAST):
+            refs.append(tail)   # tried when the resolved reference does not find metal
+        tail = None
+        if not refs:
             break
-        ref = max(likes, key=lambda m: m.mass)
-        between = max((m.mass for m in tissue if ref.peak < m.peak < top.peak), default=0.0)
-        ratio = (top.peak - bg.peak) / max(ref.peak - bg.peak, hist.width)
-        vx, vs = hist.valley(ref.peak, top.peak)
-        depth = vs / max(min(ref.height, top.height), 1e-12)
-        like = (ref.peak - bg.peak) / w / BONE_CONTRAST
-        narrow = (2 * w * NARROW_WIDTH) / max(top.fwhm, hist.width)   # > 1: homogeneous
-        m_ratio = _margin(ratio, METAL_RATIO, 1.25)
-        m_depth = _margin(max(depth, 1e-3), METAL_GAP, 2.0)
-        m_like, m_narrow = _margin(like, 1.0, 1.5), _margin(narrow, 1.0, 1.25)
-        is_metal = (ratio >= METAL_RATIO and depth <= METAL_GAP and narrow >= 1
-                    and between < BETWEEN_MAX)
-        if is_metal:   # all gates; a reference that is not bone-like costs confidence
-            c = min(m_ratio, m_depth, m_narrow, 1.0 if like >= 1 else 0.6 + 0.4 * m_like)
-        else:          # one clear reason suffices
-            c = max(m_ratio if ratio < METAL_RATIO else 0.0,
-                    m_depth if depth > METAL_GAP else 0.0,
-                    m_narrow if narrow < 1 else 0.0,
-                    _margin(between, BETWEEN_MAX, 2.0) if between >= BETWEEN_MAX else 0.0)
-        conf.append(c)
-        if c < AMBIGUOUS:
-            what = "metal" if is_metal else "the densest tissue"
-            notes.append(f"class at {top.peak:.6g} read as {what} ({ratio:.2f}× the contrast "
-                         f"of {ref.peak:.6g}, valley {depth:.2f} of the peaks)")
-            alternative_cut = None if is_metal else vx
-        if not is_metal:
+        tests = [_metal_test(hist, tissue, top, ref, bg, w,
+                             unresolved=(ref is refs[-1] and len(refs) > 1) or not likes)
+                 for ref in refs]
+        test = next((t for t in tests if t.is_metal), None)
+        if test is None:   # not metal: as sure as the least sure reference
+            test = min(tests, key=lambda t: t.confidence)
+        conf.append(test.confidence)
+        if test.confidence < AMBIGUOUS:
+            what = "metal" if test.is_metal else "the densest tissue"
+            notes.append(f"class at {top.peak:.6g} read as {what} ({test.ratio:.2f}× the "
+                         f"contrast of {test.ref.peak:.6g}, valley {test.depth:.2f} of the peaks)")
+            alternative_cut = None if test.is_metal else test.valley
+        if not test.is_metal:
             break
         metals.append(top)
-        metal_t = hist.first_below(ref.peak, vx, vs + 0.02 * (min(ref.height, top.height) - vs))
+        ref, vs = test.ref, test.valley_count
+        metal_t = hist.first_below(ref.peak, test.valley,
+                                   vs + 0.02 * (min(ref.height, top.height) - vs))
         tissue = [m for m in tissue if m.peak < metal_t]
     return tissue, metals, metal_t, alternative_cut
+
+
+@dataclass(frozen=True)
+class _MetalTest:
+    ref: _Mode
+    is_metal: bool
+    confidence: float
+    ratio: float
+    depth: float
+    valley: float
+    valley_count: float
+
+
+def _metal_test(hist: _Hist, tissue: list[_Mode], top: _Mode, ref: _Mode, bg: _Mode,
+                w: float, unresolved: bool = False) -> _MetalTest:
+    """Is ``top`` metal above the bone-like ``ref``, and how sure is that reading? An
+    ``unresolved`` reference (the dense end of material trailing the background) is a rough
+    level: a wide ``top`` is then surely not metal only within half the broad-metal ratio."""
+    between = max((m.mass for m in tissue if ref.peak < m.peak < top.peak), default=0.0)
+    ratio = (top.peak - bg.peak) / max(ref.peak - bg.peak, hist.width)
+    vx, vs = hist.valley(ref.peak, top.peak)
+    depth = vs / max(min(ref.height, top.height), 1e-12)
+    like = (ref.peak - bg.peak) / w / BONE_CONTRAST
+    narrow = (2 * w * NARROW_WIDTH) / max(top.fwhm, hist.width)   # > 1: homogeneous
+    m_ratio = _margin(ratio, METAL_RATIO, 1.25)
+    m_depth = _margin(max(depth, 1e-3), METAL_GAP, 2.0)
+    m_like, m_narrow = _margin(like, 1.0, 1.5), _margin(narrow, 1.0, 1.25)
+    m_broad = _margin(ratio, METAL_RATIO_BROAD, 1.25)
+    m_unsure = _margin(ratio, METAL_RATIO_BROAD, 2.0)
+    gaps = depth <= METAL_GAP and between < BETWEEN_MAX
+    homogeneous = ratio >= METAL_RATIO and narrow >= 1 and gaps
+    # a reconstructed metal is broadened by beam hardening and photon starvation: far
+    # enough above a bone-like class it is metal however wide
+    broad = not homogeneous and ratio >= METAL_RATIO_BROAD and like >= BROAD_LIKE and gaps
+    if homogeneous:   # all gates; a reference that is not bone-like costs confidence
+        c = min(m_ratio, m_depth, m_narrow, 1.0 if like >= 1 else 0.6 + 0.4 * m_like)
+    elif broad:
+        c = min(m_broad, m_depth)
+    elif unresolved:   # a rough reference: doubt only a deep valley short of the ratio
+        c = 1.0 if depth > METAL_GAP or between >= BETWEEN_MAX else min(m_unsure, 1.0)
+    else:          # one clear reason suffices
+        c = max(m_ratio if ratio < METAL_RATIO else 0.0,
+                m_depth if depth > METAL_GAP else 0.0,
+                m_narrow if narrow < 1 else 0.0,
+                _margin(between, BETWEEN_MAX, 2.0) if between >= BETWEEN_MAX else 0.0)
+    return _MetalTest(ref, homogeneous or broad, c, ratio, depth, vx, vs)
+
+
+def _metal_suspect(hist: _Hist, flat: np.ndarray, bg: _Mode, w: float, bone: float,
+                   background: float, win: np.ndarray, raw: np.ndarray, v: np.ndarray,
+                   finite: np.ndarray, notes: list[str], conf: list[float]
+                   ) -> tuple[float, float] | None:
+    """A bone reading that may be metal: more unresolved material trails the background
+    than the bone class holds, and the bone class lies ``METAL_RATIO_BROAD`` times its
+    dense end's contrast above the background. Then the reading is not one to bet on: the
+    confidence drops below ``AMBIGUOUS`` and the other reading (the dense end of the trailing
+    material, read as bone) is returned."""
+    tail = _tail_mode(hist, flat, bg, w)
+    if tail is None or tail.peak - bg.peak <= 0:
+        return None
+    ratio = (float(np.median(v[win])) - bg.peak) / (tail.peak - bg.peak)
+    n_bone = float(win.sum()) / max(int(finite.sum()), 1)
+    if ratio < METAL_RATIO_BROAD or tail.mass <= n_bone:
+        return None
+    dense = finite & (v > tail.peak) & (v < tail.hi)
+    other = float(np.median(raw[dense])) if dense.any() else tail.peak
+    notes.append(f"the bone class ({bone:.6g}) is {ratio:.1f}× as far from the background as "
+                 f"the {100 * tail.mass:.0f} % of unresolved material below it: it may be metal")
+    conf.append(0.3)
+    return (other, background)
+
+
+def _tail_mode(hist: _Hist, flat: np.ndarray, bg: _Mode, w: float) -> _Mode | None:
+    """The unresolved material trailing the background (from 4 half widths above its peak to
+    the end of its histogram segment) as a mode at its dense end (75th percentile), or None
+    when it holds under ``TAIL_MIN_MASS`` of the voxels."""
+    lo, hi = bg.peak + 4 * w, bg.hi
+    sel = flat[(flat > lo) & (flat < hi)]
+    if sel.size < TAIL_MIN_MASS * flat.size:
+        return None
+    peak = float(np.percentile(sel, 75))
+    return _Mode(peak, lo, hi, float(sel.size / flat.size), float(hist.smooth[hist.index(peak)]),
+                 hi - lo)
 
 
 def _soft_tissue(tissue: list[_Mode], raw: np.ndarray, v: np.ndarray, finite: np.ndarray,

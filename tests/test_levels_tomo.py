@@ -1,0 +1,42 @@
+"""CT levels on physically scanned phantoms (``--physics tomo``): a broad, beam-hardened Ti
+screw is metal, not bone; where the histogram cannot tell, the reading is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcstain.ct.levels import estimate_ct_levels, require_confident
+from hpcstain.errors import InputError
+from hpcstain.phantom import LABELS, make_volume
+from hpcstain.phantom.tomo import TomoParams
+
+SHAPE = (24, 96, 96)
+BONE = (LABELS["cortical_bone"], LABELS["trabecular_bone"])
+
+
+def scanned(material: str, seed: int, flux: float) -> tuple[np.ndarray, float, float]:
+    """(CT, median of the bone labels, median of the air label) of a tomo phantom."""
+    v = make_volume(SHAPE, material, seed, tomo=TomoParams(flux=flux))
+    ct, labels = np.asarray(v.ct, np.float64), np.asarray(v.labels)
+    return ct, float(np.median(ct[np.isin(labels, BONE)])), \
+        float(np.median(ct[labels == LABELS["background"]]))
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_a_beam_hardened_ti_screw_is_metal_and_bone_is_read_within_5_percent(seed):
+    ct, bone, air = scanned("ti", seed, 1e4)
+    est = require_confident(estimate_ct_levels(ct, "ti"))
+    assert [c.name for c in est.classes if c.excluded] == ["metal"]
+    assert est.bone == pytest.approx(bone, rel=0.05)
+    assert est.background == pytest.approx(air, rel=0.05)
+
+
+def test_a_starved_ti_scan_is_refused_with_both_readings():
+    ct, bone, _ = scanned("ti", 7, 1e3)
+    est = estimate_ct_levels(ct, "ti")
+    assert est.ambiguous and est.alternative is not None
+    # one of the two readings offered is the bone (roughly: starved streaks lift it)
+    assert min(abs(est.bone - bone), abs(est.alternative[0] - bone)) < 0.15 * bone
+    with pytest.raises(InputError, match="AMBIGUOUS.*--bone-level"):
+        require_confident(est)
