@@ -244,3 +244,13 @@ def test_the_sample_tube_wall_is_scanned() -> None:
     tube = np.median(v.ct[v.labels == 1])
     soft = np.median(v.ct[v.labels == 2])
     assert air + 300 < tube < soft        # polypropylene: above air, below soft tissue
+
+
+def test_tomo_ct_slab_centre_plane_is_the_pairs_ct() -> None:
+    from hpcstain.phantom.pairs import render_ct_slab
+
+    p = TomoParams(flux=2000)
+    pair = render_pair("ti", 9, (32, 32), 1, 0, tomo=p)
+    slab = render_ct_slab("ti", 9, (32, 32), 1, 0, planes=3, tomo=p)
+    np.testing.assert_array_equal(slab[1], pair.ct)
+    assert not np.array_equal(slab[0], slab[1])
