@@ -838,7 +838,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from hpcstain.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, physics=args.physics)
     return 0
 
 
@@ -1064,6 +1064,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "minutes on a CPU (README); --quick: smallest sizes, for tests.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for tests)")
+    p.add_argument("--physics", choices=("render", "tomo"), default="render",
+                   help="the phantom's CT: its renderer (default) or the physical CT chain "
+                   "(projection, Poisson counts, rings, filtered back-projection; "
+                   "docs/phantom.md)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -65,28 +65,39 @@ def _read_fused(image: Path) -> np.ndarray:
     return np.moveaxis(level0[:3], 0, -1)
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
-    """Run every stage into ``out`` and return (and save) a summary of what it measured."""
+def run_demo(out: Path, quick: bool = False, physics: str = "render") -> dict[str, Any]:
+    """Run every stage into ``out`` and return (and save) a summary of what it measured.
+
+    ``physics`` picks the phantom's CT: ``render`` (its CT renderer) or ``tomo`` (the
+    physical CT chain of :mod:`hpcstain.phantom.tomo` at its default knobs: polychromatic
+    projection, Poisson counts, rings, filtered back-projection), for slides and volume.
+    """
     from PIL import Image
 
     from hpcstain.config import load_config
     from hpcstain.executors import run_stain
     from hpcstain.metrics.stripes import stripe_index
     from hpcstain.phantom import write_pairs, write_volume_file
+    from hpcstain.phantom.tomo import TomoParams
     from hpcstain.train.trainer import train
     from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     sizes = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"sizes": sizes.__dict__}
+    if physics not in ("render", "tomo"):
+        from hpcstain.errors import UsageError
+
+        raise UsageError(f"--physics {physics!r}: choose render or tomo")
+    tomo = TomoParams() if physics == "tomo" else None
+    summary: dict[str, Any] = {"sizes": sizes.__dict__, "physics": physics}
     t0 = time.perf_counter()
 
     pairs_dir = out / "pairs"
     if not (pairs_dir / "manifest.csv").exists():
         _say(f"phantom: {sizes.n_pairs} paired slides of {sizes.slide}² px")
         write_pairs(pairs_dir, sizes.n_pairs, seed=7, size=(sizes.slide, sizes.slide),
-                    orientation="z" if quick else "mixed")
+                    orientation="z" if quick else "mixed", tomo=tomo)
     manifest = pairs_dir / "manifest.csv"
 
     run_dir = out / "train"
@@ -108,8 +119,8 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
 
     vol_path = out / "phantom-volume.zarr"
     if not vol_path.exists():
-        _say(f"phantom volume {sizes.volume} (Mg screw) → {vol_path}")
-        write_volume_file(vol_path, sizes.volume, "mg", seed=11)
+        _say(f"phantom volume {sizes.volume} (Mg screw, {physics} CT) → {vol_path}")
+        write_volume_file(vol_path, sizes.volume, "mg", seed=11, tomo=tomo)
     stain_dir = out / "stain"
     source = open_volume(f"{vol_path}:ct")
     # Same pixel scale as the training slides; Hann blending (the paper's "mean" leaves

@@ -31,3 +31,17 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert (out / "evaluate/boxplots.png").is_file()
     assert (out / "stain/fused.ome.zarr/.zattrs").is_file() or \
         (out / "stain/fused.ome.zarr/zarr.json").is_file()
+
+
+def test_quick_demo_on_the_physical_ct(tmp_path: Path) -> None:
+    """`--physics tomo`: slides and volume come out of the tomography chain (recorded in
+    the volume's attrs), and the whole pipeline runs on them."""
+    import zarr
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--physics", "tomo"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["physics"] == "tomo" and summary["train"]["status"] == "finished"
+    attrs = dict(zarr.open_group(str(out / "phantom-volume.zarr"), mode="r").attrs)
+    assert attrs["physics"]["model"] == "tomo"
+    assert np.isfinite(summary["volume_scores"]["fused-mean"]["psnr"])
