@@ -579,3 +579,25 @@ def test_a_training_run_moved_with_its_pairs_resumes_with_the_new_manifest(
                  "train.max_steps=2", "--no-progress", cwd=moved, env=NO_CUDA)
     assert ok.returncode == 0, ok.stderr
     assert "step 2" in ok.stdout
+
+
+def test_a_refused_new_run_leaves_nothing_so_the_corrected_command_starts(
+        tmp_path: Path) -> None:
+    """A new run that fails reading its data used to leave config.yaml behind, and the
+    corrected command was then refused as a resume that changes data.manifest."""
+    from hpcstain.phantom import write_pairs
+
+    manifest = write_pairs(tmp_path / "pairs", 4, 2, size=(64, 64))
+    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", "run", *MICRO_ARGS,
+                  cwd=tmp_path, env=NO_CUDA)
+    assert res.returncode == 2 and "data.manifest" in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made: kept, only the run's files go
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", "mine", *MICRO_ARGS,
+                  cwd=tmp_path, env=NO_CUDA)
+    assert res.returncode == 2
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    ok = run_cli("train", "-c", "modcyclegan-tiny", "--out", "run", "--no-progress",
+                 f"data.manifest={manifest}", *MICRO_ARGS, cwd=tmp_path, env=NO_CUDA)
+    assert ok.returncode == 0, ok.stderr

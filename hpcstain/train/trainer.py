@@ -256,8 +256,47 @@ def validate(model: Any, val_set: Any, cfg: Config, device: torch.device) -> dic
 
 def train(cfg: Config, run_dir: str | Path, *, stop: StopFlag | None = None,
           progress: bool = True) -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; returns why the loop ended."""
+    """Train (or resume) the run in ``run_dir``; returns why the loop ended.
+
+    [refuse before writing] A *new* run that fails before its first checkpoint (no
+    manifest, a bad manifest row, too few patches, Ctrl-C while reading the data) leaves
+    nothing behind: what it created is removed, so the corrected command starts it afresh
+    instead of being refused as a changed resume.
+    """
     run_dir = Path(run_dir)
+    fresh = not (run_dir / "config.yaml").exists()
+    before = set(run_dir.iterdir()) if fresh and run_dir.is_dir() else None
+    try:
+        return _train(cfg, run_dir, stop=stop, progress=progress)
+    except BaseException:
+        if fresh and _is_rank0() and not (run_dir / "checkpoints" / "latest.pt").exists():
+            _forget_new_run(run_dir, before)
+        raise
+
+
+def _is_rank0() -> bool:
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]) == 0
+    return True
+
+
+def _forget_new_run(run_dir: Path, before: set[Path] | None) -> None:
+    """Remove what a failed new run created (the whole folder when it created it)."""
+    import shutil
+
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for entry in set(run_dir.iterdir()) - before if run_dir.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
+           ) -> TrainResult:
     if cfg.model.variant == "distill":  # the student takes the teacher's CT conventions
         cfg = adopt_teacher(cfg)
     from hpcstain.train.runs import check_resume
