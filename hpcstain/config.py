@@ -63,7 +63,8 @@ class ModelConfig:
     """Networks of §2.6: ResNet/U-Net generators, 70×70 PatchGAN, image pool."""
 
     variant: Literal["modcyclegan", "cyclegan", "pix2pix", "distill"] = "modcyclegan"
-    generator: Literal["resnet", "unet256", "s2dnet", "dsresnet"] = "resnet"
+    # unet: a U-Net of n_blocks stride-2 levels (>= 5), any input size (padded), upsampling
+    generator: Literal["resnet", "unet256", "unet", "s2dnet", "dsresnet"] = "resnet"
     ct_channels: int = 3
     histology_channels: int = 3
     ngf: int = 64
@@ -104,6 +105,10 @@ class LossConfig:
     lambda_gs: float = 1.0
     lambda_l1: float = 20.0
     lambda_kd_gan: float = 0.0  # distill: conditional patch-GAN term (0: L1 to the teacher only)
+    # adversarial terms of the generator: weight (0: pixel/cycle terms only, e.g. pix2pix
+    # with lambda_gan=0 is plain L1 regression), and steps with the pixel terms only first
+    lambda_gan: float = 1.0
+    gan_start: int = 0
 
 
 @dataclass

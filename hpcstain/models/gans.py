@@ -325,8 +325,17 @@ class GanModel:
                               fakes: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _gan_weight(self) -> float:
+        """``loss.lambda_gan``, 0 for the first ``loss.gan_start`` steps (pixel warm-up)."""
+        if self.steps_done < int(getattr(self.loss_cfg, "gan_start", 0)):
+            return 0.0
+        return float(getattr(self.loss_cfg, "lambda_gan", 1.0))
+
     def _weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
-        weights = self._generator_weights()
+        weights = dict(self._generator_weights())
+        gan = self._gan_weight()
+        if gan != 1.0:
+            weights.update({k: gan * w for k, w in weights.items() if k.startswith("G_gan")})
         return sum((weights[k] * v for k, v in terms.items()), torch.zeros((), device=self.device))
 
     # -- checks

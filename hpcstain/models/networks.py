@@ -20,7 +20,7 @@ from hpcstain.models.students import build_student
 
 NORMS = ("instance", "batch")
 UPSAMPLINGS = ("transpose", "resize")
-GENERATORS = ("resnet", "unet256", "s2dnet", "dsresnet")
+GENERATORS = ("resnet", "unet256", "unet", "s2dnet", "dsresnet")
 
 # --------------------------------------------------------------------------- layer factories
 
@@ -126,13 +126,20 @@ def unet_down(in_ch: int, out_ch: int, norm: str | None, outermost: bool) -> nn.
     return nn.Sequential(*layers)
 
 
-def unet_up(in_ch: int, out_ch: int, norm: str | None, dropout: bool) -> nn.Sequential:
-    """ReLU, 4×4 stride-2 transposed conv, then norm [+ dropout 0.5], or tanh when outermost."""
-    layers: list[nn.Module] = [
-        nn.ReLU(),
-        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1,
-                           bias=norm is None or conv_bias(norm)),
-    ]
+def unet_up(in_ch: int, out_ch: int, norm: str | None, dropout: bool,
+            upsampling: str = "transpose") -> nn.Sequential:
+    """ReLU, 4×4 stride-2 transposed conv (or, ``resize``, nearest ×2 then a reflection-
+    padded 3×3 conv: no checkerboard), then norm [+ dropout 0.5], or tanh when outermost."""
+    bias = norm is None or conv_bias(norm)
+    layers: list[nn.Module] = [nn.ReLU()]
+    if upsampling == "transpose":
+        layers.append(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=bias))
+    elif upsampling == "resize":
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                   nn.Conv2d(in_ch, out_ch, 3, bias=bias)]
+    else:
+        raise ConfigError(f"model.upsampling: must be one of {list(UPSAMPLINGS)}, "
+                          f"got {upsampling!r}")
     if norm is None:
         layers.append(nn.Tanh())
     else:
@@ -147,17 +154,22 @@ class UnetGenerator(nn.Module):
 
     Encoder widths ngf, 2ngf, 4ngf, 8ngf, 8ngf…; the innermost level has no norm; with
     ``use_dropout`` the three up-levels next to the innermost one drop out at 0.5.
-    Input height and width must be multiples of 2**n_down (256 for U-Net-256).
+    Input height and width must be multiples of 2**n_down (256 for U-Net-256), unless
+    ``pad``: then any input is reflection-padded up to the multiple and the output cropped
+    back (``model.generator: unet``, whose levels are ``model.n_blocks``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, ngf: int = 64, n_down: int = 8,
-                 norm: str = "instance", use_dropout: bool = False) -> None:
+                 norm: str = "instance", use_dropout: bool = False,
+                 upsampling: str = "transpose", pad: bool = False) -> None:
         super().__init__()
         if n_down < 5:
             raise ConfigError(f"U-Net needs at least 5 levels, got {n_down}")
         widths = [ngf * min(2**i, 8) for i in range(n_down)]
         inner = n_down - 1
-        self.size_multiple = 2**n_down
+        self.multiple = 2**n_down
+        self.pad = pad
+        self.size_multiple = 1 if pad else self.multiple
         self.downs = nn.ModuleList(
             unet_down(in_channels if i == 0 else widths[i - 1], widths[i],
                       None if i in (0, inner) else norm, outermost=i == 0)
@@ -167,14 +179,23 @@ class UnetGenerator(nn.Module):
             unet_up(widths[i] if i == inner else 2 * widths[i],
                     out_channels if i == 0 else widths[i - 1],
                     None if i == 0 else norm,
-                    dropout=use_dropout and 4 <= i < inner)
+                    dropout=use_dropout and 4 <= i < inner, upsampling=upsampling)
             for i in range(n_down))
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
+        if self.pad:
+            ph, pw = -h % self.multiple, -w % self.multiple
+            if ph or pw:
+                mode = "reflect" if ph < h and pw < w else "replicate"
+                x = nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode)
+                return self._levels(x)[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+        elif h % self.size_multiple or w % self.size_multiple:
             raise InputError(f"U-Net generator: patch {h}×{w} is not a multiple of "
                              f"{self.size_multiple} pixels")
+        return self._levels(x)
+
+    def _levels(self, x: Tensor) -> Tensor:
         skips = []
         for level in self.downs:
             x = level(x)
@@ -266,6 +287,9 @@ def build_generator(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn
                                cfg.upsampling, cfg.use_dropout)
     if cfg.generator == "unet256":
         return UnetGenerator(in_channels, out_channels, cfg.ngf, 8, cfg.norm, cfg.use_dropout)
+    if cfg.generator == "unet":  # small U-Net: n_blocks levels, any input size, upsampling
+        return UnetGenerator(in_channels, out_channels, cfg.ngf, cfg.n_blocks, cfg.norm,
+                             cfg.use_dropout, cfg.upsampling, pad=True)
     if cfg.generator in ("s2dnet", "dsresnet"):  # distillation students (models/students.py)
 
         return build_student(cfg.generator, in_channels, out_channels, cfg.ngf, cfg.n_blocks,
