@@ -19,12 +19,38 @@ from hpcstain.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+def run_sub(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`hpcstain ARGS` as a real subprocess (where the environment must differ: no CUDA)."""
     full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
             **(env or {})}
     return subprocess.run([sys.executable, "-m", "hpcstain.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env=full)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """`hpcstain ARGS` in this process (the same `main`, its stdout/stderr captured, run
+    from ``cwd``): a subprocess per call would mostly measure importing torch. ``env`` is
+    for run_sub's signature only (CUDA cannot be hidden in-process; nothing here needs it)."""
+    import contextlib
+    import io
+
+    from hpcstain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help, usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # this machine has no CUDA device, GPU node or not
@@ -69,7 +95,7 @@ def test_device_auto_resolves_to_cuda_when_present_else_cpu() -> None:
 
 def test_absent_cuda_is_one_line_exit_2_and_no_run_directory(tiny: dict[str, Path]) -> None:
     out = tiny["root"] / "st-cuda"
-    res = run_cli("stain", str(tiny["volume"]), "--checkpoint", str(tiny["checkpoint"]),
+    res = run_sub("stain", str(tiny["volume"]), "--checkpoint", str(tiny["checkpoint"]),
                   "--out", str(out), "--device", "cuda", "--no-progress", env=NO_CUDA)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -83,11 +109,11 @@ def test_absent_cuda_in_predict_and_train_writes_nothing(tiny: dict[str, Path],
 
     manifest = write_pairs(tmp_path / "pairs", 2, 0, size=(48, 48))
     slide = next((tmp_path / "pairs" / "ct").glob("*.tif"))
-    res = run_cli("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
+    res = run_sub("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
                   "--out", str(tmp_path / "p.png"), "--device", "cuda:0", env=NO_CUDA)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "p.png").exists()
-    res = run_cli("train", "-c", "modcyclegan-tiny", "--out", str(tmp_path / "run"),
+    res = run_sub("train", "-c", "modcyclegan-tiny", "--out", str(tmp_path / "run"),
                   f"data.manifest={manifest}", "train.device=cuda", env=NO_CUDA)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "--device cuda" in res.stderr or "cuda" in res.stderr
@@ -100,7 +126,7 @@ def test_predict_prints_one_start_line_with_device_dtype_threads(tiny: dict[str,
 
     write_pairs(tmp_path / "pairs", 1, 0, size=(48, 48))
     slide = next((tmp_path / "pairs" / "ct").glob("*.tif"))
-    res = run_cli("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
+    res = run_sub("predict", str(slide), "--checkpoint", str(tiny["checkpoint"]),
                   "--out", str(tmp_path / "p.png"), "--bone-level", "30000",
                   "--background-level", "10000", env=NO_CUDA)
     assert res.returncode == 0, res.stderr
