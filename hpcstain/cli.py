@@ -116,8 +116,14 @@ def _add_tomo_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from hpcstain.train.runs import resolve_run_config
 
-    return _train_and_report(resolve_run_config(Path(args.out), args.config, args.overrides),
-                             args)
+    return _train_and_report(resolve_run_config(Path(args.out), args.config,
+                                                _device_override(args)), args)
+
+
+def _device_override(args: argparse.Namespace) -> list[str]:
+    """[device] `train/distill --device X` is `train.device=X` (a resume may change it)."""
+    device = getattr(args, "device", None)
+    return [*args.overrides, *([f"train.device={device}"] if device else [])]
 
 
 def _train_and_report(cfg: Any, args: argparse.Namespace) -> int:
@@ -158,7 +164,7 @@ def _distill_config(args: argparse.Namespace, run_over: list[str]) -> Any:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    return _train_and_report(_distill_config(args, args.overrides), args)
+    return _train_and_report(_distill_config(args, _device_override(args)), args)
 
 
 def cmd_submit_distill(args: argparse.Namespace) -> int:
@@ -928,6 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile name (e.g. modcyclegan, pix2pix-tiny) or YAML path; "
                    "omit to resume the run in --out with its saved config")
     p.add_argument("--out", "-o", required=True, help="run directory")
+    p.add_argument("--device", default=None,
+                   help="the same as train.device=…: " + _device_help())
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_train)
@@ -938,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "on slices of target volumes along z, y, x. Same trainer as `train` "
                        "(DDP, resume, signals); the result is an ordinary checkpoint.")
     _add_distill_args(p)
+    p.add_argument("--device", default=None,
+                   help="the same as train.device=… (students and the teacher's labels): "
+                   + _device_help())
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_distill)

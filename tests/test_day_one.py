@@ -118,6 +118,21 @@ def test_absent_cuda_in_predict_and_train_writes_nothing(tiny: dict[str, Path],
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "--device cuda" in res.stderr or "cuda" in res.stderr
     assert not (tmp_path / "run").exists()
+    res = run_sub("train", "-c", "modcyclegan-tiny", "--out", str(tmp_path / "run"),
+                  f"data.manifest={manifest}", "--device", "cuda", env=NO_CUDA)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_distill_default_to_auto_and_take_device() -> None:
+    from hpcstain.config import load_config
+
+    assert load_config("modcyclegan-tiny").train.device == "auto"
+    assert load_config("student-fast").train.device == "auto"
+    args = build_parser().parse_args(["distill", "--out", "o", "--device", "cpu"])
+    from hpcstain.cli import _device_override
+
+    assert _device_override(args) == ["train.device=cpu"]
 
 
 def test_predict_prints_one_start_line_with_device_dtype_threads(tiny: dict[str, Path],
