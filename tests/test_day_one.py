@@ -642,3 +642,23 @@ def test_a_refused_new_run_leaves_nothing_so_the_corrected_command_starts(
     ok = run_cli("train", "-c", "modcyclegan-tiny", "--out", "run", "--no-progress",
                  f"data.manifest={manifest}", *MICRO_ARGS, cwd=tmp_path, env=NO_CUDA)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_fuse_overwrite_that_fails_midway_restores_the_previous_image(stained: Path) -> None:
+    """A damaged stained chunk is found only while fusing: the pass fails, and the image
+    it was to replace comes back with its records (status still complete)."""
+    import numpy as np
+    import zarr
+
+    assert run_cli("fuse", str(stained), "--no-progress").returncode == 0
+    image = stained / "fused.ome.zarr"
+    before = np.asarray(zarr.open_group(str(image), mode="r")["0"][:])
+    chunk = next(p for p in sorted((stained / "axis-z.zarr").rglob("*"))
+                 if p.is_file() and "c" in p.relative_to(stained / "axis-z.zarr").parts)
+    chunk.write_bytes(b"\x00garbled" * 25)
+    res = run_cli("fuse", str(stained), "--overwrite", "--no-progress")
+    assert res.returncode == 2 and "damaged" in res.stderr, res.stderr
+    after = np.asarray(zarr.open_group(str(image), mode="r")["0"][:])
+    np.testing.assert_array_equal(after, before)
+    assert run_cli("status", str(stained), "--require-fused").returncode == 0
+    assert not list(stained.glob(".*previous")) and not list((stained / "done").glob(".*"))

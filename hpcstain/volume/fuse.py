@@ -622,7 +622,56 @@ def ready_chunks(run_dir: Path, plan: Plan, axes: tuple[str, ...], task: str, me
     return todo
 
 
+def image_name(run_dir: Path, out: str | None, single_axis: str | None) -> str:
+    """The fused image's name inside the run (``--out`` checked: a name, not a path)."""
+    if out is not None and (not out or Path(out).name != out or out in (".", "..")):
+        # [issue 24] a path would put the image's records where `status` never looks
+        raise UsageError(f"--out {out!r}: the name of an image inside {run_dir} (e.g. "
+                         "fused-05.ome.zarr), not a path")
+    if out is not None and not out.endswith(".zarr"):
+        out += ".ome.zarr"
+    return out or ("fused.ome.zarr" if single_axis is None
+                   else f"slicewise-{single_axis}.ome.zarr")
+
+
 def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
+             single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
+             = None, levels: int | None = None, out: str | None = None,
+             overwrite: bool = False, **kwargs: Any) -> FuseReport:
+    """Fuse a run (see :func:`_fuse_run`). [issue 24] With ``overwrite`` the existing image
+    (and its chunk records) is set aside first and restored if this pass fails for any
+    reason (a missing input, a damaged axis chunk, Ctrl-C): an overwrite replaces a good
+    image only with a finished pass, never with zeros."""
+    run = Path(run_dir)
+    name = image_name(run, out, single_axis)
+    task = name.removesuffix(".zarr").removesuffix(".ome")
+    image, records = run / name, run / "done" / task
+    aside = (run / f".{name}.previous", run / "done" / f".{task}.previous")
+    kwargs.update(method=method, single_axis=single_axis, voxel_size_um=voxel_size_um,
+                  levels=levels, out=out, overwrite=overwrite)
+    if not (overwrite and image.exists()):
+        return _fuse_run(run, **kwargs)
+    if aside[0].exists():
+        raise InputError(f"{aside[0]}: an earlier `fuse --overwrite` of {name} was cut off; "
+                         f"its previous image is kept there — move it back to {image} (and "
+                         f"{aside[1]} to {records}) or delete both, then fuse again")
+    image.rename(aside[0])
+    if records.exists():
+        records.rename(aside[1])
+    try:
+        report = _fuse_run(run, **kwargs)
+    except BaseException:
+        for new, old in zip((image, records), aside, strict=True):
+            shutil.rmtree(new, ignore_errors=True)
+            if old.exists():
+                old.rename(new)
+        raise
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
+    return report
+
+
+def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
@@ -659,13 +708,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
         notes.append("voxel size unknown (no input metadata, no --voxel-size): scale 1 per "
                      "voxel, no unit")
     n_levels = levels or omezarr.default_levels(plan.shape)
-    if out is not None and (not out or Path(out).name != out or out in (".", "..")):
-        # [issue 24] a path would put the image's records where `status` never looks
-        raise UsageError(f"--out {out!r}: the name of an image inside {run_dir} (e.g. "
-                         "fused-05.ome.zarr), not a path")
-    if out is not None and not out.endswith(".zarr"):
-        out += ".ome.zarr"
-    name = out or ("fused.ome.zarr" if single_axis is None else f"slicewise-{single_axis}.ome.zarr")
+    name = image_name(run_dir, out, single_axis)
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
     settings = _settings(plan, method, axes, voxel_size_um, n_levels, ngff)
