@@ -662,3 +662,19 @@ def test_fuse_overwrite_that_fails_midway_restores_the_previous_image(stained: P
     np.testing.assert_array_equal(after, before)
     assert run_cli("status", str(stained), "--require-fused").returncode == 0
     assert not list(stained.glob(".*previous")) and not list((stained / "done").glob(".*"))
+
+
+def test_cross_validation_runs_record_the_manifest_absolute(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """`submit cv` from a project folder with a relative manifest: every fold's config
+    names the manifest absolutely, so the jobs (other cwd) and later resumes find it."""
+    from hpcstain.launch.submit import cv_runs
+    from hpcstain.phantom import write_pairs
+
+    write_pairs(tmp_path / "pairs", 6, 1, size=(48, 48))
+    monkeypatch.chdir(tmp_path)
+    runs = cv_runs(["modcyclegan-tiny"], 2, Path("cv"), ["data.manifest=pairs/manifest.csv",
+                                                         "data.n_test=1"])
+    assert [cfg.data.manifest for cfg, _ in runs] == \
+        [str((tmp_path / "pairs" / "manifest.csv").resolve())] * 2

@@ -247,6 +247,7 @@ def cv_runs(variants: list[str], n_folds: int, out: Path, overrides: list[str]
     from hpcstain.data.folds import make_folds
     from hpcstain.data.manifest import read_manifest
     from hpcstain.errors import UsageError
+    from hpcstain.train.runs import absolute_inputs
 
     if n_folds < 2:
         raise UsageError(f"cross-validation needs at least 2 folds, got {n_folds}")
@@ -255,7 +256,7 @@ def cv_runs(variants: list[str], n_folds: int, out: Path, overrides: list[str]
         for fold in range(n_folds):
             cfg = load_config(variant, [*overrides, f"data.n_folds={n_folds}",
                                         f"data.fold={fold}"])
-            runs.append((cfg, out / variant / f"fold-{fold}"))
+            runs.append((absolute_inputs(cfg), out / variant / f"fold-{fold}"))
     first = runs[0][0].data  # fail here, on the login node, if the folds cannot be made
     make_folds(read_manifest(first.manifest), n_folds=n_folds, n_test=first.n_test,
                seed=first.seed)
