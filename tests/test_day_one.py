@@ -246,11 +246,11 @@ def test_a_manifest_edited_in_place_is_refused_and_split_kept(micro_run: Path,
     manifest = tmp_path / "pairs" / "manifest.csv"
     lines = manifest.read_text().splitlines(keepends=True)
     manifest.write_text("".join(lines[:-1]))  # one pair fewer
-    split = (micro_run / "split.json").read_bytes()
+    before = _snapshot(micro_run)
     res = run_cli("train", "--out", str(micro_run), "train.max_steps=2", env=NO_CUDA)
     assert res.returncode == 2 and "pairs changed" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
-    assert (micro_run / "split.json").read_bytes() == split
+    assert _snapshot(micro_run) == before  # split.json and config.yaml included
 
 
 def test_resume_from_another_directory_with_the_manifest_spelled_otherwise(

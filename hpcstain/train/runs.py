@@ -102,6 +102,18 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
             f"{saved_path}: a resume cannot change what the run trains "
             f"({'; '.join(changes)}); nothing was changed — resume without these "
             "overrides, or start a new run with another --out")
+    # same keys, so a different split can only come from the manifest's content
+    if manifest and cfg.model.variant != "distill" and (Path(run_dir) / "split.json").is_file():
+        from hpcstain.data.folds import make_folds, split_for_fold
+        from hpcstain.data.manifest import read_manifest
+        from hpcstain.train.trainer import check_split
+
+        folds = make_folds(read_manifest(manifest), n_folds=cfg.data.n_folds,
+                           n_test=cfg.data.n_test, seed=cfg.data.seed)
+        train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
+        check_split(Path(run_dir), manifest, {"train_ids": list(train_ids),
+                                              "val_ids": list(val_ids),
+                                              "test_ids": list(folds.test_ids)})
 
 
 def absolute_inputs(cfg: Config) -> Config:
