@@ -241,6 +241,52 @@ def _class_update(values: np.ndarray, rings: np.ndarray, radius: float, order: i
     return -beta[1:], se
 
 
+@dataclass(frozen=True)
+class _FitData:
+    """The arrays one cupping fit iterates over (flat voxels of the sample)."""
+
+    smooth_full: np.ndarray   # the sample smoothed in-plane (classes are cut from it)
+    flat: np.ndarray          # the flat voxels inside the circle
+    raw: np.ndarray           # their raw values
+    rings: np.ndarray         # their 1-px ring of the sample grid
+    basis: np.ndarray         # their radial basis (n, order)
+    basis2d: np.ndarray       # the plane's radial basis (ny, nx, order)
+    radius: float             # the circle's radius in sample px
+    order: int
+
+
+def _class_updates(d: _FitData, coeffs: np.ndarray
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, float]]]:
+    """One fixed-point step: cut the corrected flat voxels into grey-level classes (their
+    interiors only, no voxel within ``CLASS_ERODE`` px of another class) and ask each class
+    for the coefficient update that flattens its radial profile, with its weight."""
+    corr = d.basis @ coeffs
+    smooth = d.smooth_full[d.flat].astype(np.float64)
+    cls_values = smooth + corr
+    cuts = _class_cuts(cls_values)
+    cls = np.searchsorted(cuts, cls_values)
+    if CLASS_ERODE > 0:
+        full = np.searchsorted(cuts, d.smooth_full + (d.basis2d @ coeffs).astype(np.float32))
+        k = (1, 2 * CLASS_ERODE + 1, 2 * CLASS_ERODE + 1)
+        interior = (ndimage.minimum_filter(full, k) == ndimage.maximum_filter(full, k))[d.flat]
+    else:
+        interior = np.ones(cls.shape, bool)
+    updates, weights, classes = [], [], []
+    for i in range(len(cuts) + 1):
+        m = (cls == i) & interior
+        if m.sum() < MIN_CLASS_VOXELS:
+            continue
+        got = _class_update(d.raw[m] + corr[m], d.rings[m], d.radius, d.order)
+        if got is None:
+            continue
+        updates.append(got[0])
+        weights.append(1.0 / got[1] ** 2)
+        classes.append({"level": round(float(np.median(cls_values[m])), 1),
+                        "voxels": int(m.sum()), "update": round(float(got[0][0]), 2),
+                        "se": round(float(got[1][0]), 2)})
+    return updates, weights, classes
+
+
 def fit_cupping(sample: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray | None = None,
                 *, plane: tuple[int, int] | None = None,
                 centre_yx: tuple[float, float] | None = None, radius: float | None = None,
@@ -282,41 +328,18 @@ def fit_cupping(sample: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray
     flat = (grad < np.quantile(grad[inside], FLAT_QUANTILE)) & inside
     if flat.sum() < MIN_CLASS_VOXELS:
         return _with_info(zero, "no flat regions (constant CT)", 0, [])
-    smooth_full = ndimage.gaussian_filter(v, (0, CLASS_SIGMA, CLASS_SIGMA))
-    smooth = smooth_full[flat].astype(np.float64)
-    basis2d = _basis(r / radius, int(order))
-    raw = v[flat].astype(np.float64)
     rr = np.broadcast_to(r, v.shape)[flat]
-    rings = np.floor(rr / step).astype(np.int64)          # 1-px rings of the sample grid
-    basis = _basis(rr / radius, int(order))
+    data = _FitData(smooth_full=ndimage.gaussian_filter(v, (0, CLASS_SIGMA, CLASS_SIGMA)),
+                    flat=flat, raw=v[flat].astype(np.float64),
+                    rings=np.floor(rr / step).astype(np.int64),   # 1-px rings of the sample
+                    basis=_basis(rr / radius, int(order)), basis2d=_basis(r / radius, int(order)),
+                    radius=radius / step, order=int(order))
     coeffs = np.zeros(int(order))
     classes: list[dict[str, float]] = []
     best: tuple[float, np.ndarray, list[dict[str, float]]] | None = None
     it = 0
     for it in range(1, iterations + 1):
-        corr = basis @ coeffs
-        cls_values = smooth + corr
-        cuts = _class_cuts(cls_values)
-        cls = np.searchsorted(cuts, cls_values)
-        if CLASS_ERODE > 0:   # class interiors only: no voxel within CLASS_ERODE px of another
-            full = np.searchsorted(cuts, smooth_full + (basis2d @ coeffs).astype(np.float32))
-            k = (1, 2 * CLASS_ERODE + 1, 2 * CLASS_ERODE + 1)
-            interior = (ndimage.minimum_filter(full, k) == ndimage.maximum_filter(full, k))[flat]
-        else:
-            interior = np.ones(cls.shape, bool)
-        updates, weights, classes = [], [], []
-        for i in range(len(cuts) + 1):
-            m = (cls == i) & interior
-            if m.sum() < MIN_CLASS_VOXELS:
-                continue
-            got = _class_update(raw[m] + corr[m], rings[m], radius / step, int(order))
-            if got is None:
-                continue
-            updates.append(got[0])
-            weights.append(1.0 / got[1] ** 2)
-            classes.append({"level": round(float(np.median(cls_values[m])), 1),
-                            "voxels": int(m.sum()), "update": round(float(got[0][0]), 2),
-                            "se": round(float(got[1][0]), 2)})
+        updates, weights, classes = _class_updates(data, coeffs)
         if not updates:
             return _with_info(zero, "no grey-level class spans enough radii", it, [])
         u, w = np.asarray(updates), np.asarray(weights)

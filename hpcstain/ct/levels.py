@@ -53,8 +53,10 @@ BACKGROUND_MIN_MASS = 0.02
 BONE_CONTRAST = 15.0      # bone-like: contrast ≥ this many background half-widths (smoothed)
 MIN_CONTRAST = 6.0        # any bone (and a metal's reference class): at least this many
 METAL_RATIO = 2.0         # metal: contrast ≥ this × the bone-like mode's
-METAL_RATIO_BROAD = 4.0   # ... however wide (reconstructed CT: beam hardening, starvation),
-BROAD_LIKE = 0.7          # above a reference of this × bone-like contrast
+METAL_EVIDENCE = 6.5      # ... or however wide (reconstructed CT: beam hardening, starvation)
+                          # when ratio × BROAD_WIDTH / (FWHM / contrast) reaches this …
+BROAD_WIDTH = 0.2         # (bone, a mixture, is ≥ 0.16 of its contrast wide; metal narrower)
+BROAD_LIKE = 0.7          # … above a reference of this × bone-like contrast
 METAL_GAP = 0.35          # ... and valley ≤ this × the lower of the two peaks
 BETWEEN_MAX = 0.05        # ... and no class of this share of the voxels in between
 BONE_ALPHA = 0.5          # bone threshold: halfway between background and dense bone
@@ -426,9 +428,6 @@ def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, na
             alternative = (alt_bone, background)
         except InputError:
             alternative = None
-    if not metals and alternative is None:
-        alternative = _metal_suspect(hist, flat, bg, w, bone, background, win, raw, v, finite,
-                                     notes, conf)
     main = max((m for m in tissue if thr["bone"] < m.peak), key=lambda m: m.mass, default=None)
     hidden = float(((flat > bg.peak + 4 * w) & (flat < bg.hi)).mean())
     if (not metals and not classes_extra and main is not None
@@ -538,7 +537,7 @@ def _metal_test(hist: _Hist, tissue: list[_Mode], top: _Mode, ref: _Mode, bg: _M
                 w: float, unresolved: bool = False) -> _MetalTest:
     """Is ``top`` metal above the bone-like ``ref``, and how sure is that reading? An
     ``unresolved`` reference (the dense end of material trailing the background) is a rough
-    level: a wide ``top`` is then surely not metal only within half the broad-metal ratio."""
+    level: a wide ``top`` is then surely not metal only at half the broad-metal evidence."""
     between = max((m.mass for m in tissue if ref.peak < m.peak < top.peak), default=0.0)
     ratio = (top.peak - bg.peak) / max(ref.peak - bg.peak, hist.width)
     vx, vs = hist.valley(ref.peak, top.peak)
@@ -548,13 +547,15 @@ def _metal_test(hist: _Hist, tissue: list[_Mode], top: _Mode, ref: _Mode, bg: _M
     m_ratio = _margin(ratio, METAL_RATIO, 1.25)
     m_depth = _margin(max(depth, 1e-3), METAL_GAP, 2.0)
     m_like, m_narrow = _margin(like, 1.0, 1.5), _margin(narrow, 1.0, 1.25)
-    m_broad = _margin(ratio, METAL_RATIO_BROAD, 1.25)
-    m_unsure = _margin(ratio, METAL_RATIO_BROAD, 2.0)
+    # a reconstructed metal is broadened by beam hardening and photon starvation: it is
+    # metal when it lies far enough above a bone-like class for its width
+    evidence = ratio * BROAD_WIDTH / max(top.fwhm / max(top.peak - bg.peak, hist.width), 1e-3)
+    m_broad = _margin(evidence, METAL_EVIDENCE, 1.25)
+    m_unsure = _margin(evidence, METAL_EVIDENCE, 2.0)
     gaps = depth <= METAL_GAP and between < BETWEEN_MAX
     homogeneous = ratio >= METAL_RATIO and narrow >= 1 and gaps
-    # a reconstructed metal is broadened by beam hardening and photon starvation: far
-    # enough above a bone-like class it is metal however wide
-    broad = not homogeneous and ratio >= METAL_RATIO_BROAD and like >= BROAD_LIKE and gaps
+    broad = (not homogeneous and ratio >= METAL_RATIO and evidence >= METAL_EVIDENCE
+             and like >= BROAD_LIKE and gaps)
     if homogeneous:   # all gates; a reference that is not bone-like costs confidence
         c = min(m_ratio, m_depth, m_narrow, 1.0 if like >= 1 else 0.6 + 0.4 * m_like)
     elif broad:
@@ -567,30 +568,6 @@ def _metal_test(hist: _Hist, tissue: list[_Mode], top: _Mode, ref: _Mode, bg: _M
                 m_narrow if narrow < 1 else 0.0,
                 _margin(between, BETWEEN_MAX, 2.0) if between >= BETWEEN_MAX else 0.0)
     return _MetalTest(ref, homogeneous or broad, c, ratio, depth, vx, vs)
-
-
-def _metal_suspect(hist: _Hist, flat: np.ndarray, bg: _Mode, w: float, bone: float,
-                   background: float, win: np.ndarray, raw: np.ndarray, v: np.ndarray,
-                   finite: np.ndarray, notes: list[str], conf: list[float]
-                   ) -> tuple[float, float] | None:
-    """A bone reading that may be metal: more unresolved material trails the background
-    than the bone class holds, and the bone class lies ``METAL_RATIO_BROAD`` times its
-    dense end's contrast above the background. Then the reading is not one to bet on: the
-    confidence drops below ``AMBIGUOUS`` and the other reading (the dense end of the trailing
-    material, read as bone) is returned."""
-    tail = _tail_mode(hist, flat, bg, w)
-    if tail is None or tail.peak - bg.peak <= 0:
-        return None
-    ratio = (float(np.median(v[win])) - bg.peak) / (tail.peak - bg.peak)
-    n_bone = float(win.sum()) / max(int(finite.sum()), 1)
-    if ratio < METAL_RATIO_BROAD or tail.mass <= n_bone:
-        return None
-    dense = finite & (v > tail.peak) & (v < tail.hi)
-    other = float(np.median(raw[dense])) if dense.any() else tail.peak
-    notes.append(f"the bone class ({bone:.6g}) is {ratio:.1f}× as far from the background as "
-                 f"the {100 * tail.mass:.0f} % of unresolved material below it: it may be metal")
-    conf.append(0.3)
-    return (other, background)
 
 
 def _tail_mode(hist: _Hist, flat: np.ndarray, bg: _Mode, w: float) -> _Mode | None:
