@@ -22,7 +22,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("hpcstain.inference",),
     4: ("hpcstain.train", "hpcstain.predict", "hpcstain.volume"),
     5: ("hpcstain.evaluate", "hpcstain.score", "hpcstain.morph", "hpcstain.status",
-        "hpcstain.info"),
+        "hpcstain.info", "hpcstain.view"),
     6: ("hpcstain.executors", "hpcstain.launch", "hpcstain.demo"),
     7: ("hpcstain.cli",),
 }

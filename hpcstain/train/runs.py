@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hpcstain.config import Config, load_config, to_dict
@@ -77,7 +78,7 @@ def frozen_changes(saved: Config, asked: Config, run_dir: Path) -> list[str]:
         if key == "data.manifest" and isinstance(old, str) and isinstance(new, str) \
                 and locate(old, run_dir) is None and locate(new) is not None:
             continue  # the manifest moved (the run was moved): its pairs are checked against
-            # split.json when the data is read (trainer.check_split)
+            # split.json when the data is read (check_split)
         out.append(f"{key}: {old!r} -> {new!r}")
     return out
 
@@ -106,8 +107,6 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
     if manifest and cfg.model.variant != "distill" and (Path(run_dir) / "split.json").is_file():
         from hpcstain.data.folds import make_folds, split_for_fold
         from hpcstain.data.manifest import read_manifest
-        from hpcstain.train.trainer import check_split
-
         folds = make_folds(read_manifest(manifest), n_folds=cfg.data.n_folds,
                            n_test=cfg.data.n_test, seed=cfg.data.seed)
         train_ids, val_ids = split_for_fold(folds, cfg.data.fold)
@@ -146,3 +145,25 @@ def resolve_run_config(run_dir: Path, profile: str | None, overrides: list[str])
                 "); use a new --out, or omit --config to resume it")
         cfg.profile = asked.profile
     return cfg
+
+
+def check_split(run_dir: Path, manifest: str, split: dict[str, list[str]]) -> None:
+    """[refuse before writing] A resumed run trains on the pairs it started with: when the
+    manifest's pairs (or their assignment) changed, its ``split.json`` — the checkpoint's
+    record of what it trained on — is kept and the resume refused."""
+    path = run_dir / "split.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in ("train_ids", "val_ids", "test_ids")
+               if k in saved and sorted(saved[k]) != sorted(split[k])]
+    if changed:
+        k = changed[0]
+        added = sorted(set(split[k]) - set(saved[k]))[:3]
+        gone = sorted(set(saved[k]) - set(split[k]))[:3]
+        raise InputError(f"{manifest}: its pairs changed since {run_dir} started ({k}: "
+                         f"+{added} -{gone}); the run keeps {path} — restore the manifest, "
+                         "or train a new run with another --out")

@@ -35,6 +35,7 @@ from hpcstain.models.build import build_model
 from hpcstain.models.gans import check_architecture
 from hpcstain.train import distributed
 from hpcstain.train.logs import LossLog
+from hpcstain.train.runs import check_resume, check_split
 from hpcstain.train.teacher import adopt_teacher, build_distill_data
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again to resume
@@ -187,28 +188,6 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     return dataset, val_set, sampler, info
 
 
-def check_split(run_dir: Path, manifest: str, split: dict[str, list[str]]) -> None:
-    """[refuse before writing] A resumed run trains on the pairs it started with: when the
-    manifest's pairs (or their assignment) changed, its ``split.json`` — the checkpoint's
-    record of what it trained on — is kept and the resume refused."""
-    path = run_dir / "split.json"
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    changed = [k for k in ("train_ids", "val_ids", "test_ids")
-               if k in saved and sorted(saved[k]) != sorted(split[k])]
-    if changed:
-        k = changed[0]
-        added = sorted(set(split[k]) - set(saved[k]))[:3]
-        gone = sorted(set(saved[k]) - set(split[k]))[:3]
-        raise InputError(f"{manifest}: its pairs changed since {run_dir} started ({k}: "
-                         f"+{added} -{gone}); the run keeps {path} — restore the manifest, "
-                         "or train a new run with another --out")
-
-
 def make_loader(dataset: Any, sampler: EpochSampler, cfg: Config, device: torch.device
                 ) -> DataLoader:
     # Workers are re-forked every epoch (not persistent) so they see dataset.set_epoch().
@@ -299,8 +278,6 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
            ) -> TrainResult:
     if cfg.model.variant == "distill":  # the student takes the teacher's CT conventions
         cfg = adopt_teacher(cfg)
-    from hpcstain.train.runs import check_resume
-
     check_resume(run_dir, cfg)  # [refuse before writing] nothing of the run touched yet
     env = distributed.setup(cfg.train.device)
     if env.is_main:  # [device] the one start line: device, dtype, threads
