@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 HPCSTAIN = str(Path(sys.executable).with_name("hpcstain"))
-CLASSES = ("soft_tissue", "bone", "new_bone", "degradation_layer", "implant")
+CLASSES = ("soft_tissue", "bone", "new_bone", "degradation", "implant")
 
 
 def sh(cmd: list[str], log: list[str]) -> None:
@@ -143,14 +143,15 @@ def held_volume(root: Path, material: str, seed: int, edge: int, log: list[str])
     return path
 
 
-def score_volume(vol: Path, checkpoint: Path, work: Path, log: list[str]) -> dict[str, Any]:
+def score_volume(vol: Path, checkpoint: Path, work: Path, log: list[str],
+                 stain_args: list[str]) -> dict[str, Any]:
     import zarr
 
     from hpcstain.score import read_rgb
 
     st = work / "stain"
     sh([HPCSTAIN, "stain", f"{vol}:ct", "--checkpoint", str(checkpoint), "--out", str(st),
-        "--axes", "z,y,x", "--overwrite", "--no-progress"], log)
+        "--axes", "z,y,x", "--overwrite", "--no-progress", *stain_args], log)
     sh([HPCSTAIN, "fuse", str(st), "--no-progress"], log)
     sh([HPCSTAIN, "fuse", str(st), "--single-axis", "z", "--out", "slicewise-z.ome.zarr",
         "--no-progress"], log)
@@ -224,12 +225,27 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--orientation", default="mixed")
     p.add_argument("--held", default="mg:9001,ti:9002")
-    p.add_argument("--edge", type=int, default=96, help="held-out volume edge (96 or 128)")
+    p.add_argument("--edge", type=int, default=128,
+                   help="held-out volume edge (the phantom sample scales with the array: "
+                   "keep it equal to --size, the training slides' edge)")
+    p.add_argument("--sigma", type=float, default=1.0,
+                   help="hpcstain stain --sigma: its 3D Gaussian of the CT in voxels "
+                   "(1.0, the engine's default; 0 off)")
+    p.add_argument("--tag", default="", help="suffix of the held-out result folders")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="score this checkpoint instead of training")
+    p.add_argument("--report", default="",
+                   help="only print the rows of these runs (comma-separated NAMEs in OUT)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.report:
+        rows = []
+        for n in args.report.split(","):  # NAME or NAME:TAG
+            name, _, tag = n.partition(":")
+            rows += json.loads((args.out / name / f"results{tag}.json").read_text())["rows"]
+        print_rows(rows)
+        return
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -267,13 +283,14 @@ def main() -> None:
     t = time.perf_counter()
     for material, seed in held:
         vol = held_volume(root, material, seed, args.edge, log)
-        res = score_volume(vol, checkpoint, work / f"held-{material}", log)
+        res = score_volume(vol, checkpoint, work / f"held-{material}{args.tag}", log,
+                           ["--sigma", str(args.sigma)])
         result[f"held_{material}"] = res
         rows.append(row_of(args.name, material, res))
     result["rows"] = rows
     result["score_s"] = round(time.perf_counter() - t, 1)
     result["commands"] = log
-    (work / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (work / f"results{args.tag}.json").write_text(json.dumps(result, indent=2, default=str))
     print()
     print_rows(rows)
     print(f"\n[tissue] results: {work / 'results.json'}")
