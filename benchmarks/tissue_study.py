@@ -223,7 +223,9 @@ def main() -> None:
     p.add_argument("--extra-ti", type=int, default=0,
                    help="more Ti pairs (from seeds 501, 502, …) on top of the 7:1:2 mix")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--orientation", default="mixed")
+    p.add_argument("--orientation", default="mixed",
+                   help="phantom pairs --orientation; a comma list is cycled over the seeds "
+                   "(mixed,volume: sections through the implant and anywhere)")
     p.add_argument("--held", default="mg:9001,ti:9002")
     p.add_argument("--edge", type=int, default=128,
                    help="held-out volume edge (the phantom sample scales with the array: "
@@ -263,9 +265,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.checkpoint is None:
+        kinds = args.orientation.split(",")  # one per seed, cycled: e.g. mixed,volume
         sources: list[tuple[Path, str | None]] = [
-            (make_pairs(root, s, args.pairs_per_seed, args.size, args.orientation, log), None)
-            for s in seeds]
+            (make_pairs(root, s, args.pairs_per_seed, args.size, kinds[i % len(kinds)], log),
+             None) for i, s in enumerate(seeds)]
         if args.extra_ti:  # 1 Ti in 10 pairs: ask for 10 per Ti wanted, keep the Ti ones
             sources.append((make_pairs(root, 501, 10 * args.extra_ti, args.size,
                                        args.orientation, log), "ti"))
