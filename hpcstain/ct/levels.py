@@ -64,6 +64,7 @@ DEGRADATION_FROM = 0.3    # modes above this fraction of the bone contrast, belo
 NARROW_WIDTH = 1.4        # homogeneous (metal-like): FWHM ≤ this × the background's FWHM
 IMPLANT_WIDTH = 1.4       # homogeneous implant in the bone range: FWHM ≤ this × background's
 IMPLANT_MIN_MASS = 0.02   # a homogeneous implant in the bone range: ≥ 2 % of the voxels
+IMPLANT_REL_WIDTH = 0.1   # ... or one whose FWHM is ≤ this × its contrast (hardened)
 METAL_MARGIN = 2          # px (full resolution) left out around metal (partial volume)
 IMPLANT_MARGIN = 4        # px around a homogeneous implant (its degradation layer too)
 MIN_BONE_MASS = 0.01      # fewer bone voxels than this fraction: no bone
@@ -618,12 +619,16 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
     inside = [m for m in modes if t < m.peak < metal_t]
     if inside:
         sp = max(inside, key=lambda m: m.mass)
-        if sp.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(sp):
-            core = _solid(v, sp.peak, 1.5 * w, max(int(0.002 * total), 8))
+        homogeneous = sp.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(sp)
+        # reconstructed CT: the background is far narrower than a hardened implant, but
+        # the implant stays narrow for its contrast where bone (a mixture) does not
+        if homogeneous or sp.fwhm <= IMPLANT_REL_WIDTH * (sp.peak - g):
+            half = 1.5 * w if homogeneous else max(1.5 * w, 0.5 * sp.fwhm)
+            core = _solid(v, sp.peak, half, max(int(0.002 * total), 8))
             ring = ndimage.binary_dilation(core, iterations=_px(IMPLANT_MARGIN, stride)) \
                 if core.any() else core
             rest = win & ~ring
-            big = core.sum() >= IMPLANT_MIN_MASS * total
+            big = core.sum() >= IMPLANT_MIN_MASS * total * (1.0 if homogeneous else 0.5)
             if big and rest.sum() >= 0.15 * win.sum() and rest.sum() >= MIN_BONE_MASS * total:
                 keep &= ~ring
                 extra.append(LevelClass("implant", float(np.median(raw[core])), sp.peak - w,
