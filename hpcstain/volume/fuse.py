@@ -433,15 +433,10 @@ class FuseTask:
         run = Path(self.run_dir)
         regions = {i: plan.write_region(i) for i in indices}
         halo = method_halo(self.method, len(self.axes))
-        parents = level1_parents(plan, levels[0][1], indices) if len(levels[0]) > 1 else []
-        blocks: list[tuple[Region, list[int], Region | None]] = [
-            (src, children, dst) for dst, src, children in parents]
-        covered = {i for _, children, _ in blocks for i in children}
-        blocks += [(regions[i], [i], None) for i in indices if i not in covered]
+        blocks = io_blocks(plan, levels, indices, regions)
         info = {"method": self.method if len(self.axes) > 1 else "single-axis"}
         work = c.setdefault("work", Workspace())
-        rings: dict[tuple[int, tuple[int, ...]], list[np.ndarray]] = c.setdefault("rings", {})
-        busy: dict[int, Future[None]] = {}  # id(output array) → its level-0 write
+        outputs = c.setdefault("outputs", OutputRings())
 
         def read(box: Region) -> np.ndarray:
             return read_axis_block(run, plan, self.axes, box, halo, c["arrays"])[0]
@@ -450,18 +445,6 @@ class FuseTask:
             name = plan.chunk_name(index)
             write_record(self.run_dir, self.task, name, {"chunk": name, **info,
                                                          "time": time.time()})
-
-        def output(j: int, shape: tuple[int, ...]) -> np.ndarray:
-            """Output arrays in rings of two: one filled while the other is written."""
-            ring = rings.setdefault((j, shape), [])
-            if len(ring) < 2:
-                ring.append(np.empty(shape, np.uint8))
-            else:
-                ring.append(ring.pop(0))
-                pending = busy.pop(id(ring[-1]), None)
-                if pending is not None:
-                    pending.result()
-            return ring[-1]
 
         with ThreadPoolExecutor(max_workers=2) as io:
             box = bounding_box(list(regions.values()))
@@ -493,7 +476,7 @@ class FuseTask:
                 if n + 1 < len(blocks):
                     ahead = io.submit(read, blocks[n + 1][0])
                 shape = tuple(s.stop - s.start for s in box)
-                outs = [output(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(levels)]
+                outs = [outputs.get(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(levels)]
                 for index in children:
                     rel = relative(regions[index], box)
                     block = preds[(slice(None), *(slice(r.start, r.stop + 2 * halo)
@@ -505,7 +488,7 @@ class FuseTask:
                                     lambda name, _, views=views: views[name])
                 del preds
                 futures = [put(lv[0], box, data) for lv, data in zip(levels, outs, strict=True)]
-                busy.update((id(data), f) for data, f in zip(outs, futures, strict=True))
+                outputs.writing(outs, futures)
                 unrecorded.append((children, futures))
                 if dst is not None:  # the level-1 storage chunk above this block
                     for lv, data in zip(levels, outs, strict=True):
@@ -517,6 +500,42 @@ class FuseTask:
             for f in records:
                 f.result()
         return [plan.chunk_name(i) for i in indices]
+
+
+
+def io_blocks(plan: Plan, levels: list[Any], indices: list[int], regions: dict[int, Region]
+              ) -> list[tuple[Region, list[int], Region | None]]:
+    """The I/O blocks of a fuse task: (box, its chunks, the level-1 storage chunk written
+    from it or None): the 2×2×2 chunks under a level-1 chunk whose chunks are all in the
+    task, then single chunks for the rest."""
+    parents = level1_parents(plan, levels[0][1], indices) if len(levels[0]) > 1 else []
+    blocks: list[tuple[Region, list[int], Region | None]] = [
+        (src, children, dst) for dst, src, children in parents]
+    covered = {i for _, children, _ in blocks for i in children}
+    return blocks + [(regions[i], [i], None) for i in indices if i not in covered]
+
+
+class OutputRings:
+    """Output arrays in rings of two per level and shape: one is filled while the other is
+    written (a buffer is handed out again only once its level-0 write finished)."""
+
+    def __init__(self) -> None:
+        self._rings: dict[tuple[int, tuple[int, ...]], list[np.ndarray]] = {}
+        self._busy: dict[int, Future[None]] = {}  # id(output array) → its level-0 write
+
+    def get(self, level: int, shape: tuple[int, ...]) -> np.ndarray:
+        ring = self._rings.setdefault((level, shape), [])
+        if len(ring) < 2:
+            ring.append(np.empty(shape, np.uint8))
+        else:
+            ring.append(ring.pop(0))
+            pending = self._busy.pop(id(ring[-1]), None)
+            if pending is not None:
+                pending.result()
+        return ring[-1]
+
+    def writing(self, arrays: list[np.ndarray], futures: list[Future[None]]) -> None:
+        self._busy.update((id(a), f) for a, f in zip(arrays, futures, strict=True))
 
 
 def _write(array: Any, region: Region, data: np.ndarray) -> None:
