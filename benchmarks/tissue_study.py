@@ -2,10 +2,13 @@
 stain + fuse held-out near-cubic phantom volumes (seeds and materials never trained on)
 along z, y and x, and score their tissue classes with ``hpcstain score``.
 
-    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --name l1-unet \\
-        --config tissue-cpu --steps 600
-    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --name modcyc \\
-        --config modcyclegan-cpu --target histology --steps 600 model.ngf=16
+    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --name F2 --config tissue-cpu \\
+        --steps 1000 --sigma 0 --train-seeds 101,103,102,104 --orientation mixed,volume
+    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --name B \\
+        --config modcyclegan-cpu --target histology --steps 300 data.patch_size=96
+    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --name F2 --sigma 0 \\
+        --checkpoint /tmp/ts/F2/run/checkpoints/latest.pt --held mg:9101,ti:9102 --tag=-fresh
+    .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --report B,F2,F2:-fresh
     .venv/bin/python benchmarks/tissue_study.py --out /tmp/ts --quick      # smoke run
 
 1. Pairs: ``hpcstain phantom pairs`` of ``--size``² for each ``--train-seeds`` seed
@@ -245,7 +248,8 @@ def main() -> None:
         rows = []
         for n in args.report.split(","):  # NAME or NAME:TAG
             name, _, tag = n.partition(":")
-            rows += json.loads((args.out / name / f"results{tag}.json").read_text())["rows"]
+            rows += [{**r, "name": name + tag} for r in json.loads(
+                (args.out / name / f"results{tag}.json").read_text())["rows"]]
         print_rows(rows)
         return
     import torch
@@ -296,7 +300,7 @@ def main() -> None:
     (work / f"results{args.tag}.json").write_text(json.dumps(result, indent=2, default=str))
     print()
     print_rows(rows)
-    print(f"\n[tissue] results: {work / 'results.json'}")
+    print(f"\n[tissue] results: {work / f'results{args.tag}.json'}")
 
 
 if __name__ == "__main__":
