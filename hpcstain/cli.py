@@ -579,7 +579,10 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
                    help="split a slab in-plane when it holds more voxels (memory bound)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="run the generator under torch autocast (GPU throughput)")
-    p.add_argument("--sigma", type=float, default=1.0, help="3D Gaussian in voxels; 0: off")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="3D Gaussian on the CT before staining, voxels; 0: off (default: the "
+                   "checkpoint's data.stain_sigma: 1 as in the paper §2.11, 0 for a model "
+                   "trained on unblurred slides such as tissue-cpu)")
     p.add_argument("--bone-level", type=float, default=None,
                    help="raw CT bone level (default: estimated, see `hpcstain levels`)")
     p.add_argument("--background-level", type=float, default=None,

@@ -51,6 +51,9 @@ class DataConfig:
     # CT preprocessing before §2.5 (hpcstain/cupping.py): none, or radial = each CT slide's
     # cupping fitted and removed (axial slides; the axis at the slide centre)
     cupping: Literal["none", "radial"] = "none"
+    # the 3D Gaussian (voxels) the volume engine applies to the CT before staining with this
+    # model (§2.11: 1; 0 for a model trained on unblurred slides; `stain --sigma` overrides)
+    stain_sigma: float = 1.0
     # §2.4 folds
     n_folds: int = 5
     fold: int = 0

@@ -363,3 +363,26 @@ def test_changed_input_is_refused(tmp_path, volume_path):
     bad = open_volume(tmp_path / "other.zarr")
     with pytest.raises(InputError, match="differs from the plan"):
         stain_unit(run, 0, ConvStainer(), plan=plan, source=bad)
+
+
+def test_the_stain_gaussian_follows_the_checkpoint_unless_given(tmp_path, volume_path):
+    """A model trained on unblurred slides records data.stain_sigma 0: its runs skip the 3D
+    Gaussian (the halo shrinks with it); older checkpoints read as the paper's σ = 1."""
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.checkpoint import load_checkpoint, save_checkpoint
+
+    paper = untrained_generator_checkpoint(tmp_path / "paper.pt")
+    ckpt = load_checkpoint(paper)
+    ckpt["config"]["data"]["stain_sigma"] = 0.0
+    sharp = save_checkpoint(tmp_path / "sharp.pt", ckpt)
+    del ckpt["config"]["data"]["stain_sigma"]   # a checkpoint from before the key
+    old = save_checkpoint(tmp_path / "old.pt", ckpt)
+    src = open_volume(volume_path)
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=sharp).sigma == 0
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=sharp).halo == 0
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=old).sigma == 1
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=paper).sigma == 1
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=sharp,
+                     sigma=1.5).sigma == 1.5
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS).sigma == 1

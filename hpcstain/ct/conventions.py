@@ -26,7 +26,7 @@ from hpcstain.ct.levels import DEFAULT_TARGET, TargetLevels
 
 # the data-config keys a pinned generator keeps (the rest of a checkpoint's config is training)
 CONVENTION_KEYS = ("ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime",
-                   "invert_ct", "cupping")
+                   "invert_ct", "cupping", "stain_sigma")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Conventions:
     # radial: the training set's fit per slide size ((ny, nx), Cupping), sorted by size
     cupping_fits: tuple[tuple[tuple[int, int], Any], ...] = ()
     context_slices: int = 1  # k CT planes about the slice as the generator's input (2.5D)
+    stain_sigma: float = 1.0  # the volume engine's 3D Gaussian before staining (voxels)
 
     @property
     def generator_channels(self) -> int:
@@ -78,4 +79,5 @@ def conventions_of(ckpt: dict[str, Any], source: str = "checkpoint") -> Conventi
         size_multiple=256 if arch.get("generator") == "unet256" else 4,
         cupping=str(get["cupping"]),
         cupping_fits=tuple(sorted(fits_from_record(ckpt.get("cupping_fits"), source).items())),
-        context_slices=int(arch.get("context_slices", 1)))
+        context_slices=int(arch.get("context_slices", 1)),
+        stain_sigma=float(get["stain_sigma"]))

@@ -296,7 +296,7 @@ def validate_plan_args(chunk: tuple[int, ...], axes: tuple[str, ...], tile: int,
 
 def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               axes: str | tuple[str, ...] = AXES, tile: int = 256, step: int = 192,
-              window: str = "hann", sigma: float = 1.0,
+              window: str = "hann", sigma: float | None = None,
               levels: tuple[float, float] | None = None, in_channels: int | None = None,
               voxel_size_um: tuple[float, float, float] | None = None,
               checkpoint: str | os.PathLike[str] | None = None,
@@ -320,6 +320,9 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     the fitted correction and the level estimate's table, before an ambiguous estimate is
     refused.
     """
+    if sigma is None:  # the checkpoint's convention (data.stain_sigma), else §2.11's 1 voxel
+        sigma = checkpoint_conventions(checkpoint).stain_sigma \
+            if checkpoint and Path(checkpoint).is_file() else 1.0
     chunk3 = (chunk,) * 3 if isinstance(chunk, int) else tuple(chunk)
     axes_t = tuple(a.strip() for a in axes.split(",")) if isinstance(axes, str) else tuple(axes)
     validate_plan_args(chunk3, axes_t, tile, step, window, sigma)
