@@ -247,6 +247,7 @@ class _FitData:
 
     smooth_full: np.ndarray   # the sample smoothed in-plane (classes are cut from it)
     flat: np.ndarray          # the flat voxels inside the circle
+    smooth: np.ndarray        # their smoothed values (float64)
     raw: np.ndarray           # their raw values
     rings: np.ndarray         # their 1-px ring of the sample grid
     basis: np.ndarray         # their radial basis (n, order)
@@ -261,8 +262,7 @@ def _class_updates(d: _FitData, coeffs: np.ndarray
     interiors only, no voxel within ``CLASS_ERODE`` px of another class) and ask each class
     for the coefficient update that flattens its radial profile, with its weight."""
     corr = d.basis @ coeffs
-    smooth = d.smooth_full[d.flat].astype(np.float64)
-    cls_values = smooth + corr
+    cls_values = d.smooth + corr
     cuts = _class_cuts(cls_values)
     cls = np.searchsorted(cuts, cls_values)
     if CLASS_ERODE > 0:
@@ -329,8 +329,9 @@ def fit_cupping(sample: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray
     if flat.sum() < MIN_CLASS_VOXELS:
         return _with_info(zero, "no flat regions (constant CT)", 0, [])
     rr = np.broadcast_to(r, v.shape)[flat]
-    data = _FitData(smooth_full=ndimage.gaussian_filter(v, (0, CLASS_SIGMA, CLASS_SIGMA)),
-                    flat=flat, raw=v[flat].astype(np.float64),
+    smooth_full = ndimage.gaussian_filter(v, (0, CLASS_SIGMA, CLASS_SIGMA))
+    data = _FitData(smooth_full=smooth_full, flat=flat,
+                    smooth=smooth_full[flat].astype(np.float64), raw=v[flat].astype(np.float64),
                     rings=np.floor(rr / step).astype(np.int64),   # 1-px rings of the sample
                     basis=_basis(rr / radius, int(order)), basis2d=_basis(r / radius, int(order)),
                     radius=radius / step, order=int(order))
