@@ -24,6 +24,16 @@ Parts (each prints one table; numbers go to docs/benchmarks.md):
   ``sliding_window_inference`` (overlap 0.25, Gaussian blending), dask ``map_overlap``
   (256² blocks + 32 px overlap); seconds and the seam index relative to one untiled pass
   of each whole slice (1 = no seams).
+* ``null`` (issue 25): the whole engine (plan → ``run_stain`` local, 3 axes, chunk 128,
+  default tiling) with a generator that costs nothing (it returns its input's first three
+  channels), on 64×512×512 and 128×1024×1024 uint16 (``--quick``: 32×256×256 and
+  64×512×512), each in a child process with one thread: voxel·axis/s per wall second and
+  per CPU second (the prefetch thread can use a second core), peak RSS
+  (``ru_maxrss``), and where the time goes (read, prepare = cupping/Gaussian/levels/pad,
+  generator, tiles = gather + blend, convert to uint8, write = encode + fsync, and the
+  main thread's wait for the prefetched unit). ``--baseline DIR`` runs the same children
+  against another checkout's ``hpcstain`` package (e.g. ``git archive`` of an older
+  commit) interleaved with this one, for a before/after measured side by side.
 """
 
 from __future__ import annotations
@@ -278,7 +288,124 @@ def part_peers(root: Path, quick: bool) -> None:
         print(f"| {name} | {sec:.1f} | {seams:.3f} |")
 
 
-PARTS = {"cost": part_cost, "overhead": part_overhead, "memory": part_memory,
+NULL_CHILD = r"""
+import json, os, resource, sys, threading, time
+import torch
+torch.set_num_threads(1)
+import hpcstain.volume.stain as S
+from hpcstain.executors import run_stain
+from hpcstain.volume import init_run, make_plan, open_volume
+from hpcstain.volume.io import VolumeSource
+
+vol, ckpt, run = sys.argv[1:4]
+spent, total = {}, {}
+lock = threading.Lock()
+local = threading.local()
+
+
+def timed(name, f):
+    # seconds inside f, minus those of timed calls nested in it (each phase counted once)
+    def wrapper(*a, **k):
+        outer = getattr(local, "stack", None)
+        if outer is None:
+            outer = local.stack = []
+        outer.append(0.0)
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            dt = time.perf_counter() - t0
+            inner = outer.pop()
+            if outer:
+                outer[-1] += dt
+            with lock:
+                spent[name] = spent.get(name, 0.0) + dt - inner
+                total[name] = total.get(name, 0.0) + dt
+    return wrapper
+
+
+def null(batch):
+    return batch[:, :3]
+
+
+VolumeSource.read = timed("read", VolumeSource.read)
+S.prepare_context = timed("prepare", S.prepare_context)
+S.stain_region = timed("tiles", S.stain_region)
+for name in ("to_uint8", "slab_to_uint8"):
+    if hasattr(S, name):
+        setattr(S, name, timed("convert", getattr(S, name)))
+S.write_axis_region = timed("write", S.write_axis_region)
+import hpcstain.executors.local as L
+L.stain_unit = S.stain_unit = timed("unit", S.stain_unit)
+fn = timed("generator", null)
+plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt,
+                 max_tile=512)
+init_run(run, plan)
+t0, c0 = time.perf_counter(), time.process_time()
+run_stain(run, fn, progress=False)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+spent["wait"] = max(0.0, wall - total.get("unit", 0.0))  # main thread outside units
+print(json.dumps({"wall": wall, "cpu": cpu, "voxel_axes": int(plan.n_units and
+                  len(plan.axes) * plan.shape[0] * plan.shape[1] * plan.shape[2]),
+                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "phases": spent}))
+"""
+PHASES = ("read", "prepare", "generator", "tiles", "convert", "write", "unit", "wait")
+# "unit": the rest of a unit (records, markers, reshaping); "wait": the main thread outside
+# units (waiting for the prefetched unit, the run's set-up and its summary)
+
+
+def null_run(root: Path, vol: Path, ckpt: Path, package: Path | None, tag: str) -> dict:
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if package is not None:
+        env["PYTHONPATH"] = str(package)
+    run = root / f"null-run-{tag}"
+    out = subprocess.run([sys.executable, "-c", NULL_CHILD, str(vol), str(ckpt), str(run)],
+                         capture_output=True, text=True, env=env, cwd=root)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part_null(root: Path, quick: bool, baseline: Path | None = None, repeats: int = 1,
+              shapes: list[tuple[int, ...]] | None = None) -> None:
+    print("\n## null: the engine with a generator that costs nothing (3 axes, 1 thread)")
+    shapes = shapes or ([(32, 256, 256), (64, 512, 512)] if quick else [(64, 512, 512),
+                                                                       (128, 1024, 1024)])
+    ckpt = checkpoint(root / "null.pt", 4, 1)
+    sides = {"this": None} if baseline is None else {"baseline": baseline, "this": None}
+    print("| volume | code | wall s | CPU s | M voxel·axis/s (wall) | M voxel·axis/s per CPU s "
+          "| peak RSS GiB | " + " | ".join(f"{p} s" for p in PHASES) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(PHASES))
+    for shape in shapes:
+        vol = synthetic_ct(root / f"null-{shape[0]}.zarr", shape)
+        best: dict[str, dict] = {}
+        for r in range(repeats):  # interleaved; the best wall of each side is kept
+            for name, pkg in sides.items():
+                res = null_run(root, vol, ckpt, pkg, f"{name}-{r}")
+                if name not in best or res["wall"] < best[name]["wall"]:
+                    best[name] = res
+        for name, res in best.items():
+            n = res["voxel_axes"]
+            ph = res["phases"]
+            print(f"| {'×'.join(map(str, shape))} | {name} | {res['wall']:.1f} | "
+                  f"{res['cpu']:.1f} | {n / res['wall'] / 1e6:.1f} | {n / res['cpu'] / 1e6:.1f}"
+                  f" | {res['rss_kib'] / 2**20:.2f} | "
+                  + " | ".join(f"{ph.get(p, 0.0):.1f}" for p in PHASES) + " |")
+        if baseline is not None:
+            print(f"| {'×'.join(map(str, shape))} | ratio this/baseline (wall) | "
+                  f"{best['this']['wall'] / best['baseline']['wall']:.2f} |")
+        import shutil
+
+        shutil.rmtree(vol, ignore_errors=True)
+
+
+PARTS = {"null": part_null, "cost": part_cost, "overhead": part_overhead, "memory": part_memory,
          "fuse": part_fuse, "peers": part_peers}
 
 
@@ -287,11 +414,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--only", default=",".join(PARTS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="null: also run the children against this hpcstain checkout")
+    p.add_argument("--repeats", type=int, default=1, help="null: interleaved repetitions")
+    p.add_argument("--shapes", default="", help="null: Z,Y,X;Z,Y,X (default: by --quick)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only.split(","):
-            PARTS[name](Path(tmp), args.quick)
+            if name == "null":
+                shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes.split(";")
+                          if s]
+                part_null(Path(tmp), args.quick, args.baseline, args.repeats, shapes)
+            else:
+                PARTS[name](Path(tmp), args.quick)
     print(json.dumps({"maxrss_gib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                       / 2**20}))
 
