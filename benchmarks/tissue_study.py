@@ -13,8 +13,10 @@ along z, y and x, and score their tissue classes with ``hpcstain score``.
 
 1. Pairs: ``hpcstain phantom pairs`` of ``--size``² for each ``--train-seeds`` seed
    (``--pairs-per-seed`` each, ``--orientation`` mixed = sections along z, y, x), merged
-   into one manifest (absolute paths). ``--target truth`` trains against the exact, aligned
-   truth stain (``truth/<id>.png``) in the histology column: the upper bound of item 2;
+   into one manifest (absolute paths); ``--register`` co-registers them first
+   (``hpcstain register``, what a user with real slides does). ``--target truth`` trains
+   against the exact, aligned truth stain (``truth/<id>.png``) in the histology column:
+   the upper bound of item 2;
    ``--target histology`` against the phantom's real (misaligned, artefacted) histology.
    ``--extra-ti N`` adds N more Ti pairs (from further seeds) against the 7:1:2 ratio.
 2. Train ``--config`` (+ overrides) for ``--steps`` optimiser steps on every pair
@@ -57,11 +59,13 @@ def sh(cmd: list[str], log: list[str]) -> None:
 
 
 def make_pairs(root: Path, seed: int, n: int, size: int, orientation: str,
-               log: list[str]) -> Path:
-    folder = root / f"pairs-s{seed}-n{n}-{size}-{orientation}"
+               log: list[str], ct_slab: int = 0) -> Path:
+    slab = f"-slab{ct_slab}" if ct_slab else ""
+    folder = root / f"pairs-s{seed}-n{n}-{size}-{orientation}{slab}"
     if not (folder / "manifest.csv").exists():
         sh([HPCSTAIN, "phantom", "pairs", str(folder), "--n", str(n), "--seed", str(seed),
-            "--size", str(size), str(size), "--orientation", orientation, "--overwrite"], log)
+            "--size", str(size), str(size), "--orientation", orientation, "--overwrite",
+            *(["--ct-slab", str(ct_slab)] if ct_slab else [])], log)
     return folder / "manifest.csv"
 
 
@@ -220,12 +224,17 @@ def main() -> None:
     p.add_argument("--name", default="run")
     p.add_argument("--config", default="tissue-cpu")
     p.add_argument("--target", choices=("truth", "histology"), default="truth")
+    p.add_argument("--register", action="store_true",
+                   help="with --target histology: co-register the pairs first "
+                   "(hpcstain register), as a user with real slides would")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--train-seeds", default="101,102,103")
     p.add_argument("--pairs-per-seed", type=int, default=16)
     p.add_argument("--extra-ti", type=int, default=0,
                    help="more Ti pairs (from seeds 501, 502, …) on top of the 7:1:2 mix")
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--ct-slab", type=int, default=0,
+                   help="write K CT planes about each section (for model.context_slices=K)")
     p.add_argument("--orientation", default="mixed",
                    help="phantom pairs --orientation; a comma list is cycled over the seeds "
                    "(mixed,volume: sections through the implant and anywhere)")
@@ -271,14 +280,21 @@ def main() -> None:
     if args.checkpoint is None:
         kinds = args.orientation.split(",")  # one per seed, cycled: e.g. mixed,volume
         sources: list[tuple[Path, str | None]] = [
-            (make_pairs(root, s, args.pairs_per_seed, args.size, kinds[i % len(kinds)], log),
-             None) for i, s in enumerate(seeds)]
+            (make_pairs(root, s, args.pairs_per_seed, args.size, kinds[i % len(kinds)], log,
+                        args.ct_slab), None) for i, s in enumerate(seeds)]
         if args.extra_ti:  # 1 Ti in 10 pairs: ask for 10 per Ti wanted, keep the Ti ones
             sources.append((make_pairs(root, 501, 10 * args.extra_ti, args.size,
                                        args.orientation, log), "ti"))
         manifest = work / "manifest.csv"
         n_pairs = merge_manifests(sources, manifest, args.target)
         result["n_pairs"] = n_pairs
+        if args.register:
+            assert args.target == "histology", "--register co-registers the histology"
+            reg = work / "registered"
+            if not (reg / "manifest.csv").exists():
+                sh([HPCSTAIN, "register", str(manifest), "--out", str(reg), "--quiet",
+                    "--overwrite"], log)
+            manifest = reg / "manifest.csv"
         result["train"] = train_run(args.config, manifest, n_pairs, args.steps,
                                     work / "run", args.overrides)
         print(f"[tissue] trained in {result['train']['train_s']} s on {n_pairs} pairs "
