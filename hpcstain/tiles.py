@@ -15,6 +15,7 @@ differ in the last bits between batch compositions (~1e-6).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -233,9 +234,31 @@ def _read_context(source: np.ndarray | Reader, ctx: Region) -> np.ndarray:
                          f"expected (C, {want[0]}, {want[1]}) or (S, C, {want[0]}, {want[1]})")
     if data.size == 0:
         raise InputError(f"tile source gave an empty array of shape {data.shape} for {ctx}")
-    if not np.isfinite(data).all():
+    # a sum is finite only if every value is (one pass, no boolean temporary); a huge but
+    # finite input may overflow the sum, so only then is every value looked at
+    if not np.isfinite(data.sum(dtype=np.float64)) and not np.isfinite(data).all():
         raise InputError(f"tile source has NaN/Inf values in region {ctx}")
     return data if data.dtype == np.float64 else data.astype(np.float32, copy=False)
+
+
+def _segments(tiles: range, size: int, lo: int, hi: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``[lo, hi)`` cut where a tile starts or ends: ``(a, b, tiles covering it)``, with
+    ``a, b`` relative to ``lo`` and the tiles as indices into ``tiles`` (their starts)."""
+    cuts = sorted({lo, hi, *(t for t in tiles if lo < t < hi),
+                   *(t + size for t in tiles if lo < t + size < hi)})
+    out = []
+    for a, b in itertools.pairwise(cuts):
+        cover = tuple(i for i, t in enumerate(tiles) if t <= a and b <= t + size)
+        out.append((a - lo, b - lo, cover))
+    return out
+
+
+def _gather(index: np.ndarray) -> slice | np.ndarray:
+    """A slice when the (mirrored) indices are a plain run, else the indices."""
+    if len(index) and index[-1] - index[0] == len(index) - 1 and \
+            (len(index) == 1 or bool((np.diff(index) == 1).all())):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return index
 
 
 def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], region: Region,
@@ -247,11 +270,13 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
     ``source`` is the full (C, H, W) image, an (S, C, H, W) stack of slices sharing the grid,
     or a reader ``read(input_region) -> array`` holding only the window from
     :func:`region_context`. Tiles of all slices are batched together. ``tile``/``step`` are
-    one size or per-axis (rows, cols) pairs. Only the region is accumulated, in float64 so
-    that blending is exact (a constant or an identity output comes back unchanged; float32
-    sums of 4–16 weighted tiles are not); memory is 8 bytes per output value, not per
-    context pixel. ``counter[0]`` (if given) grows by the generator input pixels spent.
-    Returns (C_out, h, w) or (S, C_out, h, w), float32 (float64 when ``fn`` returns it).
+    one size or per-axis (rows, cols) pairs. Where tiles overlap the outputs are blended in
+    float64 so that blending is exact (a constant or an identity output comes back
+    unchanged; float32 sums of 4–16 weighted tiles are not); where one tile alone covers a
+    pixel its output is copied (``w·t / w`` rounds back to ``t``). Memory: the result, plus 8
+    bytes per overlapped output value. ``counter[0]`` (if given) grows by the generator input
+    pixels spent. Returns (C_out, h, w) or (S, C_out, h, w), float32 (float64 when ``fn``
+    returns it).
     """
     check_tiling(tile, step, window)
     if batch_size < 1:
@@ -266,56 +291,71 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
     cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tw, sw)
     r_idx = reflect_index(rows, image_shape[0]) - ctx[0].start
     c_idx = reflect_index(cols, image_shape[1]) - ctx[1].start
-    padded = np.take(np.take(stack, r_idx, axis=2), c_idx, axis=3)
     y0, x0 = int(rows[0]), int(cols[0])
     # tile starts in padded-grid coordinates, and where each tile meets the region
     ys = range(0, len(rows) - th + 1, sh)
     xs = range(0, len(cols) - tw + 1, sw)
     ry = (region[0].start - y0, region[0].stop - y0)
     rx = (region[1].start - x0, region[1].stop - x0)
-
-    def overlap(t0: int, size: int, r: tuple[int, int]) -> tuple[slice, slice]:
-        a, b = max(t0, r[0]), min(t0 + size, r[1])
-        return slice(a - r[0], b - r[0]), slice(a - t0, b - t0)
-
-    win64 = window_2d(window, (th, tw))
     h, w = ry[1] - ry[0], rx[1] - rx[0]
-    wsum = np.zeros((h, w))
-    for y in ys:
-        for x in xs:
-            (oy, ty), (ox, tx) = overlap(y, th, ry), overlap(x, tw, rx)
-            wsum[oy, ox] += win64[ty, tx]
+    # the region cut into blocks covered by the same tiles: one tile → copy, more → blend
+    row_segs, col_segs = _segments(ys, th, *ry), _segments(xs, tw, *rx)
+    rows_of = [[sg for sg in row_segs if i in sg[2]] for i in range(len(ys))]
+    cols_of = [[sg for sg in col_segs if i in sg[2]] for i in range(len(xs))]
+    win = window_2d(window, (th, tw))
+    r_take = [_gather(r_idx[y:y + th]) for y in ys]
+    c_take = [_gather(c_idx[x:x + tw]) for x in xs]
 
-    positions = [(s, y, x) for s in range(stack.shape[0]) for y in ys for x in xs]
-    single = len(ys) == 1 and len(xs) == 1  # one tile covers the region: no blending needed
-    acc: np.ndarray | None = None
-    out_dtype: type = np.float32
-    win = win64
+    def tile_at(s: int, iy: int, ix: int) -> np.ndarray:
+        part = stack[s]
+        r, c = r_take[iy], c_take[ix]
+        part = part[:, r] if isinstance(r, slice) else np.take(part, r, axis=1)
+        return part[:, :, c] if isinstance(c, slice) else np.take(part, c, axis=2)
+
+    positions = [(s, iy, ix) for s in range(stack.shape[0]) for iy in range(len(ys))
+                 for ix in range(len(xs))]
+    res: np.ndarray | None = None
+    acc: dict[tuple[int, int], np.ndarray] = {}
+    buf = np.empty((min(batch_size, len(positions)), stack.shape[1], th, tw), stack.dtype)
     for batch in _tile_batches(positions, batch_size):
-        inp = torch.from_numpy(np.stack([padded[s, :, y:y + th, x:x + tw]
-                                         for s, y, x in batch]))
+        inp = buf[:len(batch)]
+        for i, (s, iy, ix) in enumerate(batch):
+            inp[i] = tile_at(s, iy, ix)
         with torch.no_grad():
-            out = fn(inp)
+            out = fn(torch.from_numpy(inp))
         if out.ndim != 4 or out.shape[0] != len(batch) or tuple(out.shape[-2:]) != (th, tw):
             raise InputError(f"tile function returned shape {tuple(out.shape)} for a batch of "
                              f"shape {tuple(inp.shape)}; expected (N, C_out, {th}, {tw})")
         if counter is not None:
             counter[0] += len(batch) * th * tw
-        if acc is None:
-            out_dtype = np.float64 if out.dtype == torch.float64 else np.float32
-            acc = np.zeros((stack.shape[0], out.shape[1], h, w), out_dtype if single else None)
-        if single:  # w·t/w == t once rounded to the output dtype: copy the crop
-            s0 = batch[0][0]
-            acc[s0:s0 + len(batch)] = out.detach().cpu().numpy()[:, :, ry[0]:ry[1], rx[0]:rx[1]]
-            continue
-        tiles_out = out.detach().cpu().double().numpy()
-        for (s, y, x), t_out in zip(batch, tiles_out, strict=True):
-            (oy, ty), (ox, tx) = overlap(y, th, ry), overlap(x, tw, rx)
-            if oy.start < oy.stop and ox.start < ox.stop:
-                acc[s, :, oy, ox] += win[ty, tx] * t_out[:, ty, tx]
-    assert acc is not None
-    result = acc if single else (acc / wsum).astype(out_dtype)
-    return result[0] if data.ndim == 3 else result
+        tiles_out = out.detach().cpu().numpy()
+        if res is None:
+            res = np.empty((stack.shape[0], out.shape[1], h, w),
+                           np.float64 if tiles_out.dtype == np.float64 else np.float32)
+        for (s, iy, ix), t_out in zip(batch, tiles_out, strict=True):
+            ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
+            for ra, rb, rcov in rows_of[iy]:
+                for ca, cb, ccov in cols_of[ix]:
+                    ty, tx = slice(ty0 + ra, ty0 + rb), slice(tx0 + ca, tx0 + cb)
+                    if len(rcov) == 1 and len(ccov) == 1:
+                        res[s, :, ra:rb, ca:cb] = t_out[:, ty, tx]
+                        continue
+                    block = acc.get((ra, ca))
+                    if block is None:
+                        block = acc[ra, ca] = np.zeros((stack.shape[0], out.shape[1],
+                                                        rb - ra, cb - ca))
+                    block[s] += win[ty, tx] * t_out[:, ty, tx]  # float64, in grid order
+    assert res is not None
+    for (ra, ca), block in acc.items():
+        (rb, rcov), = [(b, cov) for a, b, cov in row_segs if a == ra]
+        (cb, ccov), = [(b, cov) for a, b, cov in col_segs if a == ca]
+        wsum = np.zeros((rb - ra, cb - ca))
+        for iy in rcov:
+            for ix in ccov:
+                ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
+                wsum += win[ty0 + ra:ty0 + rb, tx0 + ca:tx0 + cb]
+        res[:, :, ra:rb, ca:cb] = block / wsum
+    return res[0] if data.ndim == 3 else res
 
 
 def stain_image(image: np.ndarray, fn: TileFn, *, tile: int | Pair = 256,
