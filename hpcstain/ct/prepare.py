@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from hpcstain.ct.cupping import Cupping, apply_cupping
 from hpcstain.ct.levels import DEFAULT_TARGET, RawLevels, TargetLevels
-from hpcstain.ct.unit import ct_to_unit
+from hpcstain.ct.unit import CT_FULL_SCALE, ct_to_unit
 from hpcstain.geometry import AXIS_INDEX, Region, grow, relative
 from hpcstain.tiles import reflect_index
 
@@ -55,19 +55,56 @@ def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: floa
     is reflected there (scipy's "reflect" = numpy's "symmetric"), exactly what a
     whole-volume filter does at its border. Elsewhere the real neighbours are used.
     With ``box`` the filter is a (2·halo + 1)³ mean instead (cheap; ``sigma`` unused).
+    Float32 throughout, in one buffer of its own: the padded block is filtered in place and
+    the result is a view of it (no copy of the crop); never a view of ``raw``.
     """
-    data = np.asarray(raw, np.float32)
     if sigma <= 0 and not box:
-        return data[relative(inner, grown)]
+        return np.array(np.asarray(raw)[relative(inner, grown)], np.float32)  # our own copy
     pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
            for i, g in zip(inner, grown, strict=True)]
-    data = np.pad(data, pad, mode="symmetric")
+    data = pad_symmetric(raw, pad)
     if box:
-        out = ndimage.uniform_filter(data, 2 * halo + 1, mode="reflect")
+        ndimage.uniform_filter(data, 2 * halo + 1, mode="reflect", output=data)
     else:
-        out = ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo)
+        ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo, output=data)
     crop = tuple(slice(halo, halo + i.stop - i.start) for i in inner)
-    return out[crop]
+    return data[crop]
+
+
+def pad_symmetric(raw: np.ndarray, pad: list[tuple[int, int]]) -> np.ndarray:
+    """``np.pad(raw.astype(float32), pad, mode="symmetric")`` with one float32 allocation
+    (the raw block is converted straight into the middle; the borders are mirrored copies)."""
+    raw = np.asarray(raw)
+    if any(b > n or a > n for (b, a), n in zip(pad, raw.shape, strict=True)):
+        return np.pad(np.asarray(raw, np.float32), pad, mode="symmetric")  # multiple mirrors
+    shape = tuple(n + b + a for (b, a), n in zip(pad, raw.shape, strict=True))
+    out = np.empty(shape, np.float32)
+    out[tuple(slice(b, b + n) for (b, _), n in zip(pad, raw.shape, strict=True))] = raw
+    for d, ((b, a), n) in enumerate(zip(pad, raw.shape, strict=True)):
+        def at(s: slice, d: int = d) -> tuple[slice, ...]:
+            return (slice(None),) * d + (s,)
+        if b:  # before: b-1 … 0 mirror b … 2b-1 (the edge repeated)
+            out[at(slice(0, b))] = out[at(slice(2 * b - 1, b - 1, -1))]
+        if a:
+            end = b + n
+            out[at(slice(end, end + a))] = out[at(slice(end - 1, end - a - 1 if end - a - 1 >= 0
+                                                        else None, -1))]
+    return out
+
+
+def to_unit_inplace(ct: np.ndarray, raw: RawLevels, target: TargetLevels) -> np.ndarray:
+    """:func:`hpcstain.ct.unit.ct_to_unit` of a float32 array the caller owns, in place:
+    the same float32 operations in the same order (bit-identical), no temporaries."""
+    if not np.isfinite(raw.bone - raw.background) or raw.bone == raw.background:
+        return ct_to_unit(ct, raw, target)  # raises the one error message
+    gain = (target.bone - target.background) / (raw.bone - raw.background)
+    np.subtract(ct, np.float32(raw.background), out=ct)
+    np.multiply(ct, np.float32(gain), out=ct)
+    np.add(ct, np.float32(target.background), out=ct)
+    np.clip(ct, 0.0, CT_FULL_SCALE, out=ct)
+    np.multiply(ct, np.float32(2.0 / CT_FULL_SCALE), out=ct)
+    np.subtract(ct, np.float32(1.0), out=ct)
+    return ct
 
 
 def whole_volume_smooth(volume: np.ndarray, sigma: float, halo: int) -> np.ndarray:
@@ -94,7 +131,8 @@ def prepare_block(source: Any, box: Region, recipe: CtRecipe) -> np.ndarray:
     """The generator's input over ``box``: float32 in [-1, 1] (before any inversion)."""
     raw, grown = corrected_read(source, box, recipe.halo, recipe.cupping)
     ct = smooth(raw, box, grown, recipe.halo, recipe.sigma)
-    return ct_to_unit(ct, recipe.raw, recipe.target)
+    del raw  # ct is a buffer of its own (smooth never returns a view of raw)
+    return to_unit_inplace(ct, recipe.raw, recipe.target)
 
 
 def prepare_context(source: Any, box: Region, axis: str, recipe: CtRecipe) -> np.ndarray:
