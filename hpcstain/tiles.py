@@ -386,3 +386,19 @@ def resolve_tiling(name: str = "default", tile: int | None = None, step: int | N
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
     """[-1, 1] float → uint8 (round half to even, clipped)."""
     return np.clip(np.rint((np.asarray(rgb, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_uint8_into(dest: np.ndarray, rgb: np.ndarray) -> None:
+    """``dest[...] = to_uint8(moveaxis(rgb, -3, -1))`` (bit-identical) without temporaries:
+    a channels-first (…, C, h, w) float32 ``rgb`` (the caller's own, overwritten) is
+    converted in place and cast into the channels-last ``dest`` (…, h, w, C) of any strides
+    (a transposed view writes the layout the output array wants)."""
+    if rgb.dtype != np.float32:
+        rgb = rgb.astype(np.float32)
+    np.add(rgb, 1.0, out=rgb)
+    np.multiply(rgb, 127.5, out=rgb)
+    np.rint(rgb, out=rgb)
+    np.clip(rgb, 0, 255, out=rgb)
+    u8 = rgb.astype(np.uint8)  # contiguous, then one channel at a time: numpy copies a
+    for c in range(u8.shape[-3]):  # strided channel faster than it interleaves all three
+        np.copyto(dest[..., c], u8[..., c, :, :])

@@ -39,7 +39,8 @@ from hpcstain.ct.prepare import prepare_context
 from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched
 from hpcstain.inference import load_pinned, pin_generator
-from hpcstain.tiles import auto_batch, stain_region, to_uint8
+from hpcstain.tiles import auto_batch, stain_region, to_uint8_into
+from hpcstain.tiles import to_uint8 as to_uint8  # re-exported (tests, older callers)
 from hpcstain.volume import markers
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
@@ -94,8 +95,11 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
     per_slice = planes[0].size * 4 * (2 + in_channels) + \
         (region2d[0].stop - region2d[0].start) * (region2d[1].stop - region2d[1].start) * 36
     group = max(1, GROUP_BYTES // max(per_slice, 1))
-    out = np.empty((n_out, region2d[0].stop - region2d[0].start,
-                    region2d[1].stop - region2d[1].start, 3), np.uint8)
+    # the RGB in the output array's (Z, Y, X, 3) layout, filled through a slice-first view
+    shape = [s.stop - s.start for s in write]
+    shape[a] = n_out
+    stored = np.empty((*shape, 3), np.uint8)
+    out = np.moveaxis(stored, a, 0)
     for g0 in range(0, n_out, group):
         sub = planes[g0:g0 + group + 2 * h]
 
@@ -109,8 +113,14 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
 
         rgb = stain_region(read, plan.plane(axis), region2d, grey_fn, tile=tile, step=step,
                            window=plan.window, batch_size=batch_size, counter=counter)
-        out[g0:g0 + group] = to_uint8(np.moveaxis(rgb, 1, -1))
-    return np.moveaxis(out, 0, a)
+        slab_to_uint8(out[g0:g0 + group], rgb)
+    return stored
+
+
+def slab_to_uint8(dest: np.ndarray, rgb: np.ndarray) -> None:
+    """A group of stained slices (S, C, h, w) into the unit's uint8 RGB (S, h, w, C), once,
+    in place (:func:`hpcstain.tiles.to_uint8_into`)."""
+    to_uint8_into(dest, rgb)
 
 
 # --------------------------------------------------------------------------- run dir
