@@ -304,17 +304,24 @@ local = threading.local()
 
 
 def timed(name, f):
-    # seconds inside f, minus those of timed calls nested in it (each phase counted once)
+    # CPU seconds of this thread inside f (the machine is shared: wall seconds of a phase
+    # include other processes), minus those of timed calls nested in it (each phase counted
+    # once); "unit" also in wall seconds, for the main thread's wait
     def wrapper(*a, **k):
         outer = getattr(local, "stack", None)
         if outer is None:
             outer = local.stack = []
         outer.append(0.0)
-        t0 = time.perf_counter()
+        t0, w0 = time.thread_time(), time.perf_counter()
         try:
             return f(*a, **k)
         finally:
-            dt = time.perf_counter() - t0
+            dt = time.thread_time() - t0
+            if name in ("read", "write"):  # zarr codes in its own threads: the wait counts
+                dt = time.perf_counter() - w0
+            if name == "unit":
+                with lock:
+                    total["unit_wall"] = total.get("unit_wall", 0.0) + time.perf_counter() - w0
             inner = outer.pop()
             if outer:
                 outer[-1] += dt
@@ -344,15 +351,18 @@ init_run(run, plan)
 t0, c0 = time.perf_counter(), time.process_time()
 run_stain(run, fn, progress=False)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-spent["wait"] = max(0.0, wall - total.get("unit", 0.0))  # main thread outside units
+spent["wait"] = max(0.0, wall - total.get("unit_wall", 0.0))  # main thread outside units
 print(json.dumps({"wall": wall, "cpu": cpu, "voxel_axes": int(plan.n_units and
                   len(plan.axes) * plan.shape[0] * plan.shape[1] * plan.shape[2]),
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "phases": spent}))
 """
+WALL_PHASES = ("read", "write", "wait")
 PHASES = ("read", "prepare", "generator", "tiles", "convert", "write", "unit", "wait")
-# "unit": the rest of a unit (records, markers, reshaping); "wait": the main thread outside
-# units (waiting for the prefetched unit, the run's set-up and its summary)
+# CPU seconds of the thread doing each (the prefetch thread reads and prepares), but wall
+# seconds for read and write (zarr decodes and encodes in threads of its own); "unit": the
+# rest of a unit (records, markers, reshaping); "wait": wall seconds of the main thread
+# outside units (waiting for the prefetched unit, the run's set-up and its summary)
 
 
 def null_run(root: Path, vol: Path, ckpt: Path, package: Path | None, tag: str) -> dict:
@@ -380,7 +390,8 @@ def part_null(root: Path, quick: bool, baseline: Path | None = None, repeats: in
     ckpt = checkpoint(root / "null.pt", 4, 1)
     sides = {"this": None} if baseline is None else {"baseline": baseline, "this": None}
     print("| volume | code | wall s | CPU s | M voxel·axis/s (wall) | M voxel·axis/s per CPU s "
-          "| peak RSS GiB | " + " | ".join(f"{p} s" for p in PHASES) + " |")
+          "| peak RSS GiB | " + " | ".join(f"{p} {'wall' if p in WALL_PHASES else 'CPU'} s"
+                                      for p in PHASES) + " |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(PHASES))
     for shape in shapes:
         vol = synthetic_ct(root / f"null-{shape[0]}.zarr", shape)
