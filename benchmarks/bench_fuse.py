@@ -1,0 +1,208 @@
+"""`hpcstain fuse` against a plain zarr copy of its inputs (issue 25 item 3).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fuse.py [--quick] [--repeats 3]
+        [--before DIR] [--workers 2] [--codecs]
+
+The run: the synthetic CT of ``bench_engine.py`` (128×384×384 uint16, or 32×128×128 with
+``--quick``), chunk 64, stained on three axes by the stand-in per-pixel map. Every side runs
+in a fresh child process (``PYTHONPATH`` = this tree, or ``--before DIR``: a tree holding an
+older ``hpcstain/``, e.g. ``git archive <commit> hpcstain | tar -x -C DIR``), interleaved,
+best of ``--repeats``; wall clock and the child's CPU time (all its threads):
+
+* ``copy``: the issue's plain zarr copy of fuse's inputs: the three per-axis RGB arrays read
+  chunk by chunk (the output's 64³ chunks), the CT read once in its own storage chunks, one
+  RGBA array (4, Z, Y, X) written chunk by chunk with the same codec as the fused image
+  (zstd level 1, zarr v2);
+* ``copy-rgb``: the older baseline of ``bench_engine.py --only fuse`` (three axes read, one
+  RGB array written with zarr's defaults, no CT);
+* ``fuse``: ``fuse_run(method="mean")``, confidence on (the default), outside fill on;
+* ``fuse-noconf``: the same with ``confidence=False``;
+* ``fuse-N``: ``fuse`` on ``--workers`` local processes (wall clock only: the workers' CPU is
+  not the child's);
+* with ``--before``: ``fuse`` and ``fuse-noconf`` of the older tree beside this one's.
+
+``--codecs`` writes the fused level-0 RGBA of the run with several codecs and reports write
+speed and size (how the image's codec was chosen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TREE = HERE.parent
+
+
+def make_run(root: Path, shape: tuple[int, int, int]) -> Path:
+    sys.path.insert(0, str(HERE))
+    from bench_engine import per_pixel, synthetic_ct
+
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import init_run, make_plan, open_volume
+
+    vol = synthetic_ct(root / "ct.zarr", shape)
+    plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0))
+    run = init_run(root / "run", plan)
+    run_stain(run, per_pixel, progress=False)
+    return Path(run)
+
+
+# --------------------------------------------------------------------------- children
+
+
+def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
+    """One timed side, in this (fresh) process."""
+    import numpy as np
+    import zarr
+
+    from hpcstain.volume import fuse_run
+    from hpcstain.volume.plan import axis_store, input_at, load_plan
+
+    plan = load_plan(run)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if side.startswith("copy"):
+        arrays = [zarr.open_array(str(axis_store(run, a)), mode="r") for a in "zyx"]
+        if side == "copy":
+            from numcodecs import Zstd
+
+            ct = zarr.open_array(str(input_at(plan, run)), mode="r")
+            step = ct.chunks[0]
+            for z in range(0, ct.shape[0], step):  # the CT once, in its own chunks
+                np.asarray(ct[z:z + step])
+            dst = zarr.create_array(out, shape=(4, *plan.shape), chunks=(4, *plan.chunk),
+                                    dtype="uint8", zarr_format=2, compressors=Zstd(level=1),
+                                    chunk_key_encoding={"name": "v2", "separator": "/"})
+            for i in range(plan.n_chunks):
+                region = plan.write_region(i)
+                blocks = [np.asarray(a[(*region, slice(None))]) for a in arrays]
+                rgba = np.empty((4, *blocks[0].shape[:3]), np.uint8)
+                rgba[:3] = np.moveaxis(blocks[0], -1, 0)
+                rgba[3] = blocks[1][..., 0]
+                dst[(slice(None), *region)] = rgba
+        else:
+            dst = zarr.create_array(out, shape=(*plan.shape, 3), chunks=(64, 64, 64, 3),
+                                    dtype="uint8")
+            for i in range(plan.n_chunks):
+                region = (*plan.write_region(i), slice(None))
+                blocks = [np.asarray(a[region]) for a in arrays]
+                dst[region] = blocks[0]
+    else:
+        name = Path(out).name
+        kwargs = {"confidence": "noconf" not in side}
+        if side.endswith("-par"):
+            kwargs["workers"] = workers
+        fuse_run(run, method="mean", out=name, **kwargs)
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def timed(side: str, tree: Path, run: Path, out: Path, workers: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, __file__, "--child", side, "--run", str(run),
+                          "--out", str(out), "--workers", str(workers)],
+                         env=env, capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise SystemExit(f"{side} ({tree}) failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def part_codecs(run: Path, root: Path) -> None:
+    import numpy as np
+    import zarr
+    from numcodecs import LZ4, Blosc, Zstd
+
+    from hpcstain.volume import fuse_run
+
+    fuse_run(run, method="mean", out="codecs.ome.zarr")
+    data = np.asarray(zarr.open_array(str(run / "codecs.ome.zarr" / "0"), mode="r")[:])
+    raw = data.nbytes
+    print(f"\n## codec: write speed vs size (fused level 0, {data.shape}, {raw / 2**20:.0f} MiB)")
+    print("| codec | write MB/s | read MB/s | size MiB | ratio |")
+    print("|---|---|---|---|---|")
+    codecs = {"none": None, "zstd 1 (the image's)": Zstd(level=1), "zstd 3": Zstd(level=3),
+              "zstd 5": Zstd(level=5), "lz4": LZ4(),
+              "blosc lz4 shuffle (zarr v2 default)": Blosc("lz4", 5, Blosc.SHUFFLE),
+              "blosc zstd 1 bitshuffle": Blosc("zstd", 1, Blosc.BITSHUFFLE)}
+    for k, (label, codec) in enumerate(codecs.items()):
+        best_w = best_r = float("inf")
+        path = root / f"codec-{k}.zarr"
+        for _ in range(3):
+            arr = zarr.create_array(str(path), shape=data.shape, chunks=(4, 64, 64, 64),
+                                    dtype="uint8", zarr_format=2, overwrite=True,
+                                    compressors=codec if codec is None else [codec],
+                                    chunk_key_encoding={"name": "v2", "separator": "/"})
+            t0 = time.perf_counter()
+            arr[:] = data
+            best_w = min(best_w, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            np.asarray(arr[:])
+            best_r = min(best_r, time.perf_counter() - t0)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"| {label} | {raw / best_w / 1e6:.0f} | {raw / best_r / 1e6:.0f} | "
+              f"{size / 2**20:.1f} | {raw / size:.1f}× |")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--before", type=Path, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--codecs", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.run, args.out, args.workers)))
+        return
+    shape = (32, 128, 128) if args.quick else (128, 384, 384)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run = make_run(root, shape)
+        sides: dict[str, Path] = {"copy": TREE, "copy-rgb": TREE}
+        if args.before:
+            sides.update({"before:fuse": args.before, "before:fuse-noconf": args.before})
+        sides.update({"fuse": TREE, "fuse-noconf": TREE})
+        if args.workers > 1:
+            sides["fuse-par"] = TREE
+        best = {s: {"wall": float("inf"), "cpu": float("inf")} for s in sides}
+        n = 0
+        for _ in range(args.repeats):
+            for side, tree in sides.items():
+                n += 1
+                kind = side.split(":")[-1]
+                out = (root / f"c{n}.zarr") if kind.startswith("copy") else run / f"f{n}.ome.zarr"
+                t = timed(kind, tree, run, out, args.workers)
+                for k in t:
+                    best[side][k] = min(best[side][k], t[k])
+        shape_s = "×".join(map(str, shape))
+        print(f"\n## fuse vs a zarr copy of its inputs ({shape_s}, chunk 64, mean of 3 axes, "
+              f"best of {args.repeats}, interleaved)")
+        print("| side | wall s | wall ratio to copy | CPU s | CPU ratio to copy |")
+        print("|---|---|---|---|---|")
+        base = best["copy"]
+        for side, t in best.items():
+            label = side.replace("fuse-par", f"fuse, {args.workers} local processes")
+            cpu = "–" if side.endswith("-par") else f"{t['cpu']:.2f}"
+            cpu_r = "–" if side.endswith("-par") else f"{t['cpu'] / base['cpu']:.2f}×"
+            print(f"| {label} | {t['wall']:.2f} | {t['wall'] / base['wall']:.2f}× | {cpu} | "
+                  f"{cpu_r} |")
+        if args.codecs:
+            part_codecs(run, root)
+
+
+if __name__ == "__main__":
+    main()
