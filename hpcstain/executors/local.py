@@ -61,6 +61,21 @@ def unit_name(result: UnitResult) -> str:
     return f"{result.axis}/{result.name}"
 
 
+@dataclass
+class StainTask:
+    """Stain's block task (:mod:`hpcstain.volume.tasks`): ``task(unit index)`` stains and
+    records one unit (:func:`process_unit`) and returns its name (``axis/unit``)."""
+
+    run_dir: str
+    make_fn: MakeFn | None = None
+    batch_size: int = 0
+    device: str = "cpu"
+
+    def __call__(self, index: int) -> list[str]:
+        return [unit_name(process_unit(self.run_dir, index, self.make_fn, self.batch_size,
+                                       self.device))]
+
+
 def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               make_fn: MakeFn | None = None, units: Iterable[int] | None = None,
               batch_size: int = 0, device: str = "cpu", progress: bool = True,

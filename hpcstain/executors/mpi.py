@@ -26,6 +26,7 @@ from hpcstain.volume.stain import (
     resolve_fn,
     stain_unit,
 )
+from hpcstain.volume.tasks import TaskPass
 
 
 def world_comm() -> Any:
@@ -54,16 +55,60 @@ def run_mpi(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     todo = comm.bcast(todo, root=0)
     report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(todo))
     unit_fn = resolve_fn(fn, make_fn, plan, run_dir, device)
-    for index in _claimed(comm, len(todo)):
-        result = stain_unit(run_dir, todo[index], unit_fn, batch_size=batch_size, plan=plan,
-                            device=device)
-        report.stained.append(unit_name(result))
-    names = comm.gather(report.stained, root=0)
+
+    def task(index: int) -> list[str]:
+        return [unit_name(stain_unit(run_dir, index, unit_fn, batch_size=batch_size,
+                                     plan=plan, device=device))]
+
+    report.stained = run_pass_mpi(TaskPass(task, todo, label="stain", unit="slab"), comm)
     if comm.Get_rank() == 0:
-        report.stained = sorted(n for part in names for n in part)
         report.cost = generator_cost(run_dir, plan)
     report.seconds = time.perf_counter() - t0
     comm.Barrier()
+    return report
+
+
+def run_pass_mpi(tp: TaskPass, comm: Any, progress: bool = False) -> list[str]:
+    """Run a block-task pass over the ranks of ``comm``: every rank (rank 0 included) claims
+    jobs one at a time (:func:`_claimed`). Every rank must call it with the same jobs.
+    Rank 0 returns every recorded name, sorted; the others their own."""
+    mine: list[str] = []
+    for n in _claimed(comm, len(tp.jobs)):
+        mine += tp.task(tp.jobs[n])
+    names = comm.gather(mine, root=0)
+    return sorted(x for part in names for x in part) if comm.Get_rank() == 0 else mine
+
+
+def run_fuse_mpi(run_dir: str | os.PathLike[str], comm: Any = None, **kwargs: Any) -> Any:
+    """``fuse_run`` over the ranks of ``comm``: rank 0 prepares the image, hands the chunk
+    groups to every rank (:func:`run_pass_mpi`) and builds the pyramid; the others only
+    fuse groups. Rank 0 returns the report, the others None."""
+    from hpcstain.volume.fuse import fuse_run
+
+    comm = comm or world_comm()
+    if comm.Get_size() == 1:
+        return fuse_run(run_dir, **kwargs)
+    if comm.Get_rank() != 0:
+        tp = comm.bcast(None, root=0)
+        if tp is not None:
+            run_pass_mpi(tp, comm)
+        comm.Barrier()
+        return None
+    sent = False
+
+    def runner(tp: TaskPass, progress: bool) -> list[str]:
+        nonlocal sent
+        comm.bcast(tp, root=0)
+        sent = True
+        return run_pass_mpi(tp, comm, progress)
+
+    try:
+        kwargs.pop("workers", None)
+        report = fuse_run(run_dir, runner=runner, workers=comm.Get_size(), **kwargs)
+    finally:
+        if not sent:  # nothing to fuse, or refused before: release the other ranks
+            comm.bcast(None, root=0)
+        comm.Barrier()
     return report
 
 

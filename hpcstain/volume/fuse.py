@@ -38,7 +38,9 @@ Fusion is a block task over the storage chunks of the output: a chunk is fused o
 axis's work units (slabs) covering it are done; ``consistency`` also needs the voxels
 around it (its halo of ``r`` voxels), so its result does not depend on the chunking. Each
 chunk writes only its own level-0 storage chunk, then its completion record, so chunks
-fuse in parallel (``workers > 1``: a dask LocalCluster, or a given dask client). A task
+fuse in parallel: a group of chunks is a block task (:mod:`hpcstain.volume.tasks`) that
+any runner runs (this process, ``workers`` local processes, or the executors' dask and
+MPI runners: :func:`hpcstain.executors.run_fuse`). A task
 fuses a *group* of chunks (:func:`fuse_groups`: aligned blocks of 2×2×2 chunks or more,
 bounded by ``FUSE_GROUP_VOXELS``): it reads the CT for the outside test once over the
 group's box, and writes the level-1 storage chunks whose level-0 chunks all lie in the
@@ -91,6 +93,7 @@ from hpcstain.volume.plan import (
     write_record,
 )
 from hpcstain.volume.repair import damaged_axis_error
+from hpcstain.volume.tasks import Runner, TaskPass, run_processes
 
 Method = Literal["mean", "median", "consistency"]
 METHODS = ("mean", "median", "consistency")
@@ -729,15 +732,17 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
-             client: Any = None, ngff: str = "0.4", fill_outside: bool = True,
+             runner: Runner | None = None, ngff: str = "0.4", fill_outside: bool = True,
              confidence: bool = True) -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
     ``single_axis``) inside ``run_dir``. Settings are stored in the image; re-running with
     different settings is refused unless ``overwrite`` (which starts the image afresh).
-    Chunks are fused in this process, or in parallel on a dask ``client`` or a
-    LocalCluster of ``workers`` processes; the pyramid is built afterwards. ``ngff`` picks
+    Chunk groups are block tasks (:mod:`hpcstain.volume.tasks`) run by ``runner`` (from
+    :func:`hpcstain.executors.pass_runner`: local processes, dask, MPI), by default in this
+    process, or on ``workers`` local processes; ``workers`` also sets how many groups the
+    chunks are cut into. The pyramid is built afterwards, here. ``ngff`` picks
     the output format: NGFF 0.4 (zarr v2) or 0.5 (zarr v3, one shard per storage chunk).
     ``fill_outside`` paints voxels outside the sample (from the input CT) with the
     normalised background colour. ``confidence`` (with two or more axes) also writes the
@@ -778,14 +783,14 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
                     settings["confidence"])
     pending = run_dir / "done" / task / PYRAMID_PENDING
     rebuild = pending.is_file()  # an earlier pass stopped before its pyramid was built
-    parallel = workers > 1 or client is not None
-    groups = fuse_groups(plan, todo, min_groups=4 * max(workers, 2) if parallel else 1)
+    groups = fuse_groups(plan, todo, min_groups=4 * workers if workers > 1 else 1)
     if todo:
         pending.touch()
-    if todo and parallel:
-        report.fused = _fuse_on_dask(fuse, groups, workers, client, progress)
-    else:
-        report.fused = _fuse_serial(fuse, groups, progress)
+    if runner is None:
+        runner = functools.partial(run_processes, workers=workers)
+    tp = TaskPass(fuse, groups, label="fuse", unit="chunk", weights=[len(g) for g in groups],
+                  keys=[f"fuse-{task}-{plan.chunk_name(g[0])}" for g in groups])
+    report.fused = runner(tp, progress) if groups else []
     if todo or rebuild:
         root = omezarr.open_image(image)
         images = [root, *([root[DISAGREEMENT]] if settings["confidence"] else [])]
@@ -802,47 +807,6 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
         pending.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _fuse_serial(fuse: FuseTask, groups: list[list[int]], progress: bool) -> list[str]:
-    bar = _bar(sum(map(len, groups)), progress)
-    names = []
-    for group in groups:
-        names += fuse(group)
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
-    return names
-
-
-def _fuse_on_dask(fuse: FuseTask, groups: list[list[int]], workers: int, client: Any,
-                  progress: bool) -> list[str]:
-    """Fuse the chunk ``groups`` on dask, one task per group."""
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    if client is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        own = Client(cluster)
-    try:
-        c = client or own
-        futures = [c.submit(fuse, g, pure=False) for g in groups]
-        bar = _bar(sum(map(len, groups)), progress)
-        names = []
-        for f in as_completed(futures):
-            done = f.result()
-            names += done
-            if bar is not None:
-                bar.update(len(done))
-        if bar is not None:
-            bar.close()
-        return sorted(names)
-    finally:
-        if cluster is not None:
-            own.close()
-            cluster.close()
 
 
 def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: dict[str, Any],
@@ -870,14 +834,6 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
                          overwrite=overwrite, version=settings["ngff"],
                          scalars=(DISAGREEMENT,) if settings.get("confidence") else ())
     (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled or not total:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="fuse", unit="chunk")
 
 
 __all__ = ["METHODS", "FuseReport", "fuse_block", "fuse_consistency", "fuse_mean",
