@@ -200,14 +200,17 @@ def create_axis_store(path: Path, plan: Plan) -> None:
 
 
 def write_axis_region(path: Path, plan: Plan, region: Region, rgb: np.ndarray) -> None:
-    """Write whole storage chunks of RGB into a per-axis array and fsync their files."""
+    """Write whole storage chunks of RGB into a per-axis array and fsync their files.
+
+    Every chunk is stored, also one equal to the fill value (zarr's test for an empty chunk
+    cost as much CPU as compressing it; a black chunk reads back the same either way)."""
     import zarr
 
-    arr = zarr.open_array(str(path), mode="r+")
+    arr = zarr.open_array(str(path), mode="r+", config={"write_empty_chunks": True})
     arr[(*region, slice(None))] = rgb
     for coords in chunks_touched(region, plan.chunk):
         chunk_file = path / arr.metadata.encode_chunk_key((*coords, 0))
-        if chunk_file.is_file():  # absent when the chunk equals the fill value (not stored)
+        if chunk_file.is_file():
             with open(chunk_file, "rb") as fh:
                 os.fsync(fh.fileno())
 
