@@ -548,15 +548,22 @@ def cmd_submit_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from hpcstain.volume import fuse_run
+    from hpcstain.executors import run_fuse
     from hpcstain.volume.voxelsize import parse_voxel_size
 
-    report = fuse_run(args.run_dir, method=args.method, single_axis=args.single_axis,
+    kw: dict[str, object] = {"workers": args.workers}
+    if args.executor == "dask":
+        kw["address"] = args.scheduler
+    report = run_fuse(args.run_dir, executor=args.executor, method=args.method,
+                      single_axis=args.single_axis,
                       voxel_size_um=parse_voxel_size(args.voxel_size) if args.voxel_size
                       else None,
                       levels=args.levels, out=args.out, overwrite=args.overwrite,
-                      progress=not args.no_progress, workers=args.workers, ngff=args.ngff,
-                      fill_outside=not args.no_fill, confidence=not args.no_confidence)
+                      progress=not args.no_progress and args.executor != "mpi",
+                      ngff=args.ngff, fill_outside=not args.no_fill,
+                      confidence=not args.no_confidence, **kw)
+    if report is None:  # an MPI rank other than 0: rank 0 reports
+        return 0
     print(report.summary())
     return 0 if report.complete else 3  # 3: chunks still missing; re-run fuse later
 
@@ -641,7 +648,14 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="image name inside RUN_DIR, e.g. "
                    "fused-05.ome.zarr (a name, not a path; default fused.ome.zarr)")
     p.add_argument("--workers", type=int, default=1,
-                   help="fuse chunks in parallel on a dask LocalCluster of N processes")
+                   help="fuse chunk groups in parallel on N local processes (with --executor "
+                   "dask: a LocalCluster of N workers)")
+    p.add_argument("--executor", default="local", choices=["local", "dask", "mpi"],
+                   help="who runs the chunk groups (the same executors as stain); mpi: run "
+                   "under `mpirun -n N hpcstain fuse ...` (rank 0 prepares the image and "
+                   "builds the pyramid)")
+    p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
+                   "a LocalCluster of --workers)")
     p.add_argument("--ngff", default="0.4", choices=["0.4", "0.5"],
                    help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3, sharded)")
     p.add_argument("--no-fill", action="store_true",

@@ -57,3 +57,16 @@ def test_mpi_ranks_stain_the_same_bytes_as_one_process(tmp_path: Path) -> None:
         assert np.array_equal(a, b), axis
     records = list((tmp_path / "mpi/done").rglob("*.json"))
     assert len(records) == 7
+    # fuse's chunk groups on the same ranks (rank 0 prepares the image and the pyramid)
+    fuse = [sys.executable, "-m", "hpcstain.cli", "fuse", "--no-progress", "--levels", "2"]
+    subprocess.run([*fuse, str(tmp_path / "local")], check=True, capture_output=True,
+                   timeout=300, env=env)
+    out = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3",
+                          *fuse, str(tmp_path / "mpi"), "--executor", "mpi"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("fused 9 new chunk(s)") == 1  # 1×3×3 chunks of 16
+    for level in ("0", "1", "disagreement/0", "disagreement/1"):
+        a = zarr.open_array(str(tmp_path / f"local/fused.ome.zarr/{level}"), mode="r")[:]
+        b = zarr.open_array(str(tmp_path / f"mpi/fused.ome.zarr/{level}"), mode="r")[:]
+        assert np.array_equal(a, b), level

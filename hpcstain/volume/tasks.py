@@ -65,17 +65,22 @@ def run_serial(tp: TaskPass, progress: bool = False) -> list[str]:
 
 
 def run_processes(tp: TaskPass, progress: bool = False, workers: int = 2) -> list[str]:
-    """Run the pass's jobs on ``workers`` fresh local processes (spawned: a parent with
-    zarr's I/O thread running is not safe to fork), as they finish; names sorted."""
+    """Run the pass's jobs on ``workers`` local processes, as they finish; names sorted.
+
+    The processes are forked from a fork server that imported the task's module once (a
+    parent with zarr's I/O thread running is not safe to fork itself; spawning would import
+    the engine, torch included, once per process)."""
     if workers <= 1 or len(tp.jobs) <= 1:
         return run_serial(tp, progress)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([type(tp.task).__module__])
     bar = tp.bar(progress)
     names: list[str] = []
     with ProcessPoolExecutor(max_workers=min(workers, len(tp.jobs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+                             mp_context=context) as pool:
         futures = {pool.submit(tp.task, job): n for n, job in enumerate(tp.jobs)}
         try:
             for f in as_completed(futures):
