@@ -332,6 +332,7 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
         if res is None:
             res = np.empty((stack.shape[0], out.shape[1], h, w),
                            np.float64 if tiles_out.dtype == np.float64 else np.float32)
+            tmp = np.empty((out.shape[1], min(th, h), min(tw, w)))
         for (s, iy, ix), t_out in zip(batch, tiles_out, strict=True):
             ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
             for ra, rb, rcov in rows_of[iy]:
@@ -340,11 +341,18 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
                     if len(rcov) == 1 and len(ccov) == 1:
                         res[s, :, ra:rb, ca:cb] = t_out[:, ty, tx]
                         continue
+                    # float64, summed in grid order; the first tile's term is stored, not
+                    # added to 0 (the same value), into a block of the region
                     block = acc.get((ra, ca))
                     if block is None:
-                        block = acc[ra, ca] = np.zeros((stack.shape[0], out.shape[1],
+                        block = acc[ra, ca] = np.empty((stack.shape[0], out.shape[1],
                                                         rb - ra, cb - ca))
-                    block[s] += win[ty, tx] * t_out[:, ty, tx]  # float64, in grid order
+                    if iy == rcov[0] and ix == ccov[0]:
+                        np.multiply(t_out[:, ty, tx], win[ty, tx], out=block[s])
+                    else:
+                        term = tmp[:, :rb - ra, :cb - ca]
+                        np.multiply(t_out[:, ty, tx], win[ty, tx], out=term)
+                        np.add(block[s], term, out=block[s])
     assert res is not None
     for (ra, ca), block in acc.items():
         (rb, rcov), = [(b, cov) for a, b, cov in row_segs if a == ra]
@@ -354,7 +362,7 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
             for ix in ccov:
                 ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
                 wsum += win[ty0 + ra:ty0 + rb, tx0 + ca:tx0 + cb]
-        res[:, :, ra:rb, ca:cb] = block / wsum
+        res[:, :, ra:rb, ca:cb] = np.divide(block, wsum, out=block)
     return res[0] if data.ndim == 3 else res
 
 

@@ -202,17 +202,21 @@ def create_axis_store(path: Path, plan: Plan) -> None:
 def write_axis_region(path: Path, plan: Plan, region: Region, rgb: np.ndarray) -> None:
     """Write whole storage chunks of RGB into a per-axis array and fsync their files.
 
-    Every chunk is stored, also one equal to the fill value (zarr's test for an empty chunk
-    cost as much CPU as compressing it; a black chunk reads back the same either way)."""
+    One chunk per zarr call (zarr then encodes the caller's block as it is, without first
+    copying it into a new chunk buffer), and every chunk is stored, also one equal to the
+    fill value (zarr's test for an empty chunk cost as much CPU as compressing it; a black
+    chunk reads back the same either way)."""
     import zarr
 
-    arr = zarr.open_array(str(path), mode="r+", config={"write_empty_chunks": True})
-    arr[(*region, slice(None))] = rgb
+    arr = zarr.open_array(str(path), mode="r+").with_config({"write_empty_chunks": True})
     for coords in chunks_touched(region, plan.chunk):
+        box = tuple(slice(max(r.start, c * k), min(r.stop, (c + 1) * k))
+                    for r, c, k in zip(region, coords, plan.chunk, strict=True))
+        arr[(*box, slice(None))] = rgb[tuple(slice(b.start - r.start, b.stop - r.start)
+                                             for b, r in zip(box, region, strict=True))]
         chunk_file = path / arr.metadata.encode_chunk_key((*coords, 0))
-        if chunk_file.is_file():
-            with open(chunk_file, "rb") as fh:
-                os.fsync(fh.fileno())
+        with open(chunk_file, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def check_source(source: VolumeSource, plan: Plan) -> None:
