@@ -17,6 +17,8 @@ best of ``--repeats``; wall clock and the child's CPU time (all its threads):
   RGB array written with zarr's defaults, no CT);
 * ``fuse``: ``fuse_run(method="mean")``, confidence on (the default), outside fill on;
 * ``fuse-noconf``: the same with ``confidence=False``;
+* ``--perturb``: uniform noise (±40 on y, ±80 on x) on two axes, so that the axes
+  disagree and the outputs compress like real stains rather than 16×;
 * ``fuse-N``: ``fuse`` on ``--workers`` local processes (wall clock only: the workers' CPU is
   not the child's);
 * with ``--before``: ``fuse`` and ``fuse-noconf`` of the older tree beside this one's.
@@ -40,17 +42,28 @@ HERE = Path(__file__).resolve().parent
 TREE = HERE.parent
 
 
-def make_run(root: Path, shape: tuple[int, int, int]) -> Path:
+def make_run(root: Path, shape: tuple[int, int, int], perturb: bool = False) -> Path:
     sys.path.insert(0, str(HERE))
     from bench_engine import per_pixel, synthetic_ct
 
     from hpcstain.executors import run_stain
     from hpcstain.volume import init_run, make_plan, open_volume
+    from hpcstain.volume.plan import axis_store
 
     vol = synthetic_ct(root / "ct.zarr", shape)
     plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0))
     run = init_run(root / "run", plan)
     run_stain(run, per_pixel, progress=False)
+    if perturb:  # the axes disagree (the stand-in gives three equal axes): uniform noise
+        import numpy as np
+        import zarr
+
+        rng = np.random.default_rng(1)
+        for k, a in enumerate("yx", 1):
+            arr = zarr.open_array(str(axis_store(run, a)), mode="r+")
+            d = np.asarray(arr[:]).astype(np.int16)
+            d += rng.integers(-40 * k, 40 * k, d.shape, dtype=np.int16)
+            arr[:] = np.clip(d, 0, 255).astype(np.uint8)
     return Path(run)
 
 
@@ -161,6 +174,8 @@ def main() -> None:
     p.add_argument("--before", type=Path, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--codecs", action="store_true")
+    p.add_argument("--perturb", action="store_true",
+                   help="add noise to the y and x axes (±40, ±80: the axes disagree)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -171,7 +186,7 @@ def main() -> None:
     shape = (32, 128, 128) if args.quick else (128, 384, 384)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run = make_run(root, shape)
+        run = make_run(root, shape, args.perturb)
         sides: dict[str, Path] = {"copy": TREE, "copy-rgb": TREE}
         if args.before:
             sides.update({"before:fuse": args.before, "before:fuse-noconf": args.before})
@@ -189,8 +204,9 @@ def main() -> None:
                 for k in t:
                     best[side][k] = min(best[side][k], t[k])
         shape_s = "×".join(map(str, shape))
-        print(f"\n## fuse vs a zarr copy of its inputs ({shape_s}, chunk 64, mean of 3 axes, "
-              f"best of {args.repeats}, interleaved)")
+        print(f"\n## fuse vs a zarr copy of its inputs ({shape_s}, chunk 64, mean of 3 axes"
+              f"{', axes perturbed' if args.perturb else ''}, best of {args.repeats}, "
+              "interleaved)")
         print("| side | wall s | wall ratio to copy | CPU s | CPU ratio to copy |")
         print("|---|---|---|---|---|")
         base = best["copy"]
