@@ -236,7 +236,7 @@ def _read_context(source: np.ndarray | Reader, ctx: Region) -> np.ndarray:
         raise InputError(f"tile source gave an empty array of shape {data.shape} for {ctx}")
     # a sum is finite only if every value is (one pass, no boolean temporary); a huge but
     # finite input may overflow the sum, so only then is every value looked at
-    if not np.isfinite(data.sum(dtype=np.float64)) and not np.isfinite(data).all():
+    if not np.isfinite(data.sum()) and not np.isfinite(data).all():
         raise InputError(f"tile source has NaN/Inf values in region {ctx}")
     return data if data.dtype == np.float64 else data.astype(np.float32, copy=False)
 
