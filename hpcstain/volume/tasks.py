@@ -67,16 +67,13 @@ def run_serial(tp: TaskPass, progress: bool = False) -> list[str]:
 def run_processes(tp: TaskPass, progress: bool = False, workers: int = 2) -> list[str]:
     """Run the pass's jobs on ``workers`` local processes, as they finish; names sorted.
 
-    The processes are forked from a fork server that imported the task's module once (a
-    parent with zarr's I/O thread running is not safe to fork itself; spawning would import
-    the engine, torch included, once per process)."""
+    The processes are forked from this one (:func:`_process_context`), so they start at
+    once with everything imported."""
     if workers <= 1 or len(tp.jobs) <= 1:
         return run_serial(tp, progress)
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([type(tp.task).__module__])
+    context = _process_context(type(tp.task).__module__)
     bar = tp.bar(progress)
     names: list[str] = []
     with ProcessPoolExecutor(max_workers=min(workers, len(tp.jobs)),
@@ -93,3 +90,21 @@ def run_processes(tp: TaskPass, progress: bool = False, workers: int = 2) -> lis
     if bar is not None:
         bar.close()
     return sorted(names)
+
+
+def _process_context(module: str) -> Any:
+    """How :func:`run_processes` starts its workers. Fork, where zarr resets its I/O thread
+    in a forked child (zarr registers ``reset_resources_after_fork``; the engine's own
+    threads live only inside a task call, and torch is not used by the tasks' children):
+    the workers start at once. Elsewhere a fork server that imports ``module`` once
+    (spawning would import the engine, torch included, in every worker: 3-6 s each)."""
+    import multiprocessing
+
+    from zarr.core import sync
+
+    if "fork" in multiprocessing.get_all_start_methods() and hasattr(
+            sync, "reset_resources_after_fork"):
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([module])
+    return context
