@@ -13,6 +13,9 @@ best of ``--repeats``; wall clock and the child's CPU time (all its threads):
   chunk by chunk (the output's 64³ chunks), the CT read once in its own storage chunks, one
   RGBA array (4, Z, Y, X) written chunk by chunk with the same codec as the fused image
   (zstd level 1, zarr v2);
+* ``copy-all``: ``copy`` that also writes what fuse writes besides the RGBA level 0 (a
+  one-channel level 0, and level 1 of both, by striding: no arithmetic), the I/O floor of
+  fuse with its confidence image;
 * ``copy-rgb``: the older baseline of ``bench_engine.py --only fuse`` (three axes read, one
   RGB array written with zarr's defaults, no CT);
 * ``fuse``: ``fuse_run(method="mean")``, confidence on (the default), outside fill on;
@@ -82,16 +85,25 @@ def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     if side.startswith("copy"):
         arrays = [zarr.open_array(str(axis_store(run, a)), mode="r") for a in "zyx"]
-        if side == "copy":
+        if side in ("copy", "copy-all"):
             from numcodecs import Zstd
 
             ct = zarr.open_array(str(input_at(plan, run)), mode="r")
             step = ct.chunks[0]
             for z in range(0, ct.shape[0], step):  # the CT once, in its own chunks
                 np.asarray(ct[z:z + step])
-            dst = zarr.create_array(out, shape=(4, *plan.shape), chunks=(4, *plan.chunk),
-                                    dtype="uint8", zarr_format=2, compressors=Zstd(level=1),
-                                    chunk_key_encoding={"name": "v2", "separator": "/"})
+
+            def create(path: str, channels: int, shape: tuple[int, ...]) -> object:
+                return zarr.create_array(path, shape=(channels, *shape),
+                                         chunks=(channels, *plan.chunk), dtype="uint8",
+                                         zarr_format=2, compressors=Zstd(level=1),
+                                         chunk_key_encoding={"name": "v2", "separator": "/"})
+
+            half = tuple((n + 1) // 2 for n in plan.shape)
+            dst = create(out, 4, plan.shape)
+            extra = [] if side == "copy" else [
+                (create(out + "-c0", 1, plan.shape), 1, 1), (create(out + "-r1", 4, half), 4, 2),
+                (create(out + "-c1", 1, half), 1, 2)]
             for i in range(plan.n_chunks):
                 region = plan.write_region(i)
                 blocks = [np.asarray(a[(*region, slice(None))]) for a in arrays]
@@ -99,6 +111,9 @@ def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
                 rgba[:3] = np.moveaxis(blocks[0], -1, 0)
                 rgba[3] = blocks[1][..., 0]
                 dst[(slice(None), *region)] = rgba
+                for arr, channels, k in extra:  # the same bytes fuse writes besides level 0
+                    part = tuple(slice(r.start // k, (r.stop + k - 1) // k) for r in region)
+                    arr[(slice(None), *part)] = rgba[:channels, ::k, ::k, ::k]
         else:
             dst = zarr.create_array(out, shape=(*plan.shape, 3), chunks=(64, 64, 64, 3),
                                     dtype="uint8")
@@ -187,7 +202,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run = make_run(root, shape, args.perturb)
-        sides: dict[str, Path] = {"copy": TREE, "copy-rgb": TREE}
+        sides: dict[str, Path] = {"copy": TREE, "copy-rgb": TREE, "copy-all": TREE}
         if args.before:
             sides.update({"before:fuse": args.before, "before:fuse-noconf": args.before})
         sides.update({"fuse": TREE, "fuse-noconf": TREE})
