@@ -1,8 +1,10 @@
 """`hpcstain demo`: the whole pipeline on the embedded phantom, in minutes on a laptop CPU.
 
-phantom pairs → train a tiny modified CycleGAN → evaluate held-out slides against the real
-(synthetic) histology and the exact truth → phantom volume → stain along z, y, x →
-fuse (and the paper's slice-wise z volume) → stripe index and orthoview PNGs.
+phantom pairs → train the tissue recipe (a small U-Net, L1 to the paired histology) →
+evaluate held-out slides (another seed) against the real (synthetic) histology, the exact
+truth and their tissue labels → phantom volume → stain along z, y, x → fuse (and the
+paper's slice-wise z volume) → PSNR/SSIM, tissue classes against a CT-threshold baseline,
+stripe index, and one PNG of CT | stain | truth on each plane.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import numpy as np
 @dataclass(frozen=True)
 class DemoSizes:
     n_pairs: int
+    n_held: int
     slide: int
     volume: tuple[int, int, int]
-    epochs: int
-    patches_per_pair: int
+    steps: int
     chunk: int
     tile: int
     step: int
@@ -30,32 +32,26 @@ class DemoSizes:
     model: tuple[str, ...]
 
 
-# The CPU recipe (docs/results.md): a ResNet of 16 features and 4 blocks on 96² patches,
-# 720 steps with linear LR decay over the second half, sections along z, y and x plus the
-# 8 dihedral transforms, at the pixel scale of the volume (the phantom sample scales with
-# the array: slides and volume must share it); a near-cubic volume, as real scans are.
-FULL = DemoSizes(n_pairs=16, slide=128, volume=(128, 128, 128), epochs=12, patches_per_pair=15,
-                 chunk=64, tile=256, step=192, patch=64,
-                 model=("model.ngf=16", "model.ndf=16", "model.n_blocks=4",
-                        "data.patch_size=96", "train.decay_epochs=6", "data.rot90=true"))
-QUICK = DemoSizes(n_pairs=4, slide=96, volume=(24, 48, 48), epochs=1, patches_per_pair=4,
+# The tissue recipe (configs/tissue-cpu.yaml, docs/results.md "Where tissue information is
+# lost"): a small U-Net trained with plain L1 on 128² slides (the whole slide: context is
+# the largest single gain), 8 dihedral transforms, no 3D Gaussian at staining (the profile
+# records stain_sigma 0). Pairs sectioned along z, y and x at the pixel scale of the volume
+# (the phantom sample scales with the array: slides and volume must share it); held-out
+# slides of another seed for the 2D table; a near-cubic volume, as real scans are.
+FULL = DemoSizes(n_pairs=16, n_held=8, slide=128, volume=(128, 128, 128), steps=800,
+                 chunk=64, tile=256, step=192, patch=32, model=())
+QUICK = DemoSizes(n_pairs=4, n_held=2, slide=64, volume=(32, 48, 48), steps=4,
                   chunk=24, tile=32, step=16, patch=32,
                   model=("data.patch_size=32", "model.ngf=4", "model.ndf=4",
-                         "model.n_blocks=1"))
+                         "model.n_blocks=5", "data.patches_per_pair=2"))
+PROFILE = "tissue-cpu"
+TARGETS = {"truth": "exact truth stain (perfectly registered, artefact-free slides)",
+           "histology": "phantom's histology as it comes (misaligned, artefacts)"}
+TRAIN_SEED, HELD_SEED, VOLUME_SEED = 7, 8, 11
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
-
-
-def orthoviews(rgb: np.ndarray) -> np.ndarray:
-    """XY, XZ and YZ centre planes of a (Z, Y, X, 3) volume side by side (uint8)."""
-    z, y, x = (s // 2 for s in rgb.shape[:3])
-    planes = [rgb[z], rgb[:, y], rgb[:, :, x]]
-    height = max(p.shape[0] for p in planes)
-    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0)), constant_values=255)
-              for p in planes]
-    return np.concatenate(padded, axis=1)
 
 
 def _read_fused(image: Path) -> np.ndarray:
@@ -65,48 +61,91 @@ def _read_fused(image: Path) -> np.ndarray:
     return np.moveaxis(level0[:3], 0, -1)
 
 
-def run_demo(out: Path, quick: bool = False, physics: str = "render") -> dict[str, Any]:
+def _train_config(manifest: Path, n_pairs: int, sizes: DemoSizes) -> Any:
+    """The tissue profile for ``sizes.steps`` optimiser steps on every pair (epochs and the
+    linear LR decay rescaled so the decay ends at the last step)."""
+    import math
+
+    from hpcstain.config import load_config
+
+    base = [f"data.manifest={manifest}", "data.n_folds=0", "data.n_test=0",
+            "data.num_workers=0", "train.log_every=20", *sizes.model]
+    cfg = load_config(PROFILE, base)
+    per_epoch = max(n_pairs * cfg.data.patches_per_pair // cfg.data.batch_size, 1)
+    epochs = max(math.ceil(sizes.steps / per_epoch), 1)
+    decay = min(round(epochs * cfg.train.decay_epochs / max(cfg.train.epochs, 1)), epochs)
+    return load_config(PROFILE, [*base, f"train.max_steps={sizes.steps}",
+                                 f"train.epochs={epochs}", f"train.decay_epochs={decay}",
+                                 "train.checkpoint_every=0"])
+
+
+def truth_manifest(manifest: Path) -> Path:
+    """A copy of the phantom's ``manifest`` whose histology column names the exact truth
+    stain (``truth/<id>.png``): perfectly registered, artefact-free histology."""
+    import csv
+
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    out = manifest.with_name("manifest-truth.csv")
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "histology": row["truth"]})
+    return out
+
+
+def run_demo(out: Path, quick: bool = False, physics: str = "render",
+             target: str = "truth") -> dict[str, Any]:
     """Run every stage into ``out`` and return (and save) a summary of what it measured.
 
     ``physics`` picks the phantom's CT: ``render`` (its CT renderer) or ``tomo`` (the
     physical CT chain of :mod:`hpcstain.phantom.tomo` at its default knobs: polychromatic
     projection, Poisson counts, rings, filtered back-projection), for slides and volume.
+    ``target`` is what the model learns to paint: ``truth``, the phantom's exact stain
+    (the histology a perfect registration of artefact-free slides would give: the
+    reference recipe of docs/results.md), or ``histology``, the phantom's synthetic slides
+    as they come (warped by 1–3 px, cracks, dirt, stain variation), as your own pairs do.
     """
-    from PIL import Image
-
-    from hpcstain.config import load_config
     from hpcstain.executors import run_stain
     from hpcstain.metrics.stripes import stripe_index
     from hpcstain.phantom import write_pairs, write_volume_file
     from hpcstain.phantom.tomo import TomoParams
     from hpcstain.train.trainer import train
+    from hpcstain.view import compare_planes
     from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     sizes = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if physics not in ("render", "tomo"):
-        from hpcstain.errors import UsageError
+    from hpcstain.errors import UsageError
 
+    if physics not in ("render", "tomo"):
         raise UsageError(f"--physics {physics!r}: choose render or tomo")
-    tomo = TomoParams() if physics == "tomo" else None
-    summary: dict[str, Any] = {"sizes": sizes.__dict__, "physics": physics}
+    if target not in TARGETS:
+        raise UsageError(f"--target {target!r}: choose {' or '.join(TARGETS)}")
+    tomo = TomoParams() if physics == "tomo" else None  # its pairs: z sections only
+    summary: dict[str, Any] = {"sizes": sizes.__dict__, "physics": physics,
+                               "profile": PROFILE, "target": target}
     t0 = time.perf_counter()
 
-    pairs_dir = out / "pairs"
-    if not (pairs_dir / "manifest.csv").exists():
-        _say(f"phantom: {sizes.n_pairs} paired slides of {sizes.slide}² px")
-        write_pairs(pairs_dir, sizes.n_pairs, seed=7, size=(sizes.slide, sizes.slide),
-                    orientation="z" if quick else "mixed", tomo=tomo)
+    pairs_dir, held_dir = out / "pairs", out / "pairs-held-out"
+    for folder, n, seed in ((pairs_dir, sizes.n_pairs, TRAIN_SEED),
+                            (held_dir, sizes.n_held, HELD_SEED)):
+        if not (folder / "manifest.csv").exists():
+            _say(f"phantom: {n} paired slides of {sizes.slide}² px (seed {seed}) → {folder}")
+            write_pairs(folder, n, seed=seed, size=(sizes.slide, sizes.slide),
+                        orientation="z" if tomo else "mixed", tomo=tomo)
     manifest = pairs_dir / "manifest.csv"
+    if target == "truth":
+        manifest = truth_manifest(manifest)
 
     run_dir = out / "train"
-    cfg = load_config("modcyclegan-tiny", [
-        f"data.manifest={manifest}", "data.n_folds=0", "data.n_test=1",
-        f"data.patches_per_pair={sizes.patches_per_pair}",
-        f"train.epochs={sizes.epochs}", "train.log_every=5", *sizes.model])
-    _say(f"train: modified CycleGAN ({', '.join(sizes.model)}), {sizes.epochs} epochs → "
-         f"{run_dir}")
+    cfg = _train_config(manifest, sizes.n_pairs, sizes)
+    _say(f"train: {PROFILE} (U-Net, L1 to the {TARGETS[target]}"
+         f"{', ' + ', '.join(sizes.model) if sizes.model else ''}), {sizes.steps} steps "
+         f"→ {run_dir}")
     t = time.perf_counter()
     result = train(cfg, run_dir, progress=not quick)
     summary["train"] = {"status": result.status, "steps": result.step,
@@ -114,20 +153,20 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render") -> dict[st
                         "last_losses": result.last_losses}
     checkpoint = run_dir / "checkpoints" / "latest.pt"
 
-    summary["evaluate"] = _evaluate(manifest, checkpoint, run_dir, out / "evaluate",
-                                    patch=sizes.patch)
+    summary["evaluate"] = _evaluate(held_dir / "manifest.csv", checkpoint,
+                                    out / "evaluate", patch=sizes.patch)
 
     vol_path = out / "phantom-volume.zarr"
     if not vol_path.exists():
-        _say(f"phantom volume {sizes.volume} (Mg screw, {physics} CT) → {vol_path}")
-        write_volume_file(vol_path, sizes.volume, "mg", seed=11, tomo=tomo)
+        _say(f"phantom volume {sizes.volume} (Mg screw, {physics} CT, seed {VOLUME_SEED}) "
+             f"→ {vol_path}")
+        write_volume_file(vol_path, sizes.volume, "mg", seed=VOLUME_SEED, tomo=tomo)
     stain_dir = out / "stain"
     source = open_volume(f"{vol_path}:ct")
-    # Same pixel scale as the training slides; Hann blending (the paper's "mean" leaves
-    # faint tile seams with a model this small); planes up to 512² are single tiles.
+    # Same pixel scale as the training slides; Hann blending; planes up to 512² are single
+    # tiles; the 3D Gaussian as the checkpoint records (the tissue profile: none).
     plan = make_plan(source, chunk=sizes.chunk, axes="z,y,x", tile=sizes.tile, step=sizes.step,
-                     window="hann", sigma=1.0, max_tile=0 if quick else 512,
-                     checkpoint=str(checkpoint))
+                     window="hann", max_tile=0 if quick else 512, checkpoint=str(checkpoint))
     init_run(stain_dir, plan, overwrite=False)
     _say(f"stain: {plan.n_units} slabs over 3 axes → {stain_dir}")
     t = time.perf_counter()
@@ -139,36 +178,72 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render") -> dict[st
     from hpcstain.metrics.volume import prepare_reference, score_volume
 
     group = zarr.open_group(str(vol_path), mode="r")
-    truth = group["stain"][:]
+    truth, labels, ct = group["stain"][:], group["labels"][:], group["ct"][:]
     # the truth in the model's colour space (§2.5 with label ROIs), inside the sample mask
-    reference = prepare_reference(truth.shape[:3], truth, labels=group["labels"][:],
-                                  ct=group["ct"][:])
+    reference = prepare_reference(truth.shape[:3], truth, labels=labels, ct=ct)
     volumes = {"truth": truth}
     scores: dict[str, Any] = {}
-    for name, kwargs in (("fused-consistency", {"method": "consistency"}),
-                         ("fused-mean", {"method": "mean", "out": "fused-mean.ome.zarr"}),
+    for name, kwargs in (("fused-mean", {"method": "mean"}),
+                         ("fused-consistency", {"method": "consistency",
+                                                "out": "fused-consistency.ome.zarr"}),
                          ("slicewise-z", {"single_axis": "z"})):
         report = fuse_run(stain_dir, **kwargs)
         volumes[name] = _read_fused(Path(report.output))
         scores[name] = score_volume(volumes[name], reference).summary
-    stripes: dict[str, float] = {}
-    for name, rgb in volumes.items():
-        stripes[name] = round(float(stripe_index(rgb, axis=0)), 3)
-        Image.fromarray(orthoviews(rgb)).save(out / f"orthoview-{name}.png")
+    stripes = {name: round(float(stripe_index(rgb, axis=0)), 3)
+               for name, rgb in volumes.items()}
     summary["stripe_index_z"] = stripes
     summary["volume_scores"] = {
         name: {"psnr": sc["psnr"], "psnr_calibrated": sc["psnr_calibrated"],
                "ssim": {f: sc["planes"][f]["ssim"] for f in sc["planes"]},
                "stripe_ratio": sc["stripe_ratio"]} for name, sc in scores.items()}
+    summary["tissue"] = _tissue(volumes, labels, ct, reference)
+    view = compare_planes(ct, [("stain (fused, 3 axes)", volumes["fused-mean"]),
+                               ("stain (slice-wise z)", volumes["slicewise-z"]),
+                               ("truth", truth)], out / "orthoviews.png")
     print(volume_table(summary["volume_scores"], reference.info["mask_fraction"]), end="")
+    print(summary["tissue"]["table"], end="")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     _say("stripe index along z (1 = no stripes): "
          + ", ".join(f"{k} {v}" for k, v in stripes.items()))
-    _say(f"done in {summary['seconds']} s; outputs in {out}/ (summary.json, orthoview-*.png, "
-         "evaluate/, stain/fused.ome.zarr)")
+    _say(f"done in {summary['seconds']} s; outputs in {out}/ (summary.json, {view.name}: "
+         "CT | fused stain | slice-wise z | truth on each plane, evaluate/, "
+         "stain/fused.ome.zarr)")
     return summary
+
+
+def _tissue(volumes: dict[str, np.ndarray], labels: np.ndarray, ct: np.ndarray,
+            reference: Any) -> dict[str, Any]:
+    """Tissue classes of the fused and the slice-wise stain read with the truth's palette,
+    the CT-threshold baseline and the truth (Dice, BV/TV, BIC, layer thickness)."""
+    from hpcstain.metrics.tissue import (
+        CT_BASELINE,
+        STAIN_OWN,
+        STAIN_TRUTH,
+        TRUTH,
+        TissueTally,
+        format_tissue_table,
+        score_readings,
+    )
+
+    rows: dict[str, Any] = {}
+    readings: dict[str, Any] = {}
+    for name in ("fused-mean", "slicewise-z"):
+        tally = TissueTally()
+        score_readings(tally, volumes[name], labels, reference.mask, reference.rgb, ct)
+        readings = tally.summary()
+        rows[f"stain {name}"] = readings[STAIN_TRUTH]
+        if name == "fused-mean":  # the reading blind to the colour convention
+            rows[f"stain {name}, own class means"] = readings[STAIN_OWN]
+    rows[CT_BASELINE], rows[TRUTH] = readings[CT_BASELINE], readings[TRUTH]
+    note = (f"Tissue classes inside the sample ({int(reference.mask.sum())} voxels): the "
+            "stain read with the truth's colour per class (and with the stain's own mean "
+            "colour per true class, blind to the colour convention), beside a grey-value "
+            "threshold of the CT (the baseline a stain must beat); thickness in voxels.")
+    return {"readings": rows, "table": "3D tissue classes:\n"
+            + format_tissue_table(rows, "voxels", note)}
 
 
 def volume_table(scores: dict[str, Any], mask_fraction: float) -> str:
@@ -189,13 +264,13 @@ def volume_table(scores: dict[str, Any], mask_fraction: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _evaluate(manifest: Path, checkpoint: Path, run_dir: Path, out: Path, patch: int
-              ) -> dict[str, Any]:
-    """Score the held-out slide(s) against histology and truth (paper §2.10 protocol)."""
+def _evaluate(manifest: Path, checkpoint: Path, out: Path, patch: int) -> dict[str, Any]:
+    """Score the held-out slides (another phantom seed) against histology and truth (the
+    paper's §2.10 protocol) and their tissue classes."""
     from hpcstain.evaluate import evaluate_manifest
 
-    _say(f"evaluate: every slide, by split (train/test) → {out}")
-    report = evaluate_manifest(manifest, checkpoint, out, split=run_dir, patch=patch,
-                               overwrite=True, log=_say)
+    _say(f"evaluate: held-out slides of {manifest.parent} → {out}")
+    report = evaluate_manifest(manifest, checkpoint, out, patch=patch, overwrite=True,
+                               log=_say)
     print(report.table, end="")
     return report.summary

@@ -146,12 +146,56 @@ def _panel(rgb: np.ndarray, spacing: tuple[float, float], unit: str, title: str)
     return canvas
 
 
+def _side_by_side(panels: list[Any], vertical: bool = False) -> Any:
+    """PIL images in a row (or a column), ``PAD`` apart on the background colour."""
+    from PIL import Image
+
+    if vertical:
+        size = (max(p.width for p in panels),
+                sum(p.height for p in panels) + PAD * (len(panels) - 1))
+    else:
+        size = (sum(p.width for p in panels) + PAD * (len(panels) - 1),
+                max(p.height for p in panels))
+    canvas = Image.new("RGB", size, BACKGROUND)
+    at = 0
+    for p in panels:
+        canvas.paste(p, (0, at) if vertical else (at, 0))
+        at += (p.height if vertical else p.width) + PAD
+    return canvas
+
+
+def compare_planes(ct: np.ndarray, columns: list[tuple[str, np.ndarray]],
+                   path: str | os.PathLike[str],
+                   voxel_size: tuple[float, float, float] | None = None) -> Path:
+    """One PNG: a row per centre plane (XY, XZ, YZ), the CT then each (Z, Y, X, 3) uint8
+    volume of ``columns`` (title, volume) side by side — e.g. CT | stain | truth — so a
+    person sees at once what is right. Returns the path written."""
+    shape = ct.shape
+    centre = tuple(s // 2 for s in shape)
+    unit = "µm" if voxel_size is not None else "voxels"
+    size = voxel_size if voxel_size is not None else (1.0, 1.0, 1.0)
+    rows = []
+    for plane, fixed in PLANES:
+        index = [slice(None)] * 3
+        index[fixed] = centre[fixed]
+        r, c = [i for i in range(3) if i != fixed]
+        spacing = (size[r], size[c])
+        where = f"{AXIS_NAMES[fixed]} = {centre[fixed]}"
+        grey = np.repeat(_ct_grey(ct[tuple(index)])[..., None], 3, axis=-1)
+        panels = [_panel(grey, spacing, unit, f"CT, {plane.upper()} at {where}")]
+        panels += [_panel(np.ascontiguousarray(vol[tuple(index)][..., :3], dtype=np.uint8),
+                          spacing, unit, title) for title, vol in columns]
+        rows.append(_side_by_side(panels))
+    out = Path(path)
+    _side_by_side(rows, vertical=True).save(out)
+    return out
+
+
 def view_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
              *, at: tuple[int, int, int] | None = None, image: str | None = None,
              overwrite: bool = False) -> ViewReport:
     """Write ``OUT/view-xy.png``, ``view-xz.png``, ``view-yz.png`` (default OUT:
     ``RUN_DIR/view``) for the stained or fused run in ``run_dir``."""
-    from PIL import Image
 
     from hpcstain.atomic import atomic_output
     from hpcstain.volume import load_plan, open_volume
@@ -193,13 +237,9 @@ def view_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
             spacing = (size[rows], size[cols])
             where = f"{AXIS_NAMES[fixed]} = {centre[fixed]} of {shape[fixed]}"
             grey = np.repeat(_ct_grey(ct)[..., None], 3, axis=-1)
-            left = _panel(grey, spacing, unit, f"CT, {plane.upper()} plane at {where}")
-            right = _panel(stain.astype(np.uint8), spacing, unit,
-                           f"stain: {label}")
-            both = Image.new("RGB", (left.width + PAD + right.width,
-                                     max(left.height, right.height)), BACKGROUND)
-            both.paste(left, (0, 0))
-            both.paste(right, (left.width + PAD, 0))
-            both.save(tmp / f"view-{plane}.png")
+            _side_by_side([
+                _panel(grey, spacing, unit, f"CT, {plane.upper()} plane at {where}"),
+                _panel(stain.astype(np.uint8), spacing, unit, f"stain: {label}"),
+            ]).save(tmp / f"view-{plane}.png")
             files.append(out_dir / f"view-{plane}.png")
     return ViewReport(out_dir, files, label, dict(zip(AXIS_NAMES, centre, strict=True)))
