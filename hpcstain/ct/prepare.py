@@ -58,16 +58,32 @@ def smooth(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: floa
     Float32 throughout, in one buffer of its own: the padded block is filtered in place and
     the result is a view of it (no copy of the crop); never a view of ``raw``.
     """
+    data, crop = padded_for_filter(raw, inner, grown, halo, sigma, box)
+    return filter_padded(data, crop, halo, sigma, box)
+
+
+def padded_for_filter(raw: np.ndarray, inner: Region, grown: Region, halo: int, sigma: float,
+                      box: bool = False) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+    """The first half of :func:`smooth`: a float32 buffer of its own holding ``raw`` mirrored
+    out to ``inner`` ± halo, and the crop of ``inner`` in it (None: no filter, the buffer is
+    ``inner`` already). A caller that drops ``raw`` now frees it before the filter runs."""
     if sigma <= 0 and not box:
-        return np.array(np.asarray(raw)[relative(inner, grown)], np.float32)  # our own copy
+        return np.array(np.asarray(raw)[relative(inner, grown)], np.float32), None
     pad = [(halo - (i.start - g.start), halo - (g.stop - i.stop))
            for i, g in zip(inner, grown, strict=True)]
-    data = pad_symmetric(raw, pad)
+    crop = tuple(slice(halo, halo + i.stop - i.start) for i in inner)
+    return pad_symmetric(raw, pad), crop
+
+
+def filter_padded(data: np.ndarray, crop: tuple[slice, ...] | None, halo: int, sigma: float,
+                  box: bool = False) -> np.ndarray:
+    """The second half of :func:`smooth`: filter ``data`` in place, return its crop (a view)."""
+    if crop is None:
+        return data
     if box:
         ndimage.uniform_filter(data, 2 * halo + 1, mode="reflect", output=data)
     else:
         ndimage.gaussian_filter(data, sigma, mode="reflect", radius=halo, output=data)
-    crop = tuple(slice(halo, halo + i.stop - i.start) for i in inner)
     return data[crop]
 
 
@@ -130,8 +146,9 @@ def corrected_read(source: Any, box: Region, reach: int, cupping: Cupping | None
 def prepare_block(source: Any, box: Region, recipe: CtRecipe) -> np.ndarray:
     """The generator's input over ``box``: float32 in [-1, 1] (before any inversion)."""
     raw, grown = corrected_read(source, box, recipe.halo, recipe.cupping)
-    ct = smooth(raw, box, grown, recipe.halo, recipe.sigma)
-    del raw  # ct is a buffer of its own (smooth never returns a view of raw)
+    data, crop = padded_for_filter(raw, box, grown, recipe.halo, recipe.sigma)
+    del raw  # freed before the filter runs: one block-sized buffer from here on
+    ct = filter_padded(data, crop, recipe.halo, recipe.sigma)
     return to_unit_inplace(ct, recipe.raw, recipe.target)
 
 

@@ -283,6 +283,7 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
     try:
         rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
                          counter, device)
+        loaded.ct = None  # the CT is spent: free it while the RGB is written (bounded RSS)
         write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
         voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
         seconds = time.perf_counter() - t0
