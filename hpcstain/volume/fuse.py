@@ -577,7 +577,27 @@ class OutputRings:
 
 
 def _write(array: Any, region: Region, data: np.ndarray) -> None:
+    """``array[:, region] = data``. zarr tests every chunk it writes for being all fill
+    value (to skip storing it) with a full ``np.array_equal`` against a broadcast fill
+    array: a third of the cost of a write here. On zarr v2 arrays with fill value 0, when
+    no storage chunk of ``region`` is all 0 (one ``any`` each), the write goes through a
+    handle that skips that test: the same chunks are stored, with the same bytes."""
+    if _no_empty_chunk(array, region, data):
+        array = array.with_config({"write_empty_chunks": True})
     array[(slice(None), *region)] = data
+
+
+def _no_empty_chunk(array: Any, region: Region, data: np.ndarray) -> bool:
+    if (array.metadata.zarr_format != 2 or array.fill_value != 0
+            or not hasattr(array, "with_config")):
+        return False
+    chunk = tuple(array.chunks[1:])
+    for coords in chunks_touched(region, chunk):
+        box = tuple(slice(max(i * c, r.start), min((i + 1) * c, r.stop))
+                    for i, c, r in zip(coords, chunk, region, strict=True))
+        if not data[(slice(None), *relative(box, region))].any():
+            return False
+    return True
 
 
 def bounding_box(regions: list[Region]) -> Region:
