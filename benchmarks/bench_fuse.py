@@ -13,9 +13,9 @@ best of ``--repeats``; wall clock and the child's CPU time (all its threads):
   chunk by chunk (the output's 64³ chunks), the CT read once in its own storage chunks, one
   RGBA array (4, Z, Y, X) written chunk by chunk with the same codec as the fused image
   (zstd level 1, zarr v2);
-* ``copy-all``: ``copy`` that also writes what fuse writes besides the RGBA level 0 (a
-  one-channel level 0, and level 1 of both, by striding: no arithmetic), the I/O floor of
-  fuse with its confidence image;
+* ``copy-all``: ``copy`` by blocks of 2×2×2 chunks (as fuse goes) that also writes what
+  fuse writes besides the RGBA level 0 (a one-channel level 0, and level 1 of both, taken
+  by striding: no arithmetic): the I/O floor of fuse with its confidence image;
 * ``copy-rgb``: the older baseline of ``bench_engine.py --only fuse`` (three axes read, one
   RGB array written with zarr's defaults, no CT);
 * ``fuse``: ``fuse_run(method="mean")``, confidence on (the default), outside fill on;
@@ -99,21 +99,35 @@ def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
                                          zarr_format=2, compressors=Zstd(level=1),
                                          chunk_key_encoding={"name": "v2", "separator": "/"})
 
-            half = tuple((n + 1) // 2 for n in plan.shape)
             dst = create(out, 4, plan.shape)
-            extra = [] if side == "copy" else [
-                (create(out + "-c0", 1, plan.shape), 1, 1), (create(out + "-r1", 4, half), 4, 2),
-                (create(out + "-c1", 1, half), 1, 2)]
-            for i in range(plan.n_chunks):
-                region = plan.write_region(i)
-                blocks = [np.asarray(a[(*region, slice(None))]) for a in arrays]
-                rgba = np.empty((4, *blocks[0].shape[:3]), np.uint8)
-                rgba[:3] = np.moveaxis(blocks[0], -1, 0)
-                rgba[3] = blocks[1][..., 0]
-                dst[(slice(None), *region)] = rgba
-                for arr, channels, k in extra:  # the same bytes fuse writes besides level 0
-                    part = tuple(slice(r.start // k, (r.stop + k - 1) // k) for r in region)
-                    arr[(slice(None), *part)] = rgba[:channels, ::k, ::k, ::k]
+            if side == "copy":
+                for i in range(plan.n_chunks):
+                    region = plan.write_region(i)
+                    blocks = [np.asarray(a[(*region, slice(None))]) for a in arrays]
+                    rgba = np.empty((4, *blocks[0].shape[:3]), np.uint8)
+                    rgba[:3] = np.moveaxis(blocks[0], -1, 0)
+                    rgba[3] = blocks[1][..., 0]
+                    dst[(slice(None), *region)] = rgba
+            else:  # by 2×2×2 chunks, as fuse: each level-1 chunk written once, whole
+                half = tuple((n + 1) // 2 for n in plan.shape)
+                extra = [(create(out + "-c0", 1, plan.shape), 1, 1),
+                         (create(out + "-r1", 4, half), 4, 2), (create(out + "-c1", 1, half), 1, 2)]
+                step = tuple(2 * c for c in plan.chunk)
+                for z in range(0, plan.shape[0], step[0]):
+                    for y in range(0, plan.shape[1], step[1]):
+                        for x in range(0, plan.shape[2], step[2]):
+                            region = tuple(slice(o, min(o + k, n)) for o, k, n in
+                                           zip((z, y, x), step, plan.shape, strict=True))
+                            blocks = [np.asarray(a[(*region, slice(None))]) for a in arrays]
+                            rgba = np.empty((4, *blocks[0].shape[:3]), np.uint8)
+                            rgba[:3] = np.moveaxis(blocks[0], -1, 0)
+                            rgba[3] = blocks[1][..., 0]
+                            dst[(slice(None), *region)] = rgba
+                            for arr, channels, k in extra:  # what fuse writes besides
+                                part = tuple(slice(r.start // k, (r.stop + k - 1) // k)
+                                             for r in region)
+                                arr[(slice(None), *part)] = np.ascontiguousarray(
+                                    rgba[:channels, ::k, ::k, ::k])
         else:
             dst = zarr.create_array(out, shape=(*plan.shape, 3), chunks=(64, 64, 64, 3),
                                     dtype="uint8")
