@@ -214,11 +214,13 @@ class GanModel:
         g_total = self._weighted_total(g_terms)
         backward_step(g_total, opt_g, scaler)
 
-        set_requires_grad(discriminators, True)
-        opt_d.zero_grad(set_to_none=True)
-        with autocast():
-            d_terms = self._discriminator_losses(batch, fakes)
-        backward_step(sum(d_terms.values()), opt_d, scaler)
+        d_terms: dict[str, Tensor] = {}
+        if self._adversarial():
+            set_requires_grad(discriminators, True)
+            opt_d.zero_grad(set_to_none=True)
+            with autocast():
+                d_terms = self._discriminator_losses(batch, fakes)
+            backward_step(sum(d_terms.values()), opt_d, scaler)
         if scaler is not None:
             scaler.update()
 
@@ -325,6 +327,12 @@ class GanModel:
                               fakes: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _adversarial(self) -> bool:
+        """False when ``loss.lambda_gan`` is 0 for the whole run (the tissue recipe): the
+        discriminators are then neither run nor trained. Their terms would be weighted 0,
+        so the generator's update is the same; only their cost goes (and their log rows)."""
+        return float(getattr(self.loss_cfg, "lambda_gan", 1.0)) != 0.0
+
     def _gan_weight(self) -> float:
         """``loss.lambda_gan``, 0 for the first ``loss.gan_start`` steps (pixel warm-up)."""
         if self.steps_done < int(getattr(self.loss_cfg, "gan_start", 0)):
@@ -424,7 +432,7 @@ class CycleGAN(GanModel):
         terms = {
             "G_gan_ct2hist": gan_loss(self.discriminators["hist"](fakes["fake_hist"]), True, mode),
             "G_gan_hist2ct": gan_loss(self.discriminators["ct"](fakes["fake_ct"]), True, mode),
-        }
+        } if self._adversarial() else {}
         if lam("lambda_cyc") > 0:
             terms["cycle_ct"] = masked_l1(fakes["rec_ct"], ct, m)
             terms["cycle_hist"] = masked_l1(fakes["rec_hist"], hist, m)
@@ -491,9 +499,11 @@ class Pix2Pix(GanModel):
     def _generator_losses(self, batch: dict[str, Tensor],
                           fakes: dict[str, Tensor]) -> dict[str, Tensor]:
         ct, fake = batch["ct"], fakes["fake_hist"]
-        pair = torch.cat([ct.to(fake.dtype), fake], dim=1)
-        terms = {"G_gan_ct2hist": gan_loss(self.discriminators["hist"](pair), True,
-                                           self.loss_cfg.gan_mode)}
+        terms: dict[str, Tensor] = {}
+        if self._adversarial():
+            pair = torch.cat([ct.to(fake.dtype), fake], dim=1)
+            terms["G_gan_ct2hist"] = gan_loss(self.discriminators["hist"](pair), True,
+                                              self.loss_cfg.gan_mode)
         if self._lam("lambda_l1") > 0:
             if self.model_cfg.align:
                 terms.update(self._align_terms(batch, fakes.get("disp")))
