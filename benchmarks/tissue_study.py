@@ -59,13 +59,17 @@ def sh(cmd: list[str], log: list[str]) -> None:
 
 
 def make_pairs(root: Path, seed: int, n: int, size: int, orientation: str,
-               log: list[str], ct_slab: int = 0) -> Path:
+               log: list[str], ct_slab: int = 0, physics: str = "render") -> Path:
     slab = f"-slab{ct_slab}" if ct_slab else ""
-    folder = root / f"pairs-s{seed}-n{n}-{size}-{orientation}{slab}"
+    if physics == "tomo":  # the tomography chain scans z sections only
+        orientation = "z"
+    tag = "-tomo" if physics == "tomo" else ""
+    folder = root / f"pairs-s{seed}-n{n}-{size}-{orientation}{slab}{tag}"
     if not (folder / "manifest.csv").exists():
         sh([HPCSTAIN, "phantom", "pairs", str(folder), "--n", str(n), "--seed", str(seed),
             "--size", str(size), str(size), "--orientation", orientation, "--overwrite",
-            *(["--ct-slab", str(ct_slab)] if ct_slab else [])], log)
+            *(["--ct-slab", str(ct_slab)] if ct_slab else []),
+            *(["--physics", "tomo"] if physics == "tomo" else [])], log)
     return folder / "manifest.csv"
 
 
@@ -142,11 +146,14 @@ def z_stripe_ratio(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dic
     return rel
 
 
-def held_volume(root: Path, material: str, seed: int, edge: int, log: list[str]) -> Path:
-    path = root / f"held-{material}-s{seed}-{edge}.zarr"
+def held_volume(root: Path, material: str, seed: int, edge: int, log: list[str],
+                physics: str = "render") -> Path:
+    tag = "-tomo" if physics == "tomo" else ""
+    path = root / f"held-{material}-s{seed}-{edge}{tag}.zarr"
     if not path.exists():
         sh([HPCSTAIN, "phantom", "volume", str(path), "--shape", str(edge), str(edge),
-            str(edge), "--material", material, "--seed", str(seed)], log)
+            str(edge), "--material", material, "--seed", str(seed),
+            *(["--physics", "tomo"] if physics == "tomo" else [])], log)
     return path
 
 
@@ -238,7 +245,12 @@ def main() -> None:
     p.add_argument("--orientation", default="mixed",
                    help="phantom pairs --orientation; a comma list is cycled over the seeds "
                    "(mixed,volume: sections through the implant and anywhere)")
-    p.add_argument("--held", default="mg:9001,ti:9002")
+    p.add_argument("--physics", default="render",
+                   help="phantom pairs --physics per training seed, a comma list cycled "
+                   "over the seeds (render,tomo: one checkpoint for both kinds of CT)")
+    p.add_argument("--held", default="mg:9001,ti:9002",
+                   help="MATERIAL:SEED[:tomo], comma-separated (tomo: the held-out volume "
+                   "through the physical CT chain)")
     p.add_argument("--edge", type=int, default=128,
                    help="held-out volume edge (the phantom sample scales with the array: "
                    "keep it equal to --size, the training slides' edge)")
@@ -271,17 +283,20 @@ def main() -> None:
                           *args.overrides]
     log: list[str] = []
     seeds = [int(s) for s in args.train_seeds.split(",") if s]
-    held = [(m, int(s)) for m, s in (h.split(":") for h in args.held.split(","))]
-    assert not {s for _, s in held} & set(seeds), "held-out seeds must be unseen"
+    held = [(f[0], int(f[1]), f[2] if len(f) > 2 else "render")
+            for f in (h.split(":") for h in args.held.split(","))]
+    assert not {s for _, s, _ in held} & set(seeds), "held-out seeds must be unseen"
     root = args.out
     work = root / args.name
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.checkpoint is None:
         kinds = args.orientation.split(",")  # one per seed, cycled: e.g. mixed,volume
+        physics = args.physics.split(",")
         sources: list[tuple[Path, str | None]] = [
             (make_pairs(root, s, args.pairs_per_seed, args.size, kinds[i % len(kinds)], log,
-                        args.ct_slab), None) for i, s in enumerate(seeds)]
+                        args.ct_slab, physics[i % len(physics)]), None)
+            for i, s in enumerate(seeds)]
         if args.extra_ti:  # 1 Ti in 10 pairs: ask for 10 per Ti wanted, keep the Ti ones
             sources.append((make_pairs(root, 501, 10 * args.extra_ti, args.size,
                                        args.orientation, log), "ti"))
@@ -304,12 +319,13 @@ def main() -> None:
         checkpoint = args.checkpoint
     rows = []
     t = time.perf_counter()
-    for material, seed in held:
-        vol = held_volume(root, material, seed, args.edge, log)
-        res = score_volume(vol, checkpoint, work / f"held-{material}{args.tag}", log,
+    for material, seed, kind in held:
+        vol = held_volume(root, material, seed, args.edge, log, kind)
+        label = material + ("-tomo" if kind == "tomo" else "")
+        res = score_volume(vol, checkpoint, work / f"held-{label}{args.tag}", log,
                            ["--sigma", str(args.sigma)])
-        result[f"held_{material}"] = res
-        rows.append(row_of(args.name, material, res))
+        result[f"held_{label}"] = res
+        rows.append(row_of(args.name, label, res))
     result["rows"] = rows
     result["score_s"] = round(time.perf_counter() - t, 1)
     result["commands"] = log
