@@ -143,7 +143,9 @@ class DistillConfig:
     volumes: list[str] = field(default_factory=list)  # target volumes whose slices it labels
     axes: str = "z,y,x"
     slices_per_axis: int = 16  # evenly spaced, per volume and axis
-    sigma: float = 1.0         # the stain engine's 3D Gaussian (hpcstain stain --sigma)
+    # the stain engine's 3D Gaussian (hpcstain stain --sigma) on the volume planes it
+    # labels; None: the teacher's data.stain_sigma, as `stain` applies it to the teacher
+    sigma: float | None = None
     use_pairs: bool = True     # also the CT of data.manifest's training pairs
     mask_margin: int = 8       # px the sample mask is grown by (outside is not learned)
 

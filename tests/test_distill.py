@@ -250,3 +250,23 @@ def test_a_radial_student_is_corrected_with_and_records_the_teachers_stored_fit(
     np.testing.assert_array_equal(planes[f"pair:{pid}"].ct, expected)
     own = load_slide(by_id[pid], cfg.data).ct  # a fit of its own would differ
     assert np.abs(own - expected).max() > 1e-3
+
+
+def test_the_volume_planes_take_the_teachers_stain_sigma(data, tmp_path):
+    """distill.sigma follows the teacher's data.stain_sigma (as `stain` feeds the teacher):
+    1 for a paper-recipe teacher, 0 for one trained on unblurred slides; an explicit
+    distill.sigma still wins."""
+    from hpcstain.train.teacher import adopt_teacher
+
+    assert adopt_teacher(student_config(data)).distill.sigma == 1.0
+    ckpt = load_checkpoint(data["teacher"])
+    ckpt["config"]["data"]["stain_sigma"] = 0.0
+    sharp = tmp_path / "teacher-sigma0.pt"
+    save_checkpoint(sharp, ckpt)
+    cfg = load_config("student-fast", [*teacher_overrides(sharp),
+                                       f"data.manifest={data['manifest']}", *MICRO])
+    assert cfg.distill.sigma is None  # the profile leaves it to the teacher
+    assert adopt_teacher(cfg).distill.sigma == 0.0
+    forced = load_config("student-fast", [*teacher_overrides(sharp), "distill.sigma=2",
+                                          f"data.manifest={data['manifest']}", *MICRO])
+    assert adopt_teacher(forced).distill.sigma == 2.0

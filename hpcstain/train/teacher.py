@@ -13,7 +13,8 @@ signals, ``submit``) with model variant ``distill``
    refused): the CT of the manifest's training pairs (§2.5 with each pair's ROIs, as in
    training) and ``distill.slices_per_axis`` evenly spaced slices of every target volume
    along ``distill.axes``, prepared exactly as ``stain`` prepares them (CT levels estimated
-   by :func:`hpcstain.ct.levels.volume_levels`, the 3D Gaussian ``distill.sigma``,
+   by :func:`hpcstain.ct.levels.volume_levels`, the 3D Gaussian ``distill.sigma`` (default:
+   the teacher's ``data.stain_sigma``),
    :func:`hpcstain.ct.prepare.prepare_block`). Labels are the teacher's output on the default
    tiling, rounded to uint8 like a stain run's output.
 3. **Loss.** ℓ1 of the student to the teacher's label inside the sample (CT above the
@@ -116,6 +117,8 @@ def adopt_teacher(cfg: Config) -> Config:
     for key, value in teacher_settings(cfg.distill.teacher).items():
         section, name = key.split(".")
         setattr(getattr(out, section), name, value)
+    if out.distill.sigma is None:  # label the volume as `stain` feeds the teacher
+        out.distill.sigma = float(out.data.stain_sigma)
     return out
 
 
