@@ -255,6 +255,7 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                  ) -> dict[str, Any]:
     """Progress of a staining run: units per axis, fused chunks, stale/failed, rate, ETA."""
     from hpcstain.volume.markers import FAILED, RUNNING, read_markers
+    from hpcstain.volume.plan import done_names
 
     run = Path(run_dir)
     plan = cached_plan(run)
@@ -265,19 +266,11 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
     live_checked = False
     axes: dict[str, Any] = {}
     stale, failed, running, records = [], [], [], []
-    remaining_voxels = total_voxels = 0
-    for axis in plan.axes:
-        task = f"axis-{axis}"
-        units = [u for u in plan.units if u.axis == axis]
-        recs = _read_records(run / "done" / task)
-        done = {r["_name"] for r in recs}
-        records += recs
-        size = {u.name: math.prod(s.stop - s.start for s in plan.unit_write_region(u))
-                for u in units}
-        total_voxels += sum(size.values())
-        remaining_voxels += sum(v for n, v in size.items() if n not in done)
-        row = {"done": len(done & set(size)), "total": len(units), "running": 0, "stale": 0,
-               "failed": 0}
+
+    def markers_of(task: str, done: set[str], row: dict[str, Any]) -> None:
+        """The running / stale / failed markers of ``task``'s jobs without a record, into
+        the lists above and the counts of ``row`` (stain units and fuse chunk groups)."""
+        nonlocal live, live_checked
         running_now = read_markers(run, RUNNING, task)
         for name, m in sorted(running_now.items()):
             if name in done:
@@ -300,6 +293,21 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
             failed.append({"task": task, "unit": name, "worker": _worker_text(m),
                            "time": m.get("time"), "error": m.get("error", "?")})
             row["failed"] += 1
+
+    remaining_voxels = total_voxels = 0
+    for axis in plan.axes:
+        task = f"axis-{axis}"
+        units = [u for u in plan.units if u.axis == axis]
+        recs = _read_records(run / "done" / task)
+        done = {r["_name"] for r in recs}
+        records += recs
+        size = {u.name: math.prod(s.stop - s.start for s in plan.unit_write_region(u))
+                for u in units}
+        total_voxels += sum(size.values())
+        remaining_voxels += sum(v for n, v in size.items() if n not in done)
+        row = {"done": len(done & set(size)), "total": len(units), "running": 0, "stale": 0,
+               "failed": 0}
+        markers_of(task, done, row)
         axes[axis] = row
     rate = throughput(records)
     if rate is not None:
@@ -307,6 +315,11 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
         for entry in running:
             entry["overdue"] = bool(entry.get("since") and now - entry["since"] > limit)
     fused = _fused_status(run, plan.n_chunks)
+    for image in fused:  # fuse's chunk groups leave markers under their first chunk
+        task = image["image"].removesuffix(".zarr").removesuffix(".ome")
+        counts = {"running": 0, "stale": 0, "failed": 0}
+        markers_of(task, done_names(run, task), counts)
+        image.update({k: v for k, v in counts.items() if v})
     n_done = sum(a["done"] for a in axes.values())
     n_units = sum(a["total"] for a in axes.values())
     stained = n_done == n_units

@@ -86,3 +86,29 @@ def test_a_killed_fuse_resumes_to_the_same_bytes(tmp_path):
     report = run_fuse(killed, executor="local", workers=2, **kw)
     assert report.already == 3 and report.complete
     assert image_hash(straight) == image_hash(killed)
+
+
+def test_a_failed_fuse_group_is_in_status_until_fused(tmp_path, monkeypatch):
+    from hpcstain.status import collect_status
+    from hpcstain.volume import fuse as fuse_module
+
+    (run,) = runs(tmp_path, "run")
+    kw = {"method": "mean", "levels": 2, "fill_outside": False}
+
+    def broken(self, indices):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(fuse_module.FuseTask, "_fuse_group", broken)
+        with pytest.raises(OSError, match="disk full"):
+            fuse_run(run, **kw)
+    assert not list((run / "running").rglob("*.json"))  # the worker unwound
+    report = collect_status(run)
+    assert report["state"] == "failed"
+    assert [(f["task"], f["error"]) for f in report["failed"]] == [
+        ("fused", "OSError: disk full")]
+    assert report["fused"][0]["failed"] == 1
+    fuse_run(run, **kw)
+    report = collect_status(run)
+    assert report["state"] == "complete" and not report["failed"]
+    assert not list((run / "failed").rglob("*.json"))

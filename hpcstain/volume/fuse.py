@@ -81,7 +81,7 @@ from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched, grow, relative
 from hpcstain.metrics.stripes import stripe_index
 from hpcstain.scratch import Workspace, scratch
-from hpcstain.volume import omezarr
+from hpcstain.volume import markers, omezarr
 from hpcstain.volume.io import open_volume
 from hpcstain.volume.plan import (
     Plan,
@@ -450,6 +450,12 @@ class FuseTask:
         """
         if not indices:
             return []
+        plan = self._opened()["plan"]
+        # running / failed markers under the group's first chunk (what `status` reads)
+        with markers.marked(self.run_dir, self.task, plan.chunk_name(indices[0])):
+            return self._fuse_group(indices)
+
+    def _fuse_group(self, indices: list[int]) -> list[str]:
         c = self._opened()
         plan, levels = c["plan"], c["levels"]
         run = Path(self.run_dir)

@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,22 @@ def mark_failed(run_dir: str | os.PathLike[str], task: str, name: str,
 
 def clear_failed(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
     marker_path(run_dir, FAILED, task, name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def marked(run_dir: str | os.PathLike[str], task: str, name: str) -> Iterator[None]:
+    """The markers around one job of a block task (:mod:`hpcstain.volume.tasks`): running
+    while the body runs (left behind only if the worker dies), failed if it raises (then
+    re-raised), the failed marker cleared once it succeeds."""
+    mark_running(run_dir, task, name)
+    try:
+        yield
+    except BaseException as exc:
+        mark_failed(run_dir, task, name, exc)
+        raise
+    finally:
+        clear_running(run_dir, task, name)
+    clear_failed(run_dir, task, name)
 
 
 def read_markers(run_dir: str | os.PathLike[str], kind: str, task: str
