@@ -638,8 +638,9 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                        description="Fuse every chunk complete on all axes; re-run as more "
                        "chunks complete. Exit code 3 when chunks are still missing.")
     p.add_argument("run_dir")
-    p.add_argument("--method", default="mean",
-                   choices=["mean", "median", "consistency"])
+    p.add_argument("--method", default=None, choices=["mean", "median", "consistency"],
+                   help="how the axes are merged (default: the checkpoint's recipe, "
+                   "data.fuse_method: mean for the paper's, median for tissue-cpu)")
     p.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
                    help="the paper's slice-wise volume from one axis")
     p.add_argument("--voxel-size", nargs="+", metavar="Z,Y,X", default=None,
@@ -1062,8 +1063,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", default="slurm", help="cluster profile (local, slurm, maxwell)")
     t.add_argument("--tasks", type=int, default=4, help="array tasks (chunk groups)")
     t.add_argument("--fuse", action="store_true", help="also submit the dependent fuse job")
-    t.add_argument("--method", default="mean",
-                   choices=["mean", "median", "consistency"])
+    t.add_argument("--method", default=None, choices=["mean", "median", "consistency"],
+                   help="default: the checkpoint's recipe (data.fuse_method)")
     t.add_argument("--wait", action="store_true",
                    help="wait for the jobs and print one progress line per change")
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
@@ -1073,8 +1074,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run_dir")
     t.add_argument("--profile", default="slurm",
                    help="cluster profile in configs/clusters/ (local, slurm, maxwell) or YAML")
-    t.add_argument("--method", default="mean",
-                   choices=["mean", "median", "consistency"])
+    t.add_argument("--method", default=None, choices=["mean", "median", "consistency"],
+                   help="default: the checkpoint's recipe (data.fuse_method)")
     t.add_argument("--single-axis", choices=["z", "y", "x"], default=None,
                    help="the paper's slice-wise volume from one axis")
     t.add_argument("--wait", action="store_true",

@@ -54,6 +54,9 @@ class DataConfig:
     # the 3D Gaussian (voxels) the volume engine applies to the CT before staining with this
     # model (§2.11: 1; 0 for a model trained on unblurred slides; `stain --sigma` overrides)
     stain_sigma: float = 1.0
+    # how `fuse` merges the axes' stains by default for this model (mean, as in the paper's
+    # recipes; median for tissue-cpu: one axis that misreads a structure is outvoted)
+    fuse_method: Literal["mean", "median", "consistency"] = "mean"
     # §2.4 folds
     n_folds: int = 5
     fold: int = 0

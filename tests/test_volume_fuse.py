@@ -48,11 +48,11 @@ def striped(truth: np.ndarray, axis: int, amplitude: float, seed: int) -> np.nda
 
 
 def make_run(tmp_path, preds: dict[str, np.ndarray], chunk=(8, 8, 8), complete=None,
-             voxel=(5.0, 5.0, 5.0)):
+             voxel=(5.0, 5.0, 5.0), **plan_kw):
     """A run dir whose axis arrays hold ``preds``; the slabs covering the ``complete``
     chunks are recorded as done."""
     plan = Plan(input="hand-made", shape=SHAPE, chunk=chunk, axes=tuple(preds),
-                voxel_size_um=voxel)
+                voxel_size_um=voxel, **plan_kw)
     run = init_run(tmp_path / "run", plan)
     for axis, pred in preds.items():
         zarr.open_array(str(axis_store(run, axis)), mode="r+")[...] = pred
@@ -262,3 +262,25 @@ def test_parallel_fuse_equals_serial_fuse(tmp_path):
         a = zarr.open_group(str(serial / "fused.ome.zarr"), mode="r")[str(k)][...]
         b = zarr.open_group(str(parallel / "fused.ome.zarr"), mode="r")[str(k)][...]
         np.testing.assert_array_equal(a, b)
+
+
+def test_fuse_method_defaults_to_the_plans_the_checkpoints_recipe(tmp_path):
+    """`fuse` without --method merges as the plan says (make_plan records the checkpoint's
+    data.fuse_method: median for tissue-cpu; plans without the key read as mean)."""
+    truth = smooth_truth()
+    preds = {"z": striped(truth, 0, 3, 1), "y": striped(truth, 1, 3, 2),
+             "x": striped(truth, 2, 3, 3)}
+    run, _ = make_run(tmp_path / "median", preds, fuse_method="median")
+    fuse_run(run)
+    attrs = zarr.open_group(str(run / "fused.ome.zarr"), mode="r").attrs
+    assert attrs["hpcstain"]["method"] == "median"
+    fuse_run(run, method="mean", out="mean.ome.zarr")  # --method still wins
+    assert not np.array_equal(read_level0_rgb(run), read_level0_rgb(run, "mean.ome.zarr"))
+    old, _ = make_run(tmp_path / "old", preds)
+    plan = json.loads((old / "plan.json").read_text())
+    del plan["fuse_method"]  # a run planned before the key
+    (old / "plan.json").write_text(json.dumps(plan))
+    fuse_run(old)
+    attrs = zarr.open_group(str(old / "fused.ome.zarr"), mode="r").attrs
+    assert attrs["hpcstain"]["method"] == "mean"
+    np.testing.assert_array_equal(read_level0_rgb(old), read_level0_rgb(run, "mean.ome.zarr"))

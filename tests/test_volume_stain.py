@@ -386,3 +386,24 @@ def test_the_stain_gaussian_follows_the_checkpoint_unless_given(tmp_path, volume
     assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=sharp,
                      sigma=1.5).sigma == 1.5
     assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS).sigma == 1
+
+
+def test_the_plan_records_the_checkpoints_fuse_method(tmp_path, volume_path):
+    """data.fuse_method (tissue-cpu: median) is recorded in the plan for `fuse`; older
+    checkpoints and runs without a checkpoint read as mean; it is not part of what a stain
+    writes, so a resume does not compare it."""
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.checkpoint import load_checkpoint, save_checkpoint
+    from hpcstain.volume.plan import plan_differences
+
+    paper = untrained_generator_checkpoint(tmp_path / "paper.pt")
+    ckpt = load_checkpoint(paper)
+    ckpt["config"]["data"]["fuse_method"] = "median"
+    tissue = save_checkpoint(tmp_path / "tissue.pt", ckpt)
+    src = open_volume(volume_path)
+    median = make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=tissue)
+    mean = make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS, checkpoint=paper)
+    assert (median.fuse_method, mean.fuse_method) == ("median", "mean")
+    assert make_plan(src, chunk=8, tile=16, step=8, levels=LEVELS).fuse_method == "mean"
+    assert "fuse_method" not in plan_differences(mean, median)

@@ -26,7 +26,7 @@ from hpcstain.ct.levels import DEFAULT_TARGET, TargetLevels
 
 # the data-config keys a pinned generator keeps (the rest of a checkpoint's config is training)
 CONVENTION_KEYS = ("ct_bone_level", "ct_background_level", "stretch_c", "stretch_c_prime",
-                   "invert_ct", "cupping", "stain_sigma")
+                   "invert_ct", "cupping", "stain_sigma", "fuse_method")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Conventions:
     cupping_fits: tuple[tuple[tuple[int, int], Any], ...] = ()
     context_slices: int = 1  # k CT planes about the slice as the generator's input (2.5D)
     stain_sigma: float = 1.0  # the volume engine's 3D Gaussian before staining (voxels)
+    fuse_method: str = "mean"  # how `fuse` merges the axes by default
 
     @property
     def generator_channels(self) -> int:
@@ -80,4 +81,4 @@ def conventions_of(ckpt: dict[str, Any], source: str = "checkpoint") -> Conventi
         cupping=str(get["cupping"]),
         cupping_fits=tuple(sorted(fits_from_record(ckpt.get("cupping_fits"), source).items())),
         context_slices=int(arch.get("context_slices", 1)),
-        stain_sigma=float(get["stain_sigma"]))
+        stain_sigma=float(get["stain_sigma"]), fuse_method=str(get["fuse_method"]))

@@ -362,7 +362,7 @@ class FuseJob:
     """Fuse every chunk complete on all axes (a CPU job after the stain array)."""
 
     run_dir: str
-    method: str = "mean"
+    method: str | None = None  # None: the plan's (the checkpoint's data.fuse_method)
     single_axis: str | None = None
 
     def __call__(self) -> str:
@@ -399,7 +399,7 @@ def stain_cluster(cluster: ClusterConfig) -> ClusterConfig:
 
 
 def submit_fuse(run_dir: Path, cluster: ClusterConfig, after: list[Any] | None = None,
-                method: str = "mean", single_axis: str | None = None) -> Any:
+                method: str | None = None, single_axis: str | None = None) -> Any:
     """Submit the fuse job; on SLURM it starts only after ``after`` succeeded (afterok)."""
     run_dir = run_dir.resolve()
     cpu = ClusterConfig(**{**cluster.__dict__, "gpus_per_node": 0, "tasks_per_node": 1,

@@ -241,7 +241,7 @@ def print_summary(report: WaitReport, filt: RepeatFilter | None, out: TextIO | N
 
 
 def wait_stain(run_dir: Path, cluster: Any, jobs: list[Any], fuse_job: Any = None,
-               fuse: bool = False, method: str = "mean", out: TextIO | None = None,
+               fuse: bool = False, method: str | None = None, out: TextIO | None = None,
                interval: float = 2.0) -> int:
     """``submit stain --wait``: progress of the array (tasks, units), then of the fuse job.
 

@@ -61,7 +61,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from scipy import ndimage
@@ -721,14 +721,15 @@ def image_name(run_dir: Path, out: str | None, single_axis: str | None) -> str:
                    else f"slicewise-{single_axis}.ome.zarr")
 
 
-def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
+def fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, **kwargs: Any) -> FuseReport:
     """Fuse a run (see :func:`_fuse_run`). [issue 24] With ``overwrite`` the existing image
     (and its chunk records) is set aside first and restored if this pass fails for any
     reason (a missing input, a damaged axis chunk, Ctrl-C): an overwrite replaces a good
-    image only with a finished pass, never with zeros."""
+    image only with a finished pass, never with zeros. ``method`` None: the plan's
+    ``fuse_method`` (the checkpoint's ``data.fuse_method``; mean for older runs)."""
     run = Path(run_dir)
     name = image_name(run, out, single_axis)
     task = name.removesuffix(".zarr").removesuffix(".ome")
@@ -758,7 +759,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     return report
 
 
-def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
+def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
              = None, levels: int | None = None, out: str | None = None,
              overwrite: bool = False, progress: bool = False, workers: int = 1,
@@ -781,6 +782,8 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method = "mean",
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     plan = load_plan(run_dir)
+    if method is None:  # the checkpoint's recipe (data.fuse_method), recorded in the plan
+        method = cast(Method, plan.fuse_method)
     if method not in METHODS:
         raise UsageError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
     if single_axis is not None:

@@ -66,6 +66,7 @@ class Plan:
     max_tile: int = 0
     sigma: float = 1.0
     truncate: float = 4.0
+    fuse_method: str = "mean"  # `fuse`'s default, the checkpoint's data.fuse_method
     bone_level: float = DEFAULT_TARGET.bone        # the CT's raw levels, decided at plan time
     background_level: float = DEFAULT_TARGET.background
     target_levels: tuple[float, float] = DEFAULT_TARGET  # the checkpoint's
@@ -332,7 +333,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
     sha, target, channels, multiple = "", DEFAULT_TARGET, in_channels or 3, 1
-    context = 1
+    context, fuse_method = 1, "mean"
     trained: str | None = None
     if checkpoint:
         if not Path(checkpoint).is_file():
@@ -340,7 +341,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         conv = checkpoint_conventions(checkpoint)
         sha, target = read_checkpoint(checkpoint).sha256, conv.target_levels
         channels, multiple, trained = conv.generator_channels, conv.size_multiple, conv.cupping
-        context = conv.context_slices
+        context, fuse_method = conv.context_slices, conv.fuse_method
     fitted = resolve_cupping(source, cupping, trained, cupping_override, str(checkpoint))
     if fitted is not None and report is not None:
         report(volume_fit_line(fitted))
@@ -350,7 +351,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     return Plan(input=absolute_spec(source.spec), shape=tuple(source.shape), chunk=chunk3,  # type: ignore[arg-type]
                 axes=tuple(a for a in AXES if a in axes_t), tile=tile, step=step,
                 window=window, max_tile=int(max_tile), sigma=float(sigma),
-                truncate=float(truncate),
+                truncate=float(truncate), fuse_method=fuse_method,
                 bone_level=float(bone), background_level=float(background),
                 target_levels=(float(target[0]), float(target[1])), in_channels=channels,
                 context_slices=int(context), size_multiple=multiple,
@@ -414,7 +415,7 @@ def load_plan(run_dir: str | os.PathLike[str]) -> Plan:
 
 # Hashes are not compared: a run keeps its pinned generator even if the source file changed.
 UNCOMPARED = ("config", "checkpoint_sha256", "generator_sha256", "voxel_size_from",
-              "input_from_run")
+              "input_from_run", "fuse_method")  # fuse_method: not what a stain writes
 
 
 def plan_differences(old: Plan, new: Plan) -> list[str]:
