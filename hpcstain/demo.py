@@ -38,7 +38,7 @@ class DemoSizes:
 # records stain_sigma 0). Pairs sectioned along z, y and x at the pixel scale of the volume
 # (the phantom sample scales with the array: slides and volume must share it); held-out
 # slides of another seed for the 2D table; a near-cubic volume, as real scans are.
-FULL = DemoSizes(n_pairs=16, n_held=8, slide=128, volume=(128, 128, 128), steps=800,
+FULL = DemoSizes(n_pairs=48, n_held=8, slide=128, volume=(128, 128, 128), steps=2000,
                  chunk=64, tile=256, step=192, patch=32, model=())
 QUICK = DemoSizes(n_pairs=4, n_held=2, slide=64, volume=(32, 48, 48), steps=4,
                   chunk=24, tile=32, step=16, patch=32,
