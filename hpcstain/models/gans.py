@@ -215,12 +215,14 @@ class GanModel:
         backward_step(g_total, opt_g, scaler)
 
         d_terms: dict[str, Tensor] = {}
-        if self.adversarial():
+        if self.adversarial:
             set_requires_grad(discriminators, True)
             opt_d.zero_grad(set_to_none=True)
             with autocast():
                 d_terms = self._discriminator_losses(batch, fakes)
             backward_step(sum(d_terms.values()), opt_d, scaler)
+        else:
+            opt_d.step()  # no gradients: changes nothing, keeps the LR scheduler's order quiet
         if scaler is not None:
             scaler.update()
 
@@ -327,6 +329,7 @@ class GanModel:
                               fakes: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    @property
     def adversarial(self) -> bool:
         """False when ``loss.lambda_gan`` is 0 for the whole run (the tissue recipe): the
         discriminators are then neither run nor trained. Their terms would be weighted 0,
@@ -432,7 +435,7 @@ class CycleGAN(GanModel):
         terms = {
             "G_gan_ct2hist": gan_loss(self.discriminators["hist"](fakes["fake_hist"]), True, mode),
             "G_gan_hist2ct": gan_loss(self.discriminators["ct"](fakes["fake_ct"]), True, mode),
-        } if self.adversarial() else {}
+        } if self.adversarial else {}
         if lam("lambda_cyc") > 0:
             terms["cycle_ct"] = masked_l1(fakes["rec_ct"], ct, m)
             terms["cycle_hist"] = masked_l1(fakes["rec_hist"], hist, m)
@@ -500,7 +503,7 @@ class Pix2Pix(GanModel):
                           fakes: dict[str, Tensor]) -> dict[str, Tensor]:
         ct, fake = batch["ct"], fakes["fake_hist"]
         terms: dict[str, Tensor] = {}
-        if self.adversarial():
+        if self.adversarial:
             pair = torch.cat([ct.to(fake.dtype), fake], dim=1)
             terms["G_gan_ct2hist"] = gan_loss(self.discriminators["hist"](pair), True,
                                               self.loss_cfg.gan_mode)

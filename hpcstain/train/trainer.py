@@ -440,8 +440,7 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
             batch_in_epoch = 0
             sums = {}
             sched_g.step()
-            if getattr(model, "adversarial", lambda: True)():  # D not trained: not stepped
-                sched_d.step()
+            sched_d.step()
             improved = _update_minima(minima, epoch_means, epoch)
             if env.is_main:
                 with open(run_dir / "epochs.jsonl", "a") as fh:
