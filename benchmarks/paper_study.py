@@ -118,7 +118,7 @@ def _round(value: float | str | None, digits: int) -> float | str | None:
 def _save_orthoview(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from hpcstain.demo import orthoviews
+    from hpcstain.view import orthoviews
 
     Image.fromarray(orthoviews(rgb)).save(path)
 

@@ -70,7 +70,7 @@ def study_volume(checkpoint: Path, out: Path, material: str, seed: int,
 def save_orthoview(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from hpcstain.demo import orthoviews
+    from hpcstain.view import orthoviews
 
     Image.fromarray(orthoviews(rgb)).save(path)
 

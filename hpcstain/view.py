@@ -164,6 +164,17 @@ def _side_by_side(panels: list[Any], vertical: bool = False) -> Any:
     return canvas
 
 
+def orthoviews(rgb: np.ndarray) -> np.ndarray:
+    """XY, XZ and YZ centre planes of a (Z, Y, X, 3) volume side by side (uint8), unlabelled
+    (the benchmarks' quick look; :func:`compare_planes` is the labelled comparison)."""
+    z, y, x = (s // 2 for s in rgb.shape[:3])
+    planes = [rgb[z], rgb[:, y], rgb[:, :, x]]
+    height = max(p.shape[0] for p in planes)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0)), constant_values=255)
+              for p in planes]
+    return np.concatenate(padded, axis=1)
+
+
 def compare_planes(ct: np.ndarray, columns: list[tuple[str, np.ndarray]],
                    path: str | os.PathLike[str],
                    voxel_size: tuple[float, float, float] | None = None) -> Path:
