@@ -108,6 +108,7 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     reference recipe of docs/results.md), or ``histology``, the phantom's synthetic slides
     as they come (warped by 1–3 px, cracks, dirt, stain variation), as your own pairs do.
     """
+    from hpcstain.errors import UsageError
     from hpcstain.executors import run_stain
     from hpcstain.metrics.stripes import stripe_index
     from hpcstain.phantom import write_pairs, write_volume_file
@@ -116,15 +117,13 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     from hpcstain.view import compare_planes
     from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
-    sizes = QUICK if quick else FULL
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from hpcstain.errors import UsageError
-
     if physics not in ("render", "tomo"):
         raise UsageError(f"--physics {physics!r}: choose render or tomo")
     if target not in TARGETS:
         raise UsageError(f"--target {target!r}: choose {' or '.join(TARGETS)}")
+    sizes = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tomo = TomoParams() if physics == "tomo" else None  # its pairs: z sections only
     summary: dict[str, Any] = {"sizes": sizes.__dict__, "physics": physics,
                                "profile": PROFILE, "target": target}
