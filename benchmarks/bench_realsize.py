@@ -45,7 +45,8 @@ def run_child(cmd: list[str], kill_after: float | None, status_of: Path | None,
             out = subprocess.run([HPCSTAIN, "status", str(status_of)], capture_output=True,
                                  text=True).stdout
             lines.append(f"[{now - t0:6.1f} s] " + " | ".join(
-                ln.strip() for ln in out.splitlines() if ln.strip())[:400])
+                ln.strip() for ln in out.splitlines()
+                if ln.strip().startswith(("axis", "ETA", "throughput", "state"))))
             next_status = now + 10
         time.sleep(0.2)
     rss = usage.ru_maxrss / 2**20  # KiB → GiB
