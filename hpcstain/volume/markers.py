@@ -81,14 +81,17 @@ def clear_failed(run_dir: str | os.PathLike[str], task: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def marked(run_dir: str | os.PathLike[str], task: str, name: str) -> Iterator[None]:
-    """The markers around one job of a block task (:mod:`hpcstain.volume.tasks`): running
-    while the body runs (left behind only if the worker dies), failed if it raises (then
-    re-raised), the failed marker cleared once it succeeds."""
+def marked(run_dir: str | os.PathLike[str], task: str, name: str,
+           failing: type[BaseException] = BaseException) -> Iterator[None]:
+    """The markers around one job of a block task (:mod:`hpcstain.volume.tasks`) or one
+    staining unit: running while the body runs (left behind only if the worker dies), failed
+    if it raises ``failing`` (then re-raised; a stain unit passes ``Exception``, so a Ctrl-C
+    or a preemption is not recorded as its failure), the failed marker cleared once it
+    succeeds."""
     mark_running(run_dir, task, name)
     try:
         yield
-    except BaseException as exc:
+    except failing as exc:
         mark_failed(run_dir, task, name, exc)
         raise
     finally:

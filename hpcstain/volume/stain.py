@@ -279,8 +279,7 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
-    markers.mark_running(run_dir, unit.task, unit.name)  # left behind only if we die
-    try:
+    with markers.marked(run_dir, unit.task, unit.name, failing=Exception):
         rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
                          counter, device)
         loaded.ct = None  # the CT is spent: free it while the RGB is written (bounded RSS)
@@ -293,12 +292,6 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
             "generator_pixels": counter[0], "voxels": voxels, "seconds": round(seconds, 3),
             "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
             **{k: v for k, v in markers.worker_identity().items() if k == "slurm"}})
-    except Exception as exc:
-        markers.mark_failed(run_dir, unit.task, unit.name, exc)
-        raise
-    finally:
-        markers.clear_running(run_dir, unit.task, unit.name)
-    markers.clear_failed(run_dir, unit.task, unit.name)
     return UnitResult(loaded.index, unit.name, unit.axis, seconds, counter[0], voxels)
 
 
