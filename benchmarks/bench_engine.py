@@ -340,7 +340,7 @@ def null(batch):
 VolumeSource.read = timed("read", VolumeSource.read)
 S.prepare_context = timed("prepare", S.prepare_context)
 S.stain_region = timed("tiles", S.stain_region)
-for name in ("to_uint8", "slab_to_uint8"):
+for name in ("to_uint8", "to_uint8_into"):
     if hasattr(S, name):
         setattr(S, name, timed("convert", getattr(S, name)))
 S.write_axis_region = timed("write", S.write_axis_region)

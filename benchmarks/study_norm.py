@@ -31,7 +31,7 @@ def stain_axis(net: torch.nn.Module, ct: np.ndarray, axis: int, channels: int, s
     ``batch`` ≥ the number of planes keeps the whole stack in one call (needed when the
     statistics are shared: the batch axis is the stacking axis).
     """
-    from hpcstain.volume.stain import to_uint8
+    from hpcstain.tiles import to_uint8
 
     stack = np.moveaxis(ct, axis, 0)
     outs = []

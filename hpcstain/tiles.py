@@ -393,7 +393,16 @@ def resolve_tiling(name: str = "default", tile: int | None = None, step: int | N
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
     """[-1, 1] float → uint8 (round half to even, clipped)."""
-    return np.clip(np.rint((np.asarray(rgb, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return _uint8_levels_inplace(np.array(rgb, np.float32)).astype(np.uint8)
+
+
+def _uint8_levels_inplace(rgb: np.ndarray) -> np.ndarray:
+    """float32 [-1, 1] → rounded, clipped 0…255 (still float32), in place."""
+    np.add(rgb, 1.0, out=rgb)
+    np.multiply(rgb, 127.5, out=rgb)
+    np.rint(rgb, out=rgb)
+    np.clip(rgb, 0, 255, out=rgb)
+    return rgb
 
 
 def to_uint8_into(dest: np.ndarray, rgb: np.ndarray) -> None:
@@ -403,10 +412,8 @@ def to_uint8_into(dest: np.ndarray, rgb: np.ndarray) -> None:
     (a transposed view writes the layout the output array wants)."""
     if rgb.dtype != np.float32:
         rgb = rgb.astype(np.float32)
-    np.add(rgb, 1.0, out=rgb)
-    np.multiply(rgb, 127.5, out=rgb)
-    np.rint(rgb, out=rgb)
-    np.clip(rgb, 0, 255, out=rgb)
-    u8 = rgb.astype(np.uint8)  # contiguous, then one channel at a time: numpy copies a
-    for c in range(u8.shape[-3]):  # strided channel faster than it interleaves all three
+    # contiguous, then one channel at a time: numpy copies a strided channel faster than it
+    # interleaves all three
+    u8 = _uint8_levels_inplace(rgb).astype(np.uint8)
+    for c in range(u8.shape[-3]):
         np.copyto(dest[..., c], u8[..., c, :, :])

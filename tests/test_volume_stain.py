@@ -19,7 +19,7 @@ from hpcstain.ct.unit import ct_to_unit as unit_ct
 from hpcstain.errors import InputError, UsageError
 from hpcstain.executors import run_local, run_stain
 from hpcstain.executors.array import run_array_task, task_from_env, unit_group
-from hpcstain.tiles import grid_pixels, stain_image
+from hpcstain.tiles import grid_pixels, stain_image, to_uint8
 from hpcstain.volume import stain as stain_mod
 from hpcstain.volume.io import open_volume
 from hpcstain.volume.plan import axis_store, done_names, load_plan, make_plan, record_path
@@ -28,7 +28,6 @@ from hpcstain.volume.stain import (
     init_run,
     pending_units,
     stain_unit,
-    to_uint8,
 )
 
 SHAPE = (20, 26, 30)

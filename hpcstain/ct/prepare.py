@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from hpcstain.ct.cupping import Cupping, apply_cupping
 from hpcstain.ct.levels import DEFAULT_TARGET, RawLevels, TargetLevels
-from hpcstain.ct.unit import CT_FULL_SCALE, ct_to_unit
+from hpcstain.ct.unit import to_unit_inplace
 from hpcstain.geometry import AXIS_INDEX, Region, grow, relative
 from hpcstain.tiles import reflect_index
 
@@ -106,21 +106,6 @@ def pad_symmetric(raw: np.ndarray, pad: list[tuple[int, int]]) -> np.ndarray:
             out[at(slice(end, end + a))] = out[at(slice(end - 1, end - a - 1 if end - a - 1 >= 0
                                                         else None, -1))]
     return out
-
-
-def to_unit_inplace(ct: np.ndarray, raw: RawLevels, target: TargetLevels) -> np.ndarray:
-    """:func:`hpcstain.ct.unit.ct_to_unit` of a float32 array the caller owns, in place:
-    the same float32 operations in the same order (bit-identical), no temporaries."""
-    if not np.isfinite(raw.bone - raw.background) or raw.bone == raw.background:
-        return ct_to_unit(ct, raw, target)  # raises the one error message
-    gain = (target.bone - target.background) / (raw.bone - raw.background)
-    np.subtract(ct, np.float32(raw.background), out=ct)
-    np.multiply(ct, np.float32(gain), out=ct)
-    np.add(ct, np.float32(target.background), out=ct)
-    np.clip(ct, 0.0, CT_FULL_SCALE, out=ct)
-    np.multiply(ct, np.float32(2.0 / CT_FULL_SCALE), out=ct)
-    np.subtract(ct, np.float32(1.0), out=ct)
-    return ct
 
 
 def whole_volume_smooth(volume: np.ndarray, sigma: float, halo: int) -> np.ndarray:

@@ -19,14 +19,20 @@ from hpcstain.errors import InputError
 CT_FULL_SCALE = 65535.0
 
 
+def _gain(bone_mean: float, background_mean: float, bone_level: float,
+          background_level: float) -> float:
+    """The linear map's gain, or the one error message for levels that cannot map."""
+    if not np.isfinite(bone_mean - background_mean) or bone_mean == background_mean:
+        raise InputError(f"CT bone mean {bone_mean:g} equals background mean "
+                         f"{background_mean:g}: cannot normalise")
+    return (bone_level - background_level) / (bone_mean - background_mean)
+
+
 def normalise_ct(ct: np.ndarray, bone_mean: float, background_mean: float,
                  bone_level: float = DEFAULT_TARGET.bone,
                  background_level: float = DEFAULT_TARGET.background) -> np.ndarray:
     """Linear map of the CT onto the 16-bit scale: bone → bone_level, background → ..."""
-    if not np.isfinite(bone_mean - background_mean) or bone_mean == background_mean:
-        raise InputError(f"CT bone mean {bone_mean:g} equals background mean "
-                         f"{background_mean:g}: cannot normalise")
-    gain = (bone_level - background_level) / (bone_mean - background_mean)
+    gain = _gain(bone_mean, background_mean, bone_level, background_level)
     return ((ct.astype(np.float32) - np.float32(background_mean)) * np.float32(gain)
             + np.float32(background_level))
 
@@ -46,6 +52,19 @@ def unit_to_ct16(unit: np.ndarray) -> np.ndarray:
 def ct_to_unit(ct: np.ndarray, raw: RawLevels | tuple[float, float],
                target: TargetLevels | tuple[float, float] = DEFAULT_TARGET) -> np.ndarray:
     """Raw CT → the generator's [-1, 1] input: ``raw`` levels onto ``target`` levels."""
+    return to_unit_inplace(np.array(ct, np.float32), raw, target)
+
+
+def to_unit_inplace(ct: np.ndarray, raw: RawLevels | tuple[float, float],
+                    target: TargetLevels | tuple[float, float] = DEFAULT_TARGET) -> np.ndarray:
+    """:func:`ct_to_unit` of a float32 array the caller owns, in place (no temporaries): the
+    float32 operations of :func:`normalise_ct` then :func:`ct16_to_unit`, in their order."""
     raw, target = RawLevels(*raw), TargetLevels(*target)
-    return ct16_to_unit(normalise_ct(np.asarray(ct), raw.bone, raw.background, target.bone,
-                                     target.background))
+    gain = _gain(raw.bone, raw.background, target.bone, target.background)
+    np.subtract(ct, np.float32(raw.background), out=ct)
+    np.multiply(ct, np.float32(gain), out=ct)
+    np.add(ct, np.float32(target.background), out=ct)
+    np.clip(ct, 0.0, CT_FULL_SCALE, out=ct)
+    np.multiply(ct, np.float32(2.0 / CT_FULL_SCALE), out=ct)
+    np.subtract(ct, np.float32(1.0), out=ct)
+    return ct

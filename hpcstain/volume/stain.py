@@ -40,7 +40,6 @@ from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched
 from hpcstain.inference import load_pinned, pin_generator
 from hpcstain.tiles import auto_batch, stain_region, to_uint8_into
-from hpcstain.tiles import to_uint8 as to_uint8  # re-exported (tests, older callers)
 from hpcstain.volume import markers
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
@@ -113,14 +112,8 @@ def stain_slab(ct: np.ndarray, ct_box: Region, write: Region, axis: str, plan: P
 
         rgb = stain_region(read, plan.plane(axis), region2d, grey_fn, tile=tile, step=step,
                            window=plan.window, batch_size=batch_size, counter=counter)
-        slab_to_uint8(out[g0:g0 + group], rgb)
+        to_uint8_into(out[g0:g0 + group], rgb)  # once per group, in place
     return stored
-
-
-def slab_to_uint8(dest: np.ndarray, rgb: np.ndarray) -> None:
-    """A group of stained slices (S, C, h, w) into the unit's uint8 RGB (S, h, w, C), once,
-    in place (:func:`hpcstain.tiles.to_uint8_into`)."""
-    to_uint8_into(dest, rgb)
 
 
 # --------------------------------------------------------------------------- run dir
