@@ -911,14 +911,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_phantom_pairs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hpcstain",
-        description="Virtual staining of synchrotron micro-CT volumes on HPC clusters.",
-    )
-    parser.add_argument("--version", action="version", version=f"hpcstain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_info_status(sub: argparse._SubParsersAction) -> None:
+    """The `info` and `status` verbs."""
     p = sub.add_parser("info", help="versions, devices, SLURM/MPI context; or a checkpoint",
                        description="Without options: library versions, devices and the "
                        "SLURM/MPI context. With --checkpoint: a model's architecture, "
@@ -943,8 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a staining run counts as complete only once fused")
     p.set_defaults(func=cmd_status)
 
-    _add_phantom(sub)
 
+def _add_train_distill(sub: argparse._SubParsersAction) -> None:
+    """The `train` and `distill` verbs."""
     p = sub.add_parser("train", help="train a model (single process, torchrun or SLURM DDP)",
                        description="Train or resume the run in --out. Profiles: configs/*.yaml;"
                        " override any key as section.key=value.")
@@ -971,12 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_distill)
 
-    _add_volume(sub)
-    _add_levels(sub)
-    _add_cupping(sub)
-    _add_register(sub)
-    _add_predict_evaluate(sub)
 
+def _add_score_morph(sub: argparse._SubParsersAction) -> None:
+    """The `score` and `morph` verbs (a stained volume's scores and tissue classes)."""
     p = sub.add_parser("score", help="score a stained volume: SSIM/PSNR per plane family, "
                        "stripe ratios", description="Score a stained RGB(A) volume (a run "
                        "folder, fused.ome.zarr, axis-z.zarr, x.zarr[:array], x.h5:/ds, .tif, "
@@ -1018,9 +1010,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing labels/tissue and morph.csv")
     p.set_defaults(func=cmd_morph)
 
-    p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
-    ssub = p.add_subparsers(dest="what", required=True,
-                            metavar="{train,distill,cv,stain,fuse}")
+
+def _add_submit_training(ssub: argparse._SubParsersAction) -> None:
+    """`submit train` and `submit distill`: one DDP job each."""
     t = ssub.add_parser("train", help="one DDP training job (nodes x tasks_per_node ranks)",
                         description="Submit `hpcstain train` as a submitit job. Cluster keys "
                         "are overridden as cluster.key=value (e.g. cluster.nodes=2).")
@@ -1040,6 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
     t.set_defaults(func=cmd_submit_distill)
 
+
+def _add_submit_arrays(ssub: argparse._SubParsersAction) -> None:
+    """`submit cv`, `submit stain` and `submit fuse`: job arrays and the fuse job."""
     t = ssub.add_parser("cv", help="k-fold cross-validation x model variants as a job array",
                         description="One training run per (variant, fold) in OUT/<variant>/"
                         "fold-<k>; the held-out test pairs are never in any fold (§2.4).")
@@ -1083,8 +1078,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="cluster.key=value")
     t.set_defaults(func=cmd_submit_fuse)
 
-    _add_view(sub)
 
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    """The `submit` verb and its sub-verbs (train, distill, cv, stain, fuse)."""
+    p = sub.add_parser("submit", help="submit jobs to SLURM (or local processes) via submitit")
+    ssub = p.add_subparsers(dest="what", required=True,
+                            metavar="{train,distill,cv,stain,fuse}")
+    _add_submit_training(ssub)
+    _add_submit_arrays(ssub)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """The `demo` verb."""
     p = sub.add_parser("demo", help="run the pipeline end to end on phantom data",
                        description="Generate phantom slide pairs, train the tissue "
                        "recipe (configs/tissue-cpu.yaml), evaluate on held-out slides of "
@@ -1105,6 +1110,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "histology as it comes (misaligned by 1-3 px, cracks, dirt, stain "
                    "variation), as your own pairs are")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hpcstain` parser: one helper per verb group, called in the order `--help` lists
+    the verbs."""
+    parser = argparse.ArgumentParser(
+        prog="hpcstain",
+        description="Virtual staining of synchrotron micro-CT volumes on HPC clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpcstain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_info_status(sub)
+    _add_phantom(sub)
+    _add_train_distill(sub)
+    _add_volume(sub)
+    _add_levels(sub)
+    _add_cupping(sub)
+    _add_register(sub)
+    _add_predict_evaluate(sub)
+    _add_score_morph(sub)
+    _add_submit(sub)
+    _add_view(sub)
+    _add_demo(sub)
     return parser
 
 
