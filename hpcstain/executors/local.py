@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -9,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcstain.volume.plan import load_plan
+from hpcstain.volume.plan import Plan, load_plan
 from hpcstain.volume.stain import (
     LoadedUnit,
     StainFn,
@@ -20,6 +21,7 @@ from hpcstain.volume.stain import (
     resolve_fn,
     stain_unit,
 )
+from hpcstain.volume.tasks import TaskPass, run_serial
 
 MakeFn = Callable[[], StainFn]
 
@@ -91,21 +93,46 @@ def run_local(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     todo = [i for i in (range(plan.n_units) if units is None else units) if i in pending]
     report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(pending))
     if todo:
-        fn = resolve_fn(fn, make_fn, plan, run_dir, device)
-        bar = todo
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(todo, desc="stain", unit="slab")
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead: Future[LoadedUnit] | None = None
-            for n, i in enumerate(bar):
-                loaded = ahead.result() if ahead is not None else None
-                ahead = (pool.submit(load_unit, run_dir, todo[n + 1], plan)
-                         if prefetch and n + 1 < len(todo) else None)
-                result = stain_unit(run_dir, i, fn, batch_size=batch_size, plan=plan,
-                                    loaded=loaded, device=device)
-                report.stained.append(unit_name(result))
+        report.stained = run_serial(stain_pass(run_dir, plan, todo, fn, make_fn, batch_size,
+                                               device, prefetch), progress)
     report.seconds = time.perf_counter() - t0
     report.cost = generator_cost(run_dir, plan)
     return report
+
+
+def stain_pass(run_dir: str | os.PathLike[str], plan: Plan, todo: list[int],
+               fn: StainFn | None = None, make_fn: MakeFn | None = None, batch_size: int = 0,
+               device: str = "cpu", prefetch: bool = True) -> TaskPass:
+    """Stain's pass over the units ``todo``: a :class:`StainTask` per unit wherever the
+    runner sends it (built there from ``make_fn`` or the run's pinned generator); in this
+    process by :func:`stain_here` (``fn``, the next unit read ahead)."""
+    return TaskPass(StainTask(str(run_dir), make_fn, batch_size, device), todo, label="stain",
+                    unit="slab", keys=[f"stain-{plan.unit(i).axis}-{plan.unit(i).name}"
+                                       for i in todo],
+                    here=functools.partial(stain_here, fn=fn, prefetch=prefetch))
+
+
+def stain_here(tp: TaskPass, progress: bool = False, fn: StainFn | None = None,
+               prefetch: bool = True) -> list[str]:
+    """Run a stain pass in this process; with ``prefetch`` a background thread reads and
+    prepares the next unit while the generator works on the current one."""
+    task: StainTask = tp.task  # type: ignore[assignment]
+    run_dir, todo = task.run_dir, list(tp.jobs)
+    plan = load_plan(run_dir)
+    fn = resolve_fn(fn, task.make_fn, plan, run_dir, task.device)
+    bar = tp.bar(progress)
+    names: list[str] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead: Future[LoadedUnit] | None = None
+        for n, i in enumerate(todo):
+            loaded = ahead.result() if ahead is not None else None
+            ahead = (pool.submit(load_unit, run_dir, todo[n + 1], plan)
+                     if prefetch and n + 1 < len(todo) else None)
+            result = stain_unit(run_dir, i, fn, batch_size=task.batch_size, plan=plan,
+                                loaded=loaded, device=task.device)
+            names.append(unit_name(result))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return names

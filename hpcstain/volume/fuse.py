@@ -760,11 +760,11 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
 
 
 def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
-             single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
-             = None, levels: int | None = None, out: str | None = None,
-             overwrite: bool = False, progress: bool = False, workers: int = 1,
-             runner: Runner | None = None, ngff: str = "0.4", fill_outside: bool = True,
-             confidence: bool = True) -> FuseReport:
+              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
+              = None, levels: int | None = None, out: str | None = None,
+              overwrite: bool = False, progress: bool = False, workers: int = 1,
+              runner: Runner | None = None, ngff: str = "0.4", fill_outside: bool = True,
+              confidence: bool = True) -> FuseReport:
     """Fuse every chunk complete on all axes (and not fused yet) into an OME-Zarr image.
 
     ``out`` defaults to ``fused.ome.zarr`` (or ``slicewise-{axis}.ome.zarr`` with
@@ -779,6 +779,72 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
     normalised background colour. ``confidence`` (with two or more axes) also writes the
     axes' per-voxel disagreement, ``<image>/disagreement`` (module docstring).
     """
+    start = start_fuse(run_dir, method, single_axis, voxel_size_um, levels, out, overwrite,
+                       workers, ngff, fill_outside, confidence)
+    if runner is None:
+        runner = functools.partial(run_processes, workers=workers)
+    return start.finish(runner(start.task_pass(), progress) if start.groups else [])
+
+
+@dataclass
+class FuseStart:
+    """A fuse pass set up (:func:`start_fuse`): the image exists with its settings, the
+    chunks to fuse are cut into groups (the jobs of :meth:`task_pass`); :meth:`finish`
+    builds the pyramid once the groups are fused."""
+
+    run_dir: Path
+    plan: Plan
+    image: Path
+    task: str
+    confidence: bool
+    fuse: FuseTask
+    todo: list[int]
+    groups: list[list[int]]
+    rebuild: bool
+    report: FuseReport
+    t0: float
+
+    def task_pass(self) -> TaskPass:
+        """The chunk groups as a block-task pass (jobs: lists of chunk indices)."""
+        return TaskPass(self.fuse, self.groups, label="fuse", unit="chunk",
+                        weights=[len(g) for g in self.groups],
+                        keys=[f"fuse-{self.task}-{self.plan.chunk_name(g[0])}"
+                              for g in self.groups])
+
+    def finish(self, fused: list[str]) -> FuseReport:
+        """Build the pyramid over the chunks fused (and over an earlier pass's, when that
+        pass stopped before its pyramid); the report."""
+        plan, run_dir, task = self.plan, self.run_dir, self.task
+        self.report.fused = fused
+        pending = run_dir / "done" / task / PYRAMID_PENDING
+        if self.todo or self.rebuild:
+            root = omezarr.open_image(self.image)
+            images = [root, *([root[DISAGREEMENT]] if self.confidence else [])]
+            recorded = done_names(run_dir, task) if self.rebuild else set()
+            chunks = self.todo if not self.rebuild else [
+                i for i in range(plan.n_chunks) if plan.chunk_name(i) in recorded]
+            skip: dict[int, set[tuple[int, ...]]] = {}
+            if "1" in root:  # level-1 chunks the tasks wrote from memory
+                block1 = omezarr.write_block(root["1"])
+                skip[1] = {tuple(d.start // b for d, b in zip(dst, block1, strict=True))
+                           for g in self.groups for dst, _, _ in level1_parents(plan, root["1"], g)}
+            for img in images:
+                omezarr.build_pyramid(img, [plan.write_region(i) for i in chunks], skip=skip)
+            pending.unlink(missing_ok=True)
+        self.report.seconds = time.perf_counter() - self.t0
+        return self.report
+
+
+def start_fuse(run_dir: str | os.PathLike[str], method: Method | None = None,
+               single_axis: str | None = None, voxel_size_um: tuple[float, float, float]
+               | None = None, levels: int | None = None, out: str | None = None,
+               overwrite: bool = False, workers: int = 1, ngff: str = "0.4",
+               fill_outside: bool = True, confidence: bool = True, after_stain: bool = False
+               ) -> FuseStart:
+    """Set a fuse pass up (arguments as :func:`_fuse_run`): check the settings, create or
+    reopen the image, and pick the chunks to fuse: those complete on all axes, or with
+    ``after_stain`` every chunk not fused yet (a task graph fuses each once the stain units
+    it reads are done: :func:`chunk_needs`)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     plan = load_plan(run_dir)
@@ -811,7 +877,12 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
         open_volume(input_at(plan, run_dir), plan.nan_policy, plan.nan_value, scan=False)
     _prepare_image(run_dir, plan, image, task, settings, overwrite, name)
     report = FuseReport(output=image, notes=notes)
-    todo = ready_chunks(run_dir, plan, axes, task, method, report)
+    if after_stain:
+        fused = done_names(run_dir, task)
+        todo = [i for i in range(plan.n_chunks) if plan.chunk_name(i) not in fused]
+        report.already = plan.n_chunks - len(todo)
+    else:
+        todo = ready_chunks(run_dir, plan, axes, task, method, report)
     fuse = FuseTask(str(run_dir), str(image), task, axes, method, fill_outside,
                     settings["confidence"])
     pending = run_dir / "done" / task / PYRAMID_PENDING
@@ -819,27 +890,21 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
     groups = fuse_groups(plan, todo, min_groups=4 * workers if workers > 1 else 1)
     if todo:
         pending.touch()
-    if runner is None:
-        runner = functools.partial(run_processes, workers=workers)
-    tp = TaskPass(fuse, groups, label="fuse", unit="chunk", weights=[len(g) for g in groups],
-                  keys=[f"fuse-{task}-{plan.chunk_name(g[0])}" for g in groups])
-    report.fused = runner(tp, progress) if groups else []
-    if todo or rebuild:
-        root = omezarr.open_image(image)
-        images = [root, *([root[DISAGREEMENT]] if settings["confidence"] else [])]
-        recorded = done_names(run_dir, task) if rebuild else set()
-        fused = todo if not rebuild else [i for i in range(plan.n_chunks)
-                                          if plan.chunk_name(i) in recorded]
-        skip: dict[int, set[tuple[int, ...]]] = {}
-        if "1" in root:  # level-1 chunks the tasks wrote from memory
-            block1 = omezarr.write_block(root["1"])
-            skip[1] = {tuple(d.start // b for d, b in zip(dst, block1, strict=True))
-                       for g in groups for dst, _, _ in level1_parents(plan, root["1"], g)}
-        for img in images:
-            omezarr.build_pyramid(img, [plan.write_region(i) for i in fused], skip=skip)
-        pending.unlink(missing_ok=True)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return FuseStart(run_dir, plan, image, task, settings["confidence"], fuse, todo, groups,
+                     rebuild, report, t0)
+
+
+def chunk_needs(plan: Plan, chunks: list[int], axes: tuple[str, ...], method: str
+                ) -> dict[str, set[str]]:
+    """The stain units (names per axis) that fusing ``chunks`` reads: every unit whose write
+    region meets a chunk grown by the method's halo."""
+    halo = method_halo(method, len(axes))
+    needs: dict[str, set[str]] = {a: set() for a in axes}
+    for i in chunks:
+        grown = grow(plan.write_region(i), halo, plan.shape)
+        for a in axes:
+            needs[a].update(plan.units_covering(a, grown))
+    return needs
 
 
 def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: dict[str, Any],
@@ -869,6 +934,6 @@ def _prepare_image(run_dir: Path, plan: Plan, image: Path, task: str, settings: 
     (run_dir / "done" / task).mkdir(parents=True, exist_ok=True)
 
 
-__all__ = ["METHODS", "FuseReport", "fuse_block", "fuse_consistency", "fuse_mean",
-           "fuse_median", "fuse_run", "record_path", "slice_inconsistency", "stripe_index",
-           "with_alpha"]
+__all__ = ["METHODS", "FuseReport", "FuseStart", "chunk_needs", "fuse_block",
+           "fuse_consistency", "fuse_mean", "fuse_median", "fuse_run", "record_path",
+           "slice_inconsistency", "start_fuse", "stripe_index", "with_alpha"]
