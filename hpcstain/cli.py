@@ -264,7 +264,7 @@ def _plan_on_rank0(args: argparse.Namespace) -> Path:
 
 
 def cmd_stain(args: argparse.Namespace) -> int:
-    from hpcstain.executors import run_stain
+    from hpcstain.executors import run_stain, run_stain_fuse
 
     # [device] checked before the plan is written: an absent --device leaves nothing behind
     device = args.device if args.plan_only else _use_device(
@@ -277,6 +277,7 @@ def cmd_stain(args: argparse.Namespace) -> int:
         device = args.device
     kw: dict[str, object] = {"batch_size": args.batch_size, "device": device,
                              "progress": not args.no_progress}
+    workers = args.workers or (2 if args.executor == "dask" else 1)
     dask_cluster = None
     if args.executor == "dask":
         address: object = args.scheduler
@@ -285,18 +286,27 @@ def cmd_stain(args: argparse.Namespace) -> int:
             from hpcstain.launch.profiles import load_cluster
 
             dask_cluster = slurm_cluster(load_cluster(args.dask_slurm, args.overrides),
-                                         jobs=args.workers, log_dir=run / "dask-logs")
+                                         jobs=workers, log_dir=run / "dask-logs")
             address = dask_cluster
-        kw.update(address=address, n_workers=args.workers)
+        kw.update(address=address, n_workers=workers)
     if args.executor == "mpi":
         kw["progress"] = False
+    fused = None
     try:
-        report = run_stain(run, executor=args.executor, **kw)
+        if args.fuse:  # one task graph: each fuse group once the slabs it reads are stained
+            kw["workers"] = workers
+            kw.pop("n_workers", None)
+            report, fused = run_stain_fuse(run, executor=args.executor, **kw)
+        else:
+            report = run_stain(run, executor=args.executor, **kw)
     finally:
         if dask_cluster is not None:
             dask_cluster.close()
     if args.executor != "mpi" or _mpi_rank() == 0:
         print(report.summary())
+        if fused is not None:
+            print(fused.summary())
+            return 0 if fused.complete else 3
     return 0
 
 
@@ -624,8 +634,14 @@ def _add_volume(sub: argparse._SubParsersAction) -> None:
                    "hands out chunks)")
     p.add_argument("--scheduler", default=None, help="dask scheduler address (default: "
                    "a LocalCluster)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="dask workers (LocalCluster processes, or SLURM jobs with --dask-slurm)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="dask workers (LocalCluster processes, or SLURM jobs with "
+                   "--dask-slurm; default 2); with --fuse and the local executor: local "
+                   "processes (default 1: in this process)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse as well, as one task graph (each chunk group once the slabs it "
+                   "reads are stained; the fuse defaults: the checkpoint's method, "
+                   "fused.ome.zarr): the bytes of `stain` then `fuse`")
     p.add_argument("--dask-slurm", default=None, metavar="PROFILE",
                    help="run the dask workers as SLURM jobs of this cluster profile "
                    "(dask-jobqueue); cluster.key=value overrides apply")

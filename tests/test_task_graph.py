@@ -140,3 +140,23 @@ def test_a_fuse_group_needs_the_units_under_its_grown_chunks(tmp_path, volume_pa
     assert all(corner[a] and corner[a] <= grown[a] for a in plan.axes)
     assert any(corner[a] < grown[a] for a in plan.axes)
     assert done_names(run, "axis-z") == set()
+
+
+def test_stain_fuse_on_the_command_line_is_stain_then_fuse(tmp_path, capsys):
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.cli import main
+    from hpcstain.phantom import write_volume_file
+
+    vol = write_volume_file(tmp_path / "ct.zarr", (12, 24, 24), "mg", 1, chunk=12)
+    ckpt = untrained_generator_checkpoint(tmp_path / "gen.pt")
+    common = [str(vol), "--checkpoint", str(ckpt), "--chunk", "12", "--tile", "16",
+              "--step", "8", "--device", "cpu", "--no-progress"]
+    assert main(["stain", *common, "--out", str(tmp_path / "apart")]) == 0
+    assert main(["fuse", str(tmp_path / "apart"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["stain", *common, "--out", str(tmp_path / "graph"), "--fuse",
+                 "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stained 5 unit(s)" in out and "fused 4 new chunk(s)" in out, out
+    assert fused_bytes(tmp_path / "graph") == fused_bytes(tmp_path / "apart")

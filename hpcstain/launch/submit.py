@@ -359,17 +359,21 @@ class StainJob:
 
 @dataclass
 class FuseJob:
-    """Fuse every chunk complete on all axes (a CPU job after the stain array)."""
+    """Fuse every chunk complete on all axes (a CPU job after the stain array: the stain →
+    fuse graph on SLURM, the fuse job depending on the array with ``afterok``)."""
 
     run_dir: str
     method: str | None = None  # None: the plan's (the checkpoint's data.fuse_method)
     single_axis: str | None = None
 
     def __call__(self) -> str:
-        from hpcstain.volume import fuse_run
+        """The chunk groups on the job's CPUs (``SLURM_CPUS_PER_TASK`` local processes; the
+        image does not depend on how many)."""
+        from hpcstain.executors import run_fuse
 
-        return fuse_run(self.run_dir, method=self.method, single_axis=self.single_axis
-                        ).summary()
+        workers = int(os.environ.get("SLURM_CPUS_PER_TASK", "1") or 1)
+        return run_fuse(self.run_dir, "local", workers=workers, method=self.method,
+                        single_axis=self.single_axis).summary()
 
     def checkpoint(self) -> Any:
         import submitit
