@@ -144,7 +144,7 @@ def slide_table(n: int, size: int) -> None:
 
 def normalised_table(shape: tuple[int, int, int], seed: int) -> None:
     """Normalised CT (bone → 30000, background → 10000) of a Ti volume, old vs new levels."""
-    from hpcstain.ct.unit import normalise_ct
+    from hpcstain.ct.signed import normalise_ct
 
     v = make_volume(shape, "ti", seed)
     new = estimate_levels(ArraySource(v.ct, "ti"))

@@ -37,7 +37,7 @@ import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.ct.cupping import apply_cupping, check_fit_choice, slide_fits
-from hpcstain.ct.unit import ct16_to_unit, normalise_ct
+from hpcstain.ct.signed import ct16_to_signed, normalise_ct
 from hpcstain.data.manifest import Pair, as_ct, labels_spec, read_ct_slab, read_manifest, read_pair
 from hpcstain.data.masks import load_or_compute_mask
 from hpcstain.data.normalise import (
@@ -46,7 +46,7 @@ from hpcstain.data.normalise import (
     ct_levels,
     histology_stretch,
     normalise_histology,
-    unit_to_rgb8,
+    signed_to_rgb8,
 )
 from hpcstain.data.readers import read_image
 from hpcstain.data.sampler import pair_rois
@@ -280,13 +280,13 @@ def load_pair(pair: Pair, stainer: Stainer, cupping: Any = None) -> PairImagesNo
         stretch = histology_stretch(images.histology, rois, *stainer.stretch_c)
         truth = None
         if images.truth is not None:
-            truth = unit_to_rgb8(normalise_histology(images.truth, rois, *stainer.stretch_c)[0])
+            truth = signed_to_rgb8(normalise_histology(images.truth, rois, *stainer.stretch_c)[0])
         mask = load_or_compute_mask(pair, images, rois, None)
     except InputError as exc:
         raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
-    raw_ct = unit_to_rgb8(np.repeat(ct16_to_unit(ct16)[..., None], 3, axis=-1))
+    raw_ct = signed_to_rgb8(np.repeat(ct16_to_signed(ct16)[..., None], 3, axis=-1))
     return PairImagesNormalised(pair.id, pair.material, images.ct,
-                                unit_to_rgb8(apply_stretch(images.histology, stretch)),
+                                signed_to_rgb8(apply_stretch(images.histology, stretch)),
                                 truth, raw_ct, mask, rois, cupping, slab)
 
 

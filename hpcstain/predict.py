@@ -22,7 +22,7 @@ import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.ct.cupping import Cupping, apply_cupping, check_fit_choice, slide_fits
-from hpcstain.ct.unit import ct16_to_unit, normalise_ct, unit_to_ct16
+from hpcstain.ct.signed import ct16_to_signed, normalise_ct, signed_to_ct16
 from hpcstain.data.manifest import as_ct, as_mask, as_rgb
 from hpcstain.data.normalise import (
     NORMALISED_BACKGROUND,
@@ -32,7 +32,7 @@ from hpcstain.data.normalise import (
     find_ct_rois,
     find_pair_rois,
     normalise_histology,
-    unit_to_rgb8,
+    signed_to_rgb8,
 )
 from hpcstain.data.readers import read_image, split_spec
 from hpcstain.errors import InputError, UsageError
@@ -100,9 +100,9 @@ def normalised_ct(ct: np.ndarray, target: tuple[float, float],
     return ct16, region
 
 
-def _channels(unit: np.ndarray, n: int) -> np.ndarray:
+def _channels(signed: np.ndarray, n: int) -> np.ndarray:
     """(H, W) → (n, H, W) by repetition."""
-    return np.repeat(unit[None], n, axis=0)
+    return np.repeat(signed[None], n, axis=0)
 
 
 def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
@@ -120,7 +120,7 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
     ct = np.asarray(ct, np.float32)
     if slab is None:
         ct16, _ = normalised_ct(ct, target, levels, rois)
-        image = _channels(ct16_to_unit(ct16), ct_channels)
+        image = _channels(ct16_to_signed(ct16), ct_channels)
     else:
         slab = np.asarray(slab, np.float32)
         if slab.ndim != 3 or slab.shape[0] != ct_channels or slab.shape[1:] != ct.shape:
@@ -129,9 +129,9 @@ def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
         if levels is None:
             levels = ct_levels(ct, check_rois(rois if rois is not None else find_ct_rois(ct),
                                               "CT"))
-        image = ct16_to_unit(normalise_ct(slab, levels[0], levels[1], target[0], target[1]))
+        image = ct16_to_signed(normalise_ct(slab, levels[0], levels[1], target[0], target[1]))
     out = _stain(image, fn, tiling, batch_size, size_multiple)
-    rgb = unit_to_rgb8(out, channel_axis=0)
+    rgb = signed_to_rgb8(out, channel_axis=0)
     if mask is None:
         return rgb
     if np.asarray(mask).shape != rgb.shape[:2]:
@@ -164,10 +164,10 @@ def unstain_slide(rgb: np.ndarray, fn: TileFn, hist_channels: int = 3, *,
                   batch_size: int = 0, size_multiple: int = 1) -> np.ndarray:
     """Histology (H, W, 3) on the 0–255 scale → CT uint16 (H, W) on the 16-bit training scale."""
     rois = rois if rois is not None else histology_rois(rgb)
-    unit, _ = normalise_histology(rgb, rois, *stretch_c)
-    image = np.moveaxis(unit, -1, 0)[:hist_channels]
+    signed, _ = normalise_histology(rgb, rois, *stretch_c)
+    image = np.moveaxis(signed, -1, 0)[:hist_channels]
     out = _stain(image, fn, tiling, batch_size, size_multiple)
-    ct16 = unit_to_ct16(out.mean(axis=0))
+    ct16 = signed_to_ct16(out.mean(axis=0))
     if mask is None:
         return ct16
     return mask_outside(ct16[..., None], np.asarray(mask, bool), rois.background)[..., 0]

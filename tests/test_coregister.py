@@ -15,9 +15,9 @@ from hpcstain.cli import main
 from hpcstain.data.coregister import (
     apply_field,
     fit_histology_warp,
+    min_max_scaled,
     mutual_information,
     register_pairs,
-    unit_range,
 )
 from hpcstain.data.manifest import read_manifest, read_pair
 from hpcstain.phantom import write_pairs
@@ -52,10 +52,10 @@ def pair_with_shift(shift: tuple[float, float], size: int = 96,
 
 def test_mutual_information_is_highest_for_the_matching_image() -> None:
     ct, hist = pair_with_shift((0.0, 0.0))
-    a = unit_range(torch.from_numpy(ct)[None, None])
-    b = unit_range(torch.from_numpy(np.moveaxis(hist, -1, 0))[None])
+    a = min_max_scaled(torch.from_numpy(ct)[None, None])
+    b = min_max_scaled(torch.from_numpy(np.moveaxis(hist, -1, 0))[None])
     _, moved = pair_with_shift((4.0, 0.0))
-    c = unit_range(torch.from_numpy(np.moveaxis(moved, -1, 0))[None])
+    c = min_max_scaled(torch.from_numpy(np.moveaxis(moved, -1, 0))[None])
     noise = torch.rand(1, 3, *ct.shape, generator=torch.Generator().manual_seed(0))
     mi_match, mi_moved, mi_noise = (float(mutual_information(a, x)[0]) for x in (b, c, noise))
     assert mi_match > mi_moved + 0.2 > mi_noise + 0.2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hpcstain.ct.unit import ct16_to_unit, ct_to_unit, normalise_ct, unit_to_ct16
+from hpcstain.ct.signed import ct16_to_signed, ct_to_signed, normalise_ct, signed_to_ct16
 from hpcstain.data.normalise import (
     Rois,
     apply_stretch,
@@ -16,7 +16,7 @@ from hpcstain.data.normalise import (
     find_pair_rois,
     histology_stretch,
     normalise_histology,
-    unit_to_rgb8,
+    signed_to_rgb8,
 )
 from hpcstain.data.toy import toy_pair
 from hpcstain.errors import InputError
@@ -49,15 +49,15 @@ def test_ct_only_rois_skip_a_titanium_screw() -> None:
     assert ct16[toy.background].mean() == pytest.approx(10000.0, rel=0.01)
 
 
-def test_ct_unit_mapping_and_inverse() -> None:
+def test_ct_signed_mapping_and_inverse() -> None:
     ct16 = np.array([-5.0, 0.0, 10000.0, 30000.0, 65535.0, 70000.0], dtype=np.float32)
-    unit = ct16_to_unit(ct16)
+    unit = ct16_to_signed(ct16)
     assert unit.min() == -1.0 and unit.max() == 1.0
     assert unit[3] == pytest.approx(30000 / 65535 * 2 - 1)
-    assert np.array_equal(unit_to_ct16(unit)[1:5], [0, 10000, 30000, 65535])
+    assert np.array_equal(signed_to_ct16(unit)[1:5], [0, 10000, 30000, 65535])
     rois = Rois(boxes_to_mask(((0, 1, 0, 1),), (1, 2)), boxes_to_mask(((0, 1, 1, 2),), (1, 2)))
     ct = np.array([[500.0, 100.0]])
-    got = ct_to_unit(ct, ct_levels(ct, rois))
+    got = ct_to_signed(ct, ct_levels(ct, rois))
     assert np.allclose(got, [[30000 / 65535 * 2 - 1, 10000 / 65535 * 2 - 1]], atol=1e-6)
     with pytest.raises(InputError, match="cannot normalise"):
         normalise_ct(np.ones((2, 2)), 5.0, 5.0)
@@ -105,10 +105,10 @@ def test_stretch_constants_clamp_and_preserve_rgb_ratios() -> None:
     assert np.allclose(d_after, d_before * scale, atol=1e-4)
 
 
-def test_unit_to_rgb8_inverts_the_network_range() -> None:
+def test_signed_to_rgb8_inverts_the_network_range() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (3, 5, 7)).astype(np.uint8)
     unit = rgb.astype(np.float32) / 127.5 - 1.0
-    out = unit_to_rgb8(unit, channel_axis=0)
+    out = signed_to_rgb8(unit, channel_axis=0)
     assert out.shape == (5, 7, 3) and out.dtype == np.uint8
     assert np.array_equal(out, np.moveaxis(rgb, 0, -1))
 

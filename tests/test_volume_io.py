@@ -121,9 +121,9 @@ def test_spec_parsing_splits_inner_paths():
 
 def test_ct_to_unit_maps_levels_to_training_convention():
     from hpcstain.ct.levels import DEFAULT_TARGET, RawLevels
-    from hpcstain.ct.unit import ct_to_unit
+    from hpcstain.ct.signed import ct_to_signed
 
-    out = ct_to_unit(np.array([100.0, 500.0, 900.0]), RawLevels(500.0, 100.0), DEFAULT_TARGET)
+    out = ct_to_signed(np.array([100.0, 500.0, 900.0]), RawLevels(500.0, 100.0), DEFAULT_TARGET)
     np.testing.assert_allclose(out[:2], [10000 / 65535 * 2 - 1, 30000 / 65535 * 2 - 1],
                                rtol=1e-6)
     assert out[2] == pytest.approx(50000 / 65535 * 2 - 1, rel=1e-6)

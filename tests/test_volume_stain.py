@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from hpcstain.ct.prepare import prepare_block, whole_volume_smooth
-from hpcstain.ct.unit import ct_to_unit as unit_ct
+from hpcstain.ct.signed import ct_to_signed as unit_ct
 from hpcstain.errors import InputError, UsageError
 from hpcstain.executors import run_local, run_stain
 from hpcstain.executors.array import run_array_task, task_from_env, unit_group
@@ -35,7 +35,7 @@ TILE, STEP = 16, 8
 LEVELS = (30000.0, 9000.0)
 
 
-def ct_to_unit(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
+def ct_to_signed(ct: np.ndarray, bone: float, background: float) -> np.ndarray:
     return unit_ct(ct, (bone, background))
 
 
@@ -92,7 +92,7 @@ def volume_path(tmp_path_factory) -> Path:
 def reference(volume_path) -> dict[str, np.ndarray]:
     """Whole-volume result per axis, computed without chunks or plans."""
     vol = open_volume(volume_path).read(tuple(slice(0, n) for n in SHAPE))
-    ct = ct_to_unit(whole_volume_smooth(vol, 1.0, 4), *LEVELS)
+    ct = ct_to_signed(whole_volume_smooth(vol, 1.0, 4), *LEVELS)
     fn = ConvStainer()
     out = {}
     for a, axis in enumerate("zyx"):
@@ -200,7 +200,7 @@ def test_gaussian_with_halo_is_chunk_invariant(tmp_path):
     zarr.create_array(str(tmp_path / "v.zarr"), data=vol)
     src = open_volume(tmp_path / "v.zarr")
     plan = make_plan(src, chunk=4, tile=4, step=2, sigma=1.0, levels=LEVELS)
-    whole = ct_to_unit(whole_volume_smooth(vol, 1.0, plan.halo), *LEVELS)
+    whole = ct_to_signed(whole_volume_smooth(vol, 1.0, plan.halo), *LEVELS)
     boxes = [(slice(0, 11), slice(0, 3), slice(0, 17)), (slice(3, 7), slice(1, 2), slice(5, 16)),
              (slice(0, 2), slice(0, 3), slice(15, 17)), (slice(9, 11), slice(2, 3), slice(0, 1))]
     for box in boxes:
@@ -209,7 +209,7 @@ def test_gaussian_with_halo_is_chunk_invariant(tmp_path):
     plain = make_plan(src, chunk=4, tile=4, step=2, sigma=0.0, levels=LEVELS)
     assert plain.halo == 0
     np.testing.assert_array_equal(prepare_block(src, boxes[1], plain.ct_recipe),
-                                  ct_to_unit(vol.astype(np.float32), *LEVELS)[boxes[1]])
+                                  ct_to_signed(vol.astype(np.float32), *LEVELS)[boxes[1]])
 
 
 def test_subset_of_axes_writes_only_those(tmp_path, volume_path, reference):

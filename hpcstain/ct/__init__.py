@@ -7,10 +7,10 @@ slides (predict, evaluate, training) and the volume engine (stain, fuse, distill
   and the level types: :class:`~.levels.RawLevels` (what a CT holds) and
   :class:`~.levels.TargetLevels` (what a checkpoint was trained on, §2.5);
 * :mod:`.cupping`: the self-calibrated radial cupping correction;
-* :mod:`.unit`: raw → 16-bit target scale → the generator's [-1, 1] (and back);
+* :mod:`.signed`: raw → 16-bit target scale → the generator's signed range [-1, 1] (and back);
 * :mod:`.conventions`: what a checkpoint records about its CT input;
 * :mod:`.outside`: the sample/outside test on raw CT;
-* :mod:`.prepare`: read → correct → smooth → level → unit range → context slices.
+* :mod:`.prepare`: read → correct → smooth → level → signed range → context slices.
 
 Nothing here imports the volume engine, the models or the training code.
 """

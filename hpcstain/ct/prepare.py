@@ -1,17 +1,17 @@
-"""Prepare a CT block for a generator: read → correct → smooth → level → unit range.
+"""Prepare a CT block for a generator: read → correct → smooth → level → signed range [-1, 1].
 
 The one preparation of volume CT, shared by ``stain`` (each slab unit), ``fuse`` (the CT
 read for the outside test) and ``distill`` (the teacher's planes): a block is read with the
 Gaussian's halo (:func:`corrected_read`), cupping-corrected as a pure function of global
 (y, x), smoothed with the 3D Gaussian (§2.11; mirrored where the halo meets the volume
 border, exactly like a whole-volume filter, :func:`smooth`), and mapped from the CT's raw
-levels onto the checkpoint's target levels and [-1, 1] (:func:`hpcstain.ct.unit.ct_to_unit`).
+levels onto the checkpoint's target levels and [-1, 1] (:func:`hpcstain.ct.signed.ct_to_signed`).
 A 2.5D generator's context slices along the staining axis come from
 :func:`prepare_context`. The recipe is :class:`CtRecipe`; a volume run's plan decides it
 once (``Plan.ct_recipe``).
 
 2D slides follow the same steps without the Gaussian (``predict``, ``evaluate`` and the
-training sampler: cupping → ``ct_levels`` of the ROIs → ``ct_to_unit``).
+training sampler: cupping → ``ct_levels`` of the ROIs → ``ct_to_signed``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from hpcstain.ct.cupping import Cupping, apply_cupping
 from hpcstain.ct.levels import DEFAULT_TARGET, RawLevels, TargetLevels
-from hpcstain.ct.unit import to_unit_inplace
+from hpcstain.ct.signed import to_signed_inplace
 from hpcstain.geometry import AXIS_INDEX, Region, grow, relative
 from hpcstain.tiles import reflect_index
 
@@ -134,7 +134,7 @@ def prepare_block(source: Any, box: Region, recipe: CtRecipe) -> np.ndarray:
     data, crop = padded_for_filter(raw, box, grown, recipe.halo, recipe.sigma)
     del raw  # freed before the filter runs: one block-sized buffer from here on
     ct = filter_padded(data, crop, recipe.halo, recipe.sigma)
-    return to_unit_inplace(ct, recipe.raw, recipe.target)
+    return to_signed_inplace(ct, recipe.raw, recipe.target)
 
 
 def prepare_context(source: Any, box: Region, axis: str, recipe: CtRecipe) -> np.ndarray:

@@ -69,7 +69,7 @@ class Coregistration:
         return float(np.hypot(self.field[0], self.field[1]).max())
 
 
-def unit_range(img: Tensor) -> Tensor:
+def min_max_scaled(img: Tensor) -> Tensor:
     """(B, C, H, W) → each image's channels stretched to [0, 1] between the 0.5/99.5 %iles."""
     flat = img.float().flatten(2)
     lo = torch.quantile(flat, 0.005, dim=2, keepdim=True)
@@ -86,7 +86,7 @@ def _soft_bins(x: Tensor, bins: int) -> Tensor:
 
 def mutual_information(fixed: Tensor, moving: Tensor, bins: int = BINS) -> Tensor:
     """(B,) mutual information (nats) of ``fixed`` (B, 1, H, W) with each channel of
-    ``moving`` (B, C, H, W), summed over the channels; both in [0, 1] (:func:`unit_range`)."""
+    ``moving`` (B, C, H, W), summed over the channels; both in [0, 1] (:func:`min_max_scaled`)."""
     n = fixed[0].numel()
     wa = _soft_bins(fixed.flatten(1), bins)                      # (B, N, bins)
     total = torch.zeros(fixed.shape[0], dtype=wa.dtype, device=wa.device)
@@ -151,8 +151,8 @@ def fit_histology_warp(ct: np.ndarray, histology: np.ndarray, *, spacing: int = 
     torch.manual_seed(seed)
     big = max(ct.shape)
     factor = max(1, math.ceil(big / max_side))
-    ct_w = unit_range(_working(ct[None], factor))
-    hist_w = unit_range(_working(np.moveaxis(histology, -1, 0), factor))
+    ct_w = min_max_scaled(_working(ct[None], factor))
+    hist_w = min_max_scaled(_working(np.moveaxis(histology, -1, 0), factor))
     h, w = ct_w.shape[-2:]
     field = _Field(h, w, spacing)
     factors = {f for f, _ in AFFINE_STEPS + DENSE_STEPS} | {1}

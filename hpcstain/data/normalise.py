@@ -1,6 +1,6 @@
 """§2.5 normalisation of a pair from its bone and background ROIs: the ROIs, the CT's raw
 levels from them (:func:`ct_levels`; the CT → [-1, 1] map itself is
-:func:`hpcstain.ct.unit.ct_to_unit`), and the histology's white balance and stretch.
+:func:`hpcstain.ct.signed.ct_to_signed`), and the histology's white balance and stretch.
 
 Histology (0–255 RGB): white balance with per-channel gains ``mean(µ) / µ_c`` from the
 mean background colour µ (so µR = µG = µB), then one contrast stretch for all channels
@@ -8,7 +8,7 @@ between ``f_min = max(min_c P1_c(bone) - c, 10)`` and
 ``f_max = min(max_c P99_c(background) + c', 255)``: ``u = (v - f_min) / (f_max - f_min)``
 → ``2u - 1`` clipped to [-1, 1]. One map on every channel keeps the hue: colour
 differences keep their direction, and RGB ratios measured from the black point f_min are
-unchanged. :func:`unit_to_rgb8` maps network outputs back to uint8 in that stretched space.
+unchanged. :func:`signed_to_rgb8` maps network outputs back to uint8 in that stretched space.
 
 ROIs come from the manifest (boxes) or :func:`find_pair_rois` (see docs/data.md).
 """
@@ -196,12 +196,12 @@ def normalise_histology(rgb: np.ndarray, rois: Rois, c: float = 0.0, c_prime: fl
     return apply_stretch(rgb, s), s
 
 
-def rgb8_to_unit(rgb: np.ndarray) -> np.ndarray:
+def rgb8_to_signed(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB → [-1, 1] float32 (no normalisation), e.g. for reference images."""
     return rgb.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
-def unit_to_rgb8(unit: np.ndarray, channel_axis: int = -1) -> np.ndarray:
+def signed_to_rgb8(signed: np.ndarray, channel_axis: int = -1) -> np.ndarray:
     """Network output in [-1, 1] → uint8 RGB (H, W, 3), channels moved last."""
-    u = np.moveaxis(np.asarray(unit, dtype=np.float32), channel_axis, -1)
+    u = np.moveaxis(np.asarray(signed, dtype=np.float32), channel_axis, -1)
     return np.rint((np.clip(u, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from hpcstain.config import DataConfig
 from hpcstain.ct.cupping import apply_cupping, fit_cupping, fit_slides
-from hpcstain.ct.unit import ct16_to_unit, normalise_ct
+from hpcstain.ct.signed import ct16_to_signed, normalise_ct
 from hpcstain.data.augment import (
     Geometry,
     apply_geometry,
@@ -118,7 +118,7 @@ def load_slide(pair: Pair, cfg: DataConfig, cache_dir: str | Path | None = None,
     except InputError as exc:
         raise InputError(f"{pair.source or pair.id} (id {pair.id}): {exc}") from None
     image = np.empty((4, *images.ct.shape), dtype=np.float32)
-    image[0] = ct16_to_unit(ct16)
+    image[0] = ct16_to_signed(ct16)
     image[1:4] = np.moveaxis(apply_stretch(images.histology, stretch), -1, 0)
     return Slide(pair.id, pair.material, image, mask, (bone, background), stretch,
                  rois.method, cupping if cfg.cupping == "radial" else None)
@@ -186,7 +186,7 @@ def with_context(slides: list[Slide], pairs: list[Pair], cfg: DataConfig, planes
             slab = np.stack([apply_cupping(p, s.cupping) for p in slab])
         bone, background = s.ct_means
         ct16 = normalise_ct(slab, bone, background, cfg.ct_bone_level, cfg.ct_background_level)
-        out.append(replace(s, context=ct16_to_unit(ct16).astype(np.float32, copy=False)))
+        out.append(replace(s, context=ct16_to_signed(ct16).astype(np.float32, copy=False)))
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpcstain.data.manifest import labels_spec
-from hpcstain.data.normalise import unit_to_rgb8
+from hpcstain.data.normalise import signed_to_rgb8
 from hpcstain.data.readers import read_image
 from hpcstain.errors import InputError
 from hpcstain.phantom.render import PALETTE
@@ -542,7 +542,7 @@ def training_palette(pairs: Sequence[Any], slides: Sequence[Any], seed: int = 0
     seeded with the phantom's stain colours. None without slides."""
     rgb, lab, free = [], [], []
     for i, (pair, slide) in enumerate(zip(pairs, slides, strict=True)):
-        hist = unit_to_rgb8(slide.histology, channel_axis=0)
+        hist = signed_to_rgb8(slide.histology, channel_axis=0)
         spec = labels_spec(pair)
         labels = np.asarray(read_image(spec)) if spec else None
         if labels is not None and labels.shape == hist.shape[:2]:

@@ -58,8 +58,8 @@ from hpcstain.data.normalise import (
     apply_stretch,
     find_pair_rois,
     histology_stretch,
+    signed_to_rgb8,
     slide_background,
-    unit_to_rgb8,
 )
 from hpcstain.errors import InputError
 from hpcstain.geometry import AXES
@@ -151,7 +151,7 @@ def normalise_reference(reference: np.ndarray, rois: Rois, c: float = 0.0,
             raise InputError(f"reference: empty {name} ROI ({rois.method}); cannot "
                              "normalise (give labels, or --no-normalise)")
     stretch = histology_stretch(reference, rois, c, c_prime)
-    return unit_to_rgb8(apply_stretch(reference, stretch)), stretch
+    return signed_to_rgb8(apply_stretch(reference, stretch)), stretch
 
 
 @dataclass

@@ -50,7 +50,7 @@ from hpcstain.ct.cupping import fits_record, resolve_cupping
 from hpcstain.ct.levels import RawLevels, TargetLevels, require_confident, volume_levels
 from hpcstain.ct.outside import outside_threshold
 from hpcstain.ct.prepare import CtRecipe, gaussian_halo, prepare_block
-from hpcstain.ct.unit import CT_FULL_SCALE
+from hpcstain.ct.signed import CT_FULL_SCALE
 from hpcstain.data.folds import make_folds, split_for_fold, write_folds
 from hpcstain.data.manifest import read_manifest
 from hpcstain.data.sampler import EpochSampler, load_slides

@@ -21,7 +21,7 @@ is opened (:mod:`hpcstain.volume.voxelsize`): :attr:`VolumeSource.voxel_size_um`
 where it was found in :attr:`VolumeSource.voxel_size_from`.
 
 Raw intensity levels (bone, background) put the CT on the checkpoint's §2.5 convention
-(:func:`hpcstain.ct.unit.ct_to_unit`: mean bone and background onto the levels the model
+(:func:`hpcstain.ct.signed.ct_to_signed`: mean bone and background onto the levels the model
 was trained with, then [-1, 1]). :func:`estimate_levels` estimates both from a strided
 subsample of the volume (:mod:`hpcstain.ct.levels`, the one CT-only estimator).
 """

@@ -3,8 +3,8 @@
 A linear map sends the CT's raw bone level to the checkpoint's target bone level and its raw
 background level to the target background level on the 16-bit scale
 (:func:`normalise_ct`); the generator sees ``clip(v, 0, 65535) / 65535 * 2 - 1``
-(:func:`ct16_to_unit`; bone ≈ -0.085, background ≈ -0.695 at the paper's 30000/10000).
-:func:`ct_to_unit` is both steps: the one path from raw grey values to [-1, 1] used by
+(:func:`ct16_to_signed`; bone ≈ -0.085, background ≈ -0.695 at the paper's 30000/10000).
+:func:`ct_to_signed` is both steps: the one path from raw grey values to [-1, 1] used by
 training, predict, evaluate, stain and distill. Inversion (``invert_ct``) is applied by the
 generator's tile function, not here.
 """
@@ -37,28 +37,28 @@ def normalise_ct(ct: np.ndarray, bone_mean: float, background_mean: float,
             + np.float32(background_level))
 
 
-def ct16_to_unit(ct16: np.ndarray) -> np.ndarray:
+def ct16_to_signed(ct16: np.ndarray) -> np.ndarray:
     """16-bit-scale CT → network range: clip to [0, 65535], then v / 65535 * 2 - 1."""
     v = np.clip(ct16, 0.0, CT_FULL_SCALE).astype(np.float32)
     return v * np.float32(2.0 / CT_FULL_SCALE) - np.float32(1.0)
 
 
-def unit_to_ct16(unit: np.ndarray) -> np.ndarray:
+def signed_to_ct16(signed: np.ndarray) -> np.ndarray:
     """Network range → 16-bit-scale CT as uint16."""
-    v = (np.clip(unit, -1.0, 1.0) + 1.0) * (CT_FULL_SCALE / 2.0)
+    v = (np.clip(signed, -1.0, 1.0) + 1.0) * (CT_FULL_SCALE / 2.0)
     return np.rint(v).astype(np.uint16)
 
 
-def ct_to_unit(ct: np.ndarray, raw: RawLevels | tuple[float, float],
+def ct_to_signed(ct: np.ndarray, raw: RawLevels | tuple[float, float],
                target: TargetLevels | tuple[float, float] = DEFAULT_TARGET) -> np.ndarray:
     """Raw CT → the generator's [-1, 1] input: ``raw`` levels onto ``target`` levels."""
-    return to_unit_inplace(np.array(ct, np.float32), raw, target)
+    return to_signed_inplace(np.array(ct, np.float32), raw, target)
 
 
-def to_unit_inplace(ct: np.ndarray, raw: RawLevels | tuple[float, float],
+def to_signed_inplace(ct: np.ndarray, raw: RawLevels | tuple[float, float],
                     target: TargetLevels | tuple[float, float] = DEFAULT_TARGET) -> np.ndarray:
-    """:func:`ct_to_unit` of a float32 array the caller owns, in place (no temporaries): the
-    float32 operations of :func:`normalise_ct` then :func:`ct16_to_unit`, in their order."""
+    """:func:`ct_to_signed` of a float32 array the caller owns, in place (no temporaries): the
+    float32 operations of :func:`normalise_ct` then :func:`ct16_to_signed`, in their order."""
     raw, target = RawLevels(*raw), TargetLevels(*target)
     gain = _gain(raw.bone, raw.background, target.bone, target.background)
     np.subtract(ct, np.float32(raw.background), out=ct)
