@@ -274,8 +274,98 @@ def _forget_new_run(run_dir: Path, before: set[Path] | None) -> None:
             entry.unlink(missing_ok=True)
 
 
+@dataclass
+class _Run:
+    """One process's training state: data, model, optimisers and the counters that
+    ``latest.pt`` holds. The phases of ``_train`` below read and advance it."""
+
+    cfg: Config
+    run_dir: Path
+    env: distributed.DistEnv
+    dataset: Any
+    val_set: Any | None
+    sampler: EpochSampler
+    loader: DataLoader
+    batches_per_epoch: int
+    split: dict[str, Any]
+    cupping_fits: list[Any]
+    palette: dict[str, Any]  # {"palette": tissue colours} or {}
+    model: Any
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LambdaLR
+    sched_d: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    autocast: AutocastFactory = contextlib.nullcontext
+    log: LossLog | None = None
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    minima: dict[str, dict[str, float]] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)  # per-component sums of the epoch
+    last: dict[str, float] = field(default_factory=dict)
+    status: Literal["finished", "preempted", "max_steps"] = "finished"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.ckpt_dir / "latest.pt"
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.status, self.epoch, self.step, self.run_dir, self.last)
+
+
 def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
            ) -> TrainResult:
+    """Set up, resume, then run epochs until done, stopped or at ``train.max_steps``."""
+    cfg, env = _start_run(cfg, run_dir)
+    run = _build_run(cfg, run_dir, env)
+    if run.latest.exists():
+        _resume(run)
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        run.model.wrap(lambda net: DDP(net, device_ids=ids))
+    if cfg.train.compile:
+        run.model.wrap(torch.compile)
+    run.autocast = autocast_factory(env.device, cfg.train.amp)
+
+    stop = (stop or StopFlag()).install()
+    run.log = LossLog(run_dir, resume_step=run.step) if env.is_main else None
+    if env.is_main:  # [status] who works on the run; `status` says "stopped" without one
+        from hpcstain.volume.markers import worker_identity
+
+        write_text_atomic(run_dir / WORKER_MARKER, json.dumps(worker_identity()) + "\n")
+    if env.is_main:
+        write_text_atomic(run_dir / "split.json", json.dumps(run.split, indent=2))
+    try:
+        if cfg.train.max_steps and run.step >= cfg.train.max_steps:  # re-run of a finished run
+            return TrainResult("max_steps", run.epoch, run.step, run_dir, run.last)
+        while run.epoch < cfg.train.epochs:
+            stopped = _run_epoch(run, stop, progress)
+            if stopped is not None:
+                return stopped
+            _end_epoch(run)
+            if run.status == "max_steps" and run.epoch < cfg.train.epochs:
+                return run.result()
+            run.status = "finished"
+        if env.is_main:
+            write_text_atomic(run_dir / "DONE", dump_config(cfg))
+        return run.result()
+    finally:
+        if run.log is not None:
+            run.log.close()
+        stop.restore()
+        # A SLURM job preempted for a requeue keeps its marker: its job id stays queued.
+        if env.is_main and not (run.status == "preempted" and os.environ.get("SLURM_JOB_ID")):
+            (run_dir / WORKER_MARKER).unlink(missing_ok=True)
+
+
+def _start_run(cfg: Config, run_dir: Path) -> tuple[Config, distributed.DistEnv]:
+    """Refuse a changed resume, start the process group, write the run's config; returns
+    the config as trained (a student takes its teacher's CT conventions)."""
     if cfg.model.variant == "distill":  # the student takes the teacher's CT conventions
         cfg = adopt_teacher(cfg)
     check_resume(run_dir, cfg)  # [refuse before writing] nothing of the run touched yet
@@ -284,13 +374,15 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
         from hpcstain.device import announce, autocast_dtype
 
         announce(str(env.device), autocast_dtype(cfg.train.amp))
-    ckpt_dir = run_dir / "checkpoints"
-    latest = ckpt_dir / "latest.pt"
     if env.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     distributed.barrier(env)
+    return cfg, env
 
+
+def _build_run(cfg: Config, run_dir: Path, env: distributed.DistEnv) -> _Run:
+    """Seed this rank, then build its data, loader, model, optimisers and schedulers."""
     seed_everything(cfg.train.seed + 1000 * env.rank)
     dataset, val_set, sampler, split = build_data(cfg, run_dir, env)
     cupping_fits = split.pop("cupping_fits", [])  # the training set's cupping fit(s)
@@ -313,160 +405,151 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, factor)
     scaler = (torch.amp.GradScaler("cuda")
               if cfg.train.amp == "fp16" and env.device.type == "cuda" else None)
+    return _Run(cfg, run_dir, env, dataset, val_set, sampler, loader, batches_per_epoch, split,
+                cupping_fits, palette, model, opt_g, opt_d, sched_g, sched_d, scaler)
 
-    epoch, step, batch_in_epoch = 0, 0, 0
-    minima: dict[str, dict[str, float]] = {}
-    sums: dict[str, float] = {}  # running per-component sums of the current epoch
-    if latest.exists():
-        ckpt = load_checkpoint(latest, map_location=env.device)
-        check_architecture(ckpt["architecture"], cfg.model, source=str(latest))
-        model.load_state_dict(ckpt["model"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        sched_g.load_state_dict(ckpt["sched_g"])
-        sched_d.load_state_dict(ckpt["sched_d"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, step, batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
-        model.steps_done = step  # model.align_start counts from the run's first step
-        minima = ckpt.get("minima", {})
-        sums = dict(ckpt.get("epoch_sums", {}))
-        set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
-        pools = ckpt.get("pools_by_rank", [])
-        if pools:  # same world size: every rank gets its own pools; else rank 0's
-            own = pools[env.rank] if len(pools) == env.world_size else pools[0]
-            for name, pool in model.pools.items():
-                if name in own:
-                    pool.load_state_dict(own[name])
-        if env.is_main:
-            print(f"resuming {run_dir} at epoch {epoch}, step {step}", flush=True)
 
-    if env.distributed:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model.wrap(lambda net: DDP(net, device_ids=ids))
-    if cfg.train.compile:
-        model.wrap(torch.compile)
-    autocast = autocast_factory(env.device, cfg.train.amp)
-
-    def snapshot(reason: str) -> dict[str, Any]:
-        rngs = gather_object(rng_state(), env)
-        pools = gather_object({n: p.state_dict() for n, p in model.pools.items()}, env)
-        return {  # pools once, per rank, in pools_by_rank (not again in model)
-            "architecture": model.architecture(), "config": to_dict(cfg),
-            "model": model.state_dict(include=("generators", "discriminators")),
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
-            "sched_d": sched_d.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": rngs, "pools_by_rank": pools,
-            "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-            "minima": minima, "epoch_sums": dict(sums), "reason": reason,
-            **({"cupping_fits": cupping_fits} if cupping_fits else {}), **palette,
-        }
-
-    def write_latest(reason: str) -> None:
-        payload = snapshot(reason)  # every rank joins the RNG gather
-        if env.is_main:
-            save_checkpoint(latest, payload)
-        distributed.barrier(env)
-
-    stop = (stop or StopFlag()).install()
-    log = LossLog(run_dir, resume_step=step) if env.is_main else None
-    if env.is_main:  # [status] who works on the run; `status` says "stopped" without one
-        from hpcstain.volume.markers import worker_identity
-
-        write_text_atomic(run_dir / WORKER_MARKER, json.dumps(worker_identity()) + "\n")
+def _resume(run: _Run) -> None:
+    """Load ``latest.pt``: weights, optimisers, schedulers, counters, this rank's RNG and
+    image pools."""
+    env = run.env
+    ckpt = load_checkpoint(run.latest, map_location=env.device)
+    check_architecture(ckpt["architecture"], run.cfg.model, source=str(run.latest))
+    run.model.load_state_dict(ckpt["model"])
+    run.opt_g.load_state_dict(ckpt["opt_g"])
+    run.opt_d.load_state_dict(ckpt["opt_d"])
+    run.sched_g.load_state_dict(ckpt["sched_g"])
+    run.sched_d.load_state_dict(ckpt["sched_d"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.epoch, run.step, run.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+    run.model.steps_done = run.step  # model.align_start counts from the run's first step
+    run.minima = ckpt.get("minima", {})
+    run.sums = dict(ckpt.get("epoch_sums", {}))
+    set_rng_state(ckpt["rng"][min(env.rank, len(ckpt["rng"]) - 1)])
+    pools = ckpt.get("pools_by_rank", [])
+    if pools:  # same world size: every rank gets its own pools; else rank 0's
+        own = pools[env.rank] if len(pools) == env.world_size else pools[0]
+        for name, pool in run.model.pools.items():
+            if name in own:
+                pool.load_state_dict(own[name])
     if env.is_main:
-        write_text_atomic(run_dir / "split.json", json.dumps(split, indent=2))
-    status: Literal["finished", "preempted", "max_steps"] = "finished"
-    last: dict[str, float] = {}
-    try:
-        if cfg.train.max_steps and step >= cfg.train.max_steps:  # re-run of a finished run
-            return TrainResult("max_steps", epoch, step, run_dir, last)
-        while epoch < cfg.train.epochs:
-            sampler.set_epoch(epoch, skip=batch_in_epoch * cfg.data.batch_size)
-            dataset.set_epoch(epoch)
-            bar = _progress(batches_per_epoch, batch_in_epoch, epoch, cfg, env, progress)
-            t_wait = time.perf_counter()
-            for batch in loader:
-                t_step = time.perf_counter()
-                data_wait = t_step - t_wait
-                batch_t = to_device(batch, env.device, cfg.train.channels_last)
-                losses = model.train_step(batch_t, opt_g, opt_d, autocast, scaler)
-                names = sorted(losses)
-                mean = distributed.all_mean(
-                    torch.tensor([losses[k] for k in names], dtype=torch.float64,
-                                 device=env.device), env).tolist()
-                last = dict(zip(names, mean, strict=True))
-                step += 1
-                batch_in_epoch += 1
-                for k, v in last.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                step_s = time.perf_counter() - t_step
-                if log is not None:
-                    log.write({"step": step, "epoch": epoch, "lr": sched_g.get_last_lr()[0],
-                               **last, "data_wait_s": round(data_wait, 6),
-                               "step_s": round(step_s, 6)})
-                if bar is not None:
-                    bar.update(1)
-                    if step % max(cfg.train.log_every, 1) == 0:
-                        bar.set_postfix({k: f"{last[k]:.3f}" for k in _shown(last)})
-                stopping = distributed.any_rank(stop.requested, env)
-                if stopping:
-                    write_latest(f"signal {stop.signum}")
-                    status = "preempted"
-                    return TrainResult(status, epoch, step, run_dir, last)
-                if cfg.train.max_steps and step >= cfg.train.max_steps:
-                    status = "max_steps"
-                    if batch_in_epoch >= batches_per_epoch:
-                        break  # the epoch is complete: do its end-of-epoch work first
-                    write_latest("max_steps")
-                    return TrainResult(status, epoch, step, run_dir, last)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    write_latest("periodic")
-                t_wait = time.perf_counter()
-            if bar is not None:
-                bar.close()
-            # Epoch end: per-component epoch means decide the paper's per-loss minima.
-            done = batch_in_epoch
-            epoch_means = {k: v / max(done, 1) for k, v in sums.items()}
-            if val_set is not None and (epoch + 1) % cfg.train.val_every == 0:
-                epoch_means.update(validate(model, val_set, cfg, env.device))
-            if log is not None:  # TensorBoard: epoch means, learning rates, sample grid
-                log.epoch_end(step, epoch_means, {"G": sched_g.get_last_lr()[0],
-                              "D": sched_d.get_last_lr()[0]}, model,
-                              val_set if val_set is not None else dataset)
-            epoch += 1
-            batch_in_epoch = 0
-            sums = {}
-            sched_g.step()
-            sched_d.step()
-            improved = _update_minima(minima, epoch_means, epoch)
-            if env.is_main:
-                with open(run_dir / "epochs.jsonl", "a") as fh:
-                    fh.write(json.dumps({"epoch": epoch, **epoch_means}) + "\n")
-                for name in improved:  # inference only: generators + conventions
-                    save_checkpoint(ckpt_dir / f"min-{name}.pt", {
-                        "architecture": model.architecture(), "config": to_dict(cfg),
-                        "model": model.generator_state_dict(), "epoch": epoch,
-                        "step": step, "minima": {name: minima[name]},
-                        "reason": f"minimum of {name}",
-                        **({"cupping_fits": cupping_fits} if cupping_fits else {}),
-                        **palette})
-            write_latest("epoch")
-            if status == "max_steps" and epoch < cfg.train.epochs:
-                return TrainResult(status, epoch, step, run_dir, last)
-            status = "finished"
-        if env.is_main:
-            write_text_atomic(run_dir / "DONE", dump_config(cfg))
-        return TrainResult(status, epoch, step, run_dir, last)
-    finally:
-        if log is not None:
-            log.close()
-        stop.restore()
-        # A SLURM job preempted for a requeue keeps its marker: its job id stays queued.
-        if env.is_main and not (status == "preempted" and os.environ.get("SLURM_JOB_ID")):
-            (run_dir / WORKER_MARKER).unlink(missing_ok=True)
+        print(f"resuming {run.run_dir} at epoch {run.epoch}, step {run.step}", flush=True)
+
+
+def _snapshot(run: _Run, reason: str) -> dict[str, Any]:
+    """``latest.pt``'s contents; every rank must call it (the RNG and pool gathers)."""
+    rngs = gather_object(rng_state(), run.env)
+    pools = gather_object({n: p.state_dict() for n, p in run.model.pools.items()}, run.env)
+    return {  # pools once, per rank, in pools_by_rank (not again in model)
+        "architecture": run.model.architecture(), "config": to_dict(run.cfg),
+        "model": run.model.state_dict(include=("generators", "discriminators")),
+        "opt_g": run.opt_g.state_dict(),
+        "opt_d": run.opt_d.state_dict(), "sched_g": run.sched_g.state_dict(),
+        "sched_d": run.sched_d.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+        "rng": rngs, "pools_by_rank": pools,
+        "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch,
+        "minima": run.minima, "epoch_sums": dict(run.sums), "reason": reason,
+        **({"cupping_fits": run.cupping_fits} if run.cupping_fits else {}), **run.palette,
+    }
+
+
+def _write_latest(run: _Run, reason: str) -> None:
+    """Every rank snapshots; rank 0 writes ``latest.pt``; all wait for it."""
+    payload = _snapshot(run, reason)  # every rank joins the RNG gather
+    if run.env.is_main:
+        save_checkpoint(run.latest, payload)
+    distributed.barrier(run.env)
+
+
+def _run_epoch(run: _Run, stop: StopFlag, progress: bool) -> TrainResult | None:
+    """The steps of one epoch (from ``batch_in_epoch`` on a resume); a result when the run
+    stops inside it (a signal, or ``train.max_steps`` before the epoch's last step), else
+    None: the epoch's end-of-epoch work comes next."""
+    cfg, env = run.cfg, run.env
+    run.sampler.set_epoch(run.epoch, skip=run.batch_in_epoch * cfg.data.batch_size)
+    run.dataset.set_epoch(run.epoch)
+    bar = _progress(run.batches_per_epoch, run.batch_in_epoch, run.epoch, cfg, env, progress)
+    t_wait = time.perf_counter()
+    for batch in run.loader:
+        t_step = time.perf_counter()
+        _train_step(run, batch, t_step, t_step - t_wait, bar)
+        stopping = distributed.any_rank(stop.requested, env)
+        if stopping:
+            _write_latest(run, f"signal {stop.signum}")
+            run.status = "preempted"
+            return run.result()
+        if cfg.train.max_steps and run.step >= cfg.train.max_steps:
+            run.status = "max_steps"
+            if run.batch_in_epoch >= run.batches_per_epoch:
+                break  # the epoch is complete: do its end-of-epoch work first
+            _write_latest(run, "max_steps")
+            return run.result()
+        if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0:
+            _write_latest(run, "periodic")
+        t_wait = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    return None
+
+
+def _train_step(run: _Run, batch: dict[str, Any], t_step: float, data_wait: float,
+                bar: Any) -> None:
+    """One optimisation step: losses averaged over the ranks, counters, log row, bar."""
+    cfg, env = run.cfg, run.env
+    batch_t = to_device(batch, env.device, cfg.train.channels_last)
+    losses = run.model.train_step(batch_t, run.opt_g, run.opt_d, run.autocast, run.scaler)
+    names = sorted(losses)
+    mean = distributed.all_mean(
+        torch.tensor([losses[k] for k in names], dtype=torch.float64,
+                     device=env.device), env).tolist()
+    run.last = last = dict(zip(names, mean, strict=True))
+    run.step += 1
+    run.batch_in_epoch += 1
+    for k, v in last.items():
+        run.sums[k] = run.sums.get(k, 0.0) + v
+    step_s = time.perf_counter() - t_step
+    if run.log is not None:
+        run.log.write({"step": run.step, "epoch": run.epoch,
+                       "lr": run.sched_g.get_last_lr()[0], **last,
+                       "data_wait_s": round(data_wait, 6), "step_s": round(step_s, 6)})
+    if bar is not None:
+        bar.update(1)
+        if run.step % max(cfg.train.log_every, 1) == 0:
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in _shown(last)})
+
+
+def _end_epoch(run: _Run) -> None:
+    """Epoch end: per-component epoch means (and validation) decide the paper's per-loss
+    minima; log them, step the schedulers, write ``min-*.pt`` and ``latest.pt``."""
+    cfg, env, model = run.cfg, run.env, run.model
+    done = run.batch_in_epoch
+    epoch_means = {k: v / max(done, 1) for k, v in run.sums.items()}
+    if run.val_set is not None and (run.epoch + 1) % cfg.train.val_every == 0:
+        epoch_means.update(validate(model, run.val_set, cfg, env.device))
+    if run.log is not None:  # TensorBoard: epoch means, learning rates, sample grid
+        run.log.epoch_end(run.step, epoch_means, {"G": run.sched_g.get_last_lr()[0],
+                          "D": run.sched_d.get_last_lr()[0]}, model,
+                          run.val_set if run.val_set is not None else run.dataset)
+    run.epoch += 1
+    run.batch_in_epoch = 0
+    run.sums = {}
+    run.sched_g.step()
+    run.sched_d.step()
+    improved = _update_minima(run.minima, epoch_means, run.epoch)
+    if env.is_main:
+        with open(run.run_dir / "epochs.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": run.epoch, **epoch_means}) + "\n")
+        for name in improved:  # inference only: generators + conventions
+            save_checkpoint(run.ckpt_dir / f"min-{name}.pt", {
+                "architecture": model.architecture(), "config": to_dict(cfg),
+                "model": model.generator_state_dict(), "epoch": run.epoch,
+                "step": run.step, "minima": {name: run.minima[name]},
+                "reason": f"minimum of {name}",
+                **({"cupping_fits": run.cupping_fits} if run.cupping_fits else {}),
+                **run.palette})
+    _write_latest(run, "epoch")
 
 
 def _update_minima(minima: dict[str, dict[str, float]], means: dict[str, float], epoch: int
