@@ -109,13 +109,7 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     as they come (warped by 1–3 px, cracks, dirt, stain variation), as your own pairs do.
     """
     from hpcstain.errors import UsageError
-    from hpcstain.executors import run_stain
-    from hpcstain.metrics.stripes import stripe_index
-    from hpcstain.phantom import write_pairs, write_volume_file
     from hpcstain.phantom.tomo import TomoParams
-    from hpcstain.train.trainer import train
-    from hpcstain.view import compare_planes
-    from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 
     if physics not in ("render", "tomo"):
         raise UsageError(f"--physics {physics!r}: choose render or tomo")
@@ -129,6 +123,33 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
                                "profile": PROFILE, "target": target}
     t0 = time.perf_counter()
 
+    manifest, held_manifest = _phantom_pairs(out, sizes, tomo, target)
+    summary["train"], checkpoint = _train_model(manifest, sizes, target, out / "train", quick)
+    summary["evaluate"] = _evaluate(held_manifest, checkpoint, out / "evaluate",
+                                    patch=sizes.patch)
+    vol_path = _phantom_volume(out, sizes, physics, tomo)
+    stain_dir = out / "stain"
+    plan, summary["stain_seconds"] = _stain(stain_dir, vol_path, checkpoint, sizes, quick)
+    volumes, reference, ct = _fuse_and_score(stain_dir, vol_path, summary)
+    view = _orthoviews(out / "orthoviews.png", ct, volumes, reference, plan.fuse_method)
+    print(volume_table(summary["volume_scores"], reference.info["mask_fraction"]), end="")
+    print(summary["tissue"]["table"], end="")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    _say("stripe index along z (1 = no stripes): "
+         + ", ".join(f"{k} {v}" for k, v in summary["stripe_index_z"].items()))
+    _say(f"done in {summary['seconds']} s; outputs in {out}/ (summary.json, {view.name}: "
+         "CT | fused stain | slice-wise z | truth on each plane, evaluate/, "
+         "stain/fused.ome.zarr)")
+    return summary
+
+
+def _phantom_pairs(out: Path, sizes: DemoSizes, tomo: Any, target: str) -> tuple[Path, Path]:
+    """Training pairs and held-out pairs (another seed), each written once; returns the
+    training manifest (naming the truth stain for ``target`` truth) and the held-out one."""
+    from hpcstain.phantom import write_pairs
+
     pairs_dir, held_dir = out / "pairs", out / "pairs-held-out"
     for folder, n, seed in ((pairs_dir, sizes.n_pairs, TRAIN_SEED),
                             (held_dir, sizes.n_held, HELD_SEED)):
@@ -139,28 +160,46 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     manifest = pairs_dir / "manifest.csv"
     if target == "truth":
         manifest = truth_manifest(manifest)
+    return manifest, held_dir / "manifest.csv"
 
-    run_dir = out / "train"
+
+def _train_model(manifest: Path, sizes: DemoSizes, target: str, run_dir: Path, quick: bool
+                 ) -> tuple[dict[str, Any], Path]:
+    """Train the tissue recipe into ``run_dir``; returns the summary's train entry and the
+    checkpoint."""
+    from hpcstain.train.trainer import train
+
     cfg = _train_config(manifest, sizes.n_pairs, sizes)
     _say(f"train: {PROFILE} (U-Net, L1 to the {TARGETS[target]}"
          f"{', ' + ', '.join(sizes.model) if sizes.model else ''}), {sizes.steps} steps "
          f"→ {run_dir}")
     t = time.perf_counter()
     result = train(cfg, run_dir, progress=not quick)
-    summary["train"] = {"status": result.status, "steps": result.step,
-                        "seconds": round(time.perf_counter() - t, 1),
-                        "last_losses": result.last_losses}
-    checkpoint = run_dir / "checkpoints" / "latest.pt"
+    entry = {"status": result.status, "steps": result.step,
+             "seconds": round(time.perf_counter() - t, 1),
+             "last_losses": result.last_losses}
+    return entry, run_dir / "checkpoints" / "latest.pt"
 
-    summary["evaluate"] = _evaluate(held_dir / "manifest.csv", checkpoint,
-                                    out / "evaluate", patch=sizes.patch)
+
+def _phantom_volume(out: Path, sizes: DemoSizes, physics: str, tomo: Any) -> Path:
+    """The phantom volume (Mg screw) to stain, written once."""
+    from hpcstain.phantom import write_volume_file
 
     vol_path = out / "phantom-volume.zarr"
     if not vol_path.exists():
         _say(f"phantom volume {sizes.volume} (Mg screw, {physics} CT, seed {VOLUME_SEED}) "
              f"→ {vol_path}")
         write_volume_file(vol_path, sizes.volume, "mg", seed=VOLUME_SEED, tomo=tomo)
-    stain_dir = out / "stain"
+    return vol_path
+
+
+def _stain(stain_dir: Path, vol_path: Path, checkpoint: Path, sizes: DemoSizes, quick: bool
+           ) -> tuple[Any, float]:
+    """Stain the volume's CT along z, y, x into ``stain_dir``; returns the plan and the
+    seconds it took."""
+    from hpcstain.executors import run_stain
+    from hpcstain.volume import init_run, make_plan, open_volume
+
     source = open_volume(f"{vol_path}:ct")
     # Same pixel scale as the training slides; Hann blending; planes up to 512² are single
     # tiles; the 3D Gaussian as the checkpoint records (the tissue profile: none).
@@ -170,11 +209,19 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     _say(f"stain: {plan.n_units} slabs over 3 axes → {stain_dir}")
     t = time.perf_counter()
     run_stain(stain_dir, executor="local", batch_size=16, device="cpu", progress=False)
-    summary["stain_seconds"] = round(time.perf_counter() - t, 1)
+    return plan, round(time.perf_counter() - t, 1)
 
+
+def _fuse_and_score(stain_dir: Path, vol_path: Path, summary: dict[str, Any]
+                    ) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
+    """Fuse the stain three ways (the checkpoint's method, the mean, slice-wise z) and score
+    each against the truth: the summary's stripe index, 3D scores and tissue classes.
+    Returns the volumes (truth included), the scoring reference and the CT."""
     import zarr
 
+    from hpcstain.metrics.stripes import stripe_index
     from hpcstain.metrics.volume import prepare_reference, score_volume
+    from hpcstain.volume import fuse_run
 
     group = zarr.open_group(str(vol_path), mode="r")
     truth, labels, ct = group["stain"][:], group["labels"][:], group["ct"][:]
@@ -189,31 +236,26 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
         report = fuse_run(stain_dir, **kwargs)
         volumes[name] = _read_fused(Path(report.output))
         scores[name] = score_volume(volumes[name], reference).summary
-    stripes = {name: round(float(stripe_index(rgb, axis=0)), 3)
-               for name, rgb in volumes.items()}
-    summary["stripe_index_z"] = stripes
+    summary["stripe_index_z"] = {name: round(float(stripe_index(rgb, axis=0)), 3)
+                                 for name, rgb in volumes.items()}
     summary["volume_scores"] = {
         name: {"psnr": sc["psnr"], "psnr_calibrated": sc["psnr_calibrated"],
                "ssim": {f: sc["planes"][f]["ssim"] for f in sc["planes"]},
                "stripe_ratio": sc["stripe_ratio"]} for name, sc in scores.items()}
     summary["tissue"] = _tissue(volumes, labels, ct, reference)
+    return volumes, reference, ct
+
+
+def _orthoviews(path: Path, ct: np.ndarray, volumes: dict[str, np.ndarray], reference: Any,
+                fuse_method: str) -> Path:
+    """One PNG: CT | fused stain | slice-wise z | truth on each plane."""
+    from hpcstain.view import compare_planes
+
     # the truth as scored: in the model's colour space (§2.5), the sample's outside filled
     shown = np.where(reference.mask[..., None], reference.rgb, reference.fill)
-    view = compare_planes(ct, [(f"stain (fused, 3 axes, {plan.fuse_method})", volumes["fused"]),
+    return compare_planes(ct, [(f"stain (fused, 3 axes, {fuse_method})", volumes["fused"]),
                                ("stain (slice-wise z)", volumes["slicewise-z"]),
-                               ("truth (as scored: §2.5 colours)", shown)],
-                          out / "orthoviews.png")
-    print(volume_table(summary["volume_scores"], reference.info["mask_fraction"]), end="")
-    print(summary["tissue"]["table"], end="")
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-
-    _say("stripe index along z (1 = no stripes): "
-         + ", ".join(f"{k} {v}" for k, v in stripes.items()))
-    _say(f"done in {summary['seconds']} s; outputs in {out}/ (summary.json, {view.name}: "
-         "CT | fused stain | slice-wise z | truth on each plane, evaluate/, "
-         "stain/fused.ome.zarr)")
-    return summary
+                               ("truth (as scored: §2.5 colours)", shown)], path)
 
 
 def _tissue(volumes: dict[str, np.ndarray], labels: np.ndarray, ct: np.ndarray,
