@@ -190,6 +190,51 @@ def test_prefetching_the_next_unit_changes_no_byte(tmp_path, volume_path):
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
+def test_a_unit_that_does_not_fit_beside_the_next_is_read_after_its_ct_is_freed(
+        tmp_path, volume_path, monkeypatch):
+    """[issue 25] Over the read-ahead budget the next unit is read only once the current
+    unit's CT is released (while its RGB is written): no read overlaps a unit's generator
+    calls. The bytes are those of a full read-ahead."""
+    from hpcstain.executors import local as local_mod
+    from hpcstain.executors.local import stain_here, stain_pass
+
+    plan = make_plan(open_volume(volume_path), chunk=(8, 8, 8), axes="z", tile=TILE,
+                     step=STEP, window="mean", sigma=1.0, levels=LEVELS)
+    full, tight = init_run(tmp_path / "full", plan), init_run(tmp_path / "tight", plan)
+    events: list[str] = []
+    load = local_mod.load_unit
+
+    def logged_load(*args, **kwargs):
+        events.append("read")
+        return load(*args, **kwargs)
+
+    inner = ConvStainer()
+
+    def fn(batch):
+        events.append("stain")
+        return inner(batch)
+
+    write = stain_mod.write_axis_region
+
+    def logged_write(*args, **kwargs):
+        events.append("write")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(local_mod, "load_unit", logged_load)
+    monkeypatch.setattr(stain_mod, "write_axis_region", logged_write)
+    todo = pending_units(tight)
+    assert len(todo) == 3 and stain_mod.unit_bytes(plan, 0)[0] > 0
+    stain_here(stain_pass(tight, plan, todo, fn, batch_size=4), fn=fn, read_ahead_bytes=0)
+    codes = "".join(e[0] for e in events)  # s(tain) r(ead) w(rite)
+    assert codes.count("r") == 2 and codes.count("w") == 3
+    writes = [i for i, c in enumerate(codes) if c == "w"]
+    reads = [i for i, c in enumerate(codes) if c == "r"]
+    for k, read in enumerate(reads):  # unit k+1 is read after unit k's last generator call
+        assert read > codes.rindex("s", 0, writes[k]), codes
+    run_local(full, ConvStainer(), batch_size=4, progress=False, prefetch=True)
+    assert store_bytes(tight) == store_bytes(full)
+
+
 def test_axes_differ_so_each_axis_is_really_slicewise(reference):
     assert not np.array_equal(reference["z"], reference["y"])
     assert not np.array_equal(reference["z"], reference["x"])

@@ -20,10 +20,16 @@ from hpcstain.volume.stain import (
     pending_units,
     resolve_fn,
     stain_unit,
+    unit_bytes,
 )
 from hpcstain.volume.tasks import TaskPass, run_serial
 
 MakeFn = Callable[[], StainFn]
+# What a unit being stained and the next one read ahead may hold together (unit_bytes):
+# beyond it the next unit is read only once the current one's CT is freed. 1.25 GiB keeps
+# a run of the plan's largest units (128 whole 1024² planes) under 2 GB of peak RSS with
+# the interpreter and torch (docs/benchmarks.md, "A real-size run").
+READ_AHEAD_BYTES = 5 << 28
 
 
 @dataclass
@@ -113,11 +119,15 @@ def stain_pass(run_dir: str | os.PathLike[str], plan: Plan, todo: list[int],
 
 
 def stain_here(tp: TaskPass, progress: bool = False, fn: StainFn | None = None,
-               prefetch: bool = True) -> list[str]:
+               prefetch: bool = True, read_ahead_bytes: int | None = None) -> list[str]:
     """Run a stain pass in this process; with ``prefetch`` a background thread reads and
-    prepares the next unit while the generator works on the current one."""
+    prepares the next unit while the generator works on the current one, when both fit in
+    ``read_ahead_bytes`` (default :data:`READ_AHEAD_BYTES`; :func:`~hpcstain.volume.stain.
+    unit_bytes`); when they do not, the next unit is read once the current one's CT is
+    freed, while its RGB is written, so memory stays near one unit's."""
     task: StainTask = tp.task  # type: ignore[assignment]
     run_dir, todo = task.run_dir, list(tp.jobs)
+    budget = READ_AHEAD_BYTES if read_ahead_bytes is None else read_ahead_bytes
     plan = load_plan(run_dir)
     fn = resolve_fn(fn, task.make_fn, plan, run_dir, task.device)
     bar = tp.bar(progress)
@@ -126,10 +136,19 @@ def stain_here(tp: TaskPass, progress: bool = False, fn: StainFn | None = None,
         ahead: Future[LoadedUnit] | None = None
         for n, i in enumerate(todo):
             loaded = ahead.result() if ahead is not None else None
-            ahead = (pool.submit(load_unit, run_dir, todo[n + 1], plan)
-                     if prefetch and n + 1 < len(todo) else None)
+            ahead = None
+            nxt = todo[n + 1] if prefetch and n + 1 < len(todo) else None
+
+            def read_next(nxt: int | None = nxt) -> None:
+                nonlocal ahead
+                if nxt is not None and ahead is None:
+                    ahead = pool.submit(load_unit, run_dir, nxt, plan)
+
+            if nxt is not None and unit_bytes(plan, i)[0] + unit_bytes(plan, nxt)[1] <= budget:
+                read_next()  # now: both fit
             result = stain_unit(run_dir, i, fn, batch_size=task.batch_size, plan=plan,
-                                loaded=loaded, device=task.device)
+                                loaded=loaded, device=task.device, released=read_next)
+            read_next()  # (a unit found done calls nothing)
             names.append(unit_name(result))
             if bar is not None:
                 bar.update(1)

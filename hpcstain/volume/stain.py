@@ -267,8 +267,11 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
 
 
 def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainFn,
-                 plan: Plan, batch_size: int = 0, device: str = "cpu") -> UnitResult:
-    """The generator half: stain the slab, write it, then its completion record."""
+                 plan: Plan, batch_size: int = 0, device: str = "cpu",
+                 released: Callable[[], None] | None = None) -> UnitResult:
+    """The generator half: stain the slab, write it, then its completion record.
+    ``released`` is called once the unit's CT is freed, before its RGB is written (an
+    executor starts reading the next unit there when both would not fit in memory)."""
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
@@ -276,6 +279,8 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
         rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
                          counter, device)
         loaded.ct = None  # the CT is spent: free it while the RGB is written (bounded RSS)
+        if released is not None:
+            released()
         write_axis_region(axis_store(run_dir, unit.axis), plan, loaded.write, rgb)
         voxels = int(np.prod([s.stop - s.start for s in loaded.write]))
         seconds = time.perf_counter() - t0
@@ -291,16 +296,30 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
 def stain_unit(run_dir: str | os.PathLike[str], index: int, fn: StainFn,
                batch_size: int = 0, plan: Plan | None = None,
                source: VolumeSource | None = None,
-               loaded: LoadedUnit | None = None, device: str = "cpu") -> UnitResult:
+               loaded: LoadedUnit | None = None, device: str = "cpu",
+               released: Callable[[], None] | None = None) -> UnitResult:
     """Stain work unit ``index`` unless its completion record exists.
 
-    ``loaded`` is the unit's prepared CT when an executor read it ahead of time.
+    ``loaded`` is the unit's prepared CT when an executor read it ahead of time;
+    ``released``: see :func:`compute_unit`.
     """
     plan = plan or load_plan(run_dir)
     loaded = loaded if loaded is not None else load_unit(run_dir, index, plan, source)
     if loaded.ct is None:
         return UnitResult(index, loaded.unit.name, loaded.unit.axis, 0.0)
-    return compute_unit(run_dir, loaded, fn, plan, batch_size, device)
+    return compute_unit(run_dir, loaded, fn, plan, batch_size, device, released)
+
+
+def unit_bytes(plan: Plan, index: int) -> tuple[int, int]:
+    """Memory of unit ``index`` (estimates from its regions, bytes): (held while it is
+    stained: its prepared CT, its RGB and the tile engine's group; peak while it is read
+    and prepared: the raw block beside its padded float32 copy)."""
+    unit = plan.unit(index)
+    read = [s.stop - s.start for s in plan.unit_read_region(unit)]
+    read[AXIS_INDEX[unit.axis]] += 2 * plan.context_halo
+    padded = int(np.prod([n + 2 * plan.halo for n in read]))
+    write = int(np.prod([s.stop - s.start for s in plan.unit_write_region(unit)]))
+    return int(np.prod(read)) * 4 + write * 3 + GROUP_BYTES, padded * (2 + 4)
 
 
 def pending_units(run_dir: str | os.PathLike[str], plan: Plan | None = None) -> list[int]:
