@@ -250,65 +250,60 @@ def cached_plan(run_dir: str | os.PathLike[str]) -> Any:
     return plan
 
 
+class _MarkerScan:
+    """The running / stale / failed markers of a run's jobs without a record, gathered into
+    ``running``, ``stale`` and ``failed``; ``squeue`` is asked once, at the first marker of
+    a SLURM job."""
+
+    def __init__(self, run: Path, live_fn: LiveJobs, host: str) -> None:
+        self.run, self.live_fn, self.host = run, live_fn, host
+        self.live: set[str] | None = None
+        self.live_checked = False
+        self.running: list[dict[str, Any]] = []
+        self.stale: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+
+    def scan(self, task: str, done: set[str], row: dict[str, Any]) -> None:
+        """``task``'s markers (stain units and fuse chunk groups) into the lists and the
+        counts of ``row``."""
+        from hpcstain.volume.markers import FAILED, RUNNING, read_markers
+
+        running_now = read_markers(self.run, RUNNING, task)
+        for name, m in sorted(running_now.items()):
+            if name in done:
+                continue
+            if not self.live_checked and (m.get("slurm") or {}).get("job_id"):
+                self.live, self.live_checked = self.live_fn(), True
+            why = worker_gone(m, self.live, self.host)
+            entry = {"task": task, "unit": name, "worker": _worker_text(m),
+                     "since": m.get("time"), **({"why": why} if why else {})}
+            if why:
+                self.stale.append(entry)
+                row["stale"] += 1
+            else:
+                self.running.append(entry)
+                row["running"] += 1
+        for name, m in sorted(read_markers(self.run, FAILED, task).items()):
+            retry = running_now.get(name, {})
+            if name in done or (retry.get("time") or 0) > (m.get("time") or 0):
+                continue  # done since, or a retry started after the failure
+            self.failed.append({"task": task, "unit": name, "worker": _worker_text(m),
+                                "time": m.get("time"), "error": m.get("error", "?")})
+            row["failed"] += 1
+
+
 def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                  live_jobs: LiveJobs | None = None, require_fused: bool = False
                  ) -> dict[str, Any]:
     """Progress of a staining run: units per axis, fused chunks, stale/failed, rate, ETA."""
-    from hpcstain.volume.markers import FAILED, RUNNING, read_markers
     from hpcstain.volume.plan import done_names
 
     run = Path(run_dir)
     plan = cached_plan(run)
     now = time.time() if now is None else now
-    host = socket.gethostname()
-    live_fn = live_jobs or squeue_jobs
-    live: set[str] | None = None
-    live_checked = False
-    axes: dict[str, Any] = {}
-    stale, failed, running, records = [], [], [], []
-
-    def markers_of(task: str, done: set[str], row: dict[str, Any]) -> None:
-        """The running / stale / failed markers of ``task``'s jobs without a record, into
-        the lists above and the counts of ``row`` (stain units and fuse chunk groups)."""
-        nonlocal live, live_checked
-        running_now = read_markers(run, RUNNING, task)
-        for name, m in sorted(running_now.items()):
-            if name in done:
-                continue
-            if not live_checked and (m.get("slurm") or {}).get("job_id"):
-                live, live_checked = live_fn(), True
-            why = worker_gone(m, live, host)
-            entry = {"task": task, "unit": name, "worker": _worker_text(m),
-                     "since": m.get("time"), **({"why": why} if why else {})}
-            if why:
-                stale.append(entry)
-                row["stale"] += 1
-            else:
-                running.append(entry)
-                row["running"] += 1
-        for name, m in sorted(read_markers(run, FAILED, task).items()):
-            retry = running_now.get(name, {})
-            if name in done or (retry.get("time") or 0) > (m.get("time") or 0):
-                continue  # done since, or a retry started after the failure
-            failed.append({"task": task, "unit": name, "worker": _worker_text(m),
-                           "time": m.get("time"), "error": m.get("error", "?")})
-            row["failed"] += 1
-
-    remaining_voxels = total_voxels = 0
-    for axis in plan.axes:
-        task = f"axis-{axis}"
-        units = [u for u in plan.units if u.axis == axis]
-        recs = _read_records(run / "done" / task)
-        done = {r["_name"] for r in recs}
-        records += recs
-        size = {u.name: math.prod(s.stop - s.start for s in plan.unit_write_region(u))
-                for u in units}
-        total_voxels += sum(size.values())
-        remaining_voxels += sum(v for n, v in size.items() if n not in done)
-        row = {"done": len(done & set(size)), "total": len(units), "running": 0, "stale": 0,
-               "failed": 0}
-        markers_of(task, done, row)
-        axes[axis] = row
+    markers = _MarkerScan(run, live_jobs or squeue_jobs, socket.gethostname())
+    axes, records, total_voxels, remaining_voxels = _stain_axes(run, plan, markers)
+    running, stale, failed = markers.running, markers.stale, markers.failed
     rate = throughput(records)
     if rate is not None:
         limit = max(OVERDUE_MIN_S, OVERDUE_FACTOR * rate["median_unit_s"])
@@ -318,7 +313,7 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
     for image in fused:  # fuse's chunk groups leave markers under their first chunk
         task = image["image"].removesuffix(".zarr").removesuffix(".ome")
         counts = {"running": 0, "stale": 0, "failed": 0}
-        markers_of(task, done_names(run, task), counts)
+        markers.scan(task, done_names(run, task), counts)
         image.update({k: v for k, v in counts.items() if v})
     n_done = sum(a["done"] for a in axes.values())
     n_units = sum(a["total"] for a in axes.values())
@@ -345,6 +340,30 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
         "throughput": rate, "idle": idle, "eta_s": eta, "now": now,
         "state": state, "exit_code": code,
     }
+
+
+def _stain_axes(run: Path, plan: Any, markers: _MarkerScan
+                ) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
+    """Per axis: units done of total and their running / stale / failed markers. Returns
+    the rows, every completion record, and the voxels of all units and of those not done."""
+    axes: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    remaining_voxels = total_voxels = 0
+    for axis in plan.axes:
+        task = f"axis-{axis}"
+        units = [u for u in plan.units if u.axis == axis]
+        recs = _read_records(run / "done" / task)
+        done = {r["_name"] for r in recs}
+        records += recs
+        size = {u.name: math.prod(s.stop - s.start for s in plan.unit_write_region(u))
+                for u in units}
+        total_voxels += sum(size.values())
+        remaining_voxels += sum(v for n, v in size.items() if n not in done)
+        row = {"done": len(done & set(size)), "total": len(units), "running": 0, "stale": 0,
+               "failed": 0}
+        markers.scan(task, done, row)
+        axes[axis] = row
+    return axes, records, total_voxels, remaining_voxels
 
 
 def _fused_status(run: Path, n_chunks: int) -> list[dict[str, Any]]:

@@ -656,13 +656,7 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
     n, size = check_pair_args(n, size)
     orientation = check_orientation(orientation)
     misalignment = check_misalignment(misalignment)
-    if ct_slab and (int(ct_slab) != ct_slab or ct_slab < 1 or ct_slab % 2 == 0):
-        raise UsageError(f"pairs: --ct-slab {ct_slab!r} must be an odd number of planes >= 1")
-    if tomo is not None:
-        tomo = check_tomo(tomo)
-        if orientation != "z":
-            raise UsageError(f"pairs: --physics tomo scans z sections only, not "
-                             f"--orientation {orientation} (use --orientation z)")
+    tomo = _check_slab_and_tomo(ct_slab, tomo, orientation)
     check_output(outdir, overwrite)
     materials = allocate_materials(n, seed)
     sample_seeds = np.random.default_rng([int(seed), 0x5EED]).integers(0, 2**62, size=n)
@@ -673,49 +667,92 @@ def write_pairs(outdir: str | Path, n: int, seed: int, size: tuple[int, int] = (
                                                                     else ()):
             (tmp / sub).mkdir(parents=True)
         for i, material in enumerate(materials):
-            pid = f"pair_{i:03d}"
-            pair = render_pair(material, int(sample_seeds[i]), size, seed, i, orientation,
-                               misalignment, tomo=tomo)
-            files = {"ct": f"ct/{pid}.tif", "histology": f"histology/{pid}.png",
-                     "mask": f"mask/{pid}.png", "truth": f"truth/{pid}.png"}
-            (tmp / files["ct"]).write_bytes(_tiff_bytes(pair.ct))
-            (tmp / files["histology"]).write_bytes(_png_bytes(pair.histology))
-            (tmp / files["mask"]).write_bytes(_png_bytes(pair.mask))
-            (tmp / files["truth"]).write_bytes(_png_bytes(pair.truth))
-            (tmp / f"labels/{pid}.png").write_bytes(_png_bytes(pair.labels))
-            row = {"id": pid, "material": material, **files}
-            if ct_slab:
-                slab = render_ct_slab(material, int(sample_seeds[i]), size, seed, i,
-                                      orientation, int(ct_slab), tomo=tomo)
-                (tmp / f"ct_slab/{pid}.tif").write_bytes(_tiff_bytes(slab))
-                row["ct_slab"] = f"ct_slab/{pid}.tif"
-            if orientation != "z":
-                row["orientation"] = pair.orientation
-                sections.append({"id": pid, **_section_info(pair.section)})
+            row, section = _write_pair(tmp, i, material, int(sample_seeds[i]), size, seed,
+                                       orientation, misalignment, ct_slab, tomo)
+            if section is not None:
+                sections.append(section)
             rows.append(row)
-        columns = MANIFEST_COLUMNS if orientation == "z" else (*MANIFEST_COLUMNS, "orientation")
-        if ct_slab:
-            columns = (*columns, "ct_slab")
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "manifest.csv").write_text(buf.getvalue())
-        info = {"generator": "hpcstain.phantom", "generator_version": PHANTOM_VERSION,
-                "seed": int(seed), "n": n, "size_hw": list(size),
-                "voxel_size_um": VOXEL_SIZE_UM, "labels": dict(LABELS),
-                "palette": {k: list(v) for k, v in PALETTE.items()},
-                "supersample": SUPERSAMPLE, "pairs_per_session": PAIRS_PER_SESSION}
-        if orientation != "z":
-            info.update({"orientation": orientation, "sections": sections})
-        if misalignment != 1.0:
-            info["misalignment"] = misalignment
-        if ct_slab:
-            info["ct_slab"] = int(ct_slab)
-        if tomo is not None:
-            info["physics"] = tomo.attrs()
+        _write_manifest(tmp / "manifest.csv", rows, orientation, ct_slab)
+        info = _phantom_info(n, seed, size, orientation, sections, misalignment, ct_slab, tomo)
         (tmp / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     return outdir / "manifest.csv"
+
+
+def _check_slab_and_tomo(ct_slab: int, tomo: TomoParams | None, orientation: str
+                         ) -> TomoParams | None:
+    """Refuse a ``ct_slab`` that is not an odd number of planes, and ``tomo`` with other than
+    z sections; returns ``tomo`` checked."""
+    if ct_slab and (int(ct_slab) != ct_slab or ct_slab < 1 or ct_slab % 2 == 0):
+        raise UsageError(f"pairs: --ct-slab {ct_slab!r} must be an odd number of planes >= 1")
+    if tomo is not None:
+        tomo = check_tomo(tomo)
+        if orientation != "z":
+            raise UsageError(f"pairs: --physics tomo scans z sections only, not "
+                             f"--orientation {orientation} (use --orientation z)")
+    return tomo
+
+
+def _write_pair(tmp: Path, i: int, material: str, sample_seed: int, size: tuple[int, int],
+                seed: int, orientation: str, misalignment: float, ct_slab: int,
+                tomo: TomoParams | None) -> tuple[dict[str, str], dict[str, object] | None]:
+    """Render pair ``i`` and write its files into ``tmp``; returns its manifest row and,
+    for other than z sections, its ``sections`` entry of ``phantom.json``."""
+    pid = f"pair_{i:03d}"
+    pair = render_pair(material, sample_seed, size, seed, i, orientation,
+                       misalignment, tomo=tomo)
+    files = {"ct": f"ct/{pid}.tif", "histology": f"histology/{pid}.png",
+             "mask": f"mask/{pid}.png", "truth": f"truth/{pid}.png"}
+    (tmp / files["ct"]).write_bytes(_tiff_bytes(pair.ct))
+    (tmp / files["histology"]).write_bytes(_png_bytes(pair.histology))
+    (tmp / files["mask"]).write_bytes(_png_bytes(pair.mask))
+    (tmp / files["truth"]).write_bytes(_png_bytes(pair.truth))
+    (tmp / f"labels/{pid}.png").write_bytes(_png_bytes(pair.labels))
+    row = {"id": pid, "material": material, **files}
+    if ct_slab:
+        slab = render_ct_slab(material, sample_seed, size, seed, i,
+                              orientation, int(ct_slab), tomo=tomo)
+        (tmp / f"ct_slab/{pid}.tif").write_bytes(_tiff_bytes(slab))
+        row["ct_slab"] = f"ct_slab/{pid}.tif"
+    section = None
+    if orientation != "z":
+        row["orientation"] = pair.orientation
+        section = {"id": pid, **_section_info(pair.section)}
+    return row, section
+
+
+def _write_manifest(path: Path, rows: list[dict[str, str]], orientation: str, ct_slab: int
+                    ) -> None:
+    """``manifest.csv``: the base columns, then ``orientation`` and ``ct_slab`` when used."""
+    columns = MANIFEST_COLUMNS if orientation == "z" else (*MANIFEST_COLUMNS, "orientation")
+    if ct_slab:
+        columns = (*columns, "ct_slab")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def _phantom_info(n: int, seed: int, size: tuple[int, int], orientation: str,
+                  sections: list[dict[str, object]], misalignment: float, ct_slab: int,
+                  tomo: TomoParams | None) -> dict[str, object]:
+    """``phantom.json``'s provenance: generator, seed, sizes, labels, palette, and the
+    options that differ from the default phantom."""
+    info: dict[str, object] = {
+        "generator": "hpcstain.phantom", "generator_version": PHANTOM_VERSION,
+        "seed": int(seed), "n": n, "size_hw": list(size),
+        "voxel_size_um": VOXEL_SIZE_UM, "labels": dict(LABELS),
+        "palette": {k: list(v) for k, v in PALETTE.items()},
+        "supersample": SUPERSAMPLE, "pairs_per_session": PAIRS_PER_SESSION}
+    if orientation != "z":
+        info.update({"orientation": orientation, "sections": sections})
+    if misalignment != 1.0:
+        info["misalignment"] = misalignment
+    if ct_slab:
+        info["ct_slab"] = int(ct_slab)
+    if tomo is not None:
+        info["physics"] = tomo.attrs()
+    return info
 
 
 def _section_info(sec: Section | None) -> dict[str, object]:
