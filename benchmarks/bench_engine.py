@@ -55,7 +55,8 @@ from hpcstain.executors import run_stain
 from hpcstain.inference import load_generator
 from hpcstain.tiles import DEFAULT_TILING, auto_batch, stain_image
 from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
-from hpcstain.volume.plan import axis_store, load_plan
+from hpcstain.volume.plan import load_plan
+from hpcstain.volume.rundir import axis_store
 from hpcstain.volume.stain import generator_cost
 
 MAX_TILE = DEFAULT_TILING.max_tile  # what `hpcstain stain` uses by default

@@ -51,7 +51,7 @@ def make_run(root: Path, shape: tuple[int, int, int], perturb: bool = False) -> 
 
     from hpcstain.executors import run_stain
     from hpcstain.volume import init_run, make_plan, open_volume
-    from hpcstain.volume.plan import axis_store
+    from hpcstain.volume.rundir import axis_store
 
     vol = synthetic_ct(root / "ct.zarr", shape)
     plan = make_plan(open_volume(vol), chunk=64, levels=(30000.0, 10000.0))
@@ -79,7 +79,8 @@ def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
     import zarr
 
     from hpcstain.volume import fuse_run
-    from hpcstain.volume.plan import axis_store, input_at, load_plan
+    from hpcstain.volume.plan import input_at, load_plan
+    from hpcstain.volume.rundir import axis_store
 
     plan = load_plan(run)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -36,7 +36,7 @@ def stain_axes(run_dir: Path, plan: Any) -> tuple[dict[str, np.ndarray], float]:
 
     from hpcstain.executors import run_stain
     from hpcstain.volume import init_run
-    from hpcstain.volume.plan import axis_store
+    from hpcstain.volume.rundir import axis_store
 
     run = init_run(run_dir, plan, overwrite=True)
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Staining runs (``plan.json``) are read from their completion records
 (``done/axis-*/<unit>.json``: host, pid, SLURM ids, end time, seconds, voxels), the
-in-progress and failure markers of :mod:`hpcstain.volume.markers`, and the fuse records
+in-progress and failure markers of :mod:`hpcstain.volume.rundir`, and the fuse records
 (``done/<image>/<chunk>.json``). A unit is
 
 * **done** when its completion record exists;
@@ -200,7 +200,7 @@ def _worker_text(m: dict[str, Any]) -> str:
 
 
 def _read_records(folder: Path) -> list[dict[str, Any]]:
-    from hpcstain.volume.markers import read_json_folder
+    from hpcstain.volume.rundir import read_json_folder
 
     return [{**rec, "_name": name} for name, rec in read_json_folder(folder).items()]
 
@@ -232,7 +232,8 @@ def cached_plan(run_dir: str | os.PathLike[str]) -> Any:
     ``plan.json`` (inode, mtime, size): polls (``status --watch``, ``submit --wait``) do not
     re-read and re-validate it, nor rebuild its unit list, every round. ``plan.json`` is
     only ever replaced atomically (a new inode), so a changed plan is always seen."""
-    from hpcstain.volume.plan import load_plan, plan_path
+    from hpcstain.volume.plan import load_plan
+    from hpcstain.volume.rundir import plan_path
 
     path = plan_path(run_dir)
     try:
@@ -266,7 +267,7 @@ class _MarkerScan:
     def scan(self, task: str, done: set[str], row: dict[str, Any]) -> None:
         """``task``'s markers (stain units and fuse chunk groups) into the lists and the
         counts of ``row``."""
-        from hpcstain.volume.markers import FAILED, RUNNING, read_markers
+        from hpcstain.volume.rundir import FAILED, RUNNING, read_markers
 
         running_now = read_markers(self.run, RUNNING, task)
         for name, m in sorted(running_now.items()):
@@ -296,7 +297,7 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                  live_jobs: LiveJobs | None = None, require_fused: bool = False
                  ) -> dict[str, Any]:
     """Progress of a staining run: units per axis, fused chunks, stale/failed, rate, ETA."""
-    from hpcstain.volume.plan import done_names
+    from hpcstain.volume.rundir import done_names
 
     run = Path(run_dir)
     plan = cached_plan(run)
@@ -368,14 +369,14 @@ def _stain_axes(run: Path, plan: Any, markers: _MarkerScan
 
 def _fused_status(run: Path, n_chunks: int) -> list[dict[str, Any]]:
     """Fused images of a run (``*.ome.zarr`` and their ``done/<image>`` records)."""
-    from hpcstain.volume.plan import done_names
+    from hpcstain.volume.rundir import done_names
 
     tasks = {p.name.removesuffix(".zarr").removesuffix(".ome") for p in run.glob("*.ome.zarr")}
     done_dir = run / "done"
     if done_dir.is_dir():
         tasks |= {p.name for p in done_dir.iterdir() if p.is_dir()
                   and not p.name.startswith(("axis-", "."))}
-    from hpcstain.volume.fuse import PYRAMID_PENDING
+    from hpcstain.volume.rundir import PYRAMID_PENDING
 
     # pyramid_pending: a pass died after its chunk records but before building the pyramid
     return [{"image": f"{t}.ome.zarr", "done": len(done_names(run, t)), "total": n_chunks,

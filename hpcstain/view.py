@@ -61,7 +61,7 @@ def _stain_source(run: Path, image: Path | None, plan: Any) -> tuple[str, Any, s
     """(label, reader of a (Z, Y, X) region → (…, 3) uint8, kind) of the run's stain."""
     import zarr
 
-    from hpcstain.volume.plan import axis_store
+    from hpcstain.volume.rundir import axis_store
 
     if image is None and (run / "fused.ome.zarr").is_dir():
         image = run / "fused.ome.zarr"

@@ -11,13 +11,13 @@ from hpcstain.ct.outside import outside_mask
 from hpcstain.volume import omezarr
 from hpcstain.volume.fuse import (
     DISAGREEMENT,
-    PYRAMID_PENDING,
     disagreement,
     fuse_groups,
     fuse_mean,
     fuse_run,
 )
-from hpcstain.volume.plan import Plan, axis_store, write_record
+from hpcstain.volume.plan import Plan
+from hpcstain.volume.rundir import PYRAMID_PENDING, axis_store, write_record
 from hpcstain.volume.stain import init_run
 
 SHAPE = (20, 18, 22)

@@ -27,7 +27,7 @@ from hpcstain.inference import checkpoint_conventions
 from hpcstain.models.gans import architecture_of
 from hpcstain.phantom import write_pairs, write_volume_file
 from hpcstain.volume import init_run, make_plan, open_volume
-from hpcstain.volume.plan import axis_store
+from hpcstain.volume.rundir import axis_store
 
 TINY = ["data.n_folds=0", "data.n_test=1", "data.patches_per_pair=2", "train.epochs=1",
         "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "data.patch_size=32",

@@ -16,7 +16,7 @@ from test_volume_fuse import make_run, smooth_truth, striped
 from hpcstain.errors import UsageError
 from hpcstain.executors import pass_runner, run_fuse
 from hpcstain.volume.fuse import fuse_run
-from hpcstain.volume.plan import done_names
+from hpcstain.volume.rundir import done_names
 from hpcstain.volume.tasks import TaskPass, run_serial
 
 

@@ -33,10 +33,9 @@ from hpcstain.status import (
     watch,
 )
 from hpcstain.volume import fuse_run
-from hpcstain.volume.fuse import PYRAMID_PENDING
 from hpcstain.volume.io import open_volume
-from hpcstain.volume.markers import FAILED, RUNNING, marker_path, read_markers
 from hpcstain.volume.plan import load_plan, make_plan
+from hpcstain.volume.rundir import FAILED, PYRAMID_PENDING, RUNNING, marker_path, read_markers
 from hpcstain.volume.stain import init_run, stain_unit
 
 SHAPE = (20, 26, 30)
@@ -159,7 +158,7 @@ def test_a_retry_after_a_failure_is_running_not_failed(tmp_path: Path,
 
 
 def test_a_worker_clears_only_its_own_running_marker(tmp_path: Path) -> None:
-    from hpcstain.volume.markers import clear_running, mark_running
+    from hpcstain.volume.rundir import clear_running, mark_running
 
     put_marker(tmp_path, "axis-z", "s0000", host=socket.gethostname(), pid=dead_pid())
     clear_running(tmp_path, "axis-z", "s0000")  # a second worker took the unit since

@@ -15,7 +15,7 @@ from test_volume_stain import ConvStainer, MakeConvStainer, ct_volume, new_run, 
 
 from hpcstain.executors import run_fuse, run_local, run_stain_fuse
 from hpcstain.volume.fuse import chunk_needs
-from hpcstain.volume.plan import done_names
+from hpcstain.volume.rundir import done_names
 from hpcstain.volume.tasks import (
     TaskGraph,
     TaskPass,

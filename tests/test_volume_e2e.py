@@ -11,7 +11,7 @@ from hpcstain.executors import run_stain
 from hpcstain.phantom import write_volume_file
 from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
 from hpcstain.volume.fuse import fuse_mean
-from hpcstain.volume.plan import axis_store
+from hpcstain.volume.rundir import axis_store
 
 
 def colour_map(batch: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,8 @@ def ct_zarr(tmp_path, shape=(8, 16, 16)):
 def test_pinned_generator_is_the_checkpoints_ct2hist_generator(tmp_path):
     from hpcstain.inference import load_generator
     from hpcstain.volume import PinnedStainer
-    from hpcstain.volume.plan import generator_path, load_plan
+    from hpcstain.volume.plan import load_plan
+    from hpcstain.volume.rundir import generator_path
 
     ckpt, model = tiny_checkpoint(tmp_path / "g.pt")
     plan = make_plan(ct_zarr(tmp_path), chunk=8, axes="z", tile=16, step=8,
@@ -130,7 +131,8 @@ def test_replaced_checkpoint_between_kill_and_resume_changes_nothing(tmp_path):
 
 def test_tampered_pinned_generator_is_refused_naming_both_hashes(tmp_path):
     from hpcstain.errors import InputError
-    from hpcstain.volume.plan import generator_path, load_plan
+    from hpcstain.volume.plan import load_plan
+    from hpcstain.volume.rundir import generator_path
     from hpcstain.volume.stain import PinnedStainer
 
     ckpt, _ = tiny_checkpoint(tmp_path / "g.pt")

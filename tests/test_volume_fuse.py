@@ -18,7 +18,8 @@ from hpcstain.volume.fuse import (
     with_alpha,
 )
 from hpcstain.volume.fuse import fuse_run as _fuse_run
-from hpcstain.volume.plan import Plan, axis_store, write_record
+from hpcstain.volume.plan import Plan
+from hpcstain.volume.rundir import axis_store, write_record
 from hpcstain.volume.stain import init_run
 
 SHAPE = (20, 18, 22)

@@ -22,7 +22,8 @@ from hpcstain.executors.array import run_array_task, task_from_env, unit_group
 from hpcstain.tiles import grid_pixels, stain_image, to_uint8
 from hpcstain.volume import stain as stain_mod
 from hpcstain.volume.io import open_volume
-from hpcstain.volume.plan import axis_store, done_names, load_plan, make_plan, record_path
+from hpcstain.volume.plan import load_plan, make_plan
+from hpcstain.volume.rundir import axis_store, done_names, record_path
 from hpcstain.volume.stain import (
     generator_cost,
     init_run,

@@ -106,7 +106,7 @@ def record_requeue(run_dir: str | os.PathLike[str], reason: str = "signal") -> N
     import socket
     import time
 
-    from hpcstain.volume.markers import worker_identity
+    from hpcstain.volume.rundir import worker_identity
 
     row = {"time": time.time(), "host": socket.gethostname(), "reason": reason,
            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),

@@ -109,7 +109,7 @@ class WaitReport:
 def unit_counts(run_dir: str | Path) -> dict[str, tuple[int, int]]:
     """(done, total) of a staining run's work units and of its fused chunks."""
     from hpcstain.status import cached_plan
-    from hpcstain.volume.plan import done_names
+    from hpcstain.volume.rundir import done_names
 
     plan = cached_plan(run_dir)  # parsed once per plan.json version, not every poll
     done = sum(len(done_names(run_dir, f"axis-{a}")) for a in plan.axes)

@@ -335,7 +335,7 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
     stop = (stop or StopFlag()).install()
     run.log = LossLog(run_dir, resume_step=run.step) if env.is_main else None
     if env.is_main:  # [status] who works on the run; `status` says "stopped" without one
-        from hpcstain.volume.markers import worker_identity
+        from hpcstain.volume.rundir import worker_identity
 
         write_text_atomic(run_dir / WORKER_MARKER, json.dumps(worker_identity()) + "\n")
     if env.is_main:

@@ -3,9 +3,10 @@
 The path of one voxel: :mod:`.plan` cuts the volume into slabs per axis → :mod:`.io` reads a
 slab + halo → :mod:`.stain` smooths it, normalises it with the checkpoint's conventions
 (:mod:`hpcstain.inference`) and stains it on the global tile grid (:mod:`hpcstain.tiles`) →
-``RUN_DIR/axis-*.zarr`` + completion records → :mod:`.fuse` blends the axes →
-:mod:`.omezarr` writes the RGBA OME-Zarr pyramid. The units are run by
-:func:`hpcstain.executors.run_stain` (in-process, dask, MPI, SLURM arrays).
+``RUN_DIR/axis-*.zarr`` + completion records (the run directory: :mod:`.rundir`) →
+:mod:`.fuse` blends the axes → :mod:`.omezarr` writes the RGBA OME-Zarr pyramid. Both are
+block tasks (:mod:`.tasks`) run by :mod:`hpcstain.executors` (in-process, local processes,
+dask, MPI, SLURM arrays), one after the other or as one graph.
 """
 
 from __future__ import annotations

@@ -81,18 +81,11 @@ from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched, grow, relative
 from hpcstain.metrics.stripes import stripe_index
 from hpcstain.scratch import Workspace, scratch
-from hpcstain.volume import markers, omezarr
+from hpcstain.volume import omezarr, rundir
 from hpcstain.volume.io import open_volume
-from hpcstain.volume.plan import (
-    Plan,
-    axis_store,
-    done_names,
-    input_at,
-    load_plan,
-    record_path,
-    write_record,
-)
+from hpcstain.volume.plan import Plan, input_at, load_plan
 from hpcstain.volume.repair import damaged_axis_error
+from hpcstain.volume.rundir import axis_store, done_names, record_path, write_record
 from hpcstain.volume.tasks import Runner, TaskPass, run_processes
 
 Method = Literal["mean", "median", "consistency"]
@@ -104,7 +97,6 @@ DISAGREEMENT = "disagreement"  # the confidence image, nested in the fused image
 FUSE_GROUP_VOXELS = 1 << 25    # CT voxels one fuse task reads at once (64 MB of uint16)
 # settings added after images were first written, with the value those images have
 SETTING_DEFAULTS: dict[str, Any] = {"confidence": False}
-PYRAMID_PENDING = ".pyramid-pending"  # in done/<image>/ while a pass has not built it
 IO_QUEUE = 4              # writes a fuse task lets wait before it fuses on
 FUSE_SLAB = 8             # z-slices fused at once (halo-free methods: cache-sized arrays)
 
@@ -452,7 +444,7 @@ class FuseTask:
             return []
         plan = self._opened()["plan"]
         # running / failed markers under the group's first chunk (what `status` reads)
-        with markers.marked(self.run_dir, self.task, plan.chunk_name(indices[0])):
+        with rundir.marked(self.run_dir, self.task, plan.chunk_name(indices[0])):
             return self._fuse_group(indices)
 
     def _fuse_group(self, indices: list[int]) -> list[str]:
@@ -816,7 +808,7 @@ class FuseStart:
         pass stopped before its pyramid); the report."""
         plan, run_dir, task = self.plan, self.run_dir, self.task
         self.report.fused = fused
-        pending = run_dir / "done" / task / PYRAMID_PENDING
+        pending = rundir.pyramid_pending(run_dir, task)
         if self.todo or self.rebuild:
             root = omezarr.open_image(self.image)
             images = [root, *([root[DISAGREEMENT]] if self.confidence else [])]
@@ -885,7 +877,7 @@ def start_fuse(run_dir: str | os.PathLike[str], method: Method | None = None,
         todo = ready_chunks(run_dir, plan, axes, task, method, report)
     fuse = FuseTask(str(run_dir), str(image), task, axes, method, fill_outside,
                     settings["confidence"])
-    pending = run_dir / "done" / task / PYRAMID_PENDING
+    pending = rundir.pyramid_pending(run_dir, task)
     rebuild = pending.is_file()  # an earlier pass stopped before its pyramid was built
     groups = fuse_groups(plan, todo, min_groups=4 * workers if workers > 1 else 1)
     if todo:

@@ -45,11 +45,11 @@ from hpcstain.geometry import AXES, AXIS_INDEX, Region, intersects
 from hpcstain.inference import checkpoint_conventions
 from hpcstain.tiles import check_tiling, plane_tiles, region_context
 from hpcstain.volume.io import CorrectedSource
+from hpcstain.volume.rundir import plan_path
 from hpcstain.volume.voxelsize import parse_voxel_size
 
 PLAN_FORMAT = "hpcstain-volume-plan/2"
 MAX_UNIT_VOXELS = 1 << 27  # ~134 M voxels: ~0.5 GB of float32 CT per unit
-GENERATOR_FILE = "generator.pt"
 
 
 @dataclass(frozen=True)
@@ -398,10 +398,6 @@ def voxel_size_of(source: Any, override: Any = None
 # --------------------------------------------------------------------------- run dir
 
 
-def plan_path(run_dir: str | os.PathLike[str]) -> Path:
-    return Path(run_dir) / "plan.json"
-
-
 def load_plan(run_dir: str | os.PathLike[str]) -> Plan:
     path = plan_path(run_dir)
     if not path.is_file():
@@ -493,42 +489,4 @@ def absolute_spec(spec: object) -> str:
 def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> Path:
     path = plan_path(run_dir)
     write_text_atomic(path, json.dumps(plan.to_dict(), indent=2) + "\n")
-    return path
-
-
-# --------------------------------------------------------------------------- records
-
-
-def axis_store(run_dir: str | os.PathLike[str], axis: str) -> Path:
-    """The per-axis prediction array of a run: ``RUN_DIR/axis-{z,y,x}.zarr``."""
-    return Path(run_dir) / f"axis-{axis}.zarr"
-
-
-def generator_path(run_dir: str | os.PathLike[str]) -> Path:
-    """The run's pinned generator (what every worker loads)."""
-    return Path(run_dir) / GENERATOR_FILE
-
-
-def record_path(run_dir: str | os.PathLike[str], task: str, name: str) -> Path:
-    """Completion record of one unit of one task (``axis-z`` slab, ``fused`` chunk ...)."""
-    return Path(run_dir) / "done" / task / f"{name}.json"
-
-
-def is_done(run_dir: str | os.PathLike[str], task: str, name: str) -> bool:
-    return record_path(run_dir, task, name).is_file()
-
-
-def done_names(run_dir: str | os.PathLike[str], task: str) -> set[str]:
-    """Names of the chunks with a completion record for ``task`` (one directory listing)."""
-    folder = Path(run_dir) / "done" / task
-    if not folder.is_dir():
-        return set()
-    return {p.stem for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".")}
-
-
-def write_record(run_dir: str | os.PathLike[str], task: str, name: str,
-                 info: dict[str, Any]) -> Path:
-    """Write a completion record (atomically, fsync'ed); call only once the data is durable."""
-    path = record_path(run_dir, task, name)
-    write_text_atomic(path, json.dumps(info, indent=1) + "\n")
     return path

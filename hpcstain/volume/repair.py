@@ -31,7 +31,8 @@ from typing import Any
 from hpcstain.errors import HpcstainError, InputError, UsageError
 from hpcstain.geometry import AXES
 from hpcstain.volume.io import chunk_regions, locate_damage, one_line, region_text
-from hpcstain.volume.plan import axis_store, load_plan
+from hpcstain.volume.plan import load_plan
+from hpcstain.volume.rundir import axis_store
 from hpcstain.volume.stain import pending_units, resolve_fn, stain_unit
 
 Region = tuple[slice, slice, slice]

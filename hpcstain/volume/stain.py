@@ -40,21 +40,23 @@ from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXIS_INDEX, Region, chunks_touched
 from hpcstain.inference import load_pinned, pin_generator
 from hpcstain.tiles import auto_batch, stain_region, to_uint8_into
-from hpcstain.volume import markers
+from hpcstain.volume import rundir
 from hpcstain.volume.io import VolumeSource, open_volume
 from hpcstain.volume.plan import (
     Plan,
     Unit,
+    input_at,
+    input_from_run,
+    load_plan,
+    plan_differences,
+    save_plan,
+)
+from hpcstain.volume.rundir import (
     axis_store,
     done_names,
     generator_path,
-    input_at,
-    input_from_run,
     is_done,
-    load_plan,
-    plan_differences,
     plan_path,
-    save_plan,
     write_record,
 )
 
@@ -261,7 +263,7 @@ def load_unit(run_dir: str | os.PathLike[str], index: int, plan: Plan,
         box = plan.unit_read_region(unit)
         ct = prepare_context(source, box, unit.axis, plan.ct_recipe)
     except Exception as exc:
-        markers.mark_failed(run_dir, unit.task, unit.name, exc)
+        rundir.mark_failed(run_dir, unit.task, unit.name, exc)
         raise
     return LoadedUnit(index, unit, box, write, ct)
 
@@ -275,7 +277,7 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
     t0 = time.perf_counter()
     assert loaded.ct is not None
     unit, counter = loaded.unit, [0]
-    with markers.marked(run_dir, unit.task, unit.name, failing=Exception):
+    with rundir.marked(run_dir, unit.task, unit.name, failing=Exception):
         rgb = stain_slab(loaded.ct, loaded.box, loaded.write, unit.axis, plan, fn, batch_size,
                          counter, device)
         loaded.ct = None  # the CT is spent: free it while the RGB is written (bounded RSS)
@@ -289,7 +291,7 @@ def compute_unit(run_dir: str | os.PathLike[str], loaded: LoadedUnit, fn: StainF
             "write_region": [[s.start, s.stop] for s in loaded.write],
             "generator_pixels": counter[0], "voxels": voxels, "seconds": round(seconds, 3),
             "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-            **{k: v for k, v in markers.worker_identity().items() if k == "slurm"}})
+            **{k: v for k, v in rundir.worker_identity().items() if k == "slurm"}})
     return UnitResult(loaded.index, unit.name, unit.axis, seconds, counter[0], voxels)
 
 

@@ -1,19 +1,27 @@
-"""In-progress and failure markers of work units (what ``hpcstain status`` reads).
+"""The run directory: its layout, completion records and markers, in one place.
 
-Beside the completion records (``RUN_DIR/done/<task>/<unit>.json``, written only once a
-unit's data is durable) the engine keeps two kinds of marker:
+A staining run is a directory; everything the engine, the executors and ``status`` know
+about it is a file there:
 
-* ``RUN_DIR/running/<task>/<unit>.json``: written when a worker starts computing a unit,
-  removed when it finishes or raises. A marker left behind means the worker died without
+* ``plan.json`` — the frozen plan (:mod:`hpcstain.volume.plan`), ``generator.pt`` — the
+  pinned generator every worker loads;
+* ``axis-{z,y,x}.zarr`` — the per-axis stains (:func:`axis_store`);
+* ``<image>.ome.zarr`` — fused images (``fused.ome.zarr`` by default);
+* ``done/<task>/<name>.json`` — completion records (:func:`write_record`), written only
+  once a job's data is durable: a slab unit of ``axis-z`` …, a chunk of an image (task =
+  the image's name); ``done/<image>/.pyramid-pending`` while a fuse pass has not built its
+  pyramid (:func:`pyramid_pending`). A job is done exactly when its record exists, and every
+  executor re-runs jobs without one;
+* ``running/<task>/<name>.json`` — written when a worker starts computing a job, removed
+  when it finishes or raises. A marker left behind means the worker died without
   unwinding (SIGKILL, out-of-memory kill, node failure, SLURM cancel). It names the worker
   (host, pid, SLURM job / array ids, start time), so ``status`` can tell whether that
-  worker still exists.
-* ``RUN_DIR/failed/<task>/<unit>.json``: written when reading a unit's input (a damaged
-  chunk, a read error) or computing it raised an exception (with the error's first
-  line); removed when the unit later succeeds.
+  worker still exists;
+* ``failed/<task>/<name>.json`` — written when reading a job's input (a damaged chunk, a
+  read error) or computing it raised an exception (with the error's first line); removed
+  when the job later succeeds.
 
-Neither changes what is computed: a unit is done exactly when its completion record
-exists, and every executor re-runs units without one.
+Markers never change what is computed.
 """
 
 from __future__ import annotations
@@ -29,9 +37,61 @@ from typing import Any
 
 from hpcstain.atomic import write_text_atomic
 
+GENERATOR_FILE = "generator.pt"
+PYRAMID_PENDING = ".pyramid-pending"  # in done/<image>/ while a pass has not built it
 RUNNING = "running"
 FAILED = "failed"
 SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def plan_path(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / "plan.json"
+
+
+def axis_store(run_dir: str | os.PathLike[str], axis: str) -> Path:
+    """The per-axis prediction array of a run: ``RUN_DIR/axis-{z,y,x}.zarr``."""
+    return Path(run_dir) / f"axis-{axis}.zarr"
+
+
+def generator_path(run_dir: str | os.PathLike[str]) -> Path:
+    """The run's pinned generator (what every worker loads)."""
+    return Path(run_dir) / GENERATOR_FILE
+
+
+def record_path(run_dir: str | os.PathLike[str], task: str, name: str) -> Path:
+    """Completion record of one unit of one task (``axis-z`` slab, ``fused`` chunk ...)."""
+    return Path(run_dir) / "done" / task / f"{name}.json"
+
+
+def is_done(run_dir: str | os.PathLike[str], task: str, name: str) -> bool:
+    return record_path(run_dir, task, name).is_file()
+
+
+def done_names(run_dir: str | os.PathLike[str], task: str) -> set[str]:
+    """Names of the chunks with a completion record for ``task`` (one directory listing)."""
+    folder = Path(run_dir) / "done" / task
+    if not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".")}
+
+
+def write_record(run_dir: str | os.PathLike[str], task: str, name: str,
+                 info: dict[str, Any]) -> Path:
+    """Write a completion record (atomically, fsync'ed); call only once the data is durable."""
+    path = record_path(run_dir, task, name)
+    write_text_atomic(path, json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def pyramid_pending(run_dir: str | os.PathLike[str], task: str) -> Path:
+    """The marker of an image whose last fuse pass has not built its pyramid yet."""
+    return Path(run_dir) / "done" / task / PYRAMID_PENDING
+
+
+# --------------------------------------------------------------------------- markers
 
 
 def marker_path(run_dir: str | os.PathLike[str], kind: str, task: str, name: str) -> Path:
