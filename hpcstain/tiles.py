@@ -19,7 +19,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -286,41 +286,18 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
     ctx = region_context(image_shape, region, (th, tw), (sh, sw))
     data = _read_context(source, ctx)
     stack = data[None] if data.ndim == 3 else data
+    grid = _TileGrid.of(image_shape, region, ctx, (th, tw), (sh, sw), window)
 
-    rows = _axis_coords(region[0].start, region[0].stop, image_shape[0], th, sh)
-    cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tw, sw)
-    r_idx = reflect_index(rows, image_shape[0]) - ctx[0].start
-    c_idx = reflect_index(cols, image_shape[1]) - ctx[1].start
-    y0, x0 = int(rows[0]), int(cols[0])
-    # tile starts in padded-grid coordinates, and where each tile meets the region
-    ys = range(0, len(rows) - th + 1, sh)
-    xs = range(0, len(cols) - tw + 1, sw)
-    ry = (region[0].start - y0, region[0].stop - y0)
-    rx = (region[1].start - x0, region[1].stop - x0)
-    h, w = ry[1] - ry[0], rx[1] - rx[0]
-    # the region cut into blocks covered by the same tiles: one tile → copy, more → blend
-    row_segs, col_segs = _segments(ys, th, *ry), _segments(xs, tw, *rx)
-    rows_of = [[sg for sg in row_segs if i in sg[2]] for i in range(len(ys))]
-    cols_of = [[sg for sg in col_segs if i in sg[2]] for i in range(len(xs))]
-    win = window_2d(window, (th, tw))
-    r_take = [_gather(r_idx[y:y + th]) for y in ys]
-    c_take = [_gather(c_idx[x:x + tw]) for x in xs]
-
-    def tile_at(s: int, iy: int, ix: int) -> np.ndarray:
-        part = stack[s]
-        r, c = r_take[iy], c_take[ix]
-        part = part[:, r] if isinstance(r, slice) else np.take(part, r, axis=1)
-        return part[:, :, c] if isinstance(c, slice) else np.take(part, c, axis=2)
-
-    positions = [(s, iy, ix) for s in range(stack.shape[0]) for iy in range(len(ys))
-                 for ix in range(len(xs))]
+    positions = [(s, iy, ix) for s in range(stack.shape[0]) for iy in range(len(grid.ys))
+                 for ix in range(len(grid.xs))]
     res: np.ndarray | None = None
     acc: dict[tuple[int, int], np.ndarray] = {}
+    tmp = np.empty(0)
     buf = np.empty((min(batch_size, len(positions)), stack.shape[1], th, tw), stack.dtype)
     for batch in _tile_batches(positions, batch_size):
         inp = buf[:len(batch)]
         for i, (s, iy, ix) in enumerate(batch):
-            inp[i] = tile_at(s, iy, ix)
+            inp[i] = grid.tile(stack[s], iy, ix)
         with torch.no_grad():
             out = fn(torch.from_numpy(inp))
         if out.ndim != 4 or out.shape[0] != len(batch) or tuple(out.shape[-2:]) != (th, tw):
@@ -330,40 +307,106 @@ def stain_region(source: np.ndarray | Reader, image_shape: tuple[int, int], regi
             counter[0] += len(batch) * th * tw
         tiles_out = out.detach().cpu().numpy()
         if res is None:
-            res = np.empty((stack.shape[0], out.shape[1], h, w),
+            res = np.empty((stack.shape[0], out.shape[1], grid.h, grid.w),
                            np.float64 if tiles_out.dtype == np.float64 else np.float32)
-            tmp = np.empty((out.shape[1], min(th, h), min(tw, w)))
+            tmp = np.empty((out.shape[1], min(th, grid.h), min(tw, grid.w)))
         for (s, iy, ix), t_out in zip(batch, tiles_out, strict=True):
-            ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
-            for ra, rb, rcov in rows_of[iy]:
-                for ca, cb, ccov in cols_of[ix]:
-                    ty, tx = slice(ty0 + ra, ty0 + rb), slice(tx0 + ca, tx0 + cb)
-                    if len(rcov) == 1 and len(ccov) == 1:
-                        res[s, :, ra:rb, ca:cb] = t_out[:, ty, tx]
-                        continue
-                    # float64, summed in grid order; the first tile's term is stored, not
-                    # added to 0 (the same value), into a block of the region
-                    block = acc.get((ra, ca))
-                    if block is None:
-                        block = acc[ra, ca] = np.empty((stack.shape[0], out.shape[1],
-                                                        rb - ra, cb - ca))
-                    if iy == rcov[0] and ix == ccov[0]:
-                        np.multiply(t_out[:, ty, tx], win[ty, tx], out=block[s])
-                    else:
-                        term = tmp[:, :rb - ra, :cb - ca]
-                        np.multiply(t_out[:, ty, tx], win[ty, tx], out=term)
-                        np.add(block[s], term, out=block[s])
+            grid.place(res, acc, tmp, s, iy, ix, t_out)
     assert res is not None
-    for (ra, ca), block in acc.items():
-        (rb, rcov), = [(b, cov) for a, b, cov in row_segs if a == ra]
-        (cb, ccov), = [(b, cov) for a, b, cov in col_segs if a == ca]
-        wsum = np.zeros((rb - ra, cb - ca))
-        for iy in rcov:
-            for ix in ccov:
-                ty0, tx0 = ry[0] - ys[iy], rx[0] - xs[ix]
-                wsum += win[ty0 + ra:ty0 + rb, tx0 + ca:tx0 + cb]
-        res[:, :, ra:rb, ca:cb] = np.divide(block, wsum, out=block)
+    grid.normalise_overlaps(res, acc)
     return res[0] if data.ndim == 3 else res
+
+
+@dataclass
+class _TileGrid:
+    """The global tile grid over one region of a plane (:func:`stain_region`): tile starts
+    in padded-grid coordinates (``ys``, ``xs``), where each tile meets the region, and the
+    region cut into blocks covered by the same tiles (one tile: copy; more: blend)."""
+
+    th: int
+    tw: int
+    ys: range
+    xs: range
+    ry: tuple[int, int]
+    rx: tuple[int, int]
+    row_segs: list[Any]
+    col_segs: list[Any]
+    rows_of: list[list[Any]]
+    cols_of: list[list[Any]]
+    r_take: list[Any]
+    c_take: list[Any]
+    win: np.ndarray
+
+    @property
+    def h(self) -> int:
+        return self.ry[1] - self.ry[0]
+
+    @property
+    def w(self) -> int:
+        return self.rx[1] - self.rx[0]
+
+    @classmethod
+    def of(cls, image_shape: tuple[int, int], region: Region, ctx: Region, tile: Pair,
+           step: Pair, window: str) -> _TileGrid:
+        (th, tw), (sh, sw) = tile, step
+        rows = _axis_coords(region[0].start, region[0].stop, image_shape[0], th, sh)
+        cols = _axis_coords(region[1].start, region[1].stop, image_shape[1], tw, sw)
+        r_idx = reflect_index(rows, image_shape[0]) - ctx[0].start
+        c_idx = reflect_index(cols, image_shape[1]) - ctx[1].start
+        y0, x0 = int(rows[0]), int(cols[0])
+        ys = range(0, len(rows) - th + 1, sh)
+        xs = range(0, len(cols) - tw + 1, sw)
+        ry = (region[0].start - y0, region[0].stop - y0)
+        rx = (region[1].start - x0, region[1].stop - x0)
+        row_segs, col_segs = _segments(ys, th, *ry), _segments(xs, tw, *rx)
+        return cls(th, tw, ys, xs, ry, rx, row_segs, col_segs,
+                   [[sg for sg in row_segs if i in sg[2]] for i in range(len(ys))],
+                   [[sg for sg in col_segs if i in sg[2]] for i in range(len(xs))],
+                   [_gather(r_idx[y:y + th]) for y in ys],
+                   [_gather(c_idx[x:x + tw]) for x in xs], window_2d(window, (th, tw)))
+
+    def tile(self, part: np.ndarray, iy: int, ix: int) -> np.ndarray:
+        """Tile (iy, ix) of one slice's context ``part`` (C, H, W): slices, or mirrored
+        indices at the image border."""
+        r, c = self.r_take[iy], self.c_take[ix]
+        part = part[:, r] if isinstance(r, slice) else np.take(part, r, axis=1)
+        return part[:, :, c] if isinstance(c, slice) else np.take(part, c, axis=2)
+
+    def place(self, res: np.ndarray, acc: dict[tuple[int, int], np.ndarray], tmp: np.ndarray,
+              s: int, iy: int, ix: int, t_out: np.ndarray) -> None:
+        """Tile (iy, ix) of slice ``s``'s output into the region: copied where it alone
+        covers a block, else its windowed term accumulated in float64 in grid order (the
+        first tile's term stored, not added to 0: the same value) in ``acc``."""
+        ty0, tx0 = self.ry[0] - self.ys[iy], self.rx[0] - self.xs[ix]
+        for ra, rb, rcov in self.rows_of[iy]:
+            for ca, cb, ccov in self.cols_of[ix]:
+                ty, tx = slice(ty0 + ra, ty0 + rb), slice(tx0 + ca, tx0 + cb)
+                if len(rcov) == 1 and len(ccov) == 1:
+                    res[s, :, ra:rb, ca:cb] = t_out[:, ty, tx]
+                    continue
+                block = acc.get((ra, ca))
+                if block is None:
+                    block = acc[ra, ca] = np.empty((res.shape[0], res.shape[1],
+                                                    rb - ra, cb - ca))
+                if iy == rcov[0] and ix == ccov[0]:
+                    np.multiply(t_out[:, ty, tx], self.win[ty, tx], out=block[s])
+                else:
+                    term = tmp[:, :rb - ra, :cb - ca]
+                    np.multiply(t_out[:, ty, tx], self.win[ty, tx], out=term)
+                    np.add(block[s], term, out=block[s])
+
+    def normalise_overlaps(self, res: np.ndarray, acc: dict[tuple[int, int], np.ndarray]
+                           ) -> None:
+        """Divide each blended block by its summed window weights, into ``res``."""
+        for (ra, ca), block in acc.items():
+            (rb, rcov), = [(b, cov) for a, b, cov in self.row_segs if a == ra]
+            (cb, ccov), = [(b, cov) for a, b, cov in self.col_segs if a == ca]
+            wsum = np.zeros((rb - ra, cb - ca))
+            for iy in rcov:
+                for ix in ccov:
+                    ty0, tx0 = self.ry[0] - self.ys[iy], self.rx[0] - self.xs[ix]
+                    wsum += self.win[ty0 + ra:ty0 + rb, tx0 + ca:tx0 + cb]
+            res[:, :, ra:rb, ca:cb] = np.divide(block, wsum, out=block)
 
 
 def stain_image(image: np.ndarray, fn: TileFn, *, tile: int | Pair = 256,
