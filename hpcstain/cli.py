@@ -568,7 +568,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                       single_axis=args.single_axis,
                       voxel_size_um=parse_voxel_size(args.voxel_size) if args.voxel_size
                       else None,
-                      levels=args.levels, out=args.out, overwrite=args.overwrite,
+                      pyramid_levels=args.levels, out=args.out, overwrite=args.overwrite,
                       progress=not args.no_progress and args.executor != "mpi",
                       ngff=args.ngff, fill_outside=not args.no_fill,
                       confidence=not args.no_confidence, **kw)

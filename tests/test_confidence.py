@@ -70,7 +70,7 @@ def test_disagreement_is_the_rms_colour_distance_to_the_fused_colour():
 def test_confidence_image_exists_with_the_fused_images_shape_and_scale(tmp_path):
     truth = smooth()
     run, _ = make_run(tmp_path, {"z": truth, "y": truth, "x": truth})
-    fuse(run, levels=3)
+    fuse(run, pyramid_levels=3)
     root = zarr.open_group(str(run / "fused.ome.zarr"), mode="r")
     group = root[DISAGREEMENT]
     parent, child = omezarr.ngff_attrs(root), omezarr.ngff_attrs(group)
@@ -89,7 +89,7 @@ def test_confidence_image_exists_with_the_fused_images_shape_and_scale(tmp_path)
 def test_identical_axes_give_zero_and_a_differing_box_gives_exactly_its_distance(tmp_path):
     truth = smooth()
     run, _ = make_run(tmp_path / "same", {"z": truth, "y": truth, "x": truth})
-    fuse(run, levels=3)
+    fuse(run, pyramid_levels=3)
     assert all((level == 0).all() for level in conf_levels(run))
 
     shifted = truth.copy()
@@ -97,7 +97,7 @@ def test_identical_axes_give_zero_and_a_differing_box_gives_exactly_its_distance
     assert int(truth[box].max()) + 30 <= 255
     shifted[box] += 30
     run2, _ = make_run(tmp_path / "diff", {"z": truth, "y": truth, "x": shifted})
-    fuse(run2, levels=3)
+    fuse(run2, pyramid_levels=3)
     level0 = conf_levels(run2)[0][0]
     # fused = P + 10; deviations (-10, -10, +20) per channel: √((100 + 100 + 400) / 3) = 14.1
     assert (level0[box] == 14).all()
@@ -133,8 +133,8 @@ def test_parallel_confidence_equals_serial_bytes(tmp_path):
                         ).astype(np.uint8) for a in "zyx"}
     serial, _ = make_run(tmp_path / "serial", preds, chunk=(6, 5, 8))
     parallel, _ = make_run(tmp_path / "parallel", preds, chunk=(6, 5, 8))
-    fuse(serial, method="consistency", levels=3)
-    fuse(parallel, method="consistency", levels=3, workers=2)
+    fuse(serial, method="consistency", pyramid_levels=3)
+    fuse(parallel, method="consistency", pyramid_levels=3, workers=2)
     for a, b in zip(conf_levels(serial), conf_levels(parallel), strict=True):
         np.testing.assert_array_equal(a, b)
     assert conf_levels(serial)[0].any()
@@ -151,7 +151,7 @@ def test_confidence_image_validates_and_opens_in_the_reference_reader(tmp_path, 
     shifted = truth.copy()
     shifted[:4] //= 2
     run, _ = make_run(tmp_path, {"z": truth, "y": shifted}, chunk=(8, 8, 8))
-    fuse(run, levels=2, ngff=ngff)
+    fuse(run, pyramid_levels=2, ngff=ngff)
     image = run / "fused.ome.zarr"
     validator = models.v04.Image if ngff == "0.4" else models.v05.Image
     validator.from_zarr(zarr.open_group(str(image), mode="r"))  # the RGBA image, nested group
@@ -199,13 +199,13 @@ def test_groups_hold_whole_level1_chunks_and_respect_the_budget():
 def test_interrupted_pass_leaves_a_marker_and_the_next_one_rebuilds_the_pyramid(tmp_path):
     truth = smooth()
     run, _ = make_run(tmp_path, {"z": truth, "y": truth // 2, "x": truth})
-    fuse(run, levels=3)
+    fuse(run, pyramid_levels=3)
     root = zarr.open_group(str(run / "fused.ome.zarr"), mode="r+")
     good = [np.asarray(root[str(k)][...]) for k in (1, 2)]
     root["1"][...] = 0  # a pass that died after level 0, before its pyramid
     root["2"][...] = 0
     (run / "done" / "fused" / PYRAMID_PENDING).touch()
-    report = fuse(run, levels=3)
+    report = fuse(run, pyramid_levels=3)
     assert report.fused == [] and not (run / "done" / "fused" / PYRAMID_PENDING).exists()
     for k, want in zip((1, 2), good, strict=True):
         np.testing.assert_array_equal(np.asarray(root[str(k)][...]), want)
@@ -240,7 +240,7 @@ def test_any_grouping_gives_the_same_bytes(tmp_path, monkeypatch):
     for name, kw in {"one": {}, "pairs": {"min_groups": 1000},
                      "single": {"budget": 1}}.items():
         monkeypatch.setattr(fuse_module, "fuse_groups", functools.partial(original, **kw))
-        fuse_module.fuse_run(run, out=f"{name}.ome.zarr", levels=3)
+        fuse_module.fuse_run(run, out=f"{name}.ome.zarr", pyramid_levels=3)
         root = zarr.open_group(str(run / f"{name}.ome.zarr"), mode="r")
         outputs[name] = [np.asarray(g[str(k)][...]) for g in (root, root[DISAGREEMENT])
                          for k in range(3)]

@@ -53,7 +53,7 @@ def test_pass_runners_run_every_job_once():
 @pytest.mark.timeout(300)
 def test_every_executor_fuses_the_serial_bytes(tmp_path):
     serial, local, dask = runs(tmp_path, "serial", "local", "dask")
-    kw = {"method": "consistency", "levels": 3, "fill_outside": False}
+    kw = {"method": "consistency", "pyramid_levels": 3, "fill_outside": False}
     fuse_run(serial, **kw)
     a = run_fuse(local, executor="local", workers=2, **kw)
     b = run_fuse(dask, executor="dask", workers=2, **kw)
@@ -64,7 +64,7 @@ def test_every_executor_fuses_the_serial_bytes(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_killed_fuse_resumes_to_the_same_bytes(tmp_path):
     straight, killed = runs(tmp_path, "straight", "killed")
-    kw = {"method": "mean", "levels": 3, "fill_outside": False}
+    kw = {"method": "mean", "pyramid_levels": 3, "fill_outside": False}
     fuse_run(straight, **kw)
     child = textwrap.dedent(f"""
         import os, signal
@@ -93,7 +93,7 @@ def test_a_failed_fuse_group_is_in_status_until_fused(tmp_path, monkeypatch):
     from hpcstain.volume import fuse as fuse_module
 
     (run,) = runs(tmp_path, "run")
-    kw = {"method": "mean", "levels": 2, "fill_outside": False}
+    kw = {"method": "mean", "pyramid_levels": 2, "fill_outside": False}
 
     def broken(self, indices):
         raise OSError("disk full")

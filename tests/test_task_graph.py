@@ -86,7 +86,7 @@ def fused_bytes(run: Path) -> dict[str, bytes]:
     return out
 
 
-FUSE = {"method": "median", "levels": 2, "fill_outside": True}
+FUSE = {"method": "median", "pyramid_levels": 2, "fill_outside": True}
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_fuse_run_writes_valid_ome_zarr_with_pyramid(tmp_path):
     preds = {"z": striped(truth, 0, 6, 1), "y": striped(truth, 1, 6, 2),
              "x": striped(truth, 2, 6, 3)}
     run, plan = make_run(tmp_path, preds)
-    report = fuse_run(run, method="mean", levels=3)
+    report = fuse_run(run, method="mean", pyramid_levels=3)
     assert report.complete and len(report.fused) == plan.n_chunks
 
     root = zarr.open_group(str(run / "fused.ome.zarr"), mode="r", zarr_format=2)
@@ -133,7 +133,7 @@ def test_second_fuse_touches_only_newly_complete_chunks(tmp_path):
     truth = smooth_truth()
     preds = {a: striped(truth, d, 4, d) for d, a in enumerate("zyx")}
     run, plan = make_run(tmp_path, preds, complete=[0, 1, 2])
-    first = fuse_run(run, method="median", levels=2)
+    first = fuse_run(run, method="median", pyramid_levels=2)
     assert first.fused == [plan.chunk_name(i) for i in (0, 1, 2)]
     assert len(first.missing) == plan.n_chunks - 3
     # chunks 0-2 are the first row along x: every x slab is done, z and y slabs 1 are not
@@ -145,14 +145,14 @@ def test_second_fuse_touches_only_newly_complete_chunks(tmp_path):
     level0[(slice(None), *sentinel)] = 7  # a re-fuse of chunk 1 would overwrite this
     for i in range(3, plan.n_chunks):
         complete_chunk(run, plan, i, tuple(preds))
-    second = fuse_run(run, method="median", levels=2)
+    second = fuse_run(run, method="median", pyramid_levels=2)
     assert second.already == 3 and len(second.fused) == plan.n_chunks - 3
     assert second.complete
     assert (np.asarray(level0[(slice(None), *sentinel)]) == 7).all()
     chunk5 = plan.write_region(5)
     expected = fuse_median(np.stack(list(preds.values())))[chunk5]
     np.testing.assert_array_equal(read_level0_rgb(run)[chunk5][..., :3], expected)
-    assert fuse_run(run, method="median", levels=2).fused == []
+    assert fuse_run(run, method="median", pyramid_levels=2).fused == []
 
 
 def test_pyramid_does_not_depend_on_fuse_order(tmp_path):
@@ -162,8 +162,8 @@ def test_pyramid_does_not_depend_on_fuse_order(tmp_path):
     run_b, _ = make_run(tmp_path / "b", preds, chunk=(5, 7, 6))
     for i in reversed(range(plan.n_chunks)):  # one chunk at a time, last first
         complete_chunk(run_a, plan, i, tuple(preds))
-        fuse_run(run_a, levels=3)
-    fuse_run(run_b, levels=3)
+        fuse_run(run_a, pyramid_levels=3)
+    fuse_run(run_b, pyramid_levels=3)
     for k in range(3):
         a = zarr.open_group(str(run_a / "fused.ome.zarr"), mode="r")[str(k)][...]
         b = zarr.open_group(str(run_b / "fused.ome.zarr"), mode="r")[str(k)][...]
@@ -218,7 +218,7 @@ def test_voxel_size_flag_overrides_plan_and_unknown_size_is_noted(tmp_path):
     report = fuse_run(run, single_axis="z")
     assert any("voxel size unknown" in n for n in report.notes)
     run2, _ = make_run(tmp_path / "b", {"z": striped(truth, 0, 3, 1)})
-    fuse_run(run2, single_axis="z", voxel_size_um=(2.0, 1.0, 1.0), levels=2)
+    fuse_run(run2, single_axis="z", voxel_size_um=(2.0, 1.0, 1.0), pyramid_levels=2)
     root = zarr.open_group(str(run2 / "slicewise-z.ome.zarr"), mode="r")
     ds = root.attrs["multiscales"][0]["datasets"]
     assert ds[1]["coordinateTransformations"][0]["scale"] == [1.0, 4.0, 2.0, 2.0]
@@ -236,7 +236,7 @@ def test_fused_image_validates_and_opens_in_the_reference_readers(tmp_path, ngff
     truth = smooth_truth()
     preds = {"z": striped(truth, 0, 6, 1), "y": striped(truth, 1, 6, 2)}
     run, _ = make_run(tmp_path, preds, chunk=(8, 8, 8))
-    fuse_run(run, method="mean", levels=2, ngff=ngff)
+    fuse_run(run, method="mean", pyramid_levels=2, ngff=ngff)
     image = run / "fused.ome.zarr"
     group = zarr.open_group(str(image), mode="r")
     validator = models.v04.Image if ngff == "0.4" else models.v05.Image
@@ -256,8 +256,8 @@ def test_parallel_fuse_equals_serial_fuse(tmp_path):
     preds = {a: striped(truth, d, 5, d) for d, a in enumerate("zyx")}
     serial, _ = make_run(tmp_path / "serial", preds, chunk=(7, 9, 8))
     parallel, plan = make_run(tmp_path / "parallel", preds, chunk=(7, 9, 8))
-    fuse_run(serial, method="consistency", levels=3)
-    report = fuse_run(parallel, method="consistency", levels=3, workers=2)
+    fuse_run(serial, method="consistency", pyramid_levels=3)
+    report = fuse_run(parallel, method="consistency", pyramid_levels=3, workers=2)
     assert len(report.fused) == plan.n_chunks
     for k in range(3):
         a = zarr.open_group(str(serial / "fused.ome.zarr"), mode="r")[str(k)][...]

@@ -38,7 +38,7 @@ def stain_and_fuse(tmp_path, spec, ngff="0.4", **plan_kw):
                      levels=(30000.0, 10000.0), **plan_kw)
     run = init_run(tmp_path / "run", plan)
     run_stain(run, colour_map, progress=False)
-    report = fuse_run(run, levels=2, ngff=ngff)
+    report = fuse_run(run, pyramid_levels=2, ngff=ngff)
     assert report.complete
     return load_plan(run), report, zarr.open_group(str(run / "fused.ome.zarr"), mode="r")
 

@@ -109,7 +109,7 @@ def run_stain_fuse(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     other, here (the next slab read ahead); on ``workers`` local processes or on dask a
     group starts while other units still stain. MPI ranks run the stain pass, then the
     fuse pass (every rank calls this; rank 0 returns the fuse report, the others None).
-    ``fuse``: the options of :func:`hpcstain.volume.fuse.fuse_run` (method, out, levels,
+    ``fuse``: the options of :func:`hpcstain.volume.fuse.fuse_run` (method, out, pyramid_levels,
     ngff, fill_outside, confidence, ...). The image is the one ``stain`` then ``fuse`` would
     have written, byte for byte, and the graph resumes as they do."""
     if executor == "mpi":

@@ -356,7 +356,7 @@ class FuseTask:
             images = [root, *([root[DISAGREEMENT]] if self.confidence else [])]
             self._cache.update(
                 plan=load_plan(run),
-                levels=[[img[k] for k in ("0", "1") if k in img] for img in images],
+                pyramid=[[img[k] for k in ("0", "1") if k in img] for img in images],
                 arrays={a: zarr.open_array(str(axis_store(run, a)), mode="r")
                         for a in self.axes})
         return self._cache
@@ -449,11 +449,11 @@ class FuseTask:
 
     def _fuse_group(self, indices: list[int]) -> list[str]:
         c = self._opened()
-        plan, levels = c["plan"], c["levels"]
+        plan, pyramid = c["plan"], c["pyramid"]
         run = Path(self.run_dir)
         regions = {i: plan.write_region(i) for i in indices}
         halo = method_halo(self.method, len(self.axes))
-        blocks = io_blocks(plan, levels, indices, regions)
+        blocks = io_blocks(plan, pyramid, indices, regions)
         info = {"method": self.method if len(self.axes) > 1 else "single-axis"}
         work = c.setdefault("work", Workspace())
         outputs = c.setdefault("outputs", OutputRings())
@@ -496,7 +496,7 @@ class FuseTask:
                 if n + 1 < len(blocks):
                     ahead = io.submit(read, blocks[n + 1][0])
                 shape = tuple(s.stop - s.start for s in box)
-                outs = [outputs.get(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(levels)]
+                outs = [outputs.get(j, (lv[0].shape[0], *shape)) for j, lv in enumerate(pyramid)]
                 # halo-free: the outside test once over the block (a voxel's answer does not
                 # depend on the box it is computed in)
                 whole = None if inside is None or halo else self.outside(box, inside)
@@ -510,11 +510,11 @@ class FuseTask:
                     self.fuse_chunk(block, halo, outside, work,
                                     lambda name, _, views=views: views[name])
                 del preds
-                futures = [put(lv[0], box, data) for lv, data in zip(levels, outs, strict=True)]
+                futures = [put(lv[0], box, data) for lv, data in zip(pyramid, outs, strict=True)]
                 outputs.writing(outs, futures)
                 unrecorded.append((children, futures))
                 if dst is not None:  # the level-1 storage chunk above this block
-                    for lv, data in zip(levels, outs, strict=True):
+                    for lv, data in zip(pyramid, outs, strict=True):
                         put(lv[1], dst, omezarr.downsample2(data))
                 flush()
             while writes:
@@ -543,12 +543,12 @@ def fuse_parts(box: Region, chunks: list[Region], halo: int, depth: int = FUSE_S
     return parts
 
 
-def io_blocks(plan: Plan, levels: list[Any], indices: list[int], regions: dict[int, Region]
+def io_blocks(plan: Plan, pyramid: list[Any], indices: list[int], regions: dict[int, Region]
               ) -> list[tuple[Region, list[int], Region | None]]:
     """The I/O blocks of a fuse task: (box, its chunks, the level-1 storage chunk written
     from it or None): the 2×2×2 chunks under a level-1 chunk whose chunks are all in the
     task, then single chunks for the rest."""
-    parents = level1_parents(plan, levels[0][1], indices) if len(levels[0]) > 1 else []
+    parents = level1_parents(plan, pyramid[0][1], indices) if len(pyramid[0]) > 1 else []
     blocks: list[tuple[Region, list[int], Region | None]] = [
         (src, children, dst) for dst, src, children in parents]
     covered = {i for _, children, _ in blocks for i in children}
@@ -715,7 +715,7 @@ def image_name(run_dir: Path, out: str | None, single_axis: str | None) -> str:
 
 def fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
              single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
-             = None, levels: int | None = None, out: str | None = None,
+             = None, pyramid_levels: int | None = None, out: str | None = None,
              overwrite: bool = False, **kwargs: Any) -> FuseReport:
     """Fuse a run (see :func:`_fuse_run`). [issue 24] With ``overwrite`` the existing image
     (and its chunk records) is set aside first and restored if this pass fails for any
@@ -728,7 +728,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
     image, records = run / name, run / "done" / task
     aside = (run / f".{name}.previous", run / "done" / f".{task}.previous")
     kwargs.update(method=method, single_axis=single_axis, voxel_size_um=voxel_size_um,
-                  levels=levels, out=out, overwrite=overwrite)
+                  pyramid_levels=pyramid_levels, out=out, overwrite=overwrite)
     if not (overwrite and image.exists()):
         return _fuse_run(run, **kwargs)
     if aside[0].exists():
@@ -753,7 +753,7 @@ def fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
 
 def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
               single_axis: str | None = None, voxel_size_um: tuple[float, float, float] | None
-              = None, levels: int | None = None, out: str | None = None,
+              = None, pyramid_levels: int | None = None, out: str | None = None,
               overwrite: bool = False, progress: bool = False, workers: int = 1,
               runner: Runner | None = None, ngff: str = "0.4", fill_outside: bool = True,
               confidence: bool = True) -> FuseReport:
@@ -771,7 +771,7 @@ def _fuse_run(run_dir: str | os.PathLike[str], method: Method | None = None,
     normalised background colour. ``confidence`` (with two or more axes) also writes the
     axes' per-voxel disagreement, ``<image>/disagreement`` (module docstring).
     """
-    start = start_fuse(run_dir, method, single_axis, voxel_size_um, levels, out, overwrite,
+    start = start_fuse(run_dir, method, single_axis, voxel_size_um, pyramid_levels, out, overwrite,
                        workers, ngff, fill_outside, confidence)
     if runner is None:
         runner = functools.partial(run_processes, workers=workers)
@@ -829,7 +829,7 @@ class FuseStart:
 
 def start_fuse(run_dir: str | os.PathLike[str], method: Method | None = None,
                single_axis: str | None = None, voxel_size_um: tuple[float, float, float]
-               | None = None, levels: int | None = None, out: str | None = None,
+               | None = None, pyramid_levels: int | None = None, out: str | None = None,
                overwrite: bool = False, workers: int = 1, ngff: str = "0.4",
                fill_outside: bool = True, confidence: bool = True, after_stain: bool = False
                ) -> FuseStart:
@@ -857,7 +857,7 @@ def start_fuse(run_dir: str | os.PathLike[str], method: Method | None = None,
     if voxel_size_um is None:  # NGFF: scale 1 per voxel and no unit (docs/volume.md)
         notes.append("voxel size unknown (no input metadata, no --voxel-size): scale 1 per "
                      "voxel, no unit")
-    n_levels = levels or omezarr.default_levels(plan.shape)
+    n_levels = pyramid_levels or omezarr.default_levels(plan.shape)
     name = image_name(run_dir, out, single_axis)
     image = run_dir / name
     task = name.removesuffix(".zarr").removesuffix(".ome")
