@@ -2,11 +2,12 @@
 voxel goes with it (docs/results.md, "Seen in the demo's orthoviews").
 
 For each phantom CT (levels estimated as ``make_plan`` does, no cupping correction) the
-outside test of ``hpcstain fuse`` is applied to the whole volume three ways: the 5³ box
-mean alone (the rule before the opening), the largest connected component of its inside
-mask (the other candidate), and the box mean + opening (``ct.outside.outside_of_sample``, which
-fuse reproduces chunk by chunk, byte for byte). Painted fractions are counted per phantom
-label (``metrics.volume.sample_mask``: everything but resin, air and the tube).
+outside test of ``hpcstain fuse`` is applied to the whole volume four ways: the 5³ box
+mean alone (``box5``, the first rule), the largest connected component of its inside mask
+(a candidate), the box mean + opening (``box5-erode3-keep8``, the second rule), and the
+vote + thickness test + fill (``ct.outside.outside_of_sample``, the rule now, which fuse
+reproduces chunk by chunk, byte for byte). Painted fractions are counted per phantom label
+(``metrics.volume.sample_mask``: everything but resin, air and the tube).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/outside_tube.py [--erode 3 --keep 8]
 """
@@ -38,9 +39,12 @@ def rules(ct: np.ndarray, levels: tuple[float, float]) -> dict[str, np.ndarray]:
     box = outside.outside_mask(ct, whole, whole, levels)
     components, _ = ndimage.label(~box)
     largest = components != np.argmax(np.bincount(components.ravel())[1:]) + 1
-    return {"box mean (before)": box, "largest component": largest,
-            f"box + opening {outside.OUTSIDE_ERODE}/{outside.OUTSIDE_KEEP}":
-                outside.outside_of_sample(ct, whole, whole, levels)}
+    core = ndimage.minimum_filter((~box).view(np.uint8), size=7, mode="reflect")
+    opened = box | ~ndimage.maximum_filter(core, size=17, mode="reflect").astype(bool)
+    return {"box mean (box5)": box, "largest component": largest,
+            "box + opening (box5-erode3-keep8)": opened,
+            f"vote + thickness {outside.OUTSIDE_ERODE}/{outside.OUTSIDE_KEEP} + fill "
+            f"({outside.OUTSIDE_TEST})": outside.outside_of_sample(ct, whole, whole, levels)}
 
 
 def main() -> None:
@@ -49,6 +53,7 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=outside.OUTSIDE_KEEP)
     args = p.parse_args()
     outside.OUTSIDE_ERODE, outside.OUTSIDE_KEEP = args.erode, args.keep  # read at call time
+    outside.OUTSIDE_OPEN = args.erode + args.keep + outside.OUTSIDE_FILL
     print("| phantom | rule | tube painted | tube > 5 voxels from the sample painted "
           "| sample voxels painted |")
     print("|---|---|---|---|---|")

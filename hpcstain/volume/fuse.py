@@ -67,8 +67,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpcstain.ct.outside import (
-    OUTSIDE_ERODE,
-    OUTSIDE_KEEP,
+    OUTSIDE_OPEN,
     OUTSIDE_REACH,
     OUTSIDE_TEST,
     inside_sample,
@@ -375,12 +374,12 @@ class FuseTask:
 
     def inside(self, box: Region, ct: tuple[np.ndarray, Region],
                work: Workspace | None = None) -> tuple[np.ndarray, Region]:
-        """The box-mean inside mask (:func:`inside_sample`) over ``box`` + the opening's
-        reach, from CT ``ct`` read by :meth:`read_ct` over ``box``; and that grown box."""
+        """The vote's inside mask (:func:`inside_sample`) over ``box`` + ``OUTSIDE_OPEN``,
+        from CT ``ct`` read by :meth:`read_ct` over ``box``; and that grown box."""
         plan = self._opened()["plan"]
         raw, grown = ct
         levels = (plan.bone_level, plan.background_level)
-        inner = grow(box, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
+        inner = grow(box, OUTSIDE_OPEN, plan.shape)
         shape = tuple(s.stop - s.start for s in inner)
         threshold = outside_threshold(levels)
         if float(raw.min()) >= threshold:  # all inside (or all outside): no box sums
@@ -394,7 +393,7 @@ class FuseTask:
         :meth:`inside` computed over a box holding ``region``."""
         plan = self._opened()["plan"]
         mask, box = inside
-        mid = grow(region, OUTSIDE_ERODE + OUTSIDE_KEEP, plan.shape)
+        mid = grow(region, OUTSIDE_OPEN, plan.shape)
         return outside_from_inside(mask[relative(mid, box)], region, mid)
 
     def fuse_chunk(self, block: np.ndarray, halo: int, outside: np.ndarray | None,
@@ -488,7 +487,7 @@ class FuseTask:
                     records.extend(io.submit(record, i) for i in chunks)
 
             ct = None if ct_read is None else ct_read.result()
-            # the box-mean test once over the group (+ the opening's reach), then the CT goes
+            # the vote once over the group (+ OUTSIDE_OPEN), then the CT goes
             inside = None if ct is None else self.inside(box, ct, work)
             del ct
             for n, (box, children, dst) in enumerate(blocks):
