@@ -322,7 +322,8 @@ def main() -> None:
     for material, seed, kind in held:
         vol = held_volume(root, material, seed, args.edge, log, kind)
         label = material + ("-tomo" if kind == "tomo" else "")
-        res = score_volume(vol, checkpoint, work / f"held-{label}{args.tag}", log,
+        # one folder per volume (two volumes of one material no longer share one)
+        res = score_volume(vol, checkpoint, work / f"held-{label}-s{seed}{args.tag}", log,
                            ["--sigma", str(args.sigma)])
         result[f"held_{label}"] = res
         rows.append(row_of(args.name, label, res))
