@@ -14,12 +14,13 @@ Methods (all per voxel, over the staining axes of the run):
   smooth along theirs, the smooth ones dominate.
 
 Alpha is the mean of the fused RGB (as the paper's RGBA rendering). Every result is
-rounded to uint8. Outside the sample (CT averaged over 5³ voxels below the background
-level + 8 % of the bone–background gap: resin, air; and inside voxels farther than 8
-voxels from a full 7³ cube of inside: thin detached walls, the sample tube) the generator
-was never trained (§2.8 masks train it inside the sample only) and invents colour; those
-voxels get the normalised slide background (250, 250, 250) instead (``fill_outside``; the
-paper's §2.8 rule for 2D; :func:`outside_of_sample`).
+rounded to uint8. Outside the sample (most of the 5³ CT voxels below the background
+level + 13 % of the bone–background gap: resin, air; inside voxels farther than 8 voxels
+from a full 7³ cube of inside: thin detached walls, the sample tube; less what the sample
+encloses: :func:`hpcstain.ct.outside.outside_of_sample`) the generator was never trained
+(§2.8 masks train it inside the sample only) and invents colour; those voxels get the
+normalised slide background (250, 250, 250) instead (``fill_outside``; the paper's §2.8
+rule for 2D).
 ``single_axis`` copies one axis through unchanged (the paper's slice-wise volume).
 
 **Confidence** (on by default with two or more axes; ``confidence=False`` /
