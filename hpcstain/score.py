@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.ct.outside import OUTSIDE_TEST, outside_of_sample
+from hpcstain.ct.prepare import corrected_read
 from hpcstain.errors import HpcstainError, InputError, UsageError
 from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
 from hpcstain.metrics.volume import (
@@ -35,6 +37,7 @@ from hpcstain.metrics.volume import (
     score_volume,
 )
 from hpcstain.volume.io import open_volume, parse_spec
+from hpcstain.volume.plan import input_at, load_plan
 
 RUN_OUTPUTS = ("fused.ome.zarr",)
 
@@ -167,18 +170,36 @@ def read_reference(spec: str | os.PathLike[str]
     return read_rgb(spec), None, None
 
 
+def _run_of(spec: str | os.PathLike[str]) -> Path | None:
+    """The run folder a prediction is (or lies in), if any."""
+    path = Path(spec)
+    return next((run for run in (path, path.parent) if (run / "plan.json").is_file()), None)
+
+
 def _run_ct(spec: str | os.PathLike[str]) -> str | None:
     """The CT a run folder was stained from (its plan's input), if the prediction is one."""
-    path = Path(spec)
-    for run in (path, path.parent):
-        if (run / "plan.json").is_file():
-            try:
-                from hpcstain.volume.plan import input_at, load_plan
+    run = _run_of(spec)
+    if run is None:
+        return None
+    try:
+        return input_at(load_plan(run), run)  # [runs are places]
+    except (OSError, ValueError, KeyError, TypeError, HpcstainError):
+        return None
 
-                return input_at(load_plan(run), run)  # [runs are places]
-            except (OSError, ValueError, KeyError, TypeError, HpcstainError):
-                return None
-    return None
+
+def run_sample_mask(spec: str | os.PathLike[str]) -> tuple[np.ndarray, str] | None:
+    """[issue 23] The sample of a run's CT by fuse's own outside test (the run's levels and
+    cupping correction, :func:`hpcstain.ct.outside.outside_of_sample`): the voxels fuse
+    did not paint as background. None when the prediction is not in a run."""
+    run = _run_of(spec)
+    if run is None:
+        return None
+    plan = load_plan(run)
+    source = open_volume(input_at(plan, run), plan.nan_policy, plan.nan_value, scan=False)
+    whole = tuple(slice(0, int(n)) for n in source.shape)
+    raw, grown = corrected_read(source, whole, 0, plan.ct_recipe.cupping, rounded=True)
+    outside = outside_of_sample(raw, whole, grown, (plan.bone_level, plan.background_level))
+    return ~outside, f"fuse's outside test ({OUTSIDE_TEST}) on the run's CT"
 
 
 def voxel_size_of_inputs(prediction: str | os.PathLike[str],
@@ -292,9 +313,16 @@ def score_files(prediction: str | os.PathLike[str], out_dir: str | os.PathLike[s
     lab = read_scalar(labels) if labels is not None else ref_labels
     ct_spec = ct if ct is not None else (None if ref_ct is not None else _run_ct(prediction))
     ct_arr = read_scalar(ct_spec) if ct_spec is not None else ref_ct
+    # without labels, a stained run's sample is what fuse kept (its outside test), not a
+    # multi-Otsu threshold of the CT
+    run_mask = run_sample_mask(prediction) if (
+        lab is None and ct is None and ref_ct is None and ct_threshold == "auto") else None
     ref = prepare_reference(as_rgb_volume(pred, "prediction").shape[:3], ref_rgb, labels=lab,
-                            ct=ct_arr, normalise=normalise, stretch_c=stretch_c,
+                            ct=ct_arr, mask=None if run_mask is None else run_mask[0],
+                            normalise=normalise, stretch_c=stretch_c,
                             stretch_c_prime=stretch_c_prime, ct_threshold=ct_threshold)
+    if run_mask is not None:
+        ref.info["mask"] = run_mask[1]
     score = score_volume(pred, ref)
     tissue = tissue_section(pred, ref, lab, voxel_size_of_inputs(prediction, reference))
     settings = {"prediction": os.fspath(prediction),

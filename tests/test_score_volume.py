@@ -148,3 +148,38 @@ def test_calibrated_psnr_forgives_a_colour_cast_but_not_structure(ref) -> None:
     s2 = mv.score_volume(swapped, ref).summary
     assert s2["psnr_calibrated"] < 25
     assert s2["psnr_calibrated"] >= s2["psnr"] - 1e-9  # least squares never loses to identity
+
+
+def test_a_runs_score_mask_is_what_fuse_kept(tmp_path: Path) -> None:
+    """[issue 23] Without labels, scoring a stained run takes its sample from fuse's own
+    outside test on the run's CT (levels and cupping of the plan), not a multi-Otsu
+    threshold; it agrees with the phantom's labels where the CT threshold need not."""
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.ct.outside import OUTSIDE_TEST, outside_of_sample
+    from hpcstain.metrics.volume import OUTSIDE_LABELS
+    from hpcstain.score import run_sample_mask, score_files
+
+    vol = write_volume_file(tmp_path / "vol.zarr", (16, 40, 40), "mg", seed=5, chunk=16)
+    ckpt = untrained_generator_checkpoint(tmp_path / "gen.pt")
+    run = tmp_path / "run"
+    assert main(["stain", str(vol), "--checkpoint", str(ckpt), "--out", str(run), "--chunk",
+                 "16", "--tile", "16", "--step", "8", "--device", "cpu", "--no-progress",
+                 "--fuse"]) == 0
+    mask, how = run_sample_mask(run / "fused.ome.zarr")
+    assert OUTSIDE_TEST in how
+    import zarr
+
+    group = zarr.open_group(str(vol), mode="r")
+    ct, labels = group["ct"][...], group["labels"][...]
+    whole = tuple(slice(0, n) for n in ct.shape)
+    from hpcstain.volume.plan import load_plan
+
+    plan = load_plan(run)
+    assert np.array_equal(mask, ~outside_of_sample(ct, whole, whole,
+                                                   (plan.bone_level, plan.background_level)))
+    inside = ~np.isin(labels, OUTSIDE_LABELS)
+    assert (mask == inside).mean() > 0.95
+    report = score_files(run / "fused.ome.zarr", tmp_path / "score")
+    assert report.score.summary["mask"] == how
+    assert report.score.summary["mask_fraction"] == float(mask.mean())
