@@ -112,9 +112,8 @@ def apart(tmp_path_factory, volume_path):
 def test_stain_and_fuse_as_one_graph_write_the_bytes_of_two_passes(
         tmp_path, volume_path, apart, executor, workers):
     run, plan = new_run(tmp_path, volume_path, (10, 13, 15))
-    stained, fused = run_stain_fuse(run, ConvStainer() if workers == 1 else None, executor,
-                                    workers, make_fn=MakeConvStainer(), progress=False,
-                                    **FUSE)
+    stained, fused = run_stain_fuse(run, ConvStainer(), executor, workers, progress=False,
+                                    **FUSE)  # the function itself goes to the workers
     assert len(stained.stained) == plan.n_units
     assert fused is not None and fused.complete and len(fused.fused) == plan.n_chunks
     assert store_bytes(run) == store_bytes(apart)

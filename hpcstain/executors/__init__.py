@@ -124,6 +124,8 @@ def run_stain_fuse(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     report = StainReport(Path(run_dir), plan.n_units, skipped=plan.n_units - len(todo))
     if executor == "dask" and address is not None:
         workers = max(workers, 2)
+    if fn is not None and make_fn is None and (executor == "dask" or workers > 1):
+        make_fn = _Constant(fn)  # other processes build it from here (fn must pickle)
     start = start_fuse(run_dir, workers=workers, after_stain=True, **fuse)
     position = {(plan.unit(i).axis, plan.unit(i).name): n for n, i in enumerate(todo)}
     upstream = []
