@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.ct.cupping import apply_cupping
 from hpcstain.ct.outside import OUTSIDE_TEST, outside_of_sample
-from hpcstain.ct.prepare import corrected_read
 from hpcstain.errors import HpcstainError, InputError, UsageError
 from hpcstain.metrics.tissue import TissueTally, format_tissue_table, score_readings
 from hpcstain.metrics.volume import (
@@ -187,18 +187,20 @@ def _run_ct(spec: str | os.PathLike[str]) -> str | None:
         return None
 
 
-def run_sample_mask(spec: str | os.PathLike[str]) -> tuple[np.ndarray, str] | None:
-    """[issue 23] The sample of a run's CT by fuse's own outside test (the run's levels and
-    cupping correction, :func:`hpcstain.ct.outside.outside_of_sample`): the voxels fuse
-    did not paint as background. None when the prediction is not in a run."""
+def run_sample_mask(spec: str | os.PathLike[str], ct: np.ndarray
+                    ) -> tuple[np.ndarray, str] | None:
+    """[issue 23] The sample of a run's CT ``ct`` (the plan's input, as read) by fuse's own
+    outside test at the plan's levels, on the CT corrected as fuse corrects it (the plan's
+    cupping, whole grey values; :func:`hpcstain.ct.outside.outside_of_sample`): the voxels
+    fuse did not paint as background. None when the prediction is not in a run."""
     run = _run_of(spec)
     if run is None:
         return None
     plan = load_plan(run)
-    source = open_volume(input_at(plan, run), plan.nan_policy, plan.nan_value, scan=False)
-    whole = tuple(slice(0, int(n)) for n in source.shape)
-    raw, grown = corrected_read(source, whole, 0, plan.ct_recipe.cupping, rounded=True)
-    outside = outside_of_sample(raw, whole, grown, (plan.bone_level, plan.background_level))
+    cupping = plan.ct_recipe.cupping
+    raw = ct if cupping is None else np.rint(apply_cupping(ct, cupping, (0, 0)))
+    whole = tuple(slice(0, int(n)) for n in ct.shape)
+    outside = outside_of_sample(raw, whole, whole, (plan.bone_level, plan.background_level))
     return ~outside, f"fuse's outside test ({OUTSIDE_TEST}) on the run's CT"
 
 
@@ -315,8 +317,9 @@ def score_files(prediction: str | os.PathLike[str], out_dir: str | os.PathLike[s
     ct_arr = read_scalar(ct_spec) if ct_spec is not None else ref_ct
     # without labels, a stained run's sample is what fuse kept (its outside test), not a
     # multi-Otsu threshold of the CT
-    run_mask = run_sample_mask(prediction) if (
-        lab is None and ct is None and ref_ct is None and ct_threshold == "auto") else None
+    run_mask = run_sample_mask(prediction, ct_arr) if (
+        lab is None and ct is None and ct_spec is not None and ct_arr is not None
+        and ct_threshold == "auto") else None
     ref = prepare_reference(as_rgb_volume(pred, "prediction").shape[:3], ref_rgb, labels=lab,
                             ct=ct_arr, mask=None if run_mask is None else run_mask[0],
                             normalise=normalise, stretch_c=stretch_c,
