@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_volume_stain import ConvStainer, MakeConvStainer, ct_volume, new_run, store_bytes
+from test_volume_stain import (
+    ConvStainer,
+    MakeConvStainer,
+    new_run,
+    store_bytes,
+    write_ct_volume,
+)
 
 from hpcstain.executors import run_fuse, run_local, run_stain_fuse
 from hpcstain.volume.fuse import chunk_needs
@@ -91,10 +97,7 @@ FUSE = {"method": "median", "pyramid_levels": 2, "fill_outside": True}
 
 @pytest.fixture(scope="module")
 def volume_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "ct.zarr"
-    zarr.create_array(str(path), data=ct_volume(), chunks=(8, 8, 8),
-                      attributes={"voxel_size_um": 5.0})
-    return path
+    return write_ct_volume(tmp_path_factory.mktemp("input") / "ct.zarr")
 
 
 @pytest.fixture(scope="module")

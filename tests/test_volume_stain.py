@@ -81,12 +81,16 @@ def ct_volume(shape=SHAPE, seed: int = 0) -> np.ndarray:
     return np.clip(vol, 0, 65535).astype(np.uint16)
 
 
-@pytest.fixture(scope="module")
-def volume_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "ct.zarr"
+def write_ct_volume(path: Path) -> Path:
+    """:func:`ct_volume` as a zarr array (chunks of 8³, 5 µm voxels) at ``path``."""
     zarr.create_array(str(path), data=ct_volume(), chunks=(8, 8, 8),
                       attributes={"voxel_size_um": 5.0})
     return path
+
+
+@pytest.fixture(scope="module")
+def volume_path(tmp_path_factory) -> Path:
+    return write_ct_volume(tmp_path_factory.mktemp("input") / "ct.zarr")
 
 
 @pytest.fixture(scope="module")
