@@ -126,6 +126,12 @@ def test_a_marker_of_a_requeued_job_is_stale() -> None:
 NODES = ("n1", "n2")
 
 
+def _scontrol_node(node: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True,
+                         timeout=10)
+    return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+
+
 def _node_states() -> dict[str, str]:
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True,
                          timeout=10)
@@ -372,15 +378,23 @@ class LostNode:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.frozen = []
+        started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
         if _slurmd_pid(self.node) is None:
             subprocess.run(["/usr/sbin/slurmd", "-N", self.node], check=True, timeout=30)
+        else:
+            started = ""
 
         def back() -> bool:
-            state = _node_states().get(self.node, "")
-            if state.startswith(("down", "drain", "fail")):
+            # Back only once the controller has heard from the new slurmd: a node whose
+            # slurmd died reads plain IDLE for ~25 s until a ping fails, and a job started on
+            # it then is cancelled for a node failure when that ping does fail.
+            node = _scontrol_node(self.node)
+            state = node.get("State", "")
+            if state.startswith(("DOWN", "DRAIN", "FAIL")):
                 subprocess.run(["scontrol", "update", f"nodename={self.node}", "state=resume"],
                                capture_output=True)
-            return state.startswith(("idle", "mix", "alloc"))
+            return (state in ("IDLE", "MIXED", "ALLOCATED")  # no +NOT_RESPONDING etc.
+                    and node.get("SlurmdStartTime", "") >= started)
 
         _wait(back, 90, f"{self.node} back in service")
 
