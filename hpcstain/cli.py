@@ -1001,8 +1001,9 @@ def _add_score_morph(sub: argparse._SubParsersAction) -> None:
                    help="CT volume (default: the reference's, else the run's plan input)")
     p.add_argument("--ct-threshold", default="auto", metavar="auto|none|VALUE",
                    help="sample mask from the CT when there are no labels (default auto: "
-                   "for a stained run, what fuse's outside test keeps; for a CT given "
-                   "with --ct or in the reference, above the lowest multi-Otsu class)")
+                   "what fuse's outside test keeps: at a stained run's levels, or at the "
+                   "levels a CT given with --ct or in the reference reads; multi-Otsu "
+                   "where those levels are ambiguous)")
     p.add_argument("--no-normalise", action="store_true",
                    help="the reference is already in the model's colour space")
     p.add_argument("--stretch-c", type=float, default=0.0, help="§2.5 c (as in training)")

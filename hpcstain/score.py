@@ -315,8 +315,8 @@ def score_files(prediction: str | os.PathLike[str], out_dir: str | os.PathLike[s
     lab = read_scalar(labels) if labels is not None else ref_labels
     ct_spec = ct if ct is not None else (None if ref_ct is not None else _run_ct(prediction))
     ct_arr = read_scalar(ct_spec) if ct_spec is not None else ref_ct
-    # without labels, a stained run's sample is what fuse kept (its outside test), not a
-    # multi-Otsu threshold of the CT
+    # without labels, a stained run's sample is what fuse kept (its outside test at the
+    # plan's levels and cupping); a CT alone is read by metrics.volume.ct_sample_mask
     run_mask = run_sample_mask(prediction, ct_arr) if (
         lab is None and ct is None and ct_spec is not None and ct_arr is not None
         and ct_threshold == "auto") else None

@@ -101,11 +101,13 @@ def test_channel_first_rgba_and_mask_from_ct(phantom, ref) -> None:
     rgba = np.concatenate([ref.rgb, np.full((*SHAPE, 1), 7, np.uint8)], axis=-1)
     assert np.array_equal(mv.as_rgb_volume(np.moveaxis(rgba, -1, 0)), ref.rgb)
     mask, how = mv.sample_mask(SHAPE, ct=phantom.ct)
-    assert how.startswith("ct >") and 0.1 < mask.mean() < 0.9
+    assert how.startswith("fuse's outside test") and 0.1 < mask.mean() < 0.9
     # the air/resin around the sample is outside, bone inside
     assert not mask[phantom.labels == LABELS["background"]].mean() > 0.5
     assert mask[np.isin(phantom.labels, [LABELS["cortical_bone"]])].mean() > 0.9
     assert mv.sample_mask(SHAPE)[0].all()
+    mask, how = mv.sample_mask(SHAPE, ct=phantom.ct, ct_threshold=12000)
+    assert how == "ct > 12000" and np.array_equal(mask, phantom.ct > 12000)
 
 
 def test_cli_writes_table_summary_and_profiles(tmp_path: Path, phantom, ref, capsys) -> None:
@@ -127,7 +129,8 @@ def test_cli_writes_table_summary_and_profiles(tmp_path: Path, phantom, ref, cap
     out2 = tmp_path / "score-ct"
     assert main(["score", str(pred), "--ct", f"{vol}:ct", "--out", str(out2)]) == 0
     s2 = json.loads((out2 / "summary.json").read_text())
-    assert s2["stripe_ratio_against"] == "ct anisotropy" and s2["mask"].startswith("ct >")
+    assert s2["stripe_ratio_against"] == "ct anisotropy"
+    assert s2["mask"].startswith("fuse's outside test")
     assert (out2 / "profiles.png").is_file()
 
 

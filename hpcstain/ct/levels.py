@@ -685,17 +685,19 @@ def subsample_stride(shape: tuple[int, ...], max_voxels: int) -> int:
 
 def sample_source(source: Any, max_voxels: int = 2_000_000
                   ) -> tuple[np.ndarray, dict[float, np.ndarray], int]:
-    """(raw sample, σ → smoothed sample, stride k) of a VolumeSource: every k-th plane.
+    """(raw sample, σ → smoothed sample, stride k) of a VolumeSource (or a 3D array):
+    every k-th plane.
 
     Each plane is read whole, smoothed at full resolution (every σ that may be tried), then
     strided by k, so the classes see the same noise whatever the stride.
     """
     k = subsample_stride(tuple(source.shape), max_voxels)
     nz, ny, nx = (int(n) for n in source.shape)
+    read = source.read if hasattr(source, "read") else source.__getitem__
     raws: list[np.ndarray] = []
     smooths: dict[float, list[np.ndarray]] = {}
     for z0 in range(0, nz, k):
-        plane = np.asarray(source.read((slice(z0, z0 + 1), slice(0, ny), slice(0, nx)))[0],
+        plane = np.asarray(read((slice(z0, z0 + 1), slice(0, ny), slice(0, nx)))[0],
                            dtype=np.float64)
         if not smooths:
             start, top = smoothing_for(plane), max_smoothing(plane.shape)
@@ -707,7 +709,8 @@ def sample_source(source: Any, max_voxels: int = 2_000_000
 
 
 def volume_levels(source: Any, max_voxels: int = 2_000_000) -> LevelEstimate:
-    """Levels of a VolumeSource from a strided sample (at most ``max_voxels`` voxels)."""
+    """Levels of a VolumeSource (or a 3D array) from a strided sample (at most
+    ``max_voxels`` voxels): the reading ``stain`` plans with."""
     raw, smoothed, k = sample_source(source, max_voxels)
     return estimate_ct_levels(raw, str(getattr(source, "spec", "volume")), stride=k,
                               smoothed=smoothed)

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from hpcstain.ct.levels import volume_levels
+from hpcstain.ct.outside import OUTSIDE_TEST, outside_of_sample
 from hpcstain.data.normalise import (
     Rois,
     Stretch,
@@ -106,24 +108,44 @@ def sample_mask(shape: tuple[int, int, int], labels: np.ndarray | None = None,
                 ) -> tuple[np.ndarray, str]:
     """(mask, how): labels ≠ resin/air/tube; else CT above a threshold; else everything.
 
-    ``ct_threshold``: ``"auto"`` (the lowest of three multi-Otsu thresholds: above the
-    air/resin class), a number (raw CT units), or None (no CT mask).
+    ``ct_threshold``: ``"auto"`` (:func:`ct_sample_mask`: fuse's outside test at the levels
+    the CT itself reads), a number (raw CT units), or None (no CT mask).
     """
     if labels is not None:
         return ~np.isin(labels, OUTSIDE_LABELS), "labels"
     if ct is not None and ct_threshold is not None:
         if ct_threshold == "auto":
-            from skimage.filters import threshold_multiotsu
-
-            sample = np.asarray(ct[::2, ::2, ::2], dtype=np.float64)
-            lo, hi = np.percentile(sample, [0.5, 99.5])
-            if hi <= lo:
-                return np.ones(shape, dtype=bool), "all (flat CT)"
-            t = float(threshold_multiotsu(np.clip(sample, lo, hi), classes=3)[0])
-            return ct > t, f"ct > {t:.6g} (multi-Otsu)"
+            return ct_sample_mask(ct)
         t = float(ct_threshold)
         return ct > t, f"ct > {t:.6g}"
     return np.ones(shape, dtype=bool), "all"
+
+
+def ct_sample_mask(ct: np.ndarray) -> tuple[np.ndarray, str]:
+    """[issue 23] (mask, how): the sample of a CT alone, as ``stain`` and ``fuse`` would see
+    it: the CT's own levels (:func:`hpcstain.ct.levels.volume_levels`, the reading ``stain``
+    plans with), then fuse's outside test (:func:`hpcstain.ct.outside.outside_of_sample`).
+    Where the levels cannot be read with confidence, the lowest of three multi-Otsu
+    thresholds instead, and ``how`` says why (a mask for scoring, not a stain: nothing is
+    painted from it)."""
+    try:
+        est = volume_levels(ct)
+        why = "levels ambiguous" if est.ambiguous else ""
+    except InputError as exc:
+        est, why = None, str(exc).split(";")[0]
+    if est is not None and not est.ambiguous:
+        whole = tuple(slice(0, int(n)) for n in ct.shape)
+        outside = outside_of_sample(np.asarray(ct), whole, whole, est.levels)
+        return ~outside, (f"fuse's outside test ({OUTSIDE_TEST}) at the CT's levels "
+                          f"{est.bone:.6g} / {est.background:.6g}")
+    from skimage.filters import threshold_multiotsu
+
+    sample = np.asarray(ct[::2, ::2, ::2], dtype=np.float64)
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        return np.ones(ct.shape, dtype=bool), "all (flat CT)"
+    t = float(threshold_multiotsu(np.clip(sample, lo, hi), classes=3)[0])
+    return ct > t, f"ct > {t:.6g} (multi-Otsu; {why})"
 
 
 def reference_rois(reference: np.ndarray, labels: np.ndarray | None = None,
