@@ -42,6 +42,10 @@ class DataConfig:
     brightness_jitter: float = 0.1
     contrast_jitter: float = 0.1
     min_mask_coverage: float = 0.0
+    # [issue 23 item 3] probability that a patch's CT is re-imaged as a reconstructed scan
+    # might show it (data/augment.scan_ct: tissue contrast, levels read off, blur or phase
+    # fringes, rings, streaks, FBP-like noise); 0 = the CT as rendered
+    scan_augment: float = 0.0
     # §2.5 normalisation
     ct_bone_level: float = 30000.0
     ct_background_level: float = 10000.0

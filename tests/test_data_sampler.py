@@ -192,3 +192,93 @@ def test_manifest_rois_override_automatic_ones(tmp_path: Path) -> None:
     assert slide.roi_method == "manifest+auto"
     ct16 = (slide.ct + 1) / 2 * 65535
     assert float(ct16[30:34, 30:34].mean()) == pytest.approx(30000, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- scanned CT
+
+
+def _levels() -> tuple[float, float]:
+    from hpcstain.ct.signed import ct16_to_signed
+
+    return (float(ct16_to_signed(np.float32(30000))), float(ct16_to_signed(np.float32(10000))))
+
+
+def test_scan_augment_zero_leaves_every_item_as_before() -> None:
+    """scan_augment 0 (every shipped recipe) draws nothing more: the same items bit for bit."""
+    slides = [related_slide(80, s) for s in range(2)]
+    a = PairedPatchDataset(slides, STILL, seed=4)
+    b = PairedPatchDataset(slides, replace(STILL, scan_augment=0.0), seed=4)
+    for i in range(len(a)):
+        assert torch.equal(a[i]["ct"], b[i]["ct"])
+
+
+def test_scanned_ct_keeps_the_histology_and_changes_the_ct_within_bounds() -> None:
+    slides = [related_slide(80, s) for s in range(2)]
+    plain = PairedPatchDataset(slides, STILL, seed=4)
+    scanned = PairedPatchDataset(slides, replace(STILL, scan_augment=1.0), seed=4)
+    changed = 0
+    for i in range(len(plain)):
+        p, s = plain[i], scanned[i]
+        assert torch.equal(p["histology"], s["histology"]) and torch.equal(p["mask"], s["mask"])
+        assert s["ct"].min() >= -1 and s["ct"].max() <= 1
+        diff = (s["ct"] - p["ct"]).abs()
+        changed += int(diff.mean() > 1e-3)
+        assert diff.mean() < 0.25          # the same section, re-imaged: not another image
+        assert torch.equal(scanned[i]["ct"], s["ct"])   # one draw per (seed, epoch, index)
+    assert changed == len(plain)
+
+
+def test_scan_draw_parts_do_what_they_say() -> None:
+    from hpcstain.data.augment import ScanDraw, scan_ct
+
+    bone, bg = _levels()
+    gap = bone - bg
+    u = torch.linspace(-0.2, 1.2, 64)
+    planes = (bg + gap * u).expand(3, 64, 64).clone()
+    none = ScanDraw(curve=0.0, gain=1.0, offset=0.0, noise=0.0, highpass=False, rings=(),
+                    centre=(0.0, 0.0), streaks=(), burst=(), blur=0.0, seed=0)
+    torch.testing.assert_close(scan_ct(planes, none, bone, bg), planes)
+    # the tissue curve moves grey values between the levels only, and monotonically
+    curved = scan_ct(planes, replace(none, curve=0.6), bone, bg)[0, 0]
+    inside = (u > 0) & (u < 1)
+    mid = (u > 0.1) & (u < 0.9)
+    assert torch.all(curved[inside] >= planes[0, 0][inside] - 1e-6)
+    assert torch.all(curved[mid] > planes[0, 0][mid] + 0.03 * gap)
+    torch.testing.assert_close(curved[~inside], planes[0, 0][~inside])
+    assert torch.all(curved[1:] >= curved[:-1])
+    # levels read off: the gap scales about the background level
+    gained = scan_ct(planes, replace(none, gain=1.1), bone, bg)[0, 0]
+    torch.testing.assert_close(gained - bg, (planes[0, 0] - bg) * 1.1)
+    # noise: independent per plane, about the σ asked, high-passed or not
+    for hp in (False, True):
+        noisy = scan_ct(planes, replace(none, noise=0.02, highpass=hp), bone, bg) - planes
+        assert 0.016 < float(noisy.std()) < 0.024
+        assert not torch.equal(noisy[0], noisy[1])
+    # a ring is a circle about its centre; rings and streaks are the same in every plane
+    ringed = scan_ct(planes, replace(none, rings=((20.0, 0.04),), centre=(32.0, 32.0)),
+                     bone, bg) - planes
+    assert torch.equal(ringed[0], ringed[2])
+    assert ringed[0, 32, 52] == pytest.approx(0.04, abs=1e-3)
+    assert abs(float(ringed[0, 32, 32])) < 1e-6
+    # the burst crosses at the metal and is absent without one
+    metal = planes.clone()
+    metal[:, 30:34, 40:44] = bg + 3 * gap
+    burst = replace(none, burst=((0.0, 0.1),))
+    assert torch.equal(scan_ct(planes, burst, bone, bg), planes)
+    streaked = scan_ct(metal, burst, bone, bg) - metal
+    assert float(streaked[0, 31, 5]) > 0.05       # along the metal's row (angle 0)
+    assert abs(float(streaked[0, 5, 5])) < 1e-3
+
+
+def test_scanned_ct_of_a_2_5d_item_keeps_the_slice_the_slab_centre() -> None:
+    rng = np.random.default_rng(0)
+    ct = ndimage.gaussian_filter(rng.normal(size=(5, 64, 64)), (0, 3, 3)).astype(np.float32)
+    ct = 0.6 * ct / np.abs(ct).max()
+    hist = np.concatenate([ct[2:3]] * 3)
+    slide = Slide("s", "mg", np.concatenate([ct[2:3], hist]), ct[2] > 0, context=ct)
+    cfg = replace(STILL, scan_augment=1.0)
+    ds = PairedPatchDataset([slide], cfg, seed=2, context_slices=5, ct_channels=1)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert torch.equal(item["ct"][0], item["ct_context"][2])
+        assert not torch.equal(item["ct_context"][1], item["ct_context"][3])

@@ -31,8 +31,10 @@ from hpcstain.data.augment import (
     apply_geometry,
     draw_geometry,
     draw_jitter,
+    draw_scan,
     jitter_ct,
     jitter_histology,
+    scan_ct,
 )
 from hpcstain.data.manifest import Pair, read_ct_slab, read_pair
 from hpcstain.data.masks import load_or_compute_mask
@@ -290,6 +292,8 @@ class PairedPatchDataset(Dataset):
                 slab = jitter_slab(slab, ct, j.ct_brightness, j.ct_contrast)
             ct = jitter_ct(ct, j.ct_brightness, j.ct_contrast)
             hist = jitter_histology(hist, j.hist_brightness, j.hist_contrast)
+        if self.augment and self.cfg.scan_augment > 0 and rng.random() < self.cfg.scan_augment:
+            ct, slab = self._scanned(rng, ct, slab)
         if self.cfg.invert_ct:
             ct = -ct
             slab = -slab if slab is not None else None
@@ -298,6 +302,20 @@ class PairedPatchDataset(Dataset):
         if slab is not None:
             item["ct_context"] = slab.contiguous()
         return item
+
+
+    def _scanned(self, rng: np.random.Generator, ct: torch.Tensor, slab: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`~hpcstain.data.augment.scan_ct` of the slice and its context planes: one
+        draw; the slice stays the slab's centre plane, bit for bit."""
+        d = draw_scan(rng, self.cfg.patch_size)
+        bone, background = (float(ct16_to_signed(np.float32(v))) for v in
+                            (self.cfg.ct_bone_level, self.cfg.ct_background_level))
+        if slab is None:
+            return scan_ct(ct, d, bone, background), None
+        slab = scan_ct(slab, d, bone, background)
+        c = slab.shape[0] // 2
+        return slab[c:c + 1].clone(), slab
 
 
 def _centre_planes(planes: np.ndarray, k: int) -> np.ndarray:
