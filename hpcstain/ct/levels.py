@@ -21,8 +21,7 @@ noise. The procedure (docs/volume.md, "CT levels"):
    a blurred CT lies. A homogeneous implant inside that range (Mg: a narrow peak above its
    base, with denser bone above it) is found as solid blobs at its level and left out with
    a shell of 1.5× its inscribed radius (its rim, the degradation layer and new bone about
-   it); the level is then the mean of the raw medians over the window by raw and by
-   smoothed value (the first takes in noisy tissue, the second loses thin trabeculae).
+   it).
 5. **Confidence** in [0, 1]: the smallest margin of the decisions above (metal ratio and
    gap, bone-likeness, masses). Below ``AMBIGUOUS`` the estimate is *ambiguous*: CT-only
    paths refuse it with one line naming what was found and the ``--bone-level``/
@@ -636,14 +635,7 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
     if n < 0.02 * total:
         notes.append(f"bone is only {100 * n / total:.2f} % of the voxels")
         conf.append(0.6)
-    level = float(np.median(raw[win]))
-    if extra:
-        # beside a degrading implant, the raw window also takes in noisy and partial-volume
-        # tissue (low), the smoothed one loses thin trabeculae (high): their mean
-        smooth_win = keep & (v > t)
-        if smooth_win.sum() >= max(MIN_BONE_MASS * total, 16):
-            level = 0.5 * (level + float(np.median(raw[smooth_win])))
-    return level, win, extra, {"bone": float(t)}
+    return float(np.median(raw[win])), win, extra, {"bone": float(t)}
 
 
 
