@@ -640,7 +640,7 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
 
 
 def _implant_peak(hist: _Hist, modes: list[_Mode], win_v: np.ndarray, lo: float, hi: float,
-                  g: float, w: float) -> tuple[float, float] | None:
+                  g: float, w: float, shoulder: bool) -> tuple[float, float] | None:
     """(level, half width) of a homogeneous implant inside the bone window (Mg), or None.
 
     The candidate is the largest mode between ``lo`` and ``hi``. It is homogeneous when its
@@ -652,6 +652,8 @@ def _implant_peak(hist: _Hist, modes: list[_Mode], win_v: np.ndarray, lo: float,
     also needs denser material above the peak (≥ ``IMPLANT_ABOVE`` of the window, more than
     ``IMPLANT_BAND`` half widths up): an implant in the bone range sits below cortical bone,
     while the densest class of a sample without one is bone, whose top can be as narrow.
+    Only tried (``shoulder``) without metal: beside a metal, hardened bone streaks above
+    the cortical peak and would pass for the denser material.
     """
     inside = [m for m in modes if lo < m.peak < hi]
     if not inside:
@@ -660,6 +662,8 @@ def _implant_peak(hist: _Hist, modes: list[_Mode], win_v: np.ndarray, lo: float,
     if ((m.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(m))
             or m.fwhm <= IMPLANT_REL_WIDTH * (m.peak - g)):
         return m.peak, 0.5 * m.fwhm
+    if not shoulder:
+        return None
     s, i = hist.smooth, hist.index(m.peak)
     ia, ib = hist.index(m.lo), min(hist.index(m.hi), s.size - 1)
     base = max(float(s[ia]), float(s[ib]))
@@ -692,7 +696,7 @@ def _implant(hist: _Hist, modes: list[_Mode], raw: np.ndarray, v: np.ndarray,
     (hardened, partial volume), the degradation layer and the new bone about it, which sit
     inside the bone window below bone.
     """
-    found = _implant_peak(hist, modes, v[win], t, top, g, w)
+    found = _implant_peak(hist, modes, v[win], t, top, g, w, shoulder=top >= hist.edges[-1])
     if found is None:
         return None
     level, hw = found
