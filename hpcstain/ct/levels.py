@@ -18,9 +18,10 @@ noise. The procedure (docs/volume.md, "CT levels"):
    Metal voxels and a margin around them (partial volume) are left out.
 4. **Bone** = raw median of the voxels above the half-contrast threshold (halfway between
    background and the 99th percentile of what is left), which is where the labelled bone of
-   a blurred CT lies. A homogeneous implant inside that range (Mg: a narrow peak no wider
-   than the background's) is found as solid blobs at its level and left out with a margin,
-   together with the degradation layer below it.
+   a blurred CT lies. A homogeneous implant inside that range (Mg: a narrow peak above its
+   base, with denser bone above it) is found as solid blobs at its level and left out with
+   a shell of 1.5× its inscribed radius (its rim, the degradation layer and new bone about
+   it).
 5. **Confidence** in [0, 1]: the smallest margin of the decisions above (metal ratio and
    gap, bone-likeness, masses). Below ``AMBIGUOUS`` the estimate is *ambiguous*: CT-only
    paths refuse it with one line naming what was found and the ``--bone-level``/
@@ -63,10 +64,14 @@ BONE_ALPHA = 0.5          # bone threshold: halfway between background and dense
 DEGRADATION_FROM = 0.3    # modes above this fraction of the bone contrast, below an implant
 NARROW_WIDTH = 1.4        # homogeneous (metal-like): FWHM ≤ this × the background's FWHM
 IMPLANT_WIDTH = 1.4       # homogeneous implant in the bone range: FWHM ≤ this × background's
-IMPLANT_MIN_MASS = 0.02   # a homogeneous implant in the bone range: ≥ 2 % of the voxels
+IMPLANT_MIN_MASS = 0.005  # a homogeneous implant in the bone range: core ≥ 0.5 % of voxels
 IMPLANT_REL_WIDTH = 0.1   # ... or one whose FWHM is ≤ this × its contrast (hardened)
+IMPLANT_PROMINENCE = 0.25  # an implant peak rises ≥ this fraction of its height above its base
+IMPLANT_ABOVE = 0.2       # ... with ≥ this share of the bone window denser than it
+IMPLANT_BAND = 2.0        # implant core: within this many of its peak's half widths
+IMPLANT_SHELL = 1.5       # left out around the core: this × its inscribed radius
 METAL_MARGIN = 2          # px (full resolution) left out around metal (partial volume)
-IMPLANT_MARGIN = 4        # px around a homogeneous implant (its degradation layer too)
+IMPLANT_MARGIN = 4        # px around a homogeneous implant, at least (see IMPLANT_SHELL)
 MIN_BONE_MASS = 0.01      # fewer bone voxels than this fraction: no bone
 TAIL_MIN_MASS = 0.02      # unresolved material trailing the background: a class
 AMBIGUOUS = 0.5           # confidence below this: the estimate is ambiguous
@@ -616,31 +621,13 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
     t = g + BONE_ALPHA * (p_top - g)
     win = keep & (raw > t)
     extra: list[LevelClass] = []
-    inside = [m for m in modes if t < m.peak < metal_t]
-    if inside:
-        sp = max(inside, key=lambda m: m.mass)
-        homogeneous = sp.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(sp)
-        # reconstructed CT: the background is far narrower than a hardened implant, but
-        # the implant stays narrow for its contrast where bone (a mixture) does not
-        if homogeneous or sp.fwhm <= IMPLANT_REL_WIDTH * (sp.peak - g):
-            half = 1.5 * w if homogeneous else max(1.5 * w, 0.5 * sp.fwhm)
-            core = _solid(v, sp.peak, half, max(int(0.002 * total), 8))
-            ring = ndimage.binary_dilation(core, iterations=_px(IMPLANT_MARGIN, stride)) \
-                if core.any() else core
-            rest = win & ~ring
-            big = core.sum() >= IMPLANT_MIN_MASS * total * (1.0 if homogeneous else 0.5)
-            if big and rest.sum() >= 0.15 * win.sum() and rest.sum() >= MIN_BONE_MASS * total:
-                keep &= ~ring
-                extra.append(LevelClass("implant", float(np.median(raw[core])), sp.peak - w,
-                                        sp.peak + w, float(core.sum() / total), excluded=True))
-                for d in tissue:   # a degradation layer below the implant
-                    if sp.peak > d.peak > g + DEGRADATION_FROM * (p_top - g):
-                        t = max(t, hist.valley(d.peak, sp.peak)[0])
-                win = keep & (raw > t)
-            elif big:
-                notes.append(f"homogeneous class at {sp.peak:.6g} kept as bone (too little "
-                             "else above the bone threshold)")
-                conf.append(0.8)
+    implant = _implant(hist, modes, raw, v, win, g, w, t, min(metal_t, float(hist.edges[-1])),
+                       tissue, p_top, stride, notes, conf)
+    if implant is not None:
+        ring, t, cls = implant
+        keep &= ~ring
+        extra.append(cls)
+        win = keep & (raw > t)
     n = int(win.sum())
     if n < max(MIN_BONE_MASS * total, 16):
         raise InputError(f"{name}: no bone found ({n} voxel(s) above the bone threshold "
@@ -649,6 +636,94 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
         notes.append(f"bone is only {100 * n / total:.2f} % of the voxels")
         conf.append(0.6)
     return float(np.median(raw[win])), win, extra, {"bone": float(t)}
+
+
+
+def _implant_peak(hist: _Hist, modes: list[_Mode], win_v: np.ndarray, lo: float, hi: float,
+                  g: float, w: float, shoulder: bool) -> tuple[float, float] | None:
+    """(level, half width) of a homogeneous implant inside the bone window (Mg), or None.
+
+    The candidate is the largest mode between ``lo`` and ``hi``. It is homogeneous when its
+    FWHM is ≤ ``IMPLANT_WIDTH`` × the background's (and it falls sharply below), or ≤
+    ``IMPLANT_REL_WIDTH`` × its contrast (a hardened implant). Failing that, its width is
+    also taken at half its rise above its base (the higher count at its segment's ends), on
+    its narrower side: measured so, a narrow peak on a broad shoulder (the implant on top of
+    trabecular bone, the degradation layer and low-flux noise) stays narrow. That reading
+    also needs denser material above the peak (≥ ``IMPLANT_ABOVE`` of the window, more than
+    ``IMPLANT_BAND`` half widths up): an implant in the bone range sits below cortical bone,
+    while the densest class of a sample without one is bone, whose top can be as narrow.
+    Only tried (``shoulder``) without metal: beside a metal, hardened bone streaks above
+    the cortical peak and would pass for the denser material.
+    """
+    inside = [m for m in modes if lo < m.peak < hi]
+    if not inside:
+        return None
+    m = max(inside, key=lambda m: m.mass)
+    if ((m.fwhm <= IMPLANT_WIDTH * 2 * w and hist.sharp_below(m))
+            or m.fwhm <= IMPLANT_REL_WIDTH * (m.peak - g)):
+        return m.peak, 0.5 * m.fwhm
+    if not shoulder:
+        return None
+    s, i = hist.smooth, hist.index(m.peak)
+    ia, ib = hist.index(m.lo), min(hist.index(m.hi), s.size - 1)
+    base = max(float(s[ia]), float(s[ib]))
+    if s[i] - base < IMPLANT_PROMINENCE * s[i]:
+        return None
+    half = base + 0.5 * (float(s[i]) - base)
+    j, k = i, i
+    while j > ia and s[j] > half:
+        j -= 1
+    while k < ib and s[k] > half:
+        k += 1
+    hw = max(min(i - j, k - i), 1) * hist.width
+    if hw > max(IMPLANT_WIDTH * w, 0.5 * IMPLANT_REL_WIDTH * (m.peak - g)):
+        return None
+    if float((win_v > m.peak + IMPLANT_BAND * hw).mean()) < IMPLANT_ABOVE:
+        return None
+    return m.peak, hw
+
+
+def _implant(hist: _Hist, modes: list[_Mode], raw: np.ndarray, v: np.ndarray,
+             win: np.ndarray, g: float, w: float, t: float, top: float, tissue: list[_Mode],
+             p_top: float, stride: int, notes: list[str], conf: list[float]
+             ) -> tuple[np.ndarray, float, LevelClass] | None:
+    """A homogeneous implant inside the bone window (Mg) and its surroundings to leave out:
+    (voxels, new bone threshold, its class), or None.
+
+    Its core is the large solid blobs within ``IMPLANT_BAND`` half widths of its level; the
+    zone left out grows that core by ``IMPLANT_SHELL`` × its inscribed radius (or by
+    ``IMPLANT_MARGIN`` px where that leaves too little bone): the implant's own rim
+    (hardened, partial volume), the degradation layer and the new bone about it, which sit
+    inside the bone window below bone.
+    """
+    found = _implant_peak(hist, modes, v[win], t, top, g, w, shoulder=top >= hist.edges[-1])
+    if found is None:
+        return None
+    level, hw = found
+    total = int(np.isfinite(raw).sum())
+    min_voxels, margin = max(int(0.002 * total), 8), _px(IMPLANT_MARGIN, stride)
+    wide = _solid(v, level, max(1.5 * w, IMPLANT_BAND * hw), min_voxels)
+    if wide.sum() < IMPLANT_MIN_MASS * total:
+        return None
+    radius = float(ndimage.distance_transform_edt(wide).max())
+    # the wide zone first; where it leaves too little bone, the narrow core and margin
+    for core, shell in ((wide, max(margin, round(IMPLANT_SHELL * radius))),
+                        (_solid(v, level, 1.5 * w, min_voxels), margin)):
+        ring = ndimage.binary_dilation(core, iterations=shell) if core.any() else core
+        rest = int((win & ~ring).sum())
+        if core.any() and rest >= 0.15 * win.sum() and rest >= MIN_BONE_MASS * total:
+            break
+    else:
+        notes.append(f"homogeneous class at {level:.6g} kept as bone (too little else above "
+                     "the bone threshold)")
+        conf.append(0.8)
+        return None
+    for d in tissue:   # a degradation layer below the implant
+        if level > d.peak > g + DEGRADATION_FROM * (p_top - g):
+            t = max(t, hist.valley(d.peak, level)[0])
+    cls = LevelClass("implant", float(np.median(raw[core])), level - hw, level + hw,
+                     float(core.sum() / total), excluded=True)
+    return ring, t, cls
 
 
 # --------------------------------------------------------------------------- ROIs, volumes
