@@ -638,7 +638,6 @@ def _bone_level(hist: _Hist, raw: np.ndarray, v: np.ndarray, finite: np.ndarray,
     return float(np.median(raw[win])), win, extra, {"bone": float(t)}
 
 
-
 def _implant_peak(hist: _Hist, modes: list[_Mode], win_v: np.ndarray, lo: float, hi: float,
                   g: float, w: float, shoulder: bool) -> tuple[float, float] | None:
     """(level, half width) of a homogeneous implant inside the bone window (Mg), or None.
