@@ -78,3 +78,15 @@ def test_tissue_cpu_profile_loads() -> None:
     cfg = load_config("tissue-cpu", [])
     assert cfg.model.generator == "unet" and cfg.loss.lambda_gan == 0.0
     assert cfg.model.variant == "pix2pix"
+
+
+def test_the_cpu_reference_recipe_is_the_tissue_recipe_in_2_5d_for_12000_steps() -> None:
+    """configs/tissue-cpu-k5.yaml: what docs/results.md (session 10) measured as L12K5 —
+    tissue-cpu with 5 CT planes, 12000 steps, the linear decay over the last 12 of 25
+    epochs (benchmarks/tissue_study.py's schedule for 48 pairs)."""
+    base, k5 = load_config("tissue-cpu", []), load_config("tissue-cpu-k5", [])
+    assert k5.model.context_slices == 5 and base.model.context_slices == 1
+    assert (k5.train.max_steps, k5.train.epochs, k5.train.decay_epochs) == (12000, 25, 12)
+    assert (k5.model.generator, k5.model.ngf, k5.data.patch_size) == (
+        base.model.generator, base.model.ngf, base.data.patch_size)
+    assert k5.data.fuse_method == "median" and k5.data.scan_augment == 0.0
