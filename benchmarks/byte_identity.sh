@@ -2,6 +2,8 @@
 # byte-identity check: phantom volume + tiny untrained checkpoint + stain(3 axes) + fuse; hash arrays
 # usage: benchmarks/byte_identity.sh [REPO] [OUT]; run it on two commits and diff the hash lines.
 # The hashes of the refactor commits of issue 27 are in its closing notes (docs/architecture.md).
+# BYTEID_CKPT=path: stain with that checkpoint instead of the tiny untrained ResNet (e.g. a
+# U-Net with resize up-levels, which hpcstain.models.fastpath rewrites).
 set -euo pipefail
 REPO=$(cd "${1:-$(dirname "$0")/..}" && pwd); OUT=${2:-/tmp/byteid/out}
 rm -rf "$OUT"; mkdir -p "$OUT"; cd "$OUT"
@@ -15,6 +17,7 @@ from pathlib import Path
 from micro import untrained_generator_checkpoint
 untrained_generator_checkpoint(Path("g.pt"))
 PYEOF
+if [ -n "${BYTEID_CKPT:-}" ]; then cp "$BYTEID_CKPT" g.pt; fi
 $H stain vol.zarr --checkpoint g.pt --out run --chunk 32 --tile 64 --step 48 --no-progress > stain.log 2>&1
 $H fuse run --no-progress > fuse.log 2>&1
 $H stain volti.zarr --checkpoint g.pt --out runti --chunk 32 --tile 64 --step 48 --cupping auto --cupping-override --no-progress > stainti.log 2>&1

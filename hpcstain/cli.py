@@ -222,7 +222,8 @@ def _plan_from_args(args: argparse.Namespace) -> Path:
                      window=tiling.window, sigma=args.sigma, levels=levels,
                      voxel_size_um=args.voxel_size,  # "Z,Y,X" / Z Y X / S, parsed there
                      checkpoint=args.checkpoint, max_unit_voxels=args.max_unit_voxels,
-                     autocast=args.autocast, max_tile=tiling.max_tile,
+                     autocast=args.autocast, memory_format=args.memory_format,
+                     max_tile=tiling.max_tile,
                      cupping=args.cupping, cupping_override=args.cupping_override,
                      report=print)  # [CT levels, cupping] decided in the plan, printed here
     run = init_run(args.out, plan, overwrite=args.overwrite)
@@ -596,6 +597,10 @@ def _add_stain_args(p: argparse.ArgumentParser) -> None:
                    help="split a slab in-plane when it holds more voxels (memory bound)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="run the generator under torch autocast (GPU throughput)")
+    p.add_argument("--memory-format", default="contiguous",
+                   choices=["contiguous", "channels_last"],
+                   help="layout the generator runs in (recorded in the plan: channels_last "
+                   "differs in the last bits; benchmarks/bench_small_model.py)")
     p.add_argument("--sigma", type=float, default=None,
                    help="3D Gaussian on the CT before staining, voxels; 0: off (default: the "
                    "checkpoint's data.stain_sigma: 1 as in the paper §2.11, 0 for a model "

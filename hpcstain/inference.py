@@ -26,6 +26,7 @@ from hpcstain.ct.conventions import CONVENTION_KEYS, Conventions, conventions_of
 from hpcstain.ct.levels import TargetLevels
 from hpcstain.device import resolve_device
 from hpcstain.errors import InputError, UsageError
+from hpcstain.models.fastpath import memory_format_of, prepare_for_inference
 from hpcstain.models.gans import model_config_of
 from hpcstain.models.networks import build_generator
 
@@ -95,11 +96,14 @@ def generator_net(ckpt: dict[str, Any], name: str, source: str, device: str) -> 
 
 
 def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
-                   reverse: bool = False, autocast: str = "none") -> Stainer:
+                   reverse: bool = False, autocast: str = "none",
+                   memory_format: str = "contiguous") -> Stainer:
     """CT→histology (or, with ``reverse``, histology→CT) generator of a checkpoint.
 
     ``autocast`` (``none``, ``bf16``, ``fp16``) runs the generator under torch autocast on
-    the device (outputs are returned as float32 on the CPU either way).
+    the device (outputs are returned as float32 on the CPU either way). ``memory_format``
+    (``contiguous``, ``channels_last``) is the layout its weights and input batches are
+    kept in (:mod:`hpcstain.models.fastpath`; outputs come back contiguous either way).
     """
     device = resolve_device(device)  # "auto" (a worker on a GPU node) → cuda, else cpu
     ckpt = read_checkpoint(checkpoint).data
@@ -111,23 +115,28 @@ def load_generator(checkpoint: str | os.PathLike[str], device: str = "cpu",
                          "--reverse needs a CycleGAN (modcyclegan/cyclegan) checkpoint")
     conv = conventions_of(ckpt, str(checkpoint))
     net = generator_net(ckpt, "hist2ct" if reverse else "ct2hist", str(checkpoint), device)
-    return Stainer(fn=_tile_fn(net, conv, reverse, device, autocast), conventions=conv,
+    net = prepare_for_inference(net, memory_format)
+    return Stainer(fn=_tile_fn(net, conv, reverse, device, autocast, memory_format),
+                   conventions=conv,
                    reverse=reverse, source=str(checkpoint), architecture=dict(arch))
 
 
 def _tile_fn(net: nn.Module, conv: Conventions, reverse: bool, device: str,
-             autocast: str) -> TileFn:
+             autocast: str, memory_format: str = "contiguous") -> TileFn:
     sign = -1.0 if conv.invert_ct else 1.0
     dev = torch.device(device)
     dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if autocast not in dtypes:
         raise UsageError(f"autocast must be one of {', '.join(dtypes)}, got {autocast!r}")
     amp = dtypes[autocast]
+    fmt = memory_format_of(memory_format)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return net(batch.to(dev)).float()
+            if fmt is torch.contiguous_format:
+                return net(batch.to(dev)).float()
+            return net(batch.to(dev).contiguous(memory_format=fmt)).float().contiguous()
 
     if reverse:
         return lambda batch: (sign * run(batch)).cpu()
@@ -162,7 +171,7 @@ def pin_generator(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[st
 
 
 def load_pinned(path: str | os.PathLike[str], sha256: str, device: str = "cpu",
-                autocast: str = "none") -> Stainer:
+                autocast: str = "none", memory_format: str = "contiguous") -> Stainer:
     """The generator pinned at ``path``, refused unless its hash is ``sha256``."""
     path = Path(path)
     if not path.is_file():
@@ -172,4 +181,4 @@ def load_pinned(path: str | os.PathLike[str], sha256: str, device: str = "cpu",
         raise InputError(f"{path}: pinned generator has sha256 {actual[:16]}…, the plan "
                          f"recorded {sha256[:16]}…; the run's weights changed — restain "
                          "into a new run directory")
-    return load_generator(path, device, autocast=autocast)
+    return load_generator(path, device, autocast=autocast, memory_format=memory_format)

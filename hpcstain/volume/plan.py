@@ -43,6 +43,7 @@ from hpcstain.ct.prepare import CtRecipe, gaussian_halo
 from hpcstain.errors import InputError, UsageError
 from hpcstain.geometry import AXES, AXIS_INDEX, Region, intersects
 from hpcstain.inference import checkpoint_conventions
+from hpcstain.models.fastpath import memory_format_of
 from hpcstain.tiles import check_tiling, plane_tiles, region_context
 from hpcstain.volume.io import CorrectedSource
 from hpcstain.volume.rundir import plan_path
@@ -75,6 +76,9 @@ class Plan:
     size_multiple: int = 1
     max_unit_voxels: int = MAX_UNIT_VOXELS
     autocast: str = "none"
+    # the generator's layout (hpcstain.models.fastpath); changes the last bits, so recorded.
+    # A plan written before the field reads as contiguous, what those runs used.
+    memory_format: str = "contiguous"
     nan_policy: str = "error"
     nan_value: float = 0.0
     voxel_size_um: tuple[float, float, float] | None = None
@@ -303,7 +307,8 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
               checkpoint: str | os.PathLike[str] | None = None,
               config: dict[str, Any] | None = None, truncate: float = 4.0,
               max_unit_voxels: int = MAX_UNIT_VOXELS, autocast: str = "none",
-              max_tile: int = 0, cupping: Any = None, cupping_override: bool = False,
+              memory_format: str = "contiguous", max_tile: int = 0, cupping: Any = None,
+              cupping_override: bool = False,
               report: Callable[[str], None] | None = None) -> Plan:
     """Freeze a run: geometry from ``source`` (a VolumeSource), levels given or estimated.
 
@@ -312,7 +317,9 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
     checkpoint's CT conventions (target levels, channels, size multiple) are recorded too;
     ``in_channels`` is only for runs without a checkpoint (a staining function given in
     code). ``autocast`` (``none``/``bf16``/``fp16``) runs the generator under torch autocast
-    (GPU throughput; it changes the output, so it is part of the plan). ``max_tile`` lets
+    (GPU throughput; it changes the output, so it is part of the plan), ``memory_format``
+    (``contiguous``/``channels_last``, :mod:`hpcstain.models.fastpath`) the layout the
+    generator runs in (the same: recorded). ``max_tile`` lets
     planes be covered by fewer, larger equal tiles (:func:`hpcstain.tiles.plane_tiles`).
     ``cupping`` (``None``: as the checkpoint was trained, ``"auto"``/``"none"``, or a fitted
     :class:`~hpcstain.ct.cupping.Cupping`) is resolved by
@@ -331,6 +338,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
         raise UsageError(f"max_unit_voxels must be >= 1, got {max_unit_voxels}")
     if autocast not in ("none", "bf16", "fp16"):
         raise UsageError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
+    memory_format_of(memory_format)  # refuse an unknown one before anything is read
     chunk3 = tuple(min(c, n) for c, n in zip(chunk3, source.shape, strict=True))
     sha, target, channels, multiple = "", DEFAULT_TARGET, in_channels or 3, 1
     context, fuse_method = 1, "mean"
@@ -356,7 +364,7 @@ def make_plan(source: Any, chunk: int | tuple[int, int, int] = 128,
                 target_levels=(float(target[0]), float(target[1])), in_channels=channels,
                 context_slices=int(context), size_multiple=multiple,
                 max_unit_voxels=int(max_unit_voxels),
-                autocast=autocast,
+                autocast=autocast, memory_format=memory_format,
                 nan_policy=source.nan_policy, nan_value=source.nan_value,
                 voxel_size_um=vox, voxel_size_from=vox_from,
                 checkpoint=str(Path(checkpoint).absolute()) if checkpoint else "",

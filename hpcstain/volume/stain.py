@@ -341,9 +341,9 @@ class PinnedStainer:
     """Picklable recipe for a run's staining function (executors ship it to workers).
 
     Calling it loads ``RUN_DIR/generator.pt`` after checking its hash against the plan
-    (and applies the plan's autocast). Within a process the function is built once per
-    generator *content* (the hash), so a worker staining many units loads the weights once
-    and a changed file is never reused.
+    (and applies the plan's autocast and memory format). Within a process the function is
+    built once per generator *content* (the hash), so a worker staining many units loads
+    the weights once and a changed file is never reused.
     """
 
     run_dir: str
@@ -351,10 +351,11 @@ class PinnedStainer:
 
     def __call__(self) -> StainFn:
         plan = load_plan(self.run_dir)
-        key = (plan.generator_sha256, f"{self.device}/{plan.autocast}")
+        key = (plan.generator_sha256,
+               f"{self.device}/{plan.autocast}/{plan.memory_format}")
         if not plan.generator_sha256 or key not in _STAINERS:
             stainer = load_pinned(generator_path(self.run_dir), plan.generator_sha256,
-                                  self.device, plan.autocast)
+                                  self.device, plan.autocast, plan.memory_format)
             if not plan.generator_sha256:
                 return stainer.fn
             _STAINERS[key] = stainer.fn
