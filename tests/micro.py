@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hpcstain.config import Config, load_config
 from hpcstain.train.trainer import StopFlag
@@ -17,17 +19,34 @@ def micro_config(manifest: str | Path, *extra: str) -> Config:
     return load_config("modcyclegan-tiny", [f"data.manifest={manifest}", *MICRO, *extra])
 
 
-def untrained_generator_checkpoint(path: Path) -> Path:
-    """A tiny untrained generator (ngf 4, 1 block) saved like a ``min-*.pt``."""
+def untrained_generator_checkpoint(path: Path, **model: object) -> Path:
+    """A tiny untrained generator (ngf 4, 1 block; ``model`` overrides ``cfg.model``
+    fields) saved like a ``min-*.pt``."""
     from hpcstain.checkpoint import save_checkpoint
     from hpcstain.config import to_dict
     from hpcstain.models import architecture_of, build_model
 
     cfg = Config()
     cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 1
-    model = build_model(cfg.model, cfg.loss, "cpu", seed=0)
+    for key, value in model.items():
+        setattr(cfg.model, key, value)
+    net = build_model(cfg.model, cfg.loss, "cpu", seed=0)
     return save_checkpoint(path, {"architecture": architecture_of(cfg.model),
-                                  "config": to_dict(cfg), "model": model.generator_state_dict()})
+                                  "config": to_dict(cfg), "model": net.generator_state_dict()})
+
+
+def fails_after(fn: Callable[[Any], Any], calls: int) -> Callable[[Any], Any]:
+    """``fn`` for its first ``calls`` calls, then RuntimeError("job killed") (a job killed
+    part-way through a run)."""
+    count = [0]
+
+    def dies(batch: Any) -> Any:
+        count[0] += 1
+        if count[0] > calls:
+            raise RuntimeError("job killed")
+        return fn(batch)
+
+    return dies
 
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from micro import fails_after, untrained_generator_checkpoint
 from torch import nn
 
 from hpcstain.errors import UsageError
@@ -71,17 +72,8 @@ def test_fused_generator_gives_the_same_bits_and_keeps_its_parameter_names(gener
 
 
 def unet_checkpoint(path):
-    from hpcstain.checkpoint import save_checkpoint
-    from hpcstain.config import Config, to_dict
-    from hpcstain.models import architecture_of, build_model
-
-    cfg = Config()
-    cfg.model.generator, cfg.model.upsampling = "unet", "resize"
-    cfg.model.ngf, cfg.model.ndf, cfg.model.n_blocks = 4, 4, 5
-    model = build_model(cfg.model, cfg.loss, "cpu", seed=0)
-    save_checkpoint(path, {"architecture": architecture_of(cfg.model), "config": to_dict(cfg),
-                           "model": model.state_dict()})
-    return path
+    return untrained_generator_checkpoint(path, generator="unet", upsampling="resize",
+                                          n_blocks=5)
 
 
 def test_channels_last_tile_function_is_within_float_tolerance(tmp_path) -> None:
@@ -119,16 +111,9 @@ def test_channels_last_run_resumes_byte_exactly_and_stays_close_to_contiguous(tm
     straight = plan_run("straight", "channels_last")
     run_local(straight, progress=False)
     resumed = plan_run("resumed", "channels_last")
-    pinned, calls = PinnedStainer(str(resumed))(), [0]
-
-    def dies(batch):
-        calls[0] += 1
-        if calls[0] > 2:
-            raise RuntimeError("job killed")
-        return pinned(batch)
-
     with pytest.raises(RuntimeError):
-        run_local(resumed, dies, batch_size=2, progress=False)
+        run_local(resumed, fails_after(PinnedStainer(str(resumed))(), 2), batch_size=2,
+                  progress=False)
     run_local(resumed, progress=False)  # resumed from the plan: channels_last again
     for axis in "zy":
         a, b, c = (zarr.open_array(str(axis_store(r, axis)), mode="r")[...].astype(int)

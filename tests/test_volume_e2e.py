@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from micro import fails_after
 
 from hpcstain.executors import run_stain
 from hpcstain.phantom import write_volume_file
@@ -107,17 +108,9 @@ def test_replaced_checkpoint_between_kill_and_resume_changes_nothing(tmp_path):
     straight = plan_run("straight")
     run_local(straight, progress=False)
     resumed = plan_run("resumed")
-    pinned = PinnedStainer(str(resumed))()
-    calls = [0]
-
-    def dies(batch):
-        calls[0] += 1
-        if calls[0] > 3:
-            raise RuntimeError("job killed")
-        return pinned(batch)
-
     with pytest.raises(RuntimeError):
-        run_local(resumed, dies, batch_size=4, progress=False)
+        run_local(resumed, fails_after(PinnedStainer(str(resumed))(), 3), batch_size=4,
+                  progress=False)
     tiny_checkpoint(ckpt, seed=1)  # training overwrote latest.pt meanwhile
     init_run(resumed, make_plan(src, chunk=4, axes="z,y", tile=16, step=8,
                                 levels=(30000.0, 10000.0), checkpoint=ckpt))  # accepted
