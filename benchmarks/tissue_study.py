@@ -18,7 +18,8 @@ along z, y and x, and score their tissue classes with ``hpcstain score``.
    against the exact, aligned truth stain (``truth/<id>.png``) in the histology column:
    the upper bound of item 2;
    ``--target histology`` against the phantom's real (misaligned, artefacted) histology.
-   ``--extra-ti N`` adds N more Ti pairs (from further seeds) against the 7:1:2 ratio.
+   ``--extra ti:N,peek:M`` adds N more Ti and M more PEEK pairs (from seeds 501, 502, …,
+   one per material named) against the phantom's 7:1:2 ratio.
 2. Train ``--config`` (+ overrides) for ``--steps`` optimiser steps on every pair
    (epochs and LR decay rescaled to end at the last step), ``OMP_NUM_THREADS`` threads.
 3. Held-out volumes (``--held``, e.g. ``mg:9001,ti:9002``; seeds ≠ every training seed):
@@ -73,20 +74,24 @@ def make_pairs(root: Path, seed: int, n: int, size: int, orientation: str,
     return folder / "manifest.csv"
 
 
-def merge_manifests(sources: list[tuple[Path, str | None]], out: Path, target: str) -> int:
-    """Rows of every manifest (only ``material`` when given) with absolute paths; with
-    ``target == "truth"`` the histology column names the exact truth stain."""
+def merge_manifests(sources: list[tuple[Path, str | None, int]], out: Path, target: str
+                    ) -> int:
+    """Rows of every manifest (only ``material`` when given, the first ``n`` of them when
+    ``n``) with absolute paths; with ``target == "truth"`` the histology column names the
+    exact truth stain."""
     rows: list[dict[str, str]] = []
     fields: list[str] = []
-    for manifest, material in sources:
+    for manifest, material, n in sources:
+        kept = 0
         with manifest.open() as fh:
             reader = csv.DictReader(fh)
             for name in reader.fieldnames or []:
                 if name not in fields:
                     fields.append(name)
             for row in reader:
-                if material and row.get("material") != material:
+                if (material and row.get("material") != material) or (n and kept >= n):
                     continue
+                kept += 1
                 for key in ("ct", "histology", "mask", "truth", "ct_slab"):
                     if row.get(key):
                         row[key] = str((manifest.parent / row[key]).resolve())
@@ -237,8 +242,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--train-seeds", default="101,102,103")
     p.add_argument("--pairs-per-seed", type=int, default=16)
-    p.add_argument("--extra-ti", type=int, default=0,
-                   help="more Ti pairs (from seeds 501, 502, …) on top of the 7:1:2 mix")
+    p.add_argument("--extra", default="",
+                   help="MATERIAL:N,...: N more pairs of that material (seeds 501, 502, …) on "
+                   "top of the 7:1:2 mix, e.g. ti:12,peek:6")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--ct-slab", type=int, default=0,
                    help="write K CT planes about each section (for model.context_slices=K)")
@@ -293,13 +299,16 @@ def main() -> None:
     if args.checkpoint is None:
         kinds = args.orientation.split(",")  # one per seed, cycled: e.g. mixed,volume
         physics = args.physics.split(",")
-        sources: list[tuple[Path, str | None]] = [
+        sources: list[tuple[Path, str | None, int]] = [
             (make_pairs(root, s, args.pairs_per_seed, args.size, kinds[i % len(kinds)], log,
-                        args.ct_slab, physics[i % len(physics)]), None)
+                        args.ct_slab, physics[i % len(physics)]), None, 0)
             for i, s in enumerate(seeds)]
-        if args.extra_ti:  # 1 Ti in 10 pairs: ask for 10 per Ti wanted, keep the Ti ones
-            sources.append((make_pairs(root, 501, 10 * args.extra_ti, args.size,
-                                       args.orientation, log), "ti"))
+        share = {"mg": 0.7, "ti": 0.1, "peek": 0.2}  # the phantom's mix: ask for enough
+        for k, item in enumerate(f for f in args.extra.split(",") if f):
+            material, n = item.split(":")
+            folder = make_pairs(root, 501 + k, math.ceil(int(n) / share[material] * 1.3),
+                                args.size, args.orientation, log, args.ct_slab)
+            sources.append((folder, material, int(n)))
         manifest = work / "manifest.csv"
         n_pairs = merge_manifests(sources, manifest, args.target)
         result["n_pairs"] = n_pairs
