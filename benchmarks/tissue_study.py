@@ -18,8 +18,9 @@ along z, y and x, and score their tissue classes with ``hpcstain score``.
    against the exact, aligned truth stain (``truth/<id>.png``) in the histology column:
    the upper bound of item 2;
    ``--target histology`` against the phantom's real (misaligned, artefacted) histology.
-   ``--extra ti:N,peek:M`` adds N more Ti and M more PEEK pairs (from seeds 501, 502, …,
-   one per material named) against the phantom's 7:1:2 ratio.
+   ``--extra ti:N,peek:M,ti:K:tomo`` adds N more Ti and M more PEEK pairs and K Ti pairs
+   through the physical CT chain (seeds 501, 502, …, one per item) against the phantom's
+   7:1:2 ratio.
 2. Train ``--config`` (+ overrides) for ``--steps`` optimiser steps on every pair
    (epochs and LR decay rescaled to end at the last step), ``OMP_NUM_THREADS`` threads.
 3. Held-out volumes (``--held``, e.g. ``mg:9001,ti:9002``; seeds ≠ every training seed):
@@ -243,8 +244,9 @@ def main() -> None:
     p.add_argument("--train-seeds", default="101,102,103")
     p.add_argument("--pairs-per-seed", type=int, default=16)
     p.add_argument("--extra", default="",
-                   help="MATERIAL:N,...: N more pairs of that material (seeds 501, 502, …) on "
-                   "top of the 7:1:2 mix, e.g. ti:12,peek:6")
+                   help="MATERIAL:N[:tomo],...: N more pairs of that material (seeds 501, 502, …; "
+                   "through the physical CT chain with :tomo) on top of the 7:1:2 mix, e.g. "
+                   "ti:12,peek:6,ti:8:tomo")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--ct-slab", type=int, default=0,
                    help="write K CT planes about each section (for model.context_slices=K)")
@@ -305,9 +307,10 @@ def main() -> None:
             for i, s in enumerate(seeds)]
         share = {"mg": 0.7, "ti": 0.1, "peek": 0.2}  # the phantom's mix: ask for enough
         for k, item in enumerate(f for f in args.extra.split(",") if f):
-            material, n = item.split(":")
+            material, n, *kind = item.split(":")  # MATERIAL:N[:tomo]
             folder = make_pairs(root, 501 + k, math.ceil(int(n) / share[material] * 1.3),
-                                args.size, args.orientation, log, args.ct_slab)
+                                args.size, args.orientation, log, args.ct_slab,
+                                kind[0] if kind else "render")
             sources.append((folder, material, int(n)))
         manifest = work / "manifest.csv"
         n_pairs = merge_manifests(sources, manifest, args.target)
