@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -388,20 +388,71 @@ def estimate_ct_levels(values: np.ndarray, name: str = "CT", *, stride: int = 1,
             sigmas = [x for x in sigmas if x in smoothed]
     best: LevelEstimate | None = None
     first_error: InputError | None = None
-    for sg in sigmas:
-        v = smoothed[sg] if smoothed is not None and sg in smoothed else smooth_planes(raw, sg)
+    for k, sg in enumerate(sigmas):
         try:
-            est = _estimate_once(raw, finite, v, name, stride, sg)
+            est = _estimate_once(raw, finite, _smoothed(raw, smoothed, sg), name, stride, sg)
         except InputError as exc:
             first_error = first_error or exc
             continue
         if not est.ambiguous:
-            return est
+            return _unless_metal_missed(est, raw, finite, smoothed, sigmas[k + 1:], name,
+                                        stride)
         best = est if best is None or est.confidence > best.confidence else best
     if best is not None:
         return best
     assert first_error is not None
     raise first_error
+
+
+def _smoothed(raw: np.ndarray, smoothed: dict[float, np.ndarray] | None, sigma: float
+              ) -> np.ndarray:
+    return smoothed[sigma] if smoothed is not None and sigma in smoothed \
+        else smooth_planes(raw, sigma)
+
+
+def _unless_metal_missed(est: LevelEstimate, raw: np.ndarray, finite: np.ndarray,
+                         smoothed: dict[float, np.ndarray] | None, later: list[float],
+                         name: str, stride: int) -> LevelEstimate:
+    """``est``, unless a smoother reading finds (or suspects) metal where ``est`` read bone.
+
+    A reconstructed metal is broad (beam hardening, starvation) and the tissue below it an
+    unresolved shoulder of the background; at one smoothing the metal can look like the
+    only tissue mode, with nothing in that histogram to doubt it (a Ti screw read as bone
+    at 3.6× the bone's level, confidence 1.00). Smoothing more resolves the tissue below
+    it. So a reading without metal is checked at the next smoothings: the first confident
+    one that calls ``est``'s bone metal wins; one that doubts between the two (ambiguous,
+    with the other reading as its alternative) is returned instead, so the CT-only paths
+    stop with both readings rather than stain on a confident wrong one.
+    """
+    if any(c.name == "metal" for c in est.classes):
+        return est
+    # metal lies ≥ METAL_RATIO × the bone's contrast above the background: a reading whose
+    # bone is not that far below est's does not say est's bone is metal
+    below = est.background + (est.bone - est.background) / METAL_RATIO
+    for sg in later:
+        try:
+            other = _estimate_once(raw, finite, _smoothed(raw, smoothed, sg), name, stride, sg)
+        except InputError:
+            continue
+        note = f"at {est.smoothing:g} px smoothing the class at {est.bone:.6g} read as bone"
+        if (not other.ambiguous and other.thresholds.get("metal_lo", math.inf) <= est.bone
+                and other.bone <= below):
+            return replace(other, notes=(*other.notes, note))
+        if (other.ambiguous and other.alternative is not None
+                and min(other.bone, other.alternative[0]) <= below):
+            return replace(other, notes=(*other.notes, note + f", at {sg:g} px maybe metal"))
+    return est
+    for sg in later:
+        try:
+            other = _estimate_once(raw, finite, _smoothed(raw, smoothed, sg), name, stride, sg)
+        except InputError:
+            continue
+        metal_lo = other.thresholds.get("metal_lo", math.inf)
+        if not other.ambiguous and metal_lo <= est.bone:
+            note = (f"at {est.smoothing:g} px smoothing the metal at {est.bone:.6g} read as "
+                    "bone")
+            return replace(other, notes=(*other.notes, note))
+    return est
 
 
 def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, name: str,
