@@ -552,7 +552,7 @@ def _metals(hist: _Hist, flat: np.ndarray, tissue: list[_Mode], bg: _Mode, w: fl
                  and m.mass >= 0.01]
         refs = [max(likes, key=lambda m: m.mass)] if likes else []
         if (tail is not None and tail.peak < top.lo
-                and (tail.peak - bg.peak) / w >= BROAD_LIKE * BONE_CONTRAST):
+                and (tail.peak - bg.peak) / w >= MIN_CONTRAST):
             refs.append(tail)   # tried when the resolved reference does not find metal
         tail = None
         if not refs:
