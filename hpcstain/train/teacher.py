@@ -162,11 +162,6 @@ class Plane:
     def context_slices(self) -> int:
         return 1 if self.context is None else int(self.context.shape[0])
 
-    @property
-    def inputs(self) -> np.ndarray:
-        """What the teacher was fed: the K planes, else the one plane (H, W)."""
-        return self.ct if self.context is None else self.context
-
 
 def sample_mask(unit: np.ndarray, target: TargetLevels | tuple[float, float], margin: int
                 ) -> np.ndarray:
@@ -426,7 +421,7 @@ def build_planes(cfg: Config, run_dir: Path, main: bool = True
 
 def describe(cfg: Config) -> str:
     """One line: student and teacher generators with parameters and FLOP per pixel."""
-    c = generator_in_channels(cfg.model)  # the K planes of a 2.5D pair, else ct_channels
+    c = generator_in_channels(cfg.model)  # a 2.5D student takes K planes, else ct_channels
     student = build_generator(cfg.model, c, cfg.model.histology_channels)
     teacher = generator_net(_teacher_checkpoint(cfg.distill.teacher), "ct2hist",
                              cfg.distill.teacher, "cpu")
