@@ -162,7 +162,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "kind": _checkpoint_kind(ckpt),
         "architecture": dict(arch),
         "generator": {"name": "ct2hist", "parameters": parameter_count(gen),
-                      "flops_per_pixel": flops_per_pixel(gen, conv.ct_channels, tile),
+                      "flops_per_pixel": flops_per_pixel(gen, conv.generator_channels, tile),
                       "flops_tile": tile},
         "networks": nets,
         "conventions": conv.to_dict(),

@@ -139,3 +139,18 @@ def test_info_of_a_bad_checkpoint_is_one_line(tmp_path: Path,
     assert main(["info", "--checkpoint", str(tmp_path / "junk.pt")]) == 2
     err = capsys.readouterr().err
     assert "junk.pt" in err and err.count("\n") == 1
+
+
+def test_a_2p5d_checkpoint_is_described_with_its_k_input_planes(tmp_path: Path) -> None:
+    """FLOPs are counted on the generator's real input (the K planes, not ct_channels)."""
+    from micro import untrained_generator_checkpoint
+
+    from hpcstain.info import checkpoint_report, format_checkpoint
+
+    ckpt = untrained_generator_checkpoint(tmp_path / "k5.pt", context_slices=5)
+    flat = untrained_generator_checkpoint(tmp_path / "k1.pt")
+    r5, r1 = checkpoint_report(ckpt), checkpoint_report(flat)
+    assert "5 CT planes per slice" in format_checkpoint(r5)
+    # only the first conv sees more channels: 5 instead of 3 inputs, 7×7 kernel, ngf 4
+    extra = 2 * 49 * (5 - 3) * 4
+    assert r5["generator"]["flops_per_pixel"] == r1["generator"]["flops_per_pixel"] + extra

@@ -15,8 +15,15 @@ import torch
 from torch import Tensor
 
 from hpcstain.config import LossConfig, ModelConfig
-from hpcstain.errors import ConfigError, UsageError
-from hpcstain.models.gans import AutocastFactory, GanModel, Pix2Pix, backward_step
+from hpcstain.errors import UsageError
+from hpcstain.models.gans import (
+    AutocastFactory,
+    GanModel,
+    Pix2Pix,
+    backward_step,
+    generator_in_channels,
+    generator_input,
+)
 from hpcstain.models.losses import gan_loss, masked_l1
 from hpcstain.models.networks import PatchDiscriminator, build_generator, freeze_inert_biases
 from hpcstain.models.students import STUDENT_GENERATORS, init_student
@@ -25,7 +32,8 @@ from hpcstain.models.students import STUDENT_GENERATORS, init_student
 class DistillModel(GanModel):
     """Student ``ct2hist`` + a conditional PatchGAN (used only when ``lambda_kd_gan`` > 0).
 
-    Batches are ``{"ct", "histology": the teacher's label, "mask"}``; loss terms:
+    Batches are ``{"ct", "histology": the teacher's label, "mask"}`` (plus ``"ct_context"``,
+    the K CT planes the generator sees, for a 2.5D student); loss terms:
     ``distill_l1`` (weight ``loss.lambda_l1``) and ``G_gan_ct2hist`` (``loss.lambda_kd_gan``).
     The checkpoint has the usual layout (``generators.ct2hist``), so inference reads it
     like any other.
@@ -34,11 +42,10 @@ class DistillModel(GanModel):
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig,
                  device: str | torch.device, seed: int = 0, rank: int = 0) -> None:
         super().__init__(model_cfg, loss_cfg, device, seed, rank)
-        if model_cfg.context_slices != 1:
-            raise ConfigError("model.context_slices: a distilled student takes one CT plane; "
-                              "set model.context_slices=1")
         c_ct, c_hist = model_cfg.ct_channels, model_cfg.histology_channels
-        student = build_generator(model_cfg, c_ct, c_hist)
+        # a 2.5D student (model.context_slices K > 1, its teacher's) takes the K CT planes
+        # as its channels, exactly as a trained 2.5D generator and `stain` feed them
+        student = build_generator(model_cfg, generator_in_channels(model_cfg), c_hist)
         if model_cfg.generator in STUDENT_GENERATORS:
             student = freeze_inert_biases(init_student(student, self._init_rng).to(self.device))
         else:  # a plain ResNet / U-Net student
@@ -82,7 +89,7 @@ class DistillModel(GanModel):
         return {"distill_l1": self._lam("lambda_l1"), "G_gan_ct2hist": self._lam("lambda_kd_gan")}
 
     def _forward_generators(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"fake_hist": self._run_g["ct2hist"](batch["ct"])}
+        return {"fake_hist": self._run_g["ct2hist"](generator_input(batch))}
 
     def _generator_losses(self, batch: dict[str, Tensor],
                           fakes: dict[str, Tensor]) -> dict[str, Tensor]:

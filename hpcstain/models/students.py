@@ -73,7 +73,9 @@ class SpaceToDepthGenerator(nn.Module):
     shuffle 4 → ngf/8 full-resolution detail maps, 3×3 conv over (detail maps, CT), tanh.
 
     The last conv sees the CT itself at full resolution, so edges stay where the CT has
-    them while the low-resolution trunk decides the colours.
+    them while the low-resolution trunk decides the colours: the centre input channel, which
+    is the stained section for a 2.5D input (K planes about it) and, for copies of one
+    plane, that plane.
     """
 
     size_multiple = 4
@@ -96,7 +98,8 @@ class SpaceToDepthGenerator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         detail = self.up(self.blocks(self.stem(x)))
-        return self.head(torch.cat([detail, x[:, :1]], dim=1))
+        c = x.shape[1] // 2  # the section (any channel of a 1-plane input: all equal)
+        return self.head(torch.cat([detail, x[:, c:c + 1]], dim=1))
 
 
 class SeparableResnetGenerator(nn.Module):
