@@ -210,9 +210,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 # Every leaf value is kept with the file (or "command line") it came from, for errors.
-Sourced = dict[str, Any]
-
-
 def _layer(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
     """Flatten a profile (following ``extends``) into ``{"section.key": (value, file)}``."""
     path = path.resolve()

@@ -33,7 +33,7 @@ from hpcstain.metrics.tissue import (
 )
 from hpcstain.metrics.volume import prepare_reference, score_volume
 from hpcstain.phantom import write_pairs, write_volume_file
-from hpcstain.phantom.tomo import TomoParams
+from hpcstain.phantom.tomo import PHYSICS, TomoParams
 from hpcstain.train.trainer import train
 from hpcstain.view import compare_planes
 from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
@@ -127,7 +127,7 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     reference recipe of docs/results.md), or ``histology``, the phantom's synthetic slides
     as they come (warped by 1–3 px, cracks, dirt, stain variation), as your own pairs do.
     """
-    if physics not in ("render", "tomo"):
+    if physics not in PHYSICS:
         raise UsageError(f"--physics {physics!r}: choose render or tomo")
     if target not in TARGETS:
         raise UsageError(f"--target {target!r}: choose {' or '.join(TARGETS)}")

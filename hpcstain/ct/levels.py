@@ -794,12 +794,6 @@ def volume_levels(source: Any, max_voxels: int = 2_000_000) -> LevelEstimate:
                               smoothed=smoothed)
 
 
-def _with(est: LevelEstimate, **changes: Any) -> LevelEstimate:
-    from dataclasses import replace
-
-    return replace(est, **changes)
-
-
 # --------------------------------------------------------------------------- plot
 
 

@@ -42,8 +42,6 @@ from hpcstain.volume.tasks import (
 __all__ = ["StainReport", "StainTask", "pass_runner", "process_unit", "run_fuse", "run_local",
            "run_stain", "run_stain_fuse"]
 
-EXECUTORS = ("local", "dask", "mpi")
-
 
 def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               executor: str = "local", **kwargs: Any) -> StainReport:

@@ -382,15 +382,6 @@ def _estimate_levels(source: Any, report: Callable[[str], None] | None) -> RawLe
     return require_confident(estimate).levels
 
 
-def checkpoint_cupping(checkpoint: str | os.PathLike[str] | None) -> str | None:
-    """The CT preprocessing a checkpoint was trained with (``none``/``radial``), or None."""
-    if not checkpoint:
-        return None
-    if not Path(checkpoint).is_file():
-        raise InputError(f"{checkpoint}: checkpoint not found")
-    return checkpoint_conventions(checkpoint).cupping
-
-
 def voxel_size_of(source: Any, override: Any = None
                   ) -> tuple[tuple[float, float, float] | None, str]:
     """The run's voxel size in µm (z, y, x) and where it came from: ``override`` (the
