@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hpcstain import __version__
 from hpcstain.errors import HpcstainError, InputError, UsageError
-
-Handler = Callable[[argparse.Namespace], int | None]
-
 
 # --------------------------------------------------------------------------- verbs
 

@@ -46,7 +46,8 @@ class DataConfig:
     # might show it (data/augment.scan_ct: tissue contrast, levels read off, blur or phase
     # fringes, rings, streaks, FBP-like noise); 0 = the CT as rendered
     scan_augment: float = 0.0
-    # §2.5 normalisation
+    # §2.5 normalisation (the target levels: also ct.levels.DEFAULT_TARGET, for checkpoints
+    # that record none)
     ct_bone_level: float = 30000.0
     ct_background_level: float = 10000.0
     stretch_c: float = 0.0
@@ -209,9 +210,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 # Every leaf value is kept with the file (or "command line") it came from, for errors.
-Sourced = dict[str, Any]
-
-
 def _layer(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
     """Flatten a profile (following ``extends``) into ``{"section.key": (value, file)}``."""
     path = path.resolve()

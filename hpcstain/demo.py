@@ -17,6 +17,27 @@ from typing import Any
 
 import numpy as np
 
+from hpcstain.config import load_config
+from hpcstain.errors import UsageError
+from hpcstain.evaluate import evaluate_manifest
+from hpcstain.executors import run_stain
+from hpcstain.metrics.stripes import stripe_index
+from hpcstain.metrics.tissue import (
+    CT_BASELINE,
+    STAIN_OWN,
+    STAIN_TRUTH,
+    TRUTH,
+    TissueTally,
+    format_tissue_table,
+    score_readings,
+)
+from hpcstain.metrics.volume import prepare_reference, score_volume
+from hpcstain.phantom import write_pairs, write_volume_file
+from hpcstain.phantom.tomo import PHYSICS, TomoParams
+from hpcstain.train.trainer import train
+from hpcstain.view import compare_planes
+from hpcstain.volume import fuse_run, init_run, make_plan, open_volume
+
 
 @dataclass(frozen=True)
 class DemoSizes:
@@ -66,8 +87,6 @@ def _train_config(manifest: Path, n_pairs: int, sizes: DemoSizes) -> Any:
     linear LR decay rescaled so the decay ends at the last step)."""
     import math
 
-    from hpcstain.config import load_config
-
     base = [f"data.manifest={manifest}", "data.n_folds=0", "data.n_test=0",
             "data.num_workers=0", "train.log_every=20", *sizes.model]
     cfg = load_config(PROFILE, base)
@@ -108,10 +127,7 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
     reference recipe of docs/results.md), or ``histology``, the phantom's synthetic slides
     as they come (warped by 1–3 px, cracks, dirt, stain variation), as your own pairs do.
     """
-    from hpcstain.errors import UsageError
-    from hpcstain.phantom.tomo import TomoParams
-
-    if physics not in ("render", "tomo"):
+    if physics not in PHYSICS:
         raise UsageError(f"--physics {physics!r}: choose render or tomo")
     if target not in TARGETS:
         raise UsageError(f"--target {target!r}: choose {' or '.join(TARGETS)}")
@@ -148,8 +164,6 @@ def run_demo(out: Path, quick: bool = False, physics: str = "render",
 def _phantom_pairs(out: Path, sizes: DemoSizes, tomo: Any, target: str) -> tuple[Path, Path]:
     """Training pairs and held-out pairs (another seed), each written once; returns the
     training manifest (naming the truth stain for ``target`` truth) and the held-out one."""
-    from hpcstain.phantom import write_pairs
-
     pairs_dir, held_dir = out / "pairs", out / "pairs-held-out"
     for folder, n, seed in ((pairs_dir, sizes.n_pairs, TRAIN_SEED),
                             (held_dir, sizes.n_held, HELD_SEED)):
@@ -167,8 +181,6 @@ def _train_model(manifest: Path, sizes: DemoSizes, target: str, run_dir: Path, q
                  ) -> tuple[dict[str, Any], Path]:
     """Train the tissue recipe into ``run_dir``; returns the summary's train entry and the
     checkpoint."""
-    from hpcstain.train.trainer import train
-
     cfg = _train_config(manifest, sizes.n_pairs, sizes)
     _say(f"train: {PROFILE} (U-Net, L1 to the {TARGETS[target]}"
          f"{', ' + ', '.join(sizes.model) if sizes.model else ''}), {sizes.steps} steps "
@@ -183,8 +195,6 @@ def _train_model(manifest: Path, sizes: DemoSizes, target: str, run_dir: Path, q
 
 def _phantom_volume(out: Path, sizes: DemoSizes, physics: str, tomo: Any) -> Path:
     """The phantom volume (Mg screw) to stain, written once."""
-    from hpcstain.phantom import write_volume_file
-
     vol_path = out / "phantom-volume.zarr"
     if not vol_path.exists():
         _say(f"phantom volume {sizes.volume} (Mg screw, {physics} CT, seed {VOLUME_SEED}) "
@@ -197,9 +207,6 @@ def _stain(stain_dir: Path, vol_path: Path, checkpoint: Path, sizes: DemoSizes, 
            ) -> tuple[Any, float]:
     """Stain the volume's CT along z, y, x into ``stain_dir``; returns the plan and the
     seconds it took."""
-    from hpcstain.executors import run_stain
-    from hpcstain.volume import init_run, make_plan, open_volume
-
     source = open_volume(f"{vol_path}:ct")
     # Same pixel scale as the training slides; Hann blending; planes up to 512² are single
     # tiles; the 3D Gaussian as the checkpoint records (the tissue profile: none).
@@ -218,10 +225,6 @@ def _fuse_and_score(stain_dir: Path, vol_path: Path, summary: dict[str, Any]
     each against the truth: the summary's stripe index, 3D scores and tissue classes.
     Returns the volumes (truth included), the scoring reference and the CT."""
     import zarr
-
-    from hpcstain.metrics.stripes import stripe_index
-    from hpcstain.metrics.volume import prepare_reference, score_volume
-    from hpcstain.volume import fuse_run
 
     group = zarr.open_group(str(vol_path), mode="r")
     truth, labels, ct = group["stain"][:], group["labels"][:], group["ct"][:]
@@ -249,8 +252,6 @@ def _fuse_and_score(stain_dir: Path, vol_path: Path, summary: dict[str, Any]
 def _orthoviews(path: Path, ct: np.ndarray, volumes: dict[str, np.ndarray], reference: Any,
                 fuse_method: str) -> Path:
     """One PNG: CT | fused stain | slice-wise z | truth on each plane."""
-    from hpcstain.view import compare_planes
-
     # the truth as scored: in the model's colour space (§2.5), the sample's outside filled
     shown = np.where(reference.mask[..., None], reference.rgb, reference.fill)
     return compare_planes(ct, [(f"stain (fused, 3 axes, {fuse_method})", volumes["fused"]),
@@ -262,16 +263,6 @@ def _tissue(volumes: dict[str, np.ndarray], labels: np.ndarray, ct: np.ndarray,
             reference: Any) -> dict[str, Any]:
     """Tissue classes of the fused and the slice-wise stain read with the truth's palette,
     the CT-threshold baseline and the truth (Dice, BV/TV, BIC, layer thickness)."""
-    from hpcstain.metrics.tissue import (
-        CT_BASELINE,
-        STAIN_OWN,
-        STAIN_TRUTH,
-        TRUTH,
-        TissueTally,
-        format_tissue_table,
-        score_readings,
-    )
-
     rows: dict[str, Any] = {}
     readings: dict[str, Any] = {}
     for name in ("fused", "fused-mean", "slicewise-z"):
@@ -311,8 +302,6 @@ def volume_table(scores: dict[str, Any], mask_fraction: float) -> str:
 def _evaluate(manifest: Path, checkpoint: Path, out: Path, patch: int) -> dict[str, Any]:
     """Score the held-out slides (another phantom seed) against histology and truth (the
     paper's §2.10 protocol) and their tissue classes."""
-    from hpcstain.evaluate import evaluate_manifest
-
     _say(f"evaluate: held-out slides of {manifest.parent} → {out}")
     report = evaluate_manifest(manifest, checkpoint, out, patch=patch, overwrite=True,
                                log=_say)

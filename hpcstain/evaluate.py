@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
+from hpcstain.checkpoint import load_checkpoint
 from hpcstain.ct.cupping import apply_cupping, check_fit_choice, slide_fits
 from hpcstain.ct.signed import ct16_to_signed, normalise_ct
 from hpcstain.data.manifest import Pair, as_ct, labels_spec, read_ct_slab, read_manifest, read_pair
@@ -51,6 +52,7 @@ from hpcstain.data.normalise import (
 from hpcstain.data.readers import read_image
 from hpcstain.data.sampler import pair_rois
 from hpcstain.errors import InputError, UsageError
+from hpcstain.info import _training_pairs
 from hpcstain.metrics.lpips import LPIPS, try_load_lpips
 from hpcstain.metrics.patches import (
     MIN_COVERAGE,
@@ -176,9 +178,6 @@ def check_split_record(assignment: dict[str, str], checkpoint: str | os.PathLike
     """[no silent wrong answers] Refuse a split file that calls pairs ``test`` or ``val``
     which the checkpoint trained on (its run's ``split.json``, else recomputed from the
     manifest and folds recorded in it); unknown training records are not guessed."""
-    from hpcstain.checkpoint import load_checkpoint
-    from hpcstain.info import _training_pairs
-
     ckpt = load_checkpoint(checkpoint)
     source = Path(str(ckpt.get("pinned_from") or checkpoint))
     record = _training_pairs(source, (ckpt.get("config") or {}).get("data", {}))

@@ -8,6 +8,11 @@ import os
 import platform
 from typing import Any
 
+from hpcstain import __version__
+from hpcstain.data.folds import make_folds, split_for_fold
+from hpcstain.data.manifest import read_manifest
+from hpcstain.errors import InputError
+
 LIBRARIES = ("torch", "numpy", "zarr", "h5py", "dask", "distributed", "submitit", "mpi4py",
              "scipy", "skimage")
 
@@ -69,8 +74,6 @@ def cpu_info() -> dict[str, Any]:
 
 
 def collect() -> dict[str, Any]:
-    from hpcstain import __version__
-
     return {
         "hpcstain": __version__,
         "python": platform.python_version(),
@@ -135,6 +138,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     from pathlib import Path
 
+    # lazy: the model stack (scipy, networks) would add 0.5 s to plain `hpcstain info`
     from hpcstain.checkpoint import file_sha256, load_checkpoint
     from hpcstain.ct.conventions import conventions_of
     from hpcstain.inference import generator_net
@@ -144,8 +148,6 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     arch = ckpt.get("architecture")
     if not isinstance(arch, dict):
-        from hpcstain.errors import InputError
-
         raise InputError(f"{path}: checkpoint has no architecture record")
     conv = conventions_of(ckpt)
     gen = generator_net(ckpt, "ct2hist", str(path), "cpu")
@@ -182,7 +184,7 @@ def checkpoint_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _cupping_line(c: dict[str, Any]) -> str:
     """``cupping: radial; training fit 128×128: +2688 grey values on the axis (…)``."""
-    from hpcstain.ct.cupping import describe_fit, fits_from_record
+    from hpcstain.ct.cupping import describe_fit, fits_from_record  # lazy: scipy (plain `info`)
 
     mode = c.get("cupping", "none")
     if mode != "radial":
@@ -232,9 +234,6 @@ def _training_pairs(path: Any, data: dict[str, Any]) -> dict[str, Any] | None:
     if not manifest or not Path(manifest).is_file():
         return None
     try:
-        from hpcstain.data.folds import make_folds, split_for_fold
-        from hpcstain.data.manifest import read_manifest
-
         folds = make_folds(read_manifest(manifest), n_folds=int(data.get("n_folds", 5)),
                            n_test=int(data.get("n_test", 3)), seed=int(data.get("seed", 0)))
         train, val = split_for_fold(folds, int(data.get("fold", 0)))

@@ -22,6 +22,7 @@ import numpy as np
 
 from hpcstain.atomic import atomic_output, check_output
 from hpcstain.ct.cupping import Cupping, apply_cupping, check_fit_choice, slide_fits
+from hpcstain.ct.levels import DEFAULT_TARGET
 from hpcstain.ct.signed import ct16_to_signed, normalise_ct, signed_to_ct16
 from hpcstain.data.manifest import as_ct, as_mask, as_rgb
 from hpcstain.data.normalise import (
@@ -108,7 +109,7 @@ def _channels(signed: np.ndarray, n: int) -> np.ndarray:
 def predict_slide(ct: np.ndarray, fn: TileFn, ct_channels: int = 3, *,
                   levels: tuple[float, float] | None = None, rois: Rois | None = None,
                   tiling: Tiling = DEFAULT_TILING, mask: np.ndarray | None = None,
-                  target: tuple[float, float] = (30000.0, 10000.0), batch_size: int = 0,
+                  target: tuple[float, float] = DEFAULT_TARGET, batch_size: int = 0,
                   size_multiple: int = 1, slab: np.ndarray | None = None) -> np.ndarray:
     """Raw CT slice (H, W) → stained RGB uint8 (H, W, 3) on the global tile grid.
 

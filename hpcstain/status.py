@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from hpcstain.config import load_config
 from hpcstain.errors import InputError
 
 EXIT_COMPLETE, EXIT_FAILED, EXIT_IN_PROGRESS = 0, 1, 3
@@ -200,6 +201,7 @@ def _worker_text(m: dict[str, Any]) -> str:
 
 
 def _read_records(folder: Path) -> list[dict[str, Any]]:
+    # lazy: hpcstain.volume loads torch
     from hpcstain.volume.rundir import read_json_folder
 
     return [{**rec, "_name": name} for name, rec in read_json_folder(folder).items()]
@@ -232,6 +234,7 @@ def cached_plan(run_dir: str | os.PathLike[str]) -> Any:
     ``plan.json`` (inode, mtime, size): polls (``status --watch``, ``submit --wait``) do not
     re-read and re-validate it, nor rebuild its unit list, every round. ``plan.json`` is
     only ever replaced atomically (a new inode), so a changed plan is always seen."""
+    # lazy: hpcstain.volume loads torch; `status` and `submit` stay light without it
     from hpcstain.volume.plan import load_plan
     from hpcstain.volume.rundir import plan_path
 
@@ -267,6 +270,7 @@ class _MarkerScan:
     def scan(self, task: str, done: set[str], row: dict[str, Any]) -> None:
         """``task``'s markers (stain units and fuse chunk groups) into the lists and the
         counts of ``row``."""
+        # lazy: hpcstain.volume loads torch
         from hpcstain.volume.rundir import FAILED, RUNNING, read_markers
 
         running_now = read_markers(self.run, RUNNING, task)
@@ -297,6 +301,7 @@ def stain_status(run_dir: str | os.PathLike[str], *, now: float | None = None,
                  live_jobs: LiveJobs | None = None, require_fused: bool = False
                  ) -> dict[str, Any]:
     """Progress of a staining run: units per axis, fused chunks, stale/failed, rate, ETA."""
+    # lazy: hpcstain.volume loads torch
     from hpcstain.volume.rundir import done_names
 
     run = Path(run_dir)
@@ -369,15 +374,14 @@ def _stain_axes(run: Path, plan: Any, markers: _MarkerScan
 
 def _fused_status(run: Path, n_chunks: int) -> list[dict[str, Any]]:
     """Fused images of a run (``*.ome.zarr`` and their ``done/<image>`` records)."""
-    from hpcstain.volume.rundir import done_names
+    # lazy: hpcstain.volume loads torch
+    from hpcstain.volume.rundir import PYRAMID_PENDING, done_names
 
     tasks = {p.name.removesuffix(".zarr").removesuffix(".ome") for p in run.glob("*.ome.zarr")}
     done_dir = run / "done"
     if done_dir.is_dir():
         tasks |= {p.name for p in done_dir.iterdir() if p.is_dir()
                   and not p.name.startswith(("axis-", "."))}
-    from hpcstain.volume.rundir import PYRAMID_PENDING
-
     # pyramid_pending: a pass died after its chunk records but before building the pyramid
     return [{"image": f"{t}.ome.zarr", "done": len(done_names(run, t)), "total": n_chunks,
              "pyramid_pending": (done_dir / t / PYRAMID_PENDING).exists()}
@@ -439,8 +443,6 @@ def requeue_count(run: Path) -> int:
 def train_status(run_dir: str | os.PathLike[str], *, now: float | None = None
                  ) -> dict[str, Any]:
     """Progress of a training run: epoch, step, last losses, latest.pt, requeues, done."""
-    from hpcstain.config import load_config
-
     run = Path(run_dir)
     now = time.time() if now is None else now
     try:

@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from hpcstain.atomic import atomic_output
 from hpcstain.errors import InputError, UsageError
+from hpcstain.volume import load_plan, open_volume
+from hpcstain.volume.plan import input_at
+from hpcstain.volume.rundir import axis_store
 
 PLANES = (("xy", 0), ("xz", 1), ("yz", 2))  # (name, the axis held fixed: z, y, x)
 AXIS_NAMES = "zyx"
@@ -60,8 +64,6 @@ def resolve_run(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
 def _stain_source(run: Path, image: Path | None, plan: Any) -> tuple[str, Any, str]:
     """(label, reader of a (Z, Y, X) region → (…, 3) uint8, kind) of the run's stain."""
     import zarr
-
-    from hpcstain.volume.rundir import axis_store
 
     if image is None and (run / "fused.ome.zarr").is_dir():
         image = run / "fused.ome.zarr"
@@ -207,11 +209,6 @@ def view_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
              overwrite: bool = False) -> ViewReport:
     """Write ``OUT/view-xy.png``, ``view-xz.png``, ``view-yz.png`` (default OUT:
     ``RUN_DIR/view``) for the stained or fused run in ``run_dir``."""
-
-    from hpcstain.atomic import atomic_output
-    from hpcstain.volume import load_plan, open_volume
-    from hpcstain.volume.plan import input_at
-
     run, given = resolve_run(run_dir)
     plan = load_plan(run)
     if image is not None:

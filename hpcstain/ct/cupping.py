@@ -53,7 +53,6 @@ from scipy import ndimage
 from hpcstain.errors import InputError, UsageError
 
 MODEL = "radial-even-poly"
-MODES = ("none", "radial")       # the preprocessing conventions a checkpoint can record
 FLAT_QUANTILE = 0.5              # flat voxels: in-plane gradient below this quantile
 CLASS_SIGMA = 2.0                # px, smoothing of the values the classes are cut from
 EDGE_SIGMA = 1.0                 # px, smoothing before the flatness test
@@ -118,13 +117,6 @@ def check_cupping(c: Cupping, source: str = "cupping") -> Cupping:
         raise InputError(f"{source}: bad cupping parameters (radius {c.radius}, centre "
                          f"{c.centre_yx}, {c.order} coefficients)")
     return c
-
-
-def check_mode(mode: str) -> str:
-    m = str(mode).strip().lower()
-    if m not in MODES:
-        raise UsageError(f"cupping mode {mode!r}: choose one of {', '.join(MODES)}")
-    return m
 
 
 def default_geometry(plane: tuple[int, int]) -> tuple[tuple[float, float], float]:

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from hpcstain.config import DataConfig
 from hpcstain.errors import InputError
 
 N_BINS = 512              # histogram bins over the 0.01–99.99 % range
@@ -92,7 +93,8 @@ class TargetLevels(NamedTuple):
     background: float
 
 
-DEFAULT_TARGET = TargetLevels(30000.0, 10000.0)  # the paper's §2.5 levels
+# the paper's §2.5 levels (30000, 10000): the training default, written in config.DataConfig
+DEFAULT_TARGET = TargetLevels(DataConfig.ct_bone_level, DataConfig.ct_background_level)
 
 
 # --------------------------------------------------------------------------- results
@@ -841,12 +843,6 @@ def volume_levels(source: Any, max_voxels: int = 2_000_000) -> LevelEstimate:
     raw, smoothed, k = sample_source(source, max_voxels)
     return estimate_ct_levels(raw, str(getattr(source, "spec", "volume")), stride=k,
                               smoothed=smoothed)
-
-
-def _with(est: LevelEstimate, **changes: Any) -> LevelEstimate:
-    from dataclasses import replace
-
-    return replace(est, **changes)
 
 
 # --------------------------------------------------------------------------- plot

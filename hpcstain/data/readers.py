@@ -16,7 +16,6 @@ import numpy as np
 
 from hpcstain.errors import HpcstainError, InputError
 
-CONTAINER_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".zarr")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NEXUS_DATASET = "entry/data/data"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcstain.errors import UsageError
+from hpcstain.executors.dask import run_dask, run_graph_dask, run_pass_dask
 from hpcstain.executors.local import (
     MakeFn,
     StainReport,
@@ -24,6 +26,7 @@ from hpcstain.executors.local import (
     run_local,
     stain_pass,
 )
+from hpcstain.executors.mpi import run_fuse_mpi, run_mpi
 from hpcstain.volume.fuse import FuseReport, chunk_needs, fuse_run, start_fuse
 from hpcstain.volume.plan import Plan, load_plan
 from hpcstain.volume.stain import StainFn, generator_cost, pending_units
@@ -39,8 +42,6 @@ from hpcstain.volume.tasks import (
 __all__ = ["StainReport", "StainTask", "pass_runner", "process_unit", "run_fuse", "run_local",
            "run_stain", "run_stain_fuse"]
 
-EXECUTORS = ("local", "dask", "mpi")
-
 
 def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
               executor: str = "local", **kwargs: Any) -> StainReport:
@@ -52,14 +53,10 @@ def run_stain(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     if executor == "local":
         return run_local(run_dir, fn=fn, **kwargs)
     if executor == "dask":
-        from hpcstain.executors.dask import run_dask
-
         if fn is not None and "make_fn" not in kwargs:
             kwargs["make_fn"] = _Constant(fn)
         return run_dask(run_dir, **kwargs)
     if executor == "mpi":
-        from hpcstain.executors.mpi import run_mpi
-
         kwargs.pop("address", None)
         kwargs.pop("n_workers", None)
         return run_mpi(run_dir, fn=fn, **kwargs)
@@ -74,8 +71,6 @@ def pass_runner(executor: str = "local", workers: int = 1, address: Any = None) 
     if executor == "local":
         return functools.partial(run_processes, workers=workers)
     if executor == "dask":
-        from hpcstain.executors.dask import run_pass_dask
-
         def on_dask(tp: TaskPass, progress: bool) -> list[str]:
             return run_pass_dask(tp, progress, address=address, n_workers=max(workers, 1))
 
@@ -90,8 +85,6 @@ def run_fuse(run_dir: str | os.PathLike[str], executor: str = "local", workers: 
     LocalCluster of ``workers``), "mpi" (every rank calls this; rank 0 returns the report).
     The fused image does not depend on the executor."""
     if executor == "mpi":
-        from hpcstain.executors.mpi import run_fuse_mpi
-
         return run_fuse_mpi(run_dir, **kwargs)
     if executor == "dask" and address is not None:
         workers = max(workers, 2)  # a cluster of unknown size: cut the chunks for several
@@ -136,8 +129,6 @@ def run_stain_fuse(run_dir: str | os.PathLike[str], fn: StainFn | None = None,
     graph = TaskGraph([stain_pass(run_dir, plan, todo, fn, make_fn, batch_size, device),
                        start.task_pass()], {1: upstream})
     if executor == "dask":
-        from hpcstain.executors.dask import run_graph_dask
-
         names = run_graph_dask(graph, progress, address=address, n_workers=max(workers, 1))
     elif workers > 1:
         names = run_graph_processes(graph, progress, workers)
@@ -160,8 +151,6 @@ def interleaved(plan: Plan, todo: list[int]) -> list[int]:
 
 
 def _unknown(executor: str) -> Exception:
-    from hpcstain.errors import UsageError
-
     return UsageError(f"unknown executor {executor!r} (choose local, dask or mpi)")
 
 

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from hpcstain.device import announce, resolve_device
 from hpcstain.errors import HpcstainError, UsageError
 from hpcstain.executors.local import MakeFn, StainReport, run_local
 from hpcstain.volume.plan import load_plan
@@ -61,8 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     args = p.parse_args(argv)
     try:
-        from hpcstain.device import announce, resolve_device
-
         args.device = resolve_device(args.device, int(os.environ.get("SLURM_LOCALID", "0")
                                                       or 0))
         announce(args.device)

@@ -18,6 +18,7 @@ import numpy as np
 
 from hpcstain.errors import UsageError
 from hpcstain.executors.local import MakeFn, StainReport, run_local, unit_name
+from hpcstain.volume.fuse import fuse_run
 from hpcstain.volume.plan import load_plan
 from hpcstain.volume.stain import (
     StainFn,
@@ -83,8 +84,6 @@ def run_fuse_mpi(run_dir: str | os.PathLike[str], comm: Any = None, **kwargs: An
     """``fuse_run`` over the ranks of ``comm``: rank 0 prepares the image, hands the chunk
     groups to every rank (:func:`run_pass_mpi`) and builds the pyramid; the others only
     fuse groups. Rank 0 returns the report, the others None."""
-    from hpcstain.volume.fuse import fuse_run
-
     comm = comm or world_comm()
     if comm.Get_size() == 1:
         return fuse_run(run_dir, **kwargs)

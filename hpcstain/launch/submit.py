@@ -16,8 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hpcstain.config import Config, from_dict, to_dict
-from hpcstain.launch.profiles import ClusterConfig, slurm_parameters
+from hpcstain.config import Config, from_dict, load_config, to_dict
+from hpcstain.data.folds import make_folds
+from hpcstain.data.manifest import read_manifest
+from hpcstain.device import announce, resolve_device
+from hpcstain.errors import UsageError
+from hpcstain.launch.profiles import ClusterConfig, additional_parameters, slurm_parameters
+from hpcstain.train.runs import absolute_inputs
 
 
 def make_executor(cluster: ClusterConfig, folder: Path, job_name: str) -> Any:
@@ -62,6 +67,7 @@ class TrainJob:
     max_requeues: int = 3      # requeues after a lost peer (SLURM_RESTART_COUNT below this)
 
     def __call__(self) -> dict[str, Any]:
+        # lazy: torch, on the compute node only (`submit` on a login node stays light)
         from hpcstain.train.distributed import TIMEOUT_ENV
         from hpcstain.train.trainer import StopFlag, train
 
@@ -106,6 +112,7 @@ def record_requeue(run_dir: str | os.PathLike[str], reason: str = "signal") -> N
     import socket
     import time
 
+    # lazy: hpcstain.volume loads torch (`submit` on a login node stays light)
     from hpcstain.volume.rundir import worker_identity
 
     row = {"time": time.time(), "host": socket.gethostname(), "reason": reason,
@@ -243,12 +250,6 @@ class CVTask:
 def cv_runs(variants: list[str], n_folds: int, out: Path, overrides: list[str]
             ) -> list[tuple[Config, Path]]:
     """The paper's k-fold CV × model variants: one resolved config and run dir per fold."""
-    from hpcstain.config import load_config
-    from hpcstain.data.folds import make_folds
-    from hpcstain.data.manifest import read_manifest
-    from hpcstain.errors import UsageError
-    from hpcstain.train.runs import absolute_inputs
-
     if n_folds < 2:
         raise UsageError(f"cross-validation needs at least 2 folds, got {n_folds}")
     runs = []
@@ -280,6 +281,7 @@ def _export_torch_env() -> None:
     node of ``SLURM_JOB_NODELIST``, its ``NodeAddr`` where the name does not resolve)."""
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1 or "RANK" in os.environ:
         return
+    # lazy: torch, on the compute node only
     from hpcstain.train.distributed import env_ranks
 
     rank, world, local_rank, extra = env_ranks()
@@ -292,8 +294,6 @@ def _requeue_on_node_failure(ex: Any, cluster: ClusterConfig) -> None:
     sites whose ``JobRequeue`` default is 0 (training resumes from ``latest.pt``; stain
     tasks skip finished units)."""
     if cluster.executor == "slurm":
-        from hpcstain.launch.profiles import additional_parameters
-
         ex.update_parameters(additional_parameters={**additional_parameters(cluster),
                                                     "requeue": True})
 
@@ -339,7 +339,7 @@ class StainJob:
     def __call__(self, task_id: int) -> str:
         """[device] A job of several tasks (a GPU profile: one task per GPU) splits its
         group once more, task k on GPU k of the node; ``auto`` resolves here, on the node."""
-        from hpcstain.device import announce, resolve_device
+        # lazy: torch, on the compute node only
         from hpcstain.executors.array import run_array_task
 
         ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
@@ -369,6 +369,7 @@ class FuseJob:
     def __call__(self) -> str:
         """The chunk groups on the job's CPUs (``SLURM_CPUS_PER_TASK`` local processes; the
         image does not depend on how many)."""
+        # lazy: torch, on the compute node only
         from hpcstain.executors import run_fuse
 
         workers = int(os.environ.get("SLURM_CPUS_PER_TASK", "1") or 1)

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from hpcstain.launch.submit import describe, submit_fuse
+from hpcstain.status import cached_plan, squeue_jobs, train_status
+
 SUBMITIT_LOGGER = "submitit"
 HIDDEN_NOTE = " [repeats of this warning are hidden]"
 _CALL = re.compile(r"^Call #\d+ - ")
@@ -108,7 +111,7 @@ class WaitReport:
 
 def unit_counts(run_dir: str | Path) -> dict[str, tuple[int, int]]:
     """(done, total) of a staining run's work units and of its fused chunks."""
-    from hpcstain.status import cached_plan
+    # lazy: hpcstain.volume loads torch (`submit train --wait` does not need it)
     from hpcstain.volume.rundir import done_names
 
     plan = cached_plan(run_dir)  # parsed once per plan.json version, not every poll
@@ -208,8 +211,6 @@ def slurm_gone(cluster_executor: str) -> Callable[[Any], bool] | None:
     and it left no result file (the scheduler killed it). None elsewhere."""
     if cluster_executor != "slurm":
         return None
-    from hpcstain.status import squeue_jobs
-
     misses: Counter[str] = Counter()
     cache: dict[str, Any] = {"t": -1e9, "live": None}
 
@@ -248,8 +249,6 @@ def wait_stain(run_dir: Path, cluster: Any, jobs: list[Any], fuse_job: Any = Non
     With local processes (no scheduler dependencies) the fuse job is submitted here once
     the array succeeded. Returns 0, or 1 when a job failed.
     """
-    from hpcstain.launch.submit import describe, submit_fuse
-
     out = out or sys.stderr
     filt = quiet_submitit()
     gone = slurm_gone(cluster.executor)
@@ -278,8 +277,6 @@ def wait_stain(run_dir: Path, cluster: Any, jobs: list[Any], fuse_job: Any = Non
 def wait_train(jobs: list[Any], run_dirs: list[Path], out: TextIO | None = None,
                interval: float = 5.0) -> list[JobOutcome]:
     """``submit train/cv --wait``: one progress line (jobs finished, steps of the runs)."""
-    from hpcstain.status import train_status
-
     def steps() -> dict[str, tuple[int, int]]:
         done = total = 0
         for run in run_dirs:

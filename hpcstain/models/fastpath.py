@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from hpcstain.errors import UsageError
+
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def memory_format_of(name: str) -> torch.memory_format:
-    from hpcstain.errors import UsageError
-
     if name not in MEMORY_FORMATS:
         raise UsageError(f"memory format must be one of {', '.join(MEMORY_FORMATS)}, "
                          f"got {name!r}")

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 DISPLACEMENT_GAIN = 8.0   # pixels per unit of the last convolution's output
-FIELD_STRIDE = 4          # the field is predicted at 1/4 resolution, then upsampled
 
 
 def _block(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:

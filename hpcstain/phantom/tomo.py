@@ -155,14 +155,6 @@ def check_tomo(p: TomoParams) -> TomoParams:
     return p
 
 
-def check_physics(physics: str | None) -> str:
-    """``render`` (None too) or ``tomo``; else a UsageError."""
-    ph = "render" if physics is None else str(physics).strip().lower()
-    if ph not in PHYSICS:
-        raise UsageError(f"--physics {physics!r}: choose render or tomo")
-    return ph
-
-
 # --------------------------------------------------------------------------- physics
 
 

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hpcstain.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -147,8 +149,6 @@ def env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int, dict[st
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """``train.device``: auto → this rank's GPU when CUDA is present, else the CPU; a
     requested device that is absent is one UsageError (before the run writes anything)."""
-    from hpcstain.device import resolve_device
-
     return torch.device(resolve_device(requested, local_rank))
 
 

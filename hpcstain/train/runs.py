@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from hpcstain.config import Config, load_config, to_dict
+from hpcstain.data.folds import make_folds, split_for_fold
+from hpcstain.data.manifest import read_manifest
 from hpcstain.errors import ConfigError, InputError
 
 # Sections that change what is trained; a resumed run may change only train.* (e.g. epochs).
@@ -105,8 +107,6 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
             "overrides, or start a new run with another --out")
     # same keys, so a different split can only come from the manifest's content
     if manifest and cfg.model.variant != "distill" and (Path(run_dir) / "split.json").is_file():
-        from hpcstain.data.folds import make_folds, split_for_fold
-        from hpcstain.data.manifest import read_manifest
         folds = make_folds(read_manifest(manifest), n_folds=cfg.data.n_folds,
                            n_test=cfg.data.n_test, seed=cfg.data.seed)
         train_ids, val_ids = split_for_fold(folds, cfg.data.fold)

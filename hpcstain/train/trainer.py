@@ -28,15 +28,26 @@ from torch.utils.data import DataLoader
 from hpcstain.atomic import write_text_atomic
 from hpcstain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hpcstain.config import Config, dump_config, save_config, to_dict
-from hpcstain.data.sampler import EpochSampler
+from hpcstain.ct.cupping import fits_record
+from hpcstain.data.folds import make_folds, split_for_fold, write_folds
+from hpcstain.data.manifest import read_manifest
+from hpcstain.data.sampler import (
+    EpochSampler,
+    PairedPatchDataset,
+    load_slides,
+    training_fits,
+    with_context,
+)
+from hpcstain.device import announce, autocast_dtype
 from hpcstain.errors import InputError
 from hpcstain.metrics.tissue import training_palette
 from hpcstain.models.build import build_model
-from hpcstain.models.gans import check_architecture
+from hpcstain.models.gans import check_architecture, generator_input
 from hpcstain.train import distributed
 from hpcstain.train.logs import LossLog
 from hpcstain.train.runs import check_resume, check_split
 from hpcstain.train.teacher import adopt_teacher, build_distill_data
+from hpcstain.volume.rundir import worker_identity
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again to resume
 WORKER_MARKER = "running.json"  # the process training the run (host, pid, SLURM job)
@@ -135,15 +146,6 @@ class TrainResult:
 def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
                ) -> tuple[Any, Any | None, EpochSampler, dict[str, Any]]:
     """Manifest → folds → normalised in-memory slides → patch dataset and sampler."""
-    from hpcstain.data.folds import make_folds, split_for_fold, write_folds
-    from hpcstain.data.manifest import read_manifest
-    from hpcstain.data.sampler import (
-        PairedPatchDataset,
-        load_slides,
-        training_fits,
-        with_context,
-    )
-
     if cfg.model.variant == "distill":  # teacher-labelled CT of pairs and volumes
         return build_distill_data(cfg, run_dir, env)
     if not cfg.data.manifest:
@@ -181,8 +183,6 @@ def build_data(cfg: Config, run_dir: Path, env: distributed.DistEnv
     info: dict[str, Any] = {"train_ids": list(train_ids), "val_ids": list(val_ids),
                             "test_ids": list(folds.test_ids)}
     if fits:  # into every checkpoint (train() takes it out of the split record)
-        from hpcstain.ct.cupping import fits_record
-
         info["cupping_fits"] = fits_record(fits)
     info["palette"] = training_palette(train_pairs, train_slides)  # `morph`'s colour reading
     return dataset, val_set, sampler, info
@@ -215,8 +215,6 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool
 @torch.no_grad()
 def validate(model: Any, val_set: Any, cfg: Config, device: torch.device) -> dict[str, float]:
     """Masked L1 of the CT→histology generator on fixed, un-augmented validation patches."""
-    from hpcstain.models.gans import generator_input
-
     n = min(len(val_set), 64)
     total, weight = 0.0, 0.0
     for start in range(0, n, cfg.data.batch_size):
@@ -335,8 +333,6 @@ def _train(cfg: Config, run_dir: Path, *, stop: StopFlag | None, progress: bool
     stop = (stop or StopFlag()).install()
     run.log = LossLog(run_dir, resume_step=run.step) if env.is_main else None
     if env.is_main:  # [status] who works on the run; `status` says "stopped" without one
-        from hpcstain.volume.rundir import worker_identity
-
         write_text_atomic(run_dir / WORKER_MARKER, json.dumps(worker_identity()) + "\n")
     if env.is_main:
         write_text_atomic(run_dir / "split.json", json.dumps(run.split, indent=2))
@@ -371,8 +367,6 @@ def _start_run(cfg: Config, run_dir: Path) -> tuple[Config, distributed.DistEnv]
     check_resume(run_dir, cfg)  # [refuse before writing] nothing of the run touched yet
     env = distributed.setup(cfg.train.device)
     if env.is_main:  # [device] the one start line: device, dtype, threads
-        from hpcstain.device import announce, autocast_dtype
-
         announce(str(env.device), autocast_dtype(cfg.train.amp))
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import numpy as np
 from hpcstain.atomic import atomic_output
 from hpcstain.errors import UsageError
 from hpcstain.geometry import Region, chunks_touched
+from hpcstain.volume.voxelsize import NGFF_UNIT
 
 NGFF_VERSION = "0.4"
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -68,7 +69,7 @@ def multiscales_metadata(n_levels: int, voxel_size_um: tuple[float, float, float
     no unit on the space axes.
     """
     size = (1.0, 1.0, 1.0) if voxel_size_um is None else tuple(float(v) for v in voxel_size_um)
-    unit = {} if voxel_size_um is None else {"unit": "micrometer"}
+    unit = {} if voxel_size_um is None else {"unit": NGFF_UNIT}
     datasets = []
     for k in range(n_levels):
         f = 2 ** k

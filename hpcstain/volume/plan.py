@@ -45,7 +45,7 @@ from hpcstain.geometry import AXES, AXIS_INDEX, Region, intersects
 from hpcstain.inference import checkpoint_conventions
 from hpcstain.models.fastpath import memory_format_of
 from hpcstain.tiles import check_tiling, plane_tiles, region_context
-from hpcstain.volume.io import CorrectedSource
+from hpcstain.volume.io import CorrectedSource, VolumeSpec, parse_spec
 from hpcstain.volume.rundir import plan_path
 from hpcstain.volume.voxelsize import parse_voxel_size
 
@@ -382,15 +382,6 @@ def _estimate_levels(source: Any, report: Callable[[str], None] | None) -> RawLe
     return require_confident(estimate).levels
 
 
-def checkpoint_cupping(checkpoint: str | os.PathLike[str] | None) -> str | None:
-    """The CT preprocessing a checkpoint was trained with (``none``/``radial``), or None."""
-    if not checkpoint:
-        return None
-    if not Path(checkpoint).is_file():
-        raise InputError(f"{checkpoint}: checkpoint not found")
-    return checkpoint_conventions(checkpoint).cupping
-
-
 def voxel_size_of(source: Any, override: Any = None
                   ) -> tuple[tuple[float, float, float] | None, str]:
     """The run's voxel size in µm (z, y, x) and where it came from: ``override`` (the
@@ -438,8 +429,6 @@ def plan_differences(old: Plan, new: Plan) -> list[str]:
 
 def same_location(a: object, b: object) -> bool:
     """Two spellings (relative, absolute, via a link) of one file[:array]."""
-    from hpcstain.volume.io import parse_spec
-
     if a == b:
         return True
     if not (isinstance(a, str) and isinstance(b, str)):
@@ -460,8 +449,6 @@ def input_at(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
     """[runs are places] The run's input spec as it exists from here: the recorded
     absolute path, else the path relative to the run directory (a run moved or mounted
     elsewhere with its input), else the recorded one (whose error names it)."""
-    from hpcstain.volume.io import parse_spec
-
     try:
         spec = parse_spec(plan.input)
     except InputError:
@@ -475,8 +462,6 @@ def input_at(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
 
 def input_from_run(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
     """``plan.input`` relative to ``run_dir`` (recorded by ``init_run``)."""
-    from hpcstain.volume.io import parse_spec
-
     try:
         spec = parse_spec(plan.input)
     except InputError:
@@ -487,8 +472,6 @@ def input_from_run(plan: Plan, run_dir: str | os.PathLike[str]) -> str:
 
 def absolute_spec(spec: object) -> str:
     """A volume spec with its file made absolute (the plan works from any directory)."""
-    from hpcstain.volume.io import VolumeSpec
-
     if isinstance(spec, VolumeSpec):
         return str(dataclasses.replace(spec, path=spec.path.absolute()))
     return str(spec)

@@ -127,9 +127,6 @@ class TaskGraph:
         return [(k, j) for k, tp in enumerate(self.passes) for j in range(len(tp.jobs))]
 
 
-GraphRunner = Callable[[TaskGraph, bool], list[list[str]]]
-
-
 def run_graph_serial(graph: TaskGraph, progress: bool = False) -> list[list[str]]:
     """Run the graph's passes one after another in this process (each by
     :func:`run_serial`: a pass before the next is a valid order of any graph); the names
