@@ -298,7 +298,8 @@ from hpcstain.executors import run_stain
 from hpcstain.volume import init_run, make_plan, open_volume
 from hpcstain.volume.io import VolumeSource
 
-vol, ckpt, run = sys.argv[1:4]
+vol, ckpt, run, real = sys.argv[1:5]
+real = real == "1"  # ckpt is a trained checkpoint: stain with it (its conventions, its net)
 spent, total = {}, {}
 lock = threading.Lock()
 local = threading.local()
@@ -327,8 +328,8 @@ def timed(name, f):
                 spent[name] = spent.get(name, 0.0) + (wall if name in ("read", "write")
                                                       else cpu - inner)
                 total[name] = total.get(name, 0.0) + cpu
-                if name == "unit":
-                    total["unit_wall"] = total.get("unit_wall", 0.0) + wall
+                if name in ("unit", "generator"):
+                    total[f"{name}_wall"] = total.get(f"{name}_wall", 0.0) + wall
                 if name == "prepare" and threading.current_thread() is not main:
                     total["prefetch"] = total.get("prefetch", 0.0) + cpu
     return wrapper
@@ -347,11 +348,17 @@ for name in ("to_uint8", "to_uint8_into"):
 S.write_axis_region = timed("write", S.write_axis_region)
 import hpcstain.executors.local as L
 L.stain_unit = S.stain_unit = timed("unit", S.stain_unit)
-fn = timed("generator", null)
+s0 = time.perf_counter()
 plan = make_plan(open_volume(vol), chunk=128, levels=(30000.0, 10000.0), checkpoint=ckpt,
                  max_tile=512)
 init_run(run, plan)
+if real:  # the run's pinned generator, as `hpcstain stain` loads it
+    from hpcstain.volume.stain import PinnedStainer
+    fn = timed("generator", PinnedStainer(run)())
+else:
+    fn = timed("generator", null)
 t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+setup = t0 - s0  # plan, run directory, pinning and loading the generator (wall)
 run_stain(run, fn, progress=False)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 main_cpu = time.thread_time() - m0
@@ -359,14 +366,15 @@ spent["wait"] = max(0.0, wall - total.get("unit_wall", 0.0))  # main thread outs
 # CPU of every other thread: zarr's codec and file I/O threads (and torch's, if any)
 spent["other threads"] = cpu - main_cpu - total.get("prefetch", 0.0)
 
-print(json.dumps({"wall": wall, "cpu": cpu, "voxel_axes": int(plan.n_units and
+spent["generator wall"] = total.get("generator_wall", 0.0)
+print(json.dumps({"wall": wall, "cpu": cpu, "setup": setup, "voxel_axes": int(plan.n_units and
                   len(plan.axes) * plan.shape[0] * plan.shape[1] * plan.shape[2]),
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "phases": spent}))
 """
-WALL_PHASES = ("read", "write", "wait")
+WALL_PHASES = ("read", "write", "wait", "generator wall")
 PHASES = ("read", "prepare", "generator", "tiles", "convert", "write", "unit", "wait",
-          "other threads")
+          "other threads", "generator wall")
 # CPU seconds of the thread doing each (the prefetch thread reads and prepares), but wall
 # seconds for read and write (zarr decodes and encodes in threads of its own); "unit": the
 # rest of a unit (records, markers, reshaping); "wait": wall seconds of the main thread
@@ -375,14 +383,16 @@ PHASES = ("read", "prepare", "generator", "tiles", "convert", "write", "unit", "
 # encoding and file I/O)
 
 
-def null_run(root: Path, vol: Path, ckpt: Path, package: Path | None, tag: str) -> dict:
+def null_run(root: Path, vol: Path, ckpt: Path, package: Path | None, tag: str,
+             real: bool = False) -> dict:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if package is not None:
         env["PYTHONPATH"] = str(package)
     run = root / f"null-run-{tag}"
-    out = subprocess.run([sys.executable, "-c", NULL_CHILD, str(vol), str(ckpt), str(run)],
+    out = subprocess.run([sys.executable, "-c", NULL_CHILD, str(vol), str(ckpt), str(run),
+                          "1" if real else "0"],
                          capture_output=True, text=True, env=env, cwd=root)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -393,22 +403,26 @@ def null_run(root: Path, vol: Path, ckpt: Path, package: Path | None, tag: str) 
 
 
 def part_null(root: Path, quick: bool, baseline: Path | None = None, repeats: int = 1,
-              shapes: list[tuple[int, ...]] | None = None) -> None:
-    print("\n## null: the engine with a generator that costs nothing (3 axes, 1 thread)")
+              shapes: list[tuple[int, ...]] | None = None, real: Path | None = None) -> None:
+    if real is None:
+        print("\n## null: the engine with a generator that costs nothing (3 axes, 1 thread)")
+    else:
+        print(f"\n## the engine with the generator of {real} (3 axes, 1 thread)")
     shapes = shapes or ([(32, 256, 256), (64, 512, 512)] if quick else [(64, 512, 512),
                                                                        (128, 1024, 1024)])
-    ckpt = checkpoint(root / "null.pt", 4, 1)
+    ckpt = checkpoint(root / "null.pt", 4, 1) if real is None else real
     sides = {"this": None} if baseline is None else {"baseline": baseline, "this": None}
     print("| volume | code | wall s | CPU s | M voxel·axis/s (wall) | M voxel·axis/s per CPU s "
-          "| peak RSS GiB | " + " | ".join(f"{p} {'wall' if p in WALL_PHASES else 'CPU'} s"
-                                      for p in PHASES) + " |")
+          "| peak RSS GiB | " + " | ".join(
+              p if p.endswith("wall") else f"{p} {'wall' if p in WALL_PHASES else 'CPU'} s"
+              for p in PHASES) + " |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(PHASES))
     for shape in shapes:
         vol = synthetic_ct(root / f"null-{shape[0]}.zarr", shape)
         best: dict[str, dict] = {}
         for r in range(repeats):  # interleaved; the run with the least CPU of each side is kept
             for name, pkg in sides.items():
-                res = null_run(root, vol, ckpt, pkg, f"{name}-{r}")
+                res = null_run(root, vol, ckpt, pkg, f"{name}-{r}", real is not None)
                 if name not in best or res["cpu"] < best[name]["cpu"]:
                     best[name] = res
         for name, res in best.items():
@@ -418,6 +432,13 @@ def part_null(root: Path, quick: bool, baseline: Path | None = None, repeats: in
                   f"{res['cpu']:.1f} | {n / res['wall'] / 1e6:.1f} | {n / res['cpu'] / 1e6:.1f}"
                   f" | {res['rss_kib'] / 2**20:.2f} | "
                   + " | ".join(f"{ph.get(p, 0.0):.1f}" for p in PHASES) + " |")
+            if real is not None and ph.get("generator wall"):
+                print(f"|   | {name}: stain wall / generator wall "
+                      f"{res['wall'] / ph['generator wall']:.3f}× (with the set-up: plan, "
+                      f"pinning, loading {res['setup']:.1f} s: "
+                      f"{(res['wall'] + res['setup']) / ph['generator wall']:.3f}×), "
+                      "stain CPU / generator CPU "
+                      f"{res['cpu'] / max(ph.get('generator', 0.0), 1e-9):.3f}× |")
         if baseline is not None:
             b, t = best["baseline"], best["this"]
             print(f"| {'×'.join(map(str, shape))} | speed-up this vs baseline | "
@@ -441,6 +462,10 @@ def main() -> None:
                    help="null: also run the children against this hpcstain checkout")
     p.add_argument("--repeats", type=int, default=1, help="null: interleaved repetitions")
     p.add_argument("--shapes", default="", help="null: Z,Y,X;Z,Y,X (default: by --quick)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="null: stain with this trained checkpoint's generator instead of the "
+                        "null one (its conventions: context slices, σ); prints stain wall / "
+                        "generator wall")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -448,7 +473,8 @@ def main() -> None:
             if name == "null":
                 shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes.split(";")
                           if s]
-                part_null(Path(tmp), args.quick, args.baseline, args.repeats, shapes)
+                part_null(Path(tmp), args.quick, args.baseline, args.repeats, shapes,
+                          args.checkpoint)
             else:
                 PARTS[name](Path(tmp), args.quick)
     print(json.dumps({"maxrss_gib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
