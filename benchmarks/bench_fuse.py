@@ -28,6 +28,13 @@ best of ``--repeats``; wall clock and the child's CPU time (all its threads):
 
 ``--codecs`` writes the fused level-0 RGBA of the run with several codecs and reports write
 speed and size (how the image's codec was chosen).
+
+``--hashes`` (with or without ``--before DIR``) checks byte identity instead of timing:
+on a 37×131×97 run (odd shape, 6 chunks) and the benchmark's run, both with perturbed
+axes, it fuses with mean, median, consistency, ``single_axis="y"`` and
+``confidence=False, fill_outside=False`` in a child per tree and prints the sha256 of every
+level of the RGBA and disagreement images and of every file name and content of the image;
+with ``--before`` it compares the two trees and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -145,6 +152,70 @@ def child(side: str, run: str, out: str, workers: int) -> dict[str, float]:
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
+HASH_SETTINGS: dict[str, dict[str, object]] = {
+    "mean": {"method": "mean"}, "median": {"method": "median"},
+    "consistency": {"method": "consistency"}, "single-y": {"single_axis": "y"},
+    "mean-noconf-nofill": {"method": "mean", "confidence": False, "fill_outside": False}}
+
+
+def hash_child(run: str, setting: str) -> dict[str, str]:
+    """Fuse ``run`` with ``HASH_SETTINGS[setting]`` into a fresh image; its hashes."""
+    import hashlib
+
+    import numpy as np
+    import zarr
+
+    from hpcstain.volume import fuse_run
+
+    name = f"h-{setting}.ome.zarr"  # the name is in the attributes: fixed
+    fuse_run(run, out=name, **HASH_SETTINGS[setting])  # type: ignore[arg-type]
+    image = Path(run) / name
+    out: dict[str, str] = {}
+    for sub in ("", "disagreement"):
+        for level in range(8):
+            path = image / sub / str(level)
+            if not path.is_dir():
+                continue
+            data = np.asarray(zarr.open_array(str(path), mode="r")[...])
+            out[f"{sub or 'rgba'}/{level}"] = hashlib.sha256(data.tobytes()).hexdigest()[:16]
+    files = hashlib.sha256()
+    for f in sorted(p for p in image.rglob("*") if p.is_file()):
+        files.update(str(f.relative_to(image)).encode())
+        files.update(f.read_bytes())
+    out["files"] = files.hexdigest()[:16]
+    import shutil
+
+    shutil.rmtree(image)  # and its chunk records: the next child fuses afresh
+    shutil.rmtree(Path(run) / "done" / name.removesuffix(".ome.zarr"))
+    return out
+
+
+def part_hashes(root: Path, before: Path | None, quick: bool) -> int:
+    trees = {"this": TREE, **({"before": before} if before else {})}
+    shapes = [(37, 131, 97)] + ([] if quick else [(128, 384, 384)])
+    differ = 0
+    for k, shape in enumerate(shapes):
+        run = make_run(root / f"hash{k}", shape, perturb=True)
+        print(f"\n## byte identity, {'×'.join(map(str, shape))} (axes perturbed)")
+        for setting in HASH_SETTINGS:
+            got = {}
+            for label, tree in trees.items():
+                env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+                res = subprocess.run([sys.executable, __file__, "--child", f"hash:{setting}",
+                                      "--run", str(run)], env=env, capture_output=True,
+                                     text=True, check=False)
+                if res.returncode:
+                    raise SystemExit(f"{setting} ({tree}) failed:\n{res.stderr[-3000:]}")
+                got[label] = json.loads(res.stdout.strip().splitlines()[-1])
+            same = len({json.dumps(h, sort_keys=True) for h in got.values()}) == 1
+            differ += not same
+            print(f"{setting}: {'same' if same else 'DIFFER'} "
+                  + " ".join(f"{key}={val}" for key, val in got["this"].items()))
+            if not same:
+                print(f"  before: {got['before']}")
+    return 1 if differ else 0
+
+
 def timed(side: str, tree: Path, run: Path, out: Path, workers: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, __file__, "--child", side, "--run", str(run),
@@ -206,13 +277,21 @@ def main() -> None:
     p.add_argument("--codecs", action="store_true")
     p.add_argument("--perturb", action="store_true",
                    help="add noise to the y and x axes (±40, ±80: the axes disagree)")
+    p.add_argument("--hashes", action="store_true",
+                   help="byte identity of the fused images (against --before if given)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child and args.child.startswith("hash:"):
+        print(json.dumps(hash_child(args.run, args.child.removeprefix("hash:"))))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.run, args.out, args.workers)))
         return
+    if args.hashes:
+        with tempfile.TemporaryDirectory() as tmp:
+            raise SystemExit(part_hashes(Path(tmp), args.before, args.quick))
     shape = (32, 128, 128) if args.quick else (128, 384, 384)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
