@@ -444,17 +444,6 @@ def _unless_metal_missed(est: LevelEstimate, raw: np.ndarray, finite: np.ndarray
                 and min(other.bone, other.alternative[0]) <= below):
             return replace(other, notes=(*other.notes, note + f", at {sg:g} px maybe metal"))
     return est
-    for sg in later:
-        try:
-            other = _estimate_once(raw, finite, _smoothed(raw, smoothed, sg), name, stride, sg)
-        except InputError:
-            continue
-        metal_lo = other.thresholds.get("metal_lo", math.inf)
-        if not other.ambiguous and metal_lo <= est.bone:
-            note = (f"at {est.smoothing:g} px smoothing the metal at {est.bone:.6g} read as "
-                    "bone")
-            return replace(other, notes=(*other.notes, note))
-    return est
 
 
 def _estimate_once(raw: np.ndarray, finite: np.ndarray, smoothed: np.ndarray, name: str,
