@@ -65,3 +65,11 @@ class StopAfter(StopFlag):
     @requested.setter
     def requested(self, value: bool) -> None:
         pass
+
+
+# tiny distillation runs (tests/test_distill*.py): a small student, few patches and planes
+MICRO_DISTILL = ["model.ngf=8", "model.n_blocks=1", "data.patch_size=32",
+                 "data.patches_per_pair=4", "data.batch_size=4", "data.n_folds=0",
+                 "data.n_test=1", "distill.slices_per_axis=3", "distill.mask_margin=2",
+                 "data.min_mask_coverage=0.1", "train.checkpoint_every=0",
+                 "train.log_every=1000"]

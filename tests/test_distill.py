@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro import StopAfter
+from micro import MICRO_DISTILL, StopAfter
 
 from hpcstain.checkpoint import load_checkpoint, save_checkpoint
 from hpcstain.config import Config, load_config, to_dict
@@ -30,10 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # The teacher's conventions differ from the defaults, so adopting them is visible.
 TEACHER_DATA = {"ct_bone_level": 28000.0, "ct_background_level": 11000.0, "invert_ct": True,
                 "cupping": "radial"}
-MICRO = ["model.ngf=8", "model.n_blocks=1", "data.patch_size=32", "data.patches_per_pair=4",
-         "data.batch_size=4", "data.n_folds=0", "data.n_test=1", "distill.slices_per_axis=3",
-         "distill.mask_margin=2", "data.min_mask_coverage=0.1", "train.checkpoint_every=0",
-         "train.log_every=1000"]
+MICRO = MICRO_DISTILL
 
 
 @pytest.fixture(scope="module")

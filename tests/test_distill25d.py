@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from micro import untrained_generator_checkpoint
+from micro import MICRO_DISTILL, untrained_generator_checkpoint
 
 from hpcstain.checkpoint import load_checkpoint
 from hpcstain.config import load_config
@@ -28,10 +28,7 @@ from hpcstain.train.teacher import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 K = 5  # the CPU reference recipe's context (configs/tissue-cpu-k5.yaml)
-MICRO = ["model.ngf=8", "model.n_blocks=1", "data.patch_size=32", "data.patches_per_pair=4",
-         "data.batch_size=4", "data.n_folds=0", "data.n_test=1", "distill.slices_per_axis=3",
-         "distill.mask_margin=2", "data.min_mask_coverage=0.1", "train.checkpoint_every=0",
-         "train.log_every=1000"]
+MICRO = MICRO_DISTILL
 
 
 @pytest.fixture(scope="module")
